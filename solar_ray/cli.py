@@ -54,7 +54,10 @@ def add_config_args(parser: argparse.ArgumentParser, config_required: bool = Fal
 
 
 def _one_line(msg: str) -> str:
-    return "; ".join(s.strip() for s in str(msg).splitlines() if s.strip())
+    parts = [s.strip() for s in str(msg).splitlines() if s.strip()]
+    if len(parts) > 1 and parts[0].endswith(":"):
+        return parts[0] + " " + "; ".join(parts[1:])
+    return "; ".join(parts)
 
 
 def main(argv: Sequence[str] | None = None) -> ExitCode:

@@ -126,13 +126,13 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     """One line per bad field, each naming the dotted path, e.g. ``sources.1.weight``."""
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"]) or "<root>"
-        msg = e["msg"]
+        loc = ".".join(str(x) for x in e["loc"])
+        msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see the stage's config class)"
         elif e["type"] == "missing":
             msg = "field required"
-        lines.append(f"  {loc}: {msg}")
+        lines.append(f"  {loc}: {msg}" if loc else f"  {msg}")
     return "\n".join(lines)
 
 

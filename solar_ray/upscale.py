@@ -194,6 +194,9 @@ class UpscaleConfig(StageConfig):
     overwrite: bool = False
     max_shard_size_mb: int = Field(default=2048, ge=1)
     hash_inputs: bool = Field(default=True, description="record sha256 of the source files")
+    durable: bool = Field(
+        default=False, description="fsync every shard before the rename (power-loss safety)"
+    )
     allow_pickle: bool = False
 
     @model_validator(mode="after")
@@ -469,8 +472,12 @@ def _copy_range(src_fd: int, dst_fd: int, src_off: int, count: int) -> None:
     os.lseek(dst_fd, dst_off + count, os.SEEK_SET)
 
 
-def write_shards(shards: list[OutShard], out_dir: Path) -> dict[str, str]:
-    """Write the planned shards into ``out_dir``; return the index's weight map."""
+def write_shards(shards: list[OutShard], out_dir: Path, fsync: bool = False) -> dict[str, str]:
+    """Write the planned shards into ``out_dir``; return the index's weight map.
+
+    ``fsync`` flushes every shard to disk before returning (power-loss durability; the
+    atomic rename already covers a crashed process).
+    """
     weight_map: dict[str, str] = {}
     src_fds: dict[Path, int] = {}
     try:
@@ -488,7 +495,8 @@ def write_shards(shards: list[OutShard], out_dir: Path) -> dict[str, str]:
                     if t.src.file not in src_fds:
                         src_fds[t.src.file] = os.open(t.src.file, os.O_RDONLY)
                     _copy_range(src_fds[t.src.file], fd, t.src.offset, t.nbytes)
-                os.fsync(fd)
+                if fsync:
+                    os.fsync(fd)
             finally:
                 os.close(fd)
     finally:
@@ -553,7 +561,7 @@ def run_upscale(cfg: UpscaleConfig) -> UpscaleResult:
     source_files = sorted({r.file for r in refs.values()})
     hasher = _BackgroundHasher(source_files + [src_dir / "config.json"]) if cfg.hash_inputs else None
     with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
-        weight_map = write_shards(shards, tmp)
+        weight_map = write_shards(shards, tmp, fsync=cfg.durable)
         if len(shards) > 1:
             total = sum(t.nbytes for t in tensors)
             write_json_atomic(
