@@ -122,11 +122,14 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
     return out
 
 
-def format_validation_error(err: ValidationError, origin: str) -> str:
-    """One line per bad field, each naming the dotted path, e.g. ``sources.1.weight``."""
+def format_validation_error(err: ValidationError, origin: str, prefix: str = "") -> str:
+    """One line per bad field, each naming the dotted path, e.g. ``sources.1.weight``.
+
+    ``prefix`` is prepended to every path (``stages.cpt`` for a stage inside a recipe).
+    """
     lines = [f"invalid config ({origin}):"]
     for e in err.errors():
-        loc = ".".join(str(x) for x in e["loc"])
+        loc = ".".join([prefix] * bool(prefix) + [str(x) for x in e["loc"]])
         msg = e["msg"].removeprefix("Value error, ")
         if e["type"] == "extra_forbidden":
             msg = "unknown field (check the spelling; see the stage's config class)"
@@ -136,12 +139,12 @@ def format_validation_error(err: ValidationError, origin: str) -> str:
     return "\n".join(lines)
 
 
-def validate(cls: type[T], data: Mapping[str, Any], origin: str = "<dict>") -> T:
+def validate(cls: type[T], data: Mapping[str, Any], origin: str = "<dict>", prefix: str = "") -> T:
     """Validate plain data into ``cls``; a failure is a ConfigError naming every bad field."""
     try:
         return cls.model_validate(dict(data))
     except ValidationError as e:
-        raise ConfigError(format_validation_error(e, origin)) from None
+        raise ConfigError(format_validation_error(e, origin, prefix)) from None
 
 
 def load_config(

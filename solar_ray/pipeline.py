@@ -1,0 +1,473 @@
+"""``solar-ray run RECIPE.yaml``: the SOLAR recipe as a stage graph in one run directory.
+
+A recipe names its stages; each has a ``kind`` (``model``, ``upscale``, ``data``,
+``pretrain``, ``sft``, ``dpo``, ``merge``, ``eval``, ``contamination``) and the fields of
+that kind's stage config. A string ``"@name"`` anywhere in a stage refers to the output of
+stage ``name`` (``"@data/sft_v1"`` to a path inside it), which is also how the graph's
+edges are found::
+
+    name: demo
+    stages:
+      base:     {kind: model, source: smollm2-135m}
+      upscaled: {kind: upscale, source: "@base", m: 7}
+      data:     {kind: data, mixes: [...]}
+      cpt:      {kind: pretrain, model: "@upscaled", data: "@data/cpt", max_steps: 40}
+      ...
+
+The runner resolves the graph (unknown references and cycles are errors naming the
+stage), validates every stage's config before anything runs, then runs each stage once
+into ``RUN_DIR/<stage>/``. After a stage finishes, a marker ``RUN_DIR/.pipeline/<stage>.json``
+records the stage's key: the hash of its kind, resolved config, and the output hashes of
+the stages it reads. A stage is skipped when its marker's key matches and its output's own
+manifest exists; so a second run skips everything, and deleting one stage's output reruns
+that stage and, because its output hash changes, its dependents. Training stages keep
+their Ray Train state under ``RUN_DIR/.ray/<stage>`` and resume from it when a run is
+interrupted. A failed stage stops the run with the stage named; finished stages stay
+reusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from solar_ray.checkpoint import read_manifest, write_json_atomic
+from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
+from solar_ray.errors import UserError
+
+__all__ = [
+    "PipelineError",
+    "Recipe",
+    "StagePlan",
+    "plan_recipe",
+    "run_recipe",
+]
+
+log = logging.getLogger(__name__)
+
+REF = re.compile(r"^@([A-Za-z_][\w-]*)(/.*)?$")
+MARKERS = ".pipeline"
+
+
+class PipelineError(RuntimeError):
+    """A stage failed; ``stage`` names it. Finished stages are left reusable."""
+
+    def __init__(self, stage: str, cause: BaseException) -> None:
+        super().__init__(f"stage {stage!r} failed: {type(cause).__name__}: {cause}")
+        self.stage = stage
+        self.cause = cause
+
+
+class Recipe(StageConfig):
+    """A recipe file: a name, the run directory, Ray settings and the stages."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
+    description: str = ""
+    out: str | None = Field(default=None, description="run directory (default runs/<name>)")
+    ray_address: str | None = Field(
+        default=None, description="Ray address; default: RAY_ADDRESS, else a local instance"
+    )
+    runtime_env: dict[str, Any] = Field(default_factory=dict)
+    max_parallel_stages: int = Field(default=1, ge=1)
+    report: bool = True
+    stages: dict[str, dict[str, Any]]
+
+
+# --------------------------------------------------------------------------- stage kinds
+
+
+@dataclass(frozen=True)
+class StageKind:
+    """How the runner builds, runs and recognises the output of one kind of stage."""
+
+    name: str
+    #: (module, config class, run function) imported when the stage is planned or run
+    target: tuple[str, str, str] | None
+    #: fill the runner-owned fields (out dir, Ray storage) into the stage's config data
+    inject: Callable[[dict[str, Any], Path, str, Path, str], dict[str, Any]]
+    #: is ``out`` a finished output of this kind
+    done: Callable[[Path], bool]
+
+
+def _inject_out(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+    # the runner owns RUN_DIR/<stage>: a stage it decided to rerun replaces its old output
+    return {**data, "out": str(out), "overwrite": True}
+
+
+def _inject_train(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+    # Ray Train state is per stage *and* key: an interrupted run of the same config resumes
+    # from its checkpoints; a changed config never resumes from the old one's.
+    return {
+        "storage_path": str(run_dir / ".ray"),
+        "name": f"{stage}-{key[:12]}",
+        **data,
+        "out": str(out),
+        "overwrite": True,
+    }
+
+
+def _inject_eval(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+    return {**data, "out": str(out)}
+
+
+def _model_done(out: Path) -> bool:
+    return read_manifest(out) is not None
+
+
+def _data_done(out: Path) -> bool:
+    mixes = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+    return bool(mixes) and all((p / "manifest.json").is_file() for p in mixes)
+
+
+def _file_done(name: str) -> Callable[[Path], bool]:
+    return lambda out: (out / name).is_file()
+
+
+KINDS: dict[str, StageKind] = {
+    k.name: k
+    for k in (
+        StageKind("model", None, _inject_out, lambda out: (out / "source.json").is_file()),
+        StageKind("upscale", ("solar_ray.upscale", "UpscaleConfig", "run_upscale"), _inject_out, _model_done),
+        StageKind("data", ("solar_ray.data", "DataConfig", "run_data"), _inject_out, _data_done),
+        StageKind("pretrain", ("solar_ray.train", "PretrainConfig", "run_pretrain"), _inject_train, _model_done),
+        StageKind("sft", ("solar_ray.train", "SFTConfig", "run_sft"), _inject_train, _model_done),
+        StageKind("dpo", ("solar_ray.train", "DPOConfig", "run_dpo"), _inject_train, _model_done),
+        StageKind("merge", ("solar_ray.merge", "MergeConfig", "run_merge"), _inject_out, _model_done),
+        StageKind("eval", ("solar_ray.evaluate", "EvalConfig", "run_eval"), _inject_eval,
+                  _file_done("results.json")),
+        StageKind("contamination", ("solar_ray.contamination", "ContaminationConfig",
+                                    "run_contamination"), _inject_eval, _file_done("contamination.json")),
+    )
+}  # fmt: skip
+
+
+def _import_target(kind: StageKind) -> tuple[type[StageConfig], Callable[[Any], Any]]:
+    import importlib
+
+    assert kind.target is not None
+    module, cls, fn = kind.target
+    try:
+        mod = importlib.import_module(module)
+    except ModuleNotFoundError as e:
+        raise ConfigError(f"stage kind {kind.name!r} is not available ({e})") from None
+    return getattr(mod, cls), getattr(mod, fn)
+
+
+# --------------------------------------------------------------------------- planning
+
+
+def _refs(value: Any) -> set[str]:
+    """Stage names referenced (``@name``) anywhere inside ``value``."""
+    if isinstance(value, str):
+        mt = REF.match(value)
+        return {mt.group(1)} if mt else set()
+    if isinstance(value, Mapping):
+        return set().union(*(_refs(v) for v in value.values())) if value else set()
+    if isinstance(value, list | tuple):
+        return set().union(*(_refs(v) for v in value)) if value else set()
+    return set()
+
+
+def _substitute(value: Any, run_dir: Path) -> Any:
+    """Replace every ``@name[/sub]`` with ``RUN_DIR/name[/sub]``."""
+    if isinstance(value, str):
+        mt = REF.match(value)
+        if not mt:
+            return value
+        return str(run_dir / mt.group(1)) + (mt.group(2) or "")
+    if isinstance(value, Mapping):
+        return {k: _substitute(v, run_dir) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_substitute(v, run_dir) for v in value]
+    return value
+
+
+@dataclass
+class StagePlan:
+    """One stage, resolved: its kind, dependencies, output dir and config data."""
+
+    name: str
+    kind: StageKind
+    deps: list[str]
+    out: Path
+    data: dict[str, Any]  # the stage's config data with references substituted
+    run_dir: Path
+    raw: dict[str, Any] = field(repr=False, default_factory=dict)
+
+    def config(self, key: str = "0" * 64) -> StageConfig | None:
+        """The validated stage config with the runner's fields (None for ``model`` stages)."""
+        if self.kind.target is None:
+            return None
+        cls, _ = _import_target(self.kind)
+        data = self.kind.inject(self.data, self.out, self.name, self.run_dir, key)
+        return validate(cls, data, "recipe", prefix=f"stages.{self.name}")
+
+
+def _toposort(deps: dict[str, list[str]]) -> list[str]:
+    order: list[str] = []
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        if state.get(node) == 2:
+            return
+        if state.get(node) == 1:
+            cycle = " -> ".join([*path[path.index(node):], node])
+            raise ConfigError(f"stages: dependency cycle {cycle}")
+        state[node] = 1
+        for d in deps[node]:
+            visit(d, [*path, node])
+        state[node] = 2
+        order.append(node)
+
+    for node in deps:  # recipe order breaks ties
+        visit(node, [])
+    return order
+
+
+def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) -> list[StagePlan]:
+    """Resolve the stage graph into run order; validate every stage config up front."""
+    if not recipe.stages:
+        raise ConfigError("stages: a recipe needs at least one stage")
+    deps: dict[str, list[str]] = {}
+    for name, raw in recipe.stages.items():
+        if not re.match(r"^[A-Za-z_][\w-]*$", name):
+            raise ConfigError(f"stages.{name}: stage names are letters, digits, '_' and '-'")
+        if not isinstance(raw, dict) or "kind" not in raw:
+            raise ConfigError(f"stages.{name}.kind: field required (one of {sorted(KINDS)})")
+        if raw["kind"] not in KINDS:
+            raise ConfigError(f"stages.{name}.kind: unknown kind {raw['kind']!r} (one of {sorted(KINDS)})")
+        refs = sorted(_refs({k: v for k, v in raw.items() if k != "kind"}))
+        unknown = [r for r in refs if r not in recipe.stages]
+        if unknown:
+            raise ConfigError(f"stages.{name}: refers to unknown stage '@{unknown[0]}'")
+        if name in refs:
+            raise ConfigError(f"stages.{name}: refers to itself")
+        deps[name] = refs
+    plans = []
+    for name in _toposort(deps):
+        raw = recipe.stages[name]
+        kind = KINDS[raw["kind"]]
+        out = run_dir / name
+        data = _substitute({k: v for k, v in raw.items() if k != "kind"}, run_dir)
+        plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw)
+        if validate_configs:
+            if kind.name == "model" and set(data) != {"source"}:
+                raise ConfigError(f"stages.{name}: a 'model' stage takes only 'source'")
+            plan.config()
+        plans.append(plan)
+    return plans
+
+
+# --------------------------------------------------------------------------- running
+
+
+def _output_hash(plan: StagePlan) -> str:
+    """Hash of the stage output's manifest(s) and a fresh run id.
+
+    The run id makes the hash change whenever the output is re-made, even when a
+    deterministic stage writes the same bytes, so dependents always rerun after it.
+    """
+    h = hashlib.sha256(uuid.uuid4().bytes)
+    names = ("solar.json", "manifest.json", "results.json", "contamination.json", "source.json")
+    for p in sorted(plan.out.rglob("*")):
+        if p.name in names and p.is_file() and "rejects" not in p.parts:
+            h.update(str(p.relative_to(plan.out)).encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+def _stage_key(plan: StagePlan, markers: dict[str, dict]) -> str:
+    payload = {
+        "kind": plan.kind.name,
+        "config": plan.data,
+        "inputs": {d: markers[d]["output_hash"] for d in plan.deps},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _read_marker(run_dir: Path, stage: str) -> dict | None:
+    p = run_dir / MARKERS / f"{stage}.json"
+    return json.loads(p.read_text()) if p.is_file() else None
+
+
+def _run_model_stage(plan: StagePlan) -> None:
+    """A ``model`` stage: resolve a source and link it as the stage's output."""
+    from solar_ray.checkpoint import atomic_output_dir
+    from solar_ray.models import resolve_model
+
+    src = resolve_model(plan.data["source"])
+    with atomic_output_dir(plan.out, overwrite=True) as tmp:
+        for p in src.iterdir():
+            if p.is_file():
+                os.symlink(p, tmp / p.name)
+        write_json_atomic(tmp / "source.json", {"source": plan.data["source"], "path": str(src)})
+
+
+def run_stage(plan: StagePlan, key: str) -> Any:
+    """Run one planned stage into its output directory; return the stage's result."""
+    if plan.kind.target is None:
+        return _run_model_stage(plan)
+    _, fn = _import_target(plan.kind)
+    return fn(plan.config(key))
+
+
+@dataclass
+class RunResult:
+    """What a run did: the stages run and skipped, in order."""
+
+    run_dir: Path
+    ran: list[str]
+    skipped: list[str]
+    report: Path | None = None
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read and validate a recipe file, applying ``--set`` overrides first."""
+    data = apply_overrides(load_yaml(path), overrides)
+    return validate(Recipe, data, str(path))
+
+
+def resolve_run_dir(recipe: Recipe, out: str | Path | None) -> Path:
+    """The run directory: ``--out``, else the recipe's ``out``, else ``runs/<name>``."""
+    return Path(out or recipe.out or Path("runs") / recipe.name).absolute()
+
+
+def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
+    """Start or join Ray once, at the entry point: RAY_ADDRESS/``address`` joins a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        ray.init(address="local", include_dashboard=False, **kwargs)
+
+
+def run_recipe(
+    recipe: Recipe,
+    run_dir: str | Path | None = None,
+    dry_run: bool = False,
+    echo: Callable[[str], None] = print,
+) -> RunResult:
+    """Run every stage of ``recipe`` that is not already done; see the module docstring."""
+    run_dir = resolve_run_dir(recipe, run_dir)
+    plans = plan_recipe(recipe, run_dir)
+    markers: dict[str, dict] = {}
+    for p in plans:
+        m = _read_marker(run_dir, p.name)
+        if m:
+            markers[p.name] = m
+
+    def is_done(p: StagePlan) -> bool:
+        m = markers.get(p.name)
+        if not m or any(d not in markers for d in p.deps):
+            return False
+        return m.get("key") == _stage_key(p, markers) and p.kind.done(p.out)
+
+    if dry_run:
+        echo(f"run directory: {run_dir}")
+        for i, p in enumerate(plans, 1):
+            status = "done (skip)" if is_done(p) else "run"
+            deps = ", ".join(p.deps) or "-"
+            echo(f"{i:>2}. {p.name:<16} {p.kind.name:<13} after: {deps:<28} {status}")
+        return RunResult(run_dir, [], [])
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / MARKERS).mkdir(exist_ok=True)
+    write_json_atomic(run_dir / "recipe.json", recipe.to_dict())
+    if any(p.kind.name in ("data", "pretrain", "sft", "dpo") for p in plans):
+        init_ray(recipe.ray_address, recipe.runtime_env)
+    ran, skipped = [], []
+    for i, p in enumerate(plans, 1):
+        if is_done(p):
+            skipped.append(p.name)
+            echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): done, skipped")
+            continue
+        echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): running -> {p.out}")
+        # a stale marker must not survive a failed rerun
+        (run_dir / MARKERS / f"{p.name}.json").unlink(missing_ok=True)
+        markers.pop(p.name, None)
+        t0 = time.perf_counter()
+        key = _stage_key(p, markers)
+        try:
+            run_stage(p, key)
+        except UserError as e:
+            raise UserError(f"stage {p.name!r}: {e}") from e
+        except Exception as e:
+            raise PipelineError(p.name, e) from e
+        marker = {
+            "stage": p.name,
+            "kind": p.kind.name,
+            "out": str(p.out),
+            "output_hash": _output_hash(p),
+            "seconds": round(time.perf_counter() - t0, 2),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        }
+        marker["key"] = key
+        markers[p.name] = marker
+        write_json_atomic(run_dir / MARKERS / f"{p.name}.json", marker)
+        ran.append(p.name)
+        echo(f"[{i}/{len(plans)}] {p.name}: finished in {marker['seconds']} s")
+    report = None
+    if recipe.report and any(p.kind.name == "eval" for p in plans):
+        from solar_ray.report import write_report
+
+        report = write_report(run_dir, plans)
+        echo(f"report: {report / 'index.html'}")
+    return RunResult(run_dir, ran, skipped, report)
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``solar-ray run RECIPE`` and ``solar-ray demo``."""
+    from solar_ray.cli import add_config_args
+
+    if command == "run":
+        parser.add_argument("recipe", help="recipe YAML (see jobs/)")
+    add_config_args(parser)
+    parser.add_argument("--out", help="run directory (default: the recipe's out, or runs/<name>)")
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
+
+    def run(args: argparse.Namespace) -> int:
+        recipe_path = getattr(args, "recipe", None) or args.config or _demo_recipe()
+        recipe = load_recipe(recipe_path, args.overrides)
+        try:
+            result = run_recipe(recipe, args.out, dry_run=args.dry_run)
+        except PipelineError as e:
+            log.error("%s", e, exc_info=e.cause)
+            print(f"solar-ray {command}: {e}; finished stages are kept, rerun to continue")
+            return 1
+        if not args.dry_run:
+            print(f"run directory: {result.run_dir} (ran {len(result.ran)}, skipped {len(result.skipped)})")
+            if result.report:
+                print(f"report: {result.report / 'index.html'}")
+                table = result.report / "results.md"
+                if table.is_file():
+                    print(table.read_text())
+        return 0
+
+    return run
+
+
+def _demo_recipe() -> Path:
+    path = Path(__file__).resolve().parents[1] / "jobs" / "demo.yaml"
+    if not path.is_file():
+        raise ConfigError(f"demo recipe not found at {path}; pass --config RECIPE")
+    return path
