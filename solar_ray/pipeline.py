@@ -2,7 +2,8 @@
 
 A recipe names its stages; each has a ``kind`` (``model``, ``upscale``, ``data``,
 ``pretrain``, ``sft``, ``dpo``, ``merge``, ``eval``, ``contamination``) and the fields of
-that kind's stage config. A string ``"@name"`` anywhere in a stage refers to the output of
+that kind's stage config (``corpus`` writes the offline corpora of
+:mod:`solar_ray.corpora`). A string ``"@name"`` anywhere in a stage refers to the output of
 stage ``name`` (``"@data/sft_v1"`` to a path inside it), which is also how the graph's
 edges are found::
 
@@ -139,6 +140,7 @@ KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
         StageKind("model", None, _inject_out, lambda out: (out / "source.json").is_file()),
+        StageKind("corpus", ("solar_ray.corpora", "CorpusConfig", "run_corpus"), _inject_out, _data_done),
         StageKind("upscale", ("solar_ray.upscale", "UpscaleConfig", "run_upscale"), _inject_out, _model_done),
         StageKind("data", ("solar_ray.data", "DataConfig", "run_data"), _inject_out, _data_done),
         StageKind("pretrain", ("solar_ray.train", "PretrainConfig", "run_pretrain"), _inject_train, _model_done),
