@@ -13,7 +13,7 @@ and :func:`storage_path` reads the cluster's storage root, which the configs in
 node can import solar-ray, read the model and write the shared storage::
 
     ray job submit --working-dir . -- \\
-        python -m solar_ray.cluster each-node -- solar-ray upscale --help
+        python -m solar_ray.cluster each-node --num-cpus 0 -- solar-ray upscale --help
 
 ``{node}`` in the command is replaced by the node's label (its resource name, or the first
 characters of its node id), so each node can write its own output directory.
@@ -159,9 +159,10 @@ def run_on_each_node(
     """Run ``argv`` once per alive node, or once per custom resource in ``resources``.
 
     With ``resources``, each run asks for one unit of its resource, so a node that
-    advertises ``{"r": 1}`` gets exactly the run for ``r``; without, each alive node gets
-    one run pinned to it. ``{node}`` in ``argv`` becomes the run's label. Needs a connected
-    Ray (``ray.init()``); returns the runs in target order.
+    advertises ``{"r": 1}`` gets exactly the run for ``r`` (a resource no node that is up
+    advertises is a ValueError); without, each alive node gets one run pinned to it.
+    ``{node}`` in ``argv`` becomes the run's label. Needs a connected Ray (``ray.init()``);
+    returns the runs in target order.
     """
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
@@ -170,11 +171,17 @@ def run_on_each_node(
         raise ValueError("argv: the command to run is empty")
     targets: list[tuple[str, dict[str, Any]]]
     if resources:
+        missing = sorted(set(resources) - set(ray.cluster_resources()))
+        if missing:
+            raise ValueError(f"resources: no node advertises {missing}; runs would never start")
         targets = [(r, {"resources": {r: 1}}) for r in resources]
     else:
         alive = sorted(n["NodeID"] for n in ray.nodes() if n.get("Alive"))
         targets = [
-            (node_id[:12], {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)})
+            (
+                node_id[:12],
+                {"scheduling_strategy": NodeAffinitySchedulingStrategy(node_id, soft=False)},
+            )
             for node_id in alive
         ]
     remote = ray.remote(_run_command)

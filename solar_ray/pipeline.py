@@ -110,8 +110,11 @@ def _inject_out(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> d
 def _inject_train(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
     # Ray Train state is per stage *and* key: an interrupted run of the same config resumes
     # from its checkpoints; a changed config never resumes from the old one's.
+    from solar_ray.cluster import storage_path
+
     return {
-        "storage_path": str(run_dir / ".ray"),
+        # on clusters, checkpoints go to the bucket that SOLAR_RAY_STORAGE_PATH names
+        "storage_path": storage_path(run_dir.name, "ray") or str(run_dir / ".ray"),
         "name": f"{stage}-{key[:12]}",
         **data,
         "out": str(out),

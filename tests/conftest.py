@@ -18,6 +18,9 @@ os.environ.setdefault("SOLAR_RAY_CACHE", str(REPO / ".cache" / "solar-ray"))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
+# Private local Ray instances need no token; with token auth on, Ray would write one into
+# the user's ~/.ray. The cluster tests turn token auth on for their own nodes explicitly.
+os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 
 
 def save_tiny_model(config, out: Path, seed: int = 0, tokenizer=None) -> Path:
