@@ -77,7 +77,7 @@ def stdlib_docstrings(min_chars: int = 200) -> Iterator[tuple[str, str, str]]:
             for name, obj in sorted(vars(mod).items()):
                 if name.startswith("_") or not (inspect.isfunction(obj) or inspect.isclass(obj)):
                     continue
-                if getattr(obj, "__module__", "").split(".")[0] != mod_name.split(".")[0]:
+                if (getattr(obj, "__module__", None) or "").split(".")[0] != mod_name.split(".")[0]:
                     continue
                 doc = inspect.getdoc(obj) or ""
                 if len(doc) >= min_chars:

@@ -253,3 +253,38 @@ def read_config(model_dir: str | Path) -> dict:
     """The ``config.json`` of a model directory as a dict."""
     with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
         return json.load(f)
+
+
+def init_random_model(
+    out: str | Path,
+    model_type: str,
+    tokenizer: str,
+    seed: int = 0,
+    **config: object,
+) -> Path:
+    """Build a randomly initialised model of ``model_type`` with ``tokenizer``'s vocabulary.
+
+    For tiny test recipes (the "picollama" of mergekit's tests): the config fields are the
+    transformers config's (``hidden_size``, ``num_hidden_layers``, ...); ``vocab_size`` and
+    the special token ids come from the tokenizer, which is saved beside the weights.
+    Written atomically; returns ``out``.
+    """
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    arch_for_config({"model_type": model_type})  # the same architectures as everywhere
+    tok = AutoTokenizer.from_pretrained(resolve_model(tokenizer))
+    cfg = AutoConfig.for_model(
+        model_type,
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        **config,
+    )
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(cfg)
+    with atomic_output_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return Path(out)

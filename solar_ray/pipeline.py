@@ -42,7 +42,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from solar_ray.checkpoint import read_manifest, write_json_atomic
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
@@ -94,8 +94,8 @@ class StageKind:
     """How the runner builds, runs and recognises the output of one kind of stage."""
 
     name: str
-    #: (module, config class, run function) imported when the stage is planned or run
-    target: tuple[str, str, str] | None
+    #: ("module:ConfigClass", "module:run_function"), imported when planned or run
+    target: tuple[str, str] | None
     #: fill the runner-owned fields (out dir, Ray storage) into the stage's config data
     inject: Callable[[dict[str, Any], Path, str, Path, str], dict[str, Any]]
     #: is ``out`` a finished output of this kind
@@ -123,7 +123,13 @@ def _inject_train(data: dict, out: Path, stage: str, run_dir: Path, key: str) ->
 
 
 def _inject_eval(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
-    return {**data, "out": str(out)}
+    # models: ["@base", ...] is shorthand for [{name: base, path: RUN_DIR/base}, ...]
+    data = {**data, "out": str(out), "overwrite": True}
+    if "models" in data:
+        data["models"] = [
+            {"name": Path(m).name, "path": m} if isinstance(m, str) else m for m in data["models"]
+        ]
+    return data
 
 
 def _model_done(out: Path) -> bool:
@@ -143,31 +149,35 @@ KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
         StageKind("model", None, _inject_out, lambda out: (out / "source.json").is_file()),
-        StageKind("corpus", ("solar_ray.corpora", "CorpusConfig", "run_corpus"), _inject_out, _data_done),
-        StageKind("upscale", ("solar_ray.upscale", "UpscaleConfig", "run_upscale"), _inject_out, _model_done),
-        StageKind("data", ("solar_ray.data", "DataConfig", "run_data"), _inject_out, _data_done),
-        StageKind("pretrain", ("solar_ray.train", "PretrainConfig", "run_pretrain"), _inject_train, _model_done),
-        StageKind("sft", ("solar_ray.train", "SFTConfig", "run_sft"), _inject_train, _model_done),
-        StageKind("dpo", ("solar_ray.train", "DPOConfig", "run_dpo"), _inject_train, _model_done),
-        StageKind("merge", ("solar_ray.merge", "MergeConfig", "run_merge"), _inject_out, _model_done),
-        StageKind("eval", ("solar_ray.evaluate", "EvalConfig", "run_eval"), _inject_eval,
+        StageKind("corpus", ("solar_ray.corpora:CorpusConfig", "solar_ray.corpora:run_corpus"), _inject_out, _data_done),
+        StageKind("upscale", ("solar_ray.upscale:UpscaleConfig", "solar_ray.upscale:run_upscale"), _inject_out, _model_done),
+        StageKind("data", ("solar_ray.data.config:DataConfig", "solar_ray.data:run_data"), _inject_out, _data_done),
+        StageKind("pretrain", ("solar_ray.train.config:PretrainConfig", "solar_ray.train.pretrain:run_pretrain"), _inject_train, _model_done),
+        StageKind("sft", ("solar_ray.train.config:SFTConfig", "solar_ray.train.sft:run_sft"), _inject_train, _model_done),
+        StageKind("dpo", ("solar_ray.train.config:DPOConfig", "solar_ray.train.dpo:run_dpo"), _inject_train, _model_done),
+        StageKind("merge", ("solar_ray.merge:MergeConfig", "solar_ray.merge:run_merge"), _inject_out, _model_done),
+        StageKind("eval", ("solar_ray.evaluate:EvalConfig", "solar_ray.evaluate:run_eval"), _inject_eval,
                   _file_done("results.json")),
-        StageKind("contamination", ("solar_ray.contamination", "ContaminationConfig",
-                                    "run_contamination"), _inject_eval, _file_done("contamination.json")),
+        StageKind("contamination", ("solar_ray.contamination:ContaminationConfig",
+                                    "solar_ray.contamination:run_contamination"), _inject_eval, _file_done("contamination.json")),
     )
 }  # fmt: skip
 
 
-def _import_target(kind: StageKind) -> tuple[type[StageConfig], Callable[[Any], Any]]:
+def _import(spec: str) -> Any:
     import importlib
 
-    assert kind.target is not None
-    module, cls, fn = kind.target
+    module, _, attr = spec.partition(":")
     try:
-        mod = importlib.import_module(module)
-    except ModuleNotFoundError as e:
-        raise ConfigError(f"stage kind {kind.name!r} is not available ({e})") from None
-    return getattr(mod, cls), getattr(mod, fn)
+        return getattr(importlib.import_module(module), attr)
+    except (ModuleNotFoundError, AttributeError) as e:
+        raise ConfigError(f"{spec} is not available ({e})") from None
+
+
+def _import_target(kind: StageKind) -> tuple[type[StageConfig], Callable[[Any], Any]]:
+    assert kind.target is not None
+    cls, fn = kind.target
+    return _import(cls), _import(fn)
 
 
 # --------------------------------------------------------------------------- planning
@@ -215,7 +225,7 @@ class StagePlan:
         """The validated stage config with the runner's fields (None for ``model`` stages)."""
         if self.kind.target is None:
             return None
-        cls, _ = _import_target(self.kind)
+        cls = _import(self.kind.target[0])
         data = self.kind.inject(self.data, self.out, self.name, self.run_dir, key)
         return validate(cls, data, "recipe", prefix=f"stages.{self.name}")
 
@@ -268,8 +278,8 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
         data = _substitute({k: v for k, v in raw.items() if k != "kind"}, run_dir)
         plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw)
         if validate_configs:
-            if kind.name == "model" and set(data) != {"source"}:
-                raise ConfigError(f"stages.{name}: a 'model' stage takes only 'source'")
+            if kind.name == "model":
+                validate(ModelStage, data, "recipe", prefix=f"stages.{name}")
             plan.config()
         plans.append(plan)
     return plans
@@ -307,17 +317,41 @@ def _read_marker(run_dir: Path, stage: str) -> dict | None:
     return json.loads(p.read_text()) if p.is_file() else None
 
 
-def _run_model_stage(plan: StagePlan) -> None:
-    """A ``model`` stage: resolve a source and link it as the stage's output."""
-    from solar_ray.checkpoint import atomic_output_dir
-    from solar_ray.models import resolve_model
+class ModelStage(StageConfig):
+    """A ``model`` stage: an existing model (``source``) or a random one (``random``)."""
 
-    src = resolve_model(plan.data["source"])
+    source: str | None = None
+    random: dict[str, Any] | None = Field(
+        default=None,
+        description="model_type, tokenizer (a model source), seed and config fields",
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> ModelStage:
+        if (self.source is None) == (self.random is None):
+            raise ValueError("give exactly one of 'source' or 'random'")
+        if self.random is not None and not {"model_type", "tokenizer"} <= set(self.random):
+            raise ValueError("random: needs model_type and tokenizer")
+        return self
+
+
+def _run_model_stage(plan: StagePlan) -> None:
+    """A ``model`` stage: link a resolved source, or build a random model, as the output."""
+    from solar_ray.checkpoint import atomic_output_dir
+    from solar_ray.models import init_random_model, resolve_model
+
+    cfg = validate(ModelStage, plan.data, "recipe", prefix=f"stages.{plan.name}")
+    if cfg.random is not None:
+        init_random_model(plan.out, **cfg.random)
+        write_json_atomic(plan.out / "source.json", {"random": cfg.random})
+        return
+    assert cfg.source is not None
+    src = resolve_model(cfg.source)
     with atomic_output_dir(plan.out, overwrite=True) as tmp:
         for p in src.iterdir():
             if p.is_file():
                 os.symlink(p, tmp / p.name)
-        write_json_atomic(tmp / "source.json", {"source": plan.data["source"], "path": str(src)})
+        write_json_atomic(tmp / "source.json", {"source": cfg.source, "path": str(src)})
 
 
 def run_stage(plan: StagePlan, key: str) -> Any:
