@@ -1,0 +1,54 @@
+"""``solar-ray data``: parse, validate, call :func:`solar_ray.data.mix.run_data`, report."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable
+
+from solar_ray.cli import add_config_args
+from solar_ray.config import load_config
+
+
+def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """Add the data arguments to ``parser``; return the runner."""
+    add_config_args(parser, config_required=True)
+    parser.add_argument("--out", help="output directory (overrides the config's 'out')")
+    parser.add_argument("--only", nargs="+", metavar="MIX", help="build only these mixes")
+    parser.add_argument("--num-workers", type=int, help="Ray Data tasks per operator")
+    parser.add_argument(
+        "--overwrite", action="store_true", default=None, help="replace existing mix directories"
+    )
+    return _run
+
+
+def _run(args: argparse.Namespace) -> int:
+    from solar_ray.data.config import DataConfig
+
+    flags = {"out": args.out, "num_workers": args.num_workers, "overwrite": args.overwrite}
+    cfg = load_config(DataConfig, args.config, args.overrides, data=flags)
+
+    from solar_ray.data.mix import run_data
+    from solar_ray.pipeline import init_ray
+
+    init_ray()  # joins the cluster RAY_ADDRESS names, else starts a local instance
+    result = run_data(cfg, only=args.only)
+    if result.synth_math is not None:
+        sm = result.synth_math
+        state = "reused" if sm.reused else "built"
+        print(
+            f"synth_math ({state}): {sm.num_seeds} seeds -> {sm.num_kept} kept, dropped {sm.dropped}"
+        )
+    for name, mix in result.mixes.items():
+        m = mix.manifest
+        prep = m.get("prepare") or {}
+        extra = ""
+        if prep.get("split") == "packed":
+            extra = (
+                f", {prep['num_rows']} packed blocks ({prep['packing_efficiency']:.2%} non-padding)"
+            )
+        elif prep:
+            extra = f", {prep['num_rows']} tokenized rows"
+        print(
+            f"{name} ({m['kind']}): {mix.num_rows} rows, {m['rejects']['total']} rejects{extra} -> {mix.out}"
+        )
+    return 0

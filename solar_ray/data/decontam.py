@@ -1,0 +1,151 @@
+"""Decontamination: long word n-gram overlap with evaluation sets, and task deny lists.
+
+A training row is *contaminated* when it shares one word n-gram (default 13 words, as in
+GPT-3's decontamination) with any text of a configured evaluation set. Words are the
+lower-cased ``\\w+`` runs of the text, so punctuation, case and spacing do not hide a copy.
+Each word is hashed once (blake2b, 64 bits) and an n-gram's hash is a polynomial of its
+words' hashes computed with numpy, so a row costs one vectorised pass. N-grams never span
+two fields (a question and its answer are separate texts). Eval texts shorter than ``n``
+words contribute nothing.
+
+The eval index is built on the driver (:func:`build_eval_index`), shipped to the Ray
+workers once through the object store, and queried with :meth:`EvalIndex.match`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from solar_ray.data.keys import hash64
+
+__all__ = [
+    "EvalIndex",
+    "build_eval_index",
+    "deny_match",
+    "iter_strings",
+    "ngram_hashes",
+    "words",
+]
+
+_WORD = re.compile(r"\w+")
+_BASE = np.uint64(0x100000001B3)  # FNV prime: the polynomial's base
+_CACHE_LIMIT = 1 << 20
+
+
+def words(text: str) -> list[str]:
+    """The lower-cased word tokens n-grams are made of."""
+    return _WORD.findall(text.lower())
+
+
+class _WordHasher:
+    """blake2b of each word, cached (words repeat a lot)."""
+
+    def __init__(self) -> None:
+        self.cache: dict[str, int] = {}
+
+    def __call__(self, toks: list[str]) -> np.ndarray:
+        if len(self.cache) > _CACHE_LIMIT:
+            self.cache.clear()
+        get = self.cache.get
+        out = np.empty(len(toks), dtype=np.uint64)
+        for i, t in enumerate(toks):
+            h = get(t)
+            if h is None:
+                h = self.cache[t] = hash64(t)
+            out[i] = h
+        return out
+
+
+_HASHER = _WordHasher()
+
+
+def ngram_hashes(text: str, n: int) -> np.ndarray:
+    """Sorted unique uint64 hashes of the text's word n-grams (empty when fewer than n words)."""
+    toks = words(text)
+    if len(toks) < n:
+        return np.empty(0, dtype=np.uint64)
+    h = _HASHER(toks)
+    windows = np.lib.stride_tricks.sliding_window_view(h, n)
+    powers = np.ones(n, dtype=np.uint64)
+    with np.errstate(over="ignore"):
+        for j in range(n - 2, -1, -1):
+            powers[j] = powers[j + 1] * _BASE
+        return np.unique((windows * powers).sum(axis=1, dtype=np.uint64))
+
+
+def iter_strings(obj: Any) -> Iterator[str]:
+    """Every string inside a record (nested lists and mappings included)."""
+    if isinstance(obj, str):
+        yield obj
+    elif isinstance(obj, dict):
+        for v in obj.values():
+            yield from iter_strings(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from iter_strings(v)
+
+
+@dataclass
+class EvalIndex:
+    """N-gram hashes of each evaluation set, sorted for binary search."""
+
+    ngram: int
+    sets: dict[str, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def num_ngrams(self) -> int:
+        """Total n-grams indexed."""
+        return int(sum(len(v) for v in self.sets.values()))
+
+    def match(self, texts: Iterable[str]) -> str | None:
+        """Name of the first eval set sharing an n-gram with any of ``texts``, else None."""
+        if not self.sets:
+            return None
+        for text in texts:
+            h = ngram_hashes(text, self.ngram)
+            if not len(h):
+                continue
+            for name, ref in self.sets.items():
+                if not len(ref):
+                    continue
+                idx = np.minimum(np.searchsorted(ref, h), len(ref) - 1)
+                if bool(np.any(ref[idx] == h)):
+                    return name
+        return None
+
+
+def build_eval_index(paths: list[str], ngram: int, field: str = "eval_sets") -> EvalIndex:
+    """Read every eval file (any readable format, globs allowed) into an :class:`EvalIndex`."""
+    from solar_ray.data.sources import expand_paths, iter_records
+
+    index = EvalIndex(ngram=ngram)
+    for i, pattern in enumerate(paths):
+        for path in expand_paths([pattern], field=f"{field}.{i}"):
+            chunks: list[np.ndarray] = []
+            for rec in iter_records(path):
+                if rec.data is None:
+                    continue
+                for s in iter_strings(rec.data):
+                    h = ngram_hashes(s, ngram)
+                    if len(h):
+                        chunks.append(h)
+            arr = np.unique(np.concatenate(chunks)) if chunks else np.empty(0, np.uint64)
+            index.sets[path] = arr
+    return index
+
+
+def deny_match(tag: str | None, patterns: list[str]) -> str | None:
+    """The first deny pattern matching a task tag (or, for a bare word, its prefix), else None."""
+    if not tag or not patterns:
+        return None
+    prefix = tag.split(".", 1)[0]
+    for p in patterns:
+        if fnmatch.fnmatchcase(tag, p) or fnmatch.fnmatchcase(prefix, p):
+            return p
+    return None

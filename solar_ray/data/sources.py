@@ -1,0 +1,286 @@
+"""Readers: JSONL, JSON, Parquet and CSV from local paths and URIs, record by record.
+
+Paths go through fsspec, so ``s3://``, ``gs://``, ``hf://datasets/...`` (huggingface_hub's
+filesystem) and ``file://`` work wherever their filesystem package is installed; for s3/gs/
+hdfs without s3fs/gcsfs, pyarrow's own filesystems are used through fsspec's
+``ArrowFSWrapper``. Compressed files (``.gz``, ``.zst``, ``.bz2``, ``.xz``) are read through
+fsspec's ``compression="infer"``.
+
+:func:`iter_records` never raises on a bad *row*: it yields a :class:`Record` whose
+``reason`` says why the row is unusable (``invalid_json``, ``undecodable_text``,
+``malformed_csv_row``), and a file that cannot be read at all yields one ``unreadable_file``
+record. Only a bad *path* in the config (:func:`expand_paths`) is an error.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+from solar_ray.errors import UserError
+
+__all__ = [
+    "FILE_TYPES",
+    "Record",
+    "SourceError",
+    "detect_file_type",
+    "expand_paths",
+    "filesystem_for",
+    "iter_records",
+]
+
+#: file extensions each file type is recognised by (after a compression suffix)
+FILE_TYPES: dict[str, tuple[str, ...]] = {
+    "jsonl": (".jsonl", ".ndjson", ".jsonlines"),
+    "json": (".json",),
+    "parquet": (".parquet", ".pq"),
+    "csv": (".csv",),
+}
+_COMPRESSION = (".gz", ".zst", ".bz2", ".xz")
+_GLOB_CHARS = "*?["
+RAW_PREVIEW_CHARS = 1000
+_PARQUET_BATCH = 2048
+
+
+class SourceError(UserError):
+    """A configured path cannot be read; the message names the config field and the path."""
+
+
+@dataclass(frozen=True)
+class Record:
+    """One row of a file: its index, the parsed mapping, or why it could not be parsed."""
+
+    index: int
+    """0-based record index (for JSONL/CSV: the line/record number minus one)"""
+    data: dict[str, Any] | None
+    reason: str | None = None
+    detail: str | None = None
+    raw: str | None = None
+
+
+def filesystem_for(url: str) -> tuple[Any, str]:
+    """``(fsspec filesystem, path inside it)`` for a local path or a URI."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        protocol = url.split("://", 1)[0] if "://" in url else "file"
+        if protocol in ("s3", "s3a", "gs", "gcs", "hdfs", "viewfs"):
+            try:
+                import pyarrow.fs as pafs
+                from fsspec.implementations.arrow import ArrowFSWrapper
+
+                pa_fs, path = pafs.FileSystem.from_uri(url.replace("s3a://", "s3://"))
+                return ArrowFSWrapper(pa_fs), path
+            except Exception:  # fall through to the message naming the package
+                pass
+        raise SourceError(
+            f"cannot read {url!r}: the {protocol}:// filesystem needs a package that is not "
+            f"installed ({e})"
+        ) from None
+
+
+def _strip_compression(name: str) -> str:
+    low = name.lower()
+    for suffix in _COMPRESSION:
+        if low.endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def detect_file_type(path: str) -> str | None:
+    """``jsonl``/``json``/``parquet``/``csv`` from the extension, or None when unknown."""
+    name = _strip_compression(path.rsplit("/", 1)[-1]).lower()
+    for file_type, exts in FILE_TYPES.items():
+        if name.endswith(exts):
+            return file_type
+    return None
+
+
+def _qualify(fs: Any, path: str, original: str) -> str:
+    if "://" in original and not original.startswith("file://"):
+        return fs.unstrip_protocol(path)
+    return os.path.abspath(path)
+
+
+def expand_paths(patterns: list[str], field: str = "path") -> list[str]:
+    """Expand paths, globs and directories into a sorted list of files.
+
+    A directory contributes every file inside it (recursively) with a known extension. A
+    pattern that matches nothing is a :class:`SourceError` naming ``field``.
+    """
+    out: list[str] = []
+    for pattern in patterns:
+        fs, path = filesystem_for(pattern)
+        try:
+            if any(c in path for c in _GLOB_CHARS):
+                found = sorted(p for p in fs.glob(path) if fs.isfile(p))
+            elif fs.isdir(path):
+                found = sorted(p for p in fs.find(path) if detect_file_type(p) is not None)
+            elif fs.exists(path):
+                found = [path]
+            else:
+                found = []
+        except SourceError:
+            raise
+        except Exception as e:
+            raise SourceError(
+                f"{field}: cannot list {pattern!r}: {type(e).__name__}: {e}"
+            ) from None
+        if not found:
+            raise SourceError(f"{field}: {pattern!r} matches no files")
+        out.extend(_qualify(fs, p, pattern) for p in found)
+    seen: set[str] = set()
+    return [p for p in out if not (p in seen or seen.add(p))]
+
+
+def _preview(raw: bytes | str) -> str:
+    if isinstance(raw, bytes):
+        raw = raw.decode("utf-8", "replace")
+    return raw[:RAW_PREVIEW_CHARS]
+
+
+def _parse_object(text: str, index: int, raw: bytes | str) -> Record:
+    try:
+        obj = json.loads(text)
+    except (json.JSONDecodeError, RecursionError) as e:
+        return Record(index, None, "invalid_json", str(e)[:200], _preview(raw))
+    if not isinstance(obj, dict):
+        return Record(
+            index, None, "invalid_json", f"a {type(obj).__name__}, not an object", _preview(raw)
+        )
+    return Record(index, obj)
+
+
+def _iter_jsonl(f: Any) -> Iterator[Record]:
+    for index, line in enumerate(f):
+        if not line.strip():
+            continue
+        try:
+            text = line.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield Record(
+                index, None, "undecodable_text", f"not UTF-8 at byte {e.start}", _preview(line)
+            )
+            continue
+        yield _parse_object(text, index, line)
+
+
+def _iter_json(f: Any) -> Iterator[Record]:
+    blob = f.read()
+    try:
+        text = blob.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        yield Record(
+            -1,
+            None,
+            "undecodable_text",
+            f"file is not UTF-8 at byte {e.start}",
+            _preview(blob[:200]),
+        )
+        return
+    try:
+        obj = json.loads(text)
+    except json.JSONDecodeError:
+        # many ".json" files are JSON Lines
+        yield from _iter_jsonl(io.BytesIO(blob))
+        return
+    if isinstance(obj, dict):
+        lists = [v for v in obj.values() if isinstance(v, list)]
+        if len(obj) == 1 and len(lists) == 1:  # {"data": [...]}
+            obj = lists[0]
+        else:
+            obj = [obj]
+    if not isinstance(obj, list):
+        yield Record(
+            -1, None, "invalid_json", f"top level is a {type(obj).__name__}", _preview(text[:200])
+        )
+        return
+    for index, item in enumerate(obj):
+        if isinstance(item, dict):
+            yield Record(index, item)
+        else:
+            yield Record(
+                index,
+                None,
+                "invalid_json",
+                f"a {type(item).__name__}, not an object",
+                _preview(json.dumps(item, default=str)),
+            )
+
+
+def _iter_parquet(f: Any) -> Iterator[Record]:
+    import pyarrow.parquet as pq
+
+    index = 0
+    for batch in pq.ParquetFile(f).iter_batches(batch_size=_PARQUET_BATCH):
+        for row in batch.to_pylist():
+            yield Record(index, row)
+            index += 1
+
+
+def _has_surrogates(s: str) -> bool:
+    try:
+        s.encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+def _iter_csv(f: Any) -> Iterator[Record]:
+    text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
+    reader = csv.DictReader(text)
+    index = 0
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            yield Record(index, None, "malformed_csv_row", str(e)[:200])
+            index += 1
+            continue
+        raw = ",".join(str(v) for v in row.values())
+        if None in row or any(v is None for v in row.values()):
+            yield Record(
+                index,
+                None,
+                "malformed_csv_row",
+                "wrong number of fields",
+                _preview(raw.encode("utf-8", "replace")),
+            )
+        elif any(isinstance(v, str) and _has_surrogates(v) for v in row.values()):
+            yield Record(
+                index,
+                None,
+                "undecodable_text",
+                "not UTF-8",
+                _preview(raw.encode("utf-8", "surrogateescape")),
+            )
+        else:
+            yield Record(index, dict(row))
+        index += 1
+
+
+_READERS = {"jsonl": _iter_jsonl, "json": _iter_json, "parquet": _iter_parquet, "csv": _iter_csv}
+
+
+def iter_records(path: str, file_type: str = "auto") -> Iterator[Record]:
+    """Yield every record of one file; bad rows and unreadable files become reasons, not errors."""
+    if file_type == "auto":
+        file_type = detect_file_type(path) or "jsonl"
+    reader = _READERS[file_type]
+    try:
+        import fsspec
+
+        compression = None if file_type == "parquet" else "infer"
+        with fsspec.open(path, "rb", compression=compression) as f:
+            yield from reader(f)
+    except Exception as e:  # a corrupt or vanished file: one quarantined record, the job goes on
+        yield Record(-1, None, "unreadable_file", f"{type(e).__name__}: {str(e)[:200]}")
