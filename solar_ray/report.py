@@ -82,13 +82,15 @@ def markdown_table(rows: list[dict]) -> str:
 
 
 def _training_history(out: Path) -> list[dict]:
-    """Per-step metrics a training stage left in its model dir (``metrics.jsonl``)."""
-    for name in ("metrics.jsonl", "train_metrics.jsonl"):
-        p = out / name
-        if p.is_file():
-            return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
-    manifest = read_manifest(out) or {}
-    return list(manifest.get("metrics", {}).get("history", []))
+    """Per-step ``loss`` / ``val_loss`` points a training stage recorded in ``solar.json``.
+
+    The training stages log ``metrics.loss_history`` and ``metrics.eval_history`` as
+    ``[step, value]`` pairs (TensorBoard has every step; the manifest keeps the curve).
+    """
+    metrics = (read_manifest(out) or {}).get("metrics", {})
+    points = [{"step": s, "loss": v} for s, v in metrics.get("loss_history") or []]
+    points += [{"step": s, "val_loss": v} for s, v in metrics.get("eval_history") or []]
+    return sorted(points, key=lambda p: p["step"])
 
 
 def _plots(run_dir: Path, plans: Sequence[Any], rows: list[dict], out: Path) -> list[str]:

@@ -1,0 +1,91 @@
+"""jobs/tiny.yaml end to end on local Ray (CPU): every stage, skip, partial rerun, failure."""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+
+from solar_ray import pipeline
+from solar_ray.pipeline import PipelineError, load_recipe, run_recipe
+
+REPO = Path(__file__).resolve().parents[1]
+
+# the recipe as shipped, only smaller where it costs time and proves nothing more here
+SMALLER = [
+    "stages.cpt.steps=8",
+    "stages.cpt.checkpoint_every=4",
+    "stages.cpt.eval_every=4",
+    "stages.sft_v1.steps=3",
+    "stages.sft_v2.steps=3",
+    "stages.dpo.steps=2",
+    "stages.eval.limit=4",
+    "stages.eval.ppl_max_texts=4",
+]
+
+ALL = ["corpus", "base", "upscaled", "data", "cpt", "sft_v1", "sft_v2", "sft_merged", "dpo",
+       "final", "eval"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """One full run of the tiny recipe, shared by the tests below (it is the slow part)."""
+    import ray
+
+    run_dir = tmp_path_factory.mktemp("tiny") / "run"
+    recipe = load_recipe(REPO / "jobs" / "tiny.yaml", SMALLER)
+    result = run_recipe(recipe, run_dir, echo=lambda s: None)
+    yield recipe, run_dir, result
+    ray.shutdown()
+
+
+@pytest.mark.slow
+def test_every_stage_runs_and_reports(tiny_run):
+    recipe, run_dir, result = tiny_run
+    assert sorted(result.ran) == sorted(ALL) and result.skipped == []
+    for stage in ("upscaled", "cpt", "sft_v1", "sft_v2", "sft_merged", "dpo", "final"):
+        manifest = json.loads((run_dir / stage / "solar.json").read_text())
+        assert manifest["stage"] in ("upscale", "pretrain", "sft", "dpo", "merge")
+    assert json.loads((run_dir / "upscaled" / "solar.json").read_text())["plan"] == [0, 1, 2, 1, 2, 3]
+    report = json.loads((run_dir / "report" / "results.json").read_text())
+    rows = {r["name"]: r for r in report["models"]}
+    assert set(rows) == {"base", "upscaled", "cpt", "sft_v1", "sft_v2", "sft_merged", "dpo", "final"}
+    assert rows["base"]["stage"] == "base" and rows["cpt"]["stage"] == "pretrain"
+    assert rows["final"]["stage"] == "merge" and rows["dpo"]["stage"] == "dpo"
+    for r in rows.values():
+        assert r["scores"] and all(0.0 <= v <= 1.0 for v in r["scores"].values())
+        assert math.isfinite(r["ppl"])
+    # continued pretraining recovers from the upscale: held-out perplexity goes down
+    assert rows["cpt"]["ppl"] < rows["upscaled"]["ppl"]
+    for f in ("index.html", "results.md", "plan_upscaled.png", "training_curves.png", "perplexity.png"):
+        assert (run_dir / "report" / f).is_file(), f
+
+
+@pytest.mark.slow
+def test_second_run_skips_and_deleted_stage_reruns_with_dependents(tiny_run, monkeypatch):
+    recipe, run_dir, _ = tiny_run
+    again = run_recipe(recipe, run_dir, echo=lambda s: None)
+    assert again.ran == [] and sorted(again.skipped) == sorted(ALL)
+
+    # an injected failure in `final` after deleting it: earlier stages stay finished
+    shutil.rmtree(run_dir / "final")
+    real = pipeline.run_stage
+
+    def failing(plan, key):
+        if plan.name == "final":
+            raise RuntimeError("injected failure")
+        return real(plan, key)
+
+    monkeypatch.setattr(pipeline, "run_stage", failing)
+    with pytest.raises(PipelineError, match="stage 'final' failed"):
+        run_recipe(recipe, run_dir, echo=lambda s: None)
+    assert (run_dir / "dpo" / "solar.json").is_file() and not (run_dir / "final").exists()
+
+    # the rerun continues from the failed stage: final and its dependent eval, nothing else
+    monkeypatch.setattr(pipeline, "run_stage", real)
+    rerun = run_recipe(recipe, run_dir, echo=lambda s: None)
+    assert rerun.ran == ["final", "eval"]
+    assert sorted(rerun.skipped) == sorted(set(ALL) - {"final", "eval"})
