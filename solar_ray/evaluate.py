@@ -1,0 +1,936 @@
+"""Evaluation: lm-evaluation-harness suites, held-out perplexity, results in the paper's layout.
+
+Suites (``EvalConfig.suite``):
+
+``h6``
+    The Open LLM Leaderboard (v1) settings the SOLAR paper reports as H6: ARC-Challenge
+    25-shot ``acc_norm``, HellaSwag 10-shot ``acc_norm``, MMLU 5-shot ``acc``, TruthfulQA
+    mc2 0-shot, Winogrande 5-shot ``acc``, GSM8K 5-shot ``exact_match`` (strict ``####``
+    extraction), and their average. The datasets come from the Hugging Face hub; when it
+    is unreachable the run stops before loading any model, with an error that says so.
+``offline``
+    Six tasks in the same shapes built from data the project ships or generates
+    (:mod:`solar_ray.evalsets`), run by lm-eval through inline task configs: no network.
+a list
+    Task names (offline ``solar_*`` tasks, H6 task names, or any lm-eval task), each
+    optionally ``{task, num_fewshot, metric}``.
+
+Every task runs through ``lm_eval.simple_evaluate`` with an ``HFLM`` wrapped around a model
+loaded once per model; the same model then scores held-out perplexity (``ppl_data``: a list
+of texts, a ``.txt``/``.jsonl``/``.json``/``.parquet`` file, or a directory of them) with a
+sliding window. Results are a dict (:func:`run_eval`), and with ``out`` a directory holding
+``results.json``, ``results.md`` (one row per model, one column per task, the average) and
+``solar.json``, written atomically.
+
+Result schema (``results.json``)::
+
+    {"suite": "offline", "tasks": [{"name", "display", "metric", "num_fewshot", "shape"}],
+     "models": [{"name", "path", "stage", "scores": {task: float}, "average": float,
+                 "ppl": float | null, "ppl_tokens": int, "metrics": {task: {...}},
+                 "num_items": {task: int}, "fingerprint": str | null, "eval_seconds": float}],
+     "suite_fingerprint": str | null, "limit": int | null, "config": {...}, "versions": {...}}
+
+Scores are fractions in [0, 1]; the markdown table shows them as percentages like the paper.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import os
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from solar_ray.checkpoint import (
+    atomic_output_dir,
+    library_versions,
+    model_fingerprint,
+    read_manifest,
+    write_json_atomic,
+    write_manifest,
+)
+from solar_ray.config import StageConfig
+from solar_ray.errors import UserError
+
+if TYPE_CHECKING:
+    import torch
+
+__all__ = [
+    "H6_TASKS",
+    "EvalConfig",
+    "EvalError",
+    "EvalModel",
+    "TaskSpec",
+    "TaskEntry",
+    "cli",
+    "iter_texts",
+    "load_texts",
+    "perplexity",
+    "plan_tasks",
+    "results_table",
+    "run_eval",
+    "token_logprobs",
+]
+
+log = logging.getLogger(__name__)
+
+
+class EvalError(UserError):
+    """Bad input to an evaluation (suite, task, data, unreachable hub)."""
+
+
+# --------------------------------------------------------------------------- tasks
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One evaluated task: its lm-eval name, shots and headline metric."""
+
+    name: str  #: result key and lm-eval task (or group) name
+    display: str  #: table column
+    metric: str | None  #: lm-eval metric key (``acc_norm,none``); None: pick after the run
+    num_fewshot: int | None  #: None: the task's own default
+    shape: str | None = None  #: the H6 task an offline task mirrors
+
+
+#: The Open LLM Leaderboard (v1) settings of the paper's H6 average.
+H6_TASKS: tuple[TaskSpec, ...] = (
+    TaskSpec("arc_challenge", "ARC", "acc_norm,none", 25),
+    TaskSpec("hellaswag", "HellaSwag", "acc_norm,none", 10),
+    TaskSpec("mmlu", "MMLU", "acc,none", 5),
+    TaskSpec("truthfulqa_mc2", "TruthfulQA", "acc,none", 0),
+    TaskSpec("winogrande", "Winogrande", "acc,none", 5),
+    TaskSpec("gsm8k", "GSM8K", "exact_match,strict-match", 5),
+)
+#: lm-eval task directories holding the H6 tasks (indexing only these takes ~2 s, not ~20 s)
+_H6_TASK_DIRS = ("arc", "hellaswag", "mmlu", "truthfulqa", "winogrande", "gsm8k")
+#: the hub datasets H6 needs, for the "hub unreachable" message
+_H6_DATASETS = (
+    "allenai/ai2_arc", "Rowan/hellaswag", "cais/mmlu", "truthfulqa/truthful_qa",
+    "allenai/winogrande", "openai/gsm8k",
+)  # fmt: skip
+_METRIC_PREFERENCE = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_match,none")
+
+
+class TaskEntry(BaseModel):
+    """A task in a custom suite list: a name, optional shots and headline metric."""
+
+    model_config = ConfigDict(extra="forbid")
+    task: str
+    num_fewshot: int | None = Field(default=None, ge=0)
+    metric: str | None = Field(default=None, description="lm-eval metric key, e.g. acc,none")
+
+
+class EvalModel(BaseModel):
+    """A model to evaluate: a table name and a source (HF dir, hub id, .gguf, alias)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    path: str
+    stage: str | None = Field(default=None, description="recorded in the results (e.g. base)")
+
+
+class EvalConfig(StageConfig):
+    """The ``eval`` stage."""
+
+    models: list[EvalModel] = Field(min_length=1)
+    suite: Literal["offline", "h6", "none"] | list[str | TaskEntry] = "offline"
+    num_fewshot: dict[str, int] = Field(
+        default_factory=dict, description="per-task shot overrides: {task: n}"
+    )
+    limit: int | None = Field(default=None, ge=1, description="at most this many items per task")
+    ppl_data: str | list[str] | None = Field(
+        default=None, description="held-out texts: a list, a file or a directory"
+    )
+    ppl_max_texts: int | None = Field(default=None, ge=1)
+    ppl_seq_len: int = Field(default=512, ge=8, description="tokens per perplexity window")
+    batch_size: int = Field(default=8, ge=1)
+    device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    apply_chat_template: bool = False
+    seed: int = 1234
+    hash_models: bool = Field(default=True, description="record each model's sha256")
+    out: str | None = Field(default=None, description="directory for results.json/results.md")
+    overwrite: bool = False
+
+    @field_validator("models", mode="before")
+    @classmethod
+    def _models_from_strings(cls, value: Any) -> Any:
+        """``"name=path"`` or ``"path"`` strings are accepted for models."""
+        if not isinstance(value, list):
+            return value
+        out = []
+        for item in value:
+            if isinstance(item, str):
+                name, sep, path = item.partition("=")
+                out.append({"name": name, "path": path} if sep else {"name": _default_name(item), "path": item})
+            else:
+                out.append(item)
+        return out
+
+    @model_validator(mode="after")
+    def _check(self) -> EvalConfig:
+        names = [m.name for m in self.models]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"models: names must be unique, {dupes} repeat")
+        if self.suite == "none" and self.ppl_data is None:
+            raise ValueError("suite: 'none' evaluates nothing unless ppl_data is given")
+        return self
+
+
+def _default_name(path: str) -> str:
+    p = Path(path)
+    return p.name or str(path)
+
+
+def plan_tasks(cfg: EvalConfig) -> list[TaskSpec]:
+    """The tasks a config evaluates, with shots and headline metrics resolved."""
+    from solar_ray.evalsets import OFFLINE_TASKS, fewshot_pool_size
+
+    known = {t.name: t for t in H6_TASKS}
+    offline = {
+        t.name: TaskSpec(t.name, t.display, t.metric, t.num_fewshot, t.shape)
+        for t in OFFLINE_TASKS.values()
+    }
+    if cfg.suite == "none":
+        specs: list[TaskSpec] = []
+    elif cfg.suite == "h6":
+        specs = list(H6_TASKS)
+    elif cfg.suite == "offline":
+        specs = list(offline.values())
+    else:
+        specs = []
+        for entry in cfg.suite:
+            e = TaskEntry(task=entry) if isinstance(entry, str) else entry
+            base = offline.get(e.task) or known.get(e.task) or TaskSpec(e.task, e.task, None, None)
+            specs.append(
+                TaskSpec(
+                    base.name,
+                    base.display,
+                    e.metric or base.metric,
+                    e.num_fewshot if e.num_fewshot is not None else base.num_fewshot,
+                    base.shape,
+                )
+            )
+    names = [s.name for s in specs]
+    unknown = sorted(set(cfg.num_fewshot) - set(names))
+    if unknown:
+        raise EvalError(f"num_fewshot: {unknown} are not tasks of this suite ({names})")
+    specs = [
+        TaskSpec(s.name, s.display, s.metric, cfg.num_fewshot.get(s.name, s.num_fewshot), s.shape)
+        for s in specs
+    ]
+    for s in specs:
+        if s.name in offline and (s.num_fewshot or 0) > fewshot_pool_size(s.name):
+            raise EvalError(
+                f"num_fewshot: {s.name} has {fewshot_pool_size(s.name)} few-shot examples, "
+                f"{s.num_fewshot} asked"
+            )
+    return specs
+
+
+def _task_manager(specs: Sequence[TaskSpec]) -> Any:
+    """An lm-eval TaskManager indexing only what the tasks need (offline: nothing)."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from solar_ray.evalsets import OFFLINE_TASKS
+
+    hub = [s.name for s in specs if s.name not in OFFLINE_TASKS]
+    if not hub:
+        return TaskManager(include_defaults=False)
+    if all(s in {t.name for t in H6_TASKS} for s in hub):
+        root = Path(lm_eval.__file__).parent / "tasks"
+        return TaskManager(include_path=[str(root / d) for d in _H6_TASK_DIRS], include_defaults=False)
+    return TaskManager()
+
+
+def _lm_eval_task(spec: TaskSpec) -> str | dict[str, Any]:
+    from solar_ray.evalsets import OFFLINE_TASKS, lm_eval_config
+
+    if spec.name in OFFLINE_TASKS:
+        return lm_eval_config(spec.name, spec.num_fewshot)
+    return spec.name
+
+
+def _hub_offline() -> bool:
+    return any(
+        os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+        for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    )
+
+
+def _is_unreachable(exc: BaseException) -> bool:
+    """Does the exception chain say the hub (or the network) could not be reached?"""
+    seen = set()
+    e: BaseException | None = exc
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, ConnectionError | TimeoutError):
+            return True
+        if type(e).__name__ in ("OfflineModeIsEnabled", "LocalEntryNotFoundError", "DatasetNotFoundError"):
+            return True
+        e = e.__cause__ or e.__context__
+    return False
+
+
+def check_tasks(specs: Sequence[TaskSpec], task_manager: Any = None) -> None:
+    """Fail early, before any model is loaded: unknown tasks, unreachable hub datasets."""
+    from solar_ray.evalsets import OFFLINE_TASKS
+
+    hub = [s for s in specs if s.name not in OFFLINE_TASKS]
+    if not hub:
+        return
+    tm = task_manager or _task_manager(specs)
+    missing = [s.name for s in hub if s.name not in tm.all_tasks]
+    if missing:
+        raise EvalError(f"suite: lm-eval has no task named {missing}; offline tasks: {sorted(OFFLINE_TASKS)}")
+    is_h6 = {s.name for s in hub} <= {t.name for t in H6_TASKS}
+    needs = ", ".join(_H6_DATASETS) if is_h6 else "its datasets"
+    hint = "use suite: offline (or the solar_* tasks) to evaluate without a network"
+    if _hub_offline():
+        raise EvalError(
+            f"tasks {[s.name for s in hub]} download {needs} from the Hugging Face hub, "
+            f"but offline mode is set (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); {hint}"
+        )
+    for spec in hub:
+        try:
+            tm.load([spec.name])  # downloads (or finds cached) the dataset
+        except Exception as e:
+            if _is_unreachable(e):
+                raise EvalError(
+                    f"task {spec.name!r}: its dataset could not be fetched from the Hugging Face "
+                    f"hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {hint}"
+                ) from None
+            raise
+
+
+# --------------------------------------------------------------------------- texts
+
+
+def row_text(row: dict[str, Any]) -> str | None:
+    """The text of a data row in any of the project's schemas (None when it has none).
+
+    ``text``; ``messages``/``conversations`` (contents joined by newlines); ``prompt`` with
+    ``chosen``/``response``/``completion``; ``question`` with ``answer``; Alpaca
+    ``instruction``/``input``/``output``; ``sentence``.
+    """
+    if isinstance(row.get("text"), str):
+        return row["text"]
+    for key in ("messages", "conversations"):
+        msgs = row.get(key)
+        if isinstance(msgs, list) and msgs:
+            parts = [
+                str(m.get("content", m.get("value", ""))) for m in msgs if isinstance(m, dict)
+            ]
+            return "\n".join(p for p in parts if p)
+    for first, seconds in (
+        ("prompt", ("chosen", "response", "completion", "answer")),
+        ("question", ("answer", "response")),
+        ("instruction", ("input", "output")),
+    ):
+        if isinstance(row.get(first), str):
+            parts = [row[first]] + [
+                _as_text(row[k]) for k in seconds if row.get(k) not in (None, "")
+            ]
+            return "\n".join(p for p in parts if p)
+    if isinstance(row.get("sentence"), str):
+        return row["sentence"]
+    return None
+
+
+def _as_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list):  # a message list (preference data in chat form)
+        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in value)
+    return str(value)
+
+
+_TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
+#: splits of a data-mix directory that hold no training text of their own
+_NOT_TEXT_SPLITS = ("rejects", "packed", "tokenized")
+
+
+def _data_files(path: Path) -> list[Path]:
+    """The files of a text source: a data mix's ``data`` split, or every text file."""
+    if path.is_dir() and (path / "manifest.json").is_file() and (path / "data").is_dir():
+        from solar_ray.data.shards import shard_files
+
+        return [Path(f) for f in shard_files(path, "data")]
+    if path.is_dir():
+        return sorted(
+            p
+            for p in path.rglob("*")
+            if p.is_file()
+            and p.suffix in (".parquet", ".jsonl", ".txt")
+            and not any(
+                part.startswith(".") or part in _NOT_TEXT_SPLITS
+                for part in p.relative_to(path).parts
+            )
+        )
+    return [path]
+
+
+def iter_texts(source: str | os.PathLike | Sequence[str]) -> Iterator[tuple[str, str]]:
+    """``(reference, text)`` of every row of a text source.
+
+    A list of strings; a ``.txt``/``.md`` file (one text per blank-line-separated
+    paragraph); ``.jsonl``/``.json`` rows; ``.parquet`` (``text``, ``messages``, ``prompt``
+    ... columns, see :func:`row_text`); a data-mix directory written by ``solar-ray data``
+    (its ``data`` split; ``rejects``, ``packed`` and ``tokenized`` are not read) or its
+    ``manifest.json``; or any directory of such files. The reference is ``file:row``.
+    """
+    if isinstance(source, list | tuple):
+        for i, text in enumerate(source):
+            yield f"<list>:{i}", str(text)
+        return
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise EvalError(f"text data not found: {path}")
+    if path.is_file() and path.suffix == ".json":
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict):  # a mix manifest: read the mix beside it
+            yield from iter_texts(path.parent)
+            return
+        for i, row in enumerate(data):
+            text = row if isinstance(row, str) else row_text(row)
+            if text:
+                yield f"{path}:{i}", text
+        return
+    files = _data_files(path)
+    if not files:
+        raise EvalError(f"{path}: no .parquet, .jsonl or .txt files")
+    for f in files:
+        if f.suffix not in _TEXT_SUFFIXES:
+            raise EvalError(f"{f}: unsupported text file type (use one of {_TEXT_SUFFIXES})")
+        yield from _iter_file(f)
+
+
+def _iter_file(f: Path) -> Iterator[tuple[str, str]]:
+    if f.suffix in (".txt", ".md"):
+        paragraphs = [p.strip() for p in f.read_text(encoding="utf-8").split("\n\n")]
+        for i, p in enumerate(q for q in paragraphs if q):
+            yield f"{f}:{i}", p
+    elif f.suffix == ".jsonl":
+        with open(f, encoding="utf-8") as fh:
+            for i, line in enumerate(fh):
+                if not line.strip():
+                    continue
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise EvalError(f"{f}:{i + 1}: not valid JSON ({e})") from None
+                text = row if isinstance(row, str) else row_text(row)
+                if text:
+                    yield f"{f}:{i}", text
+    else:
+        import pyarrow.parquet as pq
+
+        pf = pq.ParquetFile(f)
+        names = set(pf.schema_arrow.names)
+        wanted = [
+            c
+            for c in ("text", "messages", "conversations", "prompt", "chosen", "response",
+                      "completion", "question", "answer", "instruction", "input", "output",
+                      "sentence")
+            if c in names
+        ]  # fmt: skip
+        if not wanted:
+            raise EvalError(
+                f"{f}: no text column (expected text, messages or prompt; has {sorted(names)})"
+            )
+        i = 0
+        for batch in pf.iter_batches(columns=wanted, batch_size=1024):
+            for row in batch.to_pylist():
+                text = row_text(row)
+                if text:
+                    yield f"{f}:{i}", text
+                i += 1
+
+
+def load_texts(source: str | os.PathLike | Sequence[str], max_texts: int | None = None) -> list[str]:
+    """The texts of :func:`iter_texts`, at most ``max_texts``."""
+    out = []
+    for _, text in iter_texts(source):
+        out.append(text)
+        if max_texts is not None and len(out) >= max_texts:
+            break
+    if not out:
+        raise EvalError(f"no texts in {source!r}")
+    return out
+
+
+# --------------------------------------------------------------------------- scoring
+
+
+def _windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int, int]]:
+    """Sliding windows ``(begin, end, first_scored)`` covering every token after the first.
+
+    Each target position ``p >= 1`` is scored exactly once, in the first window that has
+    it with at least ``seq_len - stride`` tokens of context (all of it in window one).
+    """
+    out: list[tuple[int, int, int]] = []
+    scored_to = 1
+    begin = 0
+    while scored_to < num_tokens:
+        end = min(begin + seq_len, num_tokens)
+        out.append((begin, end, scored_to))
+        scored_to = end
+        begin = max(begin + stride, end - seq_len + 1) if end < num_tokens else end
+        begin = min(begin, scored_to - 1)
+    return out
+
+
+def token_logprobs(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 512,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """``log p(token_i | tokens_<i)`` of every token after the first, per text (float64).
+
+    Texts longer than ``seq_len`` tokens are scored with sliding windows advancing by
+    ``stride`` (default ``seq_len // 2``), each token once. Windows are batched by length
+    with right padding; memory is about ``batch_size * seq_len * vocab`` floats.
+    """
+    import torch
+
+    stride = stride or max(1, seq_len // 2)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    encoded = [tokenizer(t, add_special_tokens=True)["input_ids"] for t in texts]
+    jobs = []  # (text index, window ids, number of leading positions not scored)
+    for i, ids in enumerate(encoded):
+        for begin, end, first in _windows(len(ids), seq_len, stride):
+            jobs.append((i, ids[begin:end], first - begin))
+    order = sorted(range(len(jobs)), key=lambda j: (-len(jobs[j][1]), j))
+    pieces: dict[int, torch.Tensor] = {}
+    model.eval()
+    with torch.inference_mode():
+        for start in range(0, len(order), batch_size):
+            batch = [jobs[j] for j in order[start : start + batch_size]]
+            width = max(len(ids) for _, ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
+            mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for r, (_, ids, _) in enumerate(batch):
+                input_ids[r, : len(ids)] = torch.tensor(ids)
+                mask[r, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=mask.to(device)).logits
+            for r, (_, ids, skip) in enumerate(batch):
+                n = len(ids)
+                lp = torch.log_softmax(logits[r, : n - 1].float(), dim=-1)
+                target = input_ids[r, 1:n].to(lp.device)
+                got = lp.gather(-1, target[:, None])[:, 0]
+                pieces[order[start + r]] = got[skip - 1 :].double().cpu()
+            del logits
+    out: list[list[torch.Tensor]] = [[] for _ in texts]
+    for j, (i, _, _) in enumerate(jobs):
+        out[i].append(pieces[j])
+    return [torch.cat(p) if p else torch.zeros(0, dtype=torch.float64) for p in out]
+
+
+def perplexity(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 512,
+    batch_size: int = 8,
+) -> dict[str, float | int]:
+    """Token-level perplexity over all texts: ``exp(total NLL / scored tokens)``."""
+    scores = token_logprobs(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
+    total = sum(float(s.sum()) for s in scores)
+    num_tokens = sum(int(s.numel()) for s in scores)
+    if num_tokens == 0:
+        raise EvalError("perplexity: the texts have no tokens to score (each needs two or more)")
+    nll = -total / num_tokens
+    return {"ppl": math.exp(nll), "nll_per_token": nll, "num_tokens": num_tokens, "num_texts": len(texts)}
+
+
+# --------------------------------------------------------------------------- models
+
+
+def _device(name: str) -> str:
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def _dtype(name: str, device: str) -> torch.dtype:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return getattr(torch, name)
+
+
+def load_model(source: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, Path]:
+    """``(model, tokenizer, local_dir)`` of any model source, in eval mode on ``device``."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from solar_ray.models import resolve_model
+
+    local = resolve_model(source)
+    dev = _device(device)
+    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=_dtype(dtype, dev)).to(dev)
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(local))
+    return model, tokenizer, local
+
+
+def _headline(spec: TaskSpec, metrics: dict[str, Any]) -> tuple[str, float]:
+    if spec.metric is not None:
+        if spec.metric not in metrics:
+            have = sorted(k for k in metrics if "stderr" not in k and k not in ("alias", "name", "sample_len"))
+            raise EvalError(f"task {spec.name!r}: metric {spec.metric!r} not in its results {have}")
+        return spec.metric, float(metrics[spec.metric])
+    for key in _METRIC_PREFERENCE:
+        if key in metrics:
+            return key, float(metrics[key])
+    for key, value in metrics.items():
+        if isinstance(value, int | float) and "stderr" not in key and key != "sample_len":
+            return key, float(value)
+    raise EvalError(f"task {spec.name!r}: no numeric metric in its results")
+
+
+def evaluate_lm(
+    lm: Any,
+    specs: Sequence[TaskSpec],
+    *,
+    limit: int | None = None,
+    seed: int = 1234,
+    task_manager: Any = None,
+    apply_chat_template: bool = False,
+    label: str = "model",
+) -> dict[str, dict[str, Any]]:
+    """Run every task on an lm-eval ``LM``: ``{task: {score, metric, metrics, num_items}}``.
+
+    Does what ``lm_eval.simple_evaluate`` does (seeds, per-task shots, few-shot seed) and
+    then one ``lm_eval.evaluator.evaluate`` over all tasks, so requests of every task are
+    batched together and the environment report that ``simple_evaluate`` gathers on every
+    call (a few seconds of subprocesses) is skipped. Deterministic for a deterministic model.
+    """
+    import random
+
+    import numpy as np
+    import torch
+    from lm_eval.evaluator import evaluate
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    task_manager = task_manager or _task_manager(specs)
+    merged: dict[str, dict[str, Any]] = {"tasks": {}, "groups": {}, "group_map": {}}
+    for spec in specs:
+        try:
+            loaded = task_manager.load([_lm_eval_task(spec)])
+        except Exception as e:
+            if _is_unreachable(e):
+                raise EvalError(
+                    f"task {spec.name!r}: the Hugging Face hub could not be reached "
+                    f"({type(e).__name__}); use suite: offline to evaluate without a network"
+                ) from None
+            raise
+        for task in loaded["tasks"].values():
+            if spec.num_fewshot is not None:
+                task.set_config(key="num_fewshot", value=spec.num_fewshot)
+            elif task.get_config("num_fewshot") is None:
+                task.set_config(key="num_fewshot", value=0)
+            task.set_fewshot_seed(seed=seed)
+        for key in merged:
+            merged[key].update(loaded.get(key) or {})
+    log.info("%s: %s", label, ", ".join(f"{s.name} ({s.num_fewshot}-shot)" for s in specs))
+    res = evaluate(
+        lm=lm,
+        task_dict=merged,
+        limit=limit,
+        bootstrap_iters=1000,
+        log_samples=False,
+        apply_chat_template=apply_chat_template,
+        fewshot_as_multiturn=apply_chat_template,
+    )
+    assert res is not None, "lm-eval returned no results (not rank 0?)"
+    out: dict[str, dict[str, Any]] = {}
+    for spec in specs:
+        metrics = res["results"][spec.name]
+        key, value = _headline(spec, metrics)
+        numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "sample_len"}
+        out[spec.name] = {
+            "score": value,
+            "metric": key,
+            "metrics": numeric,
+            "num_items": _num_items(res, spec.name, merged["group_map"]),
+        }
+    return out
+
+
+def _num_items(res: dict[str, Any], name: str, group_map: dict[str, list[str]]) -> int | None:
+    """Items evaluated in a task, or in all leaf tasks of a group (MMLU)."""
+    samples = res.get("n-samples", {})
+    if name in samples:
+        return samples[name].get("effective")
+    if name in group_map:
+        counts = [_num_items(res, child, group_map) for child in group_map[name]]
+        return sum(c for c in counts if c is not None)
+    return None
+
+
+def _evaluate_model(
+    cfg: EvalConfig,
+    entry: EvalModel,
+    specs: Sequence[TaskSpec],
+    task_manager: Any,
+    ppl_texts: list[str] | None,
+) -> dict[str, Any]:
+    """Every task and the perplexity of one model."""
+    t0 = time.monotonic()
+    model, tokenizer, local = load_model(entry.path, cfg.device, cfg.dtype)
+    manifest = read_manifest(local) or {}
+    result: dict[str, Any] = {
+        "name": entry.name,
+        "path": str(local),
+        "source": entry.path,
+        "stage": entry.stage or manifest.get("stage"),
+        "scores": {},
+        "average": None,
+        "ppl": None,
+        "metrics": {},
+        "num_items": {},
+        "fingerprint": None,
+    }
+    if specs:
+        from lm_eval.models.huggingface import HFLM
+
+        lm = HFLM(pretrained=model, tokenizer=tokenizer, batch_size=cfg.batch_size)
+        per_task = evaluate_lm(
+            lm,
+            specs,
+            limit=cfg.limit,
+            seed=cfg.seed,
+            task_manager=task_manager,
+            apply_chat_template=cfg.apply_chat_template,
+            label=entry.name,
+        )
+        for name, r in per_task.items():
+            result["metric_keys"] = {**result.get("metric_keys", {}), name: r["metric"]}
+            result["scores"][name] = r["score"]
+            result["metrics"][name] = r["metrics"]
+            result["num_items"][name] = r["num_items"]
+        scores = list(result["scores"].values())
+        result["average"] = sum(scores) / len(scores)
+    if ppl_texts:
+        ppl = perplexity(model, tokenizer, ppl_texts, seq_len=_ppl_seq_len(cfg, model), batch_size=cfg.batch_size)
+        result["ppl"] = ppl["ppl"]
+        result["ppl_tokens"] = ppl["num_tokens"]
+        result["ppl_texts"] = ppl["num_texts"]
+    if cfg.hash_models:
+        result["fingerprint"] = model_fingerprint(local)["sha256"]
+    result["eval_seconds"] = round(time.monotonic() - t0, 2)
+    del model
+    return result
+
+
+def _ppl_seq_len(cfg: EvalConfig, model: Any) -> int:
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(cfg.ppl_seq_len, limit) if limit else cfg.ppl_seq_len
+
+
+# --------------------------------------------------------------------------- results
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{100 * x:.2f}"
+
+
+def results_table(results: dict[str, Any]) -> str:
+    """The paper's layout in markdown: one row per model, Avg then one column per task."""
+    tasks = results["tasks"]
+    has_tasks = bool(tasks)
+    has_ppl = any(m.get("ppl") is not None for m in results["models"])
+    header = ["Model"] + (["Avg"] if has_tasks else []) + [t["display"] for t in tasks]
+    header += ["PPL"] if has_ppl else []
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for m in results["models"]:
+        row = [m["name"]]
+        if has_tasks:
+            row.append(_pct(m.get("average")))
+            row += [_pct(m["scores"].get(t["name"])) for t in tasks]
+        if has_ppl:
+            row.append("–" if m.get("ppl") is None else f"{m['ppl']:.2f}")
+        lines.append("| " + " | ".join(row) + " |")
+    metrics = ", ".join(f"{t['display']}: {t['metric']} ({t['num_fewshot']}-shot)" for t in tasks)
+    notes = [f"Scores in %. Suite `{results['suite']}`" + (f"; {metrics}." if metrics else ".")]
+    if results.get("limit"):
+        notes.append(f"At most {results['limit']} items per task.")
+    if has_ppl:
+        notes.append("PPL: held-out token-level perplexity.")
+    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+
+
+def run_eval(
+    cfg: EvalConfig, on_model: Callable[[dict[str, Any]], None] | None = None
+) -> dict[str, Any]:
+    """Evaluate every model of ``cfg``; return the results dict (and write it to ``cfg.out``).
+
+    ``on_model(result)`` is called after each model (progress reporting).
+    """
+    specs = plan_tasks(cfg)
+    task_manager = _task_manager(specs) if specs else None
+    check_tasks(specs, task_manager)  # before loading any model
+    ppl_texts = load_texts(cfg.ppl_data, cfg.ppl_max_texts) if cfg.ppl_data is not None else None
+    from solar_ray.evalsets import OFFLINE_TASKS, suite_fingerprint
+
+    offline_names = [s.name for s in specs if s.name in OFFLINE_TASKS]
+    results: dict[str, Any] = {
+        "suite": cfg.suite if isinstance(cfg.suite, str) else "custom",
+        "tasks": [
+            {**asdict(s), "metric": s.metric or "auto"} for s in specs
+        ],
+        "models": [],
+        "limit": cfg.limit,
+        "suite_fingerprint": suite_fingerprint(offline_names) if offline_names else None,
+        "config": cfg.to_dict(),
+        "versions": {**library_versions(), "lm_eval": _version("lm_eval")},
+    }
+    for entry in cfg.models:
+        model_result = _evaluate_model(cfg, entry, specs, task_manager, ppl_texts)
+        for task in results["tasks"]:  # tasks without a fixed metric: the one picked
+            if task["metric"] == "auto":
+                task["metric"] = model_result.get("metric_keys", {}).get(task["name"], "auto")
+        model_result.pop("metric_keys", None)
+        results["models"].append(model_result)
+        log.info(
+            "%s: average %s, ppl %s", entry.name, _pct(model_result["average"]),
+            model_result["ppl"] and f"{model_result['ppl']:.2f}",
+        )
+        if on_model:
+            on_model(model_result)
+    if cfg.out:
+        write_results(results, cfg.out, overwrite=cfg.overwrite)
+    return results
+
+
+def write_results(results: dict[str, Any], out: str | os.PathLike, overwrite: bool = False) -> Path:
+    """Write ``results.json``, ``results.md`` and ``solar.json`` into ``out`` atomically."""
+    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+        write_json_atomic(tmp / "results.json", results)
+        (tmp / "results.md").write_text(results_table(results), encoding="utf-8")
+        write_manifest(
+            tmp,
+            "eval",
+            parents=[
+                {"name": m["name"], "path": m["path"], "sha256": m.get("fingerprint")}
+                for m in results["models"]
+            ],
+            config=results["config"],
+            metrics={
+                m["name"]: {"average": m["average"], "ppl": m["ppl"], **m["scores"]}
+                for m in results["models"]
+            },
+        )
+    return Path(out)
+
+
+def _version(package: str) -> str | None:
+    from importlib import metadata
+
+    try:
+        return metadata.version(package)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+# --------------------------------------------------------------------------- CLI
+
+
+def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``solar-ray eval``: add the arguments to ``parser``; return the runner."""
+    from solar_ray.cli import add_config_args
+
+    add_config_args(parser)
+    parser.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="models to evaluate")
+    parser.add_argument("--suite", help="offline | h6 | none | comma-separated task names")
+    parser.add_argument("--limit", type=int, help="at most N items per task")
+    parser.add_argument("--num-fewshot", action="append", metavar="TASK=N", help="shot override")
+    parser.add_argument("--ppl-data", help="held-out text: file or directory")
+    parser.add_argument("--ppl-max-texts", type=int)
+    parser.add_argument("--ppl-seq-len", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--device", help="auto | cpu | cuda")
+    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
+    parser.add_argument("--apply-chat-template", action="store_true", default=None)
+    parser.add_argument("--out", help="results directory (results.json, results.md)")
+    parser.add_argument("--overwrite", action="store_true", default=None)
+    parser.add_argument("--dry-run", action="store_true", help="print the plan, evaluate nothing")
+    return _run_cli
+
+
+def _run_cli(args: argparse.Namespace) -> int:
+    from solar_ray.config import load_config
+
+    suite: Any = args.suite
+    if suite and suite not in ("offline", "h6", "none"):
+        suite = [s.strip() for s in suite.split(",") if s.strip()]
+    shots = None
+    if args.num_fewshot:
+        shots = {}
+        for item in args.num_fewshot:
+            task, sep, n = item.partition("=")
+            if not sep or not n.strip().isdigit():
+                raise EvalError(f"--num-fewshot {item!r}: expected TASK=N")
+            shots[task] = int(n)
+    flags = {
+        "models": args.models,
+        "suite": suite,
+        "limit": args.limit,
+        "num_fewshot": shots,
+        "ppl_data": args.ppl_data,
+        "ppl_max_texts": args.ppl_max_texts,
+        "ppl_seq_len": args.ppl_seq_len,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "apply_chat_template": args.apply_chat_template,
+        "out": args.out,
+        "overwrite": args.overwrite,
+    }
+    cfg = load_config(EvalConfig, args.config, args.overrides, data=flags)
+    specs = plan_tasks(cfg)
+    if args.dry_run:
+        print(f"suite {cfg.suite if isinstance(cfg.suite, str) else 'custom'}: {len(specs)} tasks")
+        for s in specs:
+            shots_ = "default" if s.num_fewshot is None else f"{s.num_fewshot}-shot"
+            print(f"  {s.name:16s} {shots_:>9s}  {s.metric or 'auto'}  ({s.display})")
+        if specs:
+            tm = _task_manager(specs)
+            from solar_ray.evalsets import OFFLINE_TASKS
+
+            missing = [s.name for s in specs if s.name not in OFFLINE_TASKS and s.name not in tm.all_tasks]
+            if missing:
+                raise EvalError(f"suite: lm-eval has no task named {missing}")
+        for m in cfg.models:
+            print(f"  model {m.name}: {m.path}")
+        if cfg.ppl_data is not None:
+            print(f"  perplexity on {cfg.ppl_data!r} (windows of {cfg.ppl_seq_len} tokens)")
+        if cfg.limit:
+            print(f"  at most {cfg.limit} items per task")
+        return 0
+    results = run_eval(cfg)
+    print(results_table(results), end="")
+    if cfg.out:
+        print(f"results -> {Path(cfg.out) / 'results.json'}")
+    return 0

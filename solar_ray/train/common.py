@@ -1,0 +1,425 @@
+"""The driver side of every training stage: validate, skip or resume, launch, export.
+
+:func:`run_stage` is what ``run_pretrain`` / ``run_sft`` / ``run_dpo`` share:
+
+1. the inputs were validated (:func:`validate_common` and the stage's own checks) before
+   any worker starts, with errors naming the config field;
+2. an ``out`` directory whose ``solar.json`` records this stage, config and inputs is
+   returned as is (a re-run never starts over); another non-empty ``out`` is refused
+   unless ``overwrite``;
+3. the run's storage (``storage_path``/``name``) remembers which config started it; a
+   re-run continues from its latest checkpoint (Ray Train restores it), a different config
+   under the same name is refused;
+4. a ``TorchTrainer`` (Ray Train V2) runs the per-worker loop with ``ScalingConfig``,
+   ``RunConfig(storage_path, name)``, ``FailureConfig`` and ``CheckpointConfig`` from the
+   config; a replaced worker resumes from the latest checkpoint. With ``local: true`` the
+   loop runs in this process instead (world size 1, no Ray);
+5. the final checkpoint's ``export/`` (a consolidated HF model) becomes ``out``
+   atomically, with a model card and ``solar.json`` lineage: parent model and data with
+   content hashes, the resolved config, the final metrics and the run's storage.
+
+``ray.init()`` is called only when Ray is not initialised yet; with ``RAY_ADDRESS`` set (as
+under ``ray job submit``) it joins that cluster.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import shutil
+import threading
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from solar_ray.checkpoint import (
+    OutputExistsError,
+    atomic_output_dir,
+    model_fingerprint,
+    read_manifest,
+    write_manifest,
+    write_model_card,
+)
+from solar_ray.config import ConfigError
+from solar_ray.errors import UserError
+from solar_ray.models import resolve_model
+from solar_ray.train.config import TrainConfig, is_uri
+from solar_ray.train.data import MixInfo, filesystem_for, open_mix
+from solar_ray.train.session import FINAL_MARKER, LocalSession
+
+__all__ = [
+    "StageInputs",
+    "TrainResult",
+    "finished_result",
+    "run_stage",
+    "validate_common",
+    "validate_model",
+]
+
+log = logging.getLogger(__name__)
+
+RUN_FILE = "solar_run.json"
+
+
+@dataclass
+class TrainResult:
+    """What a training stage made: the HF model directory and how it got there."""
+
+    out: Path
+    stage: str
+    metrics: dict[str, Any]
+    manifest: dict[str, Any]
+    #: True when ``out`` already held this run's result and nothing was trained
+    skipped: bool = False
+    #: the final Ray Train checkpoint (local path or URI) the export came from
+    checkpoint: str | None = None
+
+
+@dataclass
+class StageInputs:
+    """The validated inputs of a stage run."""
+
+    model_dir: Path
+    model_config: dict[str, Any]
+    vocab_size: int
+    data: MixInfo
+    val: MixInfo | None = None
+    ref_model_dir: Path | None = None
+    extra_parents: list[dict[str, Any]] = field(default_factory=list)
+
+    def signature(self) -> str:
+        """A cheap identity of the inputs (file names, sizes, mtimes; data fingerprints)."""
+        h = hashlib.sha256()
+        for d in (self.model_dir, self.ref_model_dir):
+            if d is None:
+                continue
+            for p in sorted(d.iterdir()):
+                if p.suffix == ".safetensors" or p.name in ("config.json", "tokenizer.json"):
+                    st = p.stat()
+                    h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+        for mix in (self.data, self.val):
+            if mix is not None:
+                h.update(mix.fingerprint.encode())
+        return h.hexdigest()[:16]
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def validate_model(
+    source: str, field_name: str, seq_len: int | None = None
+) -> tuple[Path, dict[str, Any], int]:
+    """Resolve a model source; check its tokenizer, vocabulary and positions.
+
+    Returns (model dir, config.json as a dict, vocab_size). Errors name ``field_name``.
+    """
+    try:
+        model_dir = resolve_model(source)
+    except UserError as e:
+        raise ConfigError(f"{field_name}: {e}") from None
+    config = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    text_config = config.get("text_config") or config
+    vocab_size = int(text_config.get("vocab_size") or 0)
+    if not any(
+        (model_dir / n).is_file() for n in ("tokenizer.json", "tokenizer.model", "vocab.json")
+    ):
+        raise ConfigError(
+            f"{field_name}: {model_dir} has no tokenizer files (tokenizer.json, "
+            "tokenizer.model or vocab.json); save the tokenizer next to the weights"
+        )
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as e:  # any failure to load is the user's model directory
+        raise ConfigError(f"{field_name}: cannot load the tokenizer of {model_dir}: {e}") from None
+    if len(tokenizer) > vocab_size:
+        raise ConfigError(
+            f"{field_name}: the tokenizer has {len(tokenizer)} tokens but the model's "
+            f"vocab_size is {vocab_size} (mismatched tokenizer and weights in {model_dir})"
+        )
+    max_pos = text_config.get("max_position_embeddings")
+    if seq_len is not None and max_pos is not None and seq_len > int(max_pos):
+        raise ConfigError(
+            f"seq_len: {seq_len} exceeds the model's max_position_embeddings ({max_pos})"
+        )
+    return model_dir, config, vocab_size
+
+
+def validate_common(cfg: TrainConfig, data_kind: str, data_part: str | None = None) -> StageInputs:
+    """Checks every stage shares: model, tokenizer, positions, data mixes, storage."""
+    if cfg.local and is_uri(cfg.resolved_storage_path):
+        raise ConfigError("storage_path: local runs keep their state on a local path")
+    if cfg.local and cfg.streaming:
+        raise ConfigError("streaming: streaming from Ray Data needs Ray (set local: false)")
+    if cfg.use_gpu and cfg.local:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("use_gpu: no CUDA device is visible to this process")
+    model_dir, config, vocab_size = validate_model(cfg.model, "model", cfg.seq_len)
+    data = open_mix(cfg.data, data_kind, "data", part=data_part)
+    val = open_mix(cfg.val_data, data_kind, "val_data", part=data_part) if cfg.val_data else None
+    return StageInputs(model_dir, config, vocab_size, data, val)
+
+
+# --------------------------------------------------------------------------- skip / guard
+
+
+def _run_fingerprint(cfg: TrainConfig, inputs: StageInputs) -> str:
+    return hashlib.sha256(
+        f"{cfg.stage}:{cfg.result_fingerprint()}:{inputs.signature()}".encode()
+    ).hexdigest()[:16]
+
+
+def finished_result(cfg: TrainConfig, inputs: StageInputs) -> TrainResult | None:
+    """The existing result in ``cfg.out`` if it is this run's; refuse a foreign ``out``."""
+    out = Path(cfg.out).expanduser().absolute()
+    manifest = read_manifest(out) if out.is_dir() else None
+    fingerprint = _run_fingerprint(cfg, inputs)
+    if manifest is not None and manifest.get("run", {}).get("fingerprint") == fingerprint:
+        if manifest.get("stage") == cfg.stage:
+            return TrainResult(
+                out, cfg.stage, dict(manifest.get("metrics", {})), manifest, skipped=True,
+                checkpoint=manifest.get("run", {}).get("checkpoint"),
+            )  # fmt: skip
+    if out.is_dir() and any(out.iterdir()) and not cfg.overwrite:
+        what = (
+            f"a {manifest.get('stage')!r} output made with another config or inputs"
+            if manifest
+            else "files that are not a finished stage output"
+        )
+        raise OutputExistsError(
+            f"out: {out} holds {what}; choose another out or set overwrite: true"
+        )
+    return None
+
+
+def _read_run_file(storage: str, name: str) -> dict | None:
+    fs, root = filesystem_for(f"{storage.rstrip('/')}/{name}/{RUN_FILE}")
+    try:
+        with fs.open_input_stream(root) as f:
+            return json.loads(f.read().decode("utf-8"))
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        return None
+
+
+def _write_run_file(storage: str, name: str, data: dict) -> None:
+    fs, root = filesystem_for(f"{storage.rstrip('/')}/{name}")
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(f"{root}/{RUN_FILE}") as f:
+        f.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))
+
+
+def _guard_run(cfg: TrainConfig, fingerprint: str, local_dir: str | None) -> None:
+    """Refuse to resume a run in storage that another config or other inputs started."""
+    storage = cfg.resolved_storage_path
+    previous = _read_run_file(storage, cfg.run_name)
+    if previous is not None and previous.get("fingerprint") != fingerprint:
+        raise ConfigError(
+            f"name: the run {cfg.run_name!r} in {storage} was started with another config or "
+            "other inputs, so its checkpoints cannot be resumed; choose another name or "
+            f"delete {storage.rstrip('/')}/{cfg.run_name} to start over"
+        )
+    if previous is None:
+        _write_run_file(
+            storage,
+            cfg.run_name,
+            {"stage": cfg.stage, "fingerprint": fingerprint, "config": cfg.to_dict(),
+             "local": local_dir is not None},
+        )  # fmt: skip
+
+
+# --------------------------------------------------------------------------- launch
+
+
+def worker_config(
+    cfg: TrainConfig, inputs: StageInputs, extra: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """The plain dict every worker loop receives (``train_loop_config``)."""
+    storage = cfg.resolved_storage_path
+    return {
+        "stage": cfg.stage,
+        "cfg": cfg.to_dict(),
+        "model_dir": str(inputs.model_dir),
+        "data_files": list(inputs.data.files),
+        "val_files": list(inputs.val.files) if inputs.val else [],
+        "storage_path": storage,
+        "run_name": cfg.run_name,
+        "local_run_dir": str(Path(storage) / cfg.run_name / "local") if cfg.local else None,
+        "extra": dict(extra or {}),
+    }
+
+
+@contextlib.contextmanager
+def _launch_local(
+    worker_fn: Callable[[dict], None], wcfg: dict[str, Any]
+) -> Iterator[tuple[Path, str]]:
+    worker_fn(wcfg)
+    final = LocalSession(wcfg["local_run_dir"]).latest_checkpoint_path
+    if final is None or not (final / FINAL_MARKER).is_file():
+        raise RuntimeError("the local training run ended without a final checkpoint")
+    yield final, str(final)
+
+
+@contextlib.contextmanager
+def _launch_ray(
+    cfg: TrainConfig,
+    worker_fn: Callable[[dict], None],
+    wcfg: dict[str, Any],
+    datasets: dict[str, Any] | None,
+) -> Iterator[tuple[Path, str]]:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    if not ray.is_initialized():
+        ray.init()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts one
+    resources = cfg.resources_per_worker or {"CPU": cfg.cpus_per_worker}
+    if cfg.use_gpu and cfg.resources_per_worker is None:
+        resources = {**resources, "GPU": 1}
+    trainer = TorchTrainer(
+        worker_fn,
+        train_loop_config=wcfg,
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.resolved_storage_path,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
+            # Ray Train sends print() to its logger, including prints into a redirected
+            # sys.stdout: dill's disassembly while datasets fingerprints TRL's map functions
+            # would flood the logs
+            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
+        ),
+        datasets=datasets,
+    )
+    result = trainer.fit()
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise RuntimeError(f"the run {cfg.run_name!r} ended without a checkpoint")
+    with checkpoint.as_directory() as d:
+        if not (Path(d) / FINAL_MARKER).is_file():
+            raise RuntimeError(
+                f"the run {cfg.run_name!r} ended before its final export ({checkpoint.path})"
+            )
+        uri = checkpoint.path
+        if is_uri(cfg.resolved_storage_path):
+            uri = f"{cfg.resolved_storage_path.split('://')[0]}://{checkpoint.path}"
+        yield Path(d), uri
+
+
+class _Hasher:
+    """Content hashes of the parent models, computed on a thread while the workers train."""
+
+    def __init__(self, dirs: list[tuple[str, Path, str]]) -> None:
+        self.result: list[dict[str, Any]] = []
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(dirs,), daemon=True)
+        self._thread.start()
+
+    def _run(self, dirs: list[tuple[str, Path, str]]) -> None:
+        try:
+            for role, d, source in dirs:
+                fp = model_fingerprint(d)
+                fp.update({"kind": "model", "role": role, "source": source})
+                self.result.append(fp)
+        except BaseException as e:  # reported by join()
+            self._error = e
+
+    def join(self) -> list[dict[str, Any]]:
+        self._thread.join()
+        if self._error:
+            raise self._error
+        return self.result
+
+
+def _link_or_copy_tree(src: Path, dst: Path) -> None:
+    """Hard-link every file of ``src`` into ``dst`` (copy across filesystems)."""
+    for p in src.rglob("*"):
+        target = dst / p.relative_to(src)
+        if p.is_dir():
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(p, target)
+        except OSError:
+            shutil.copy2(p, target)
+
+
+def run_stage(
+    cfg: TrainConfig,
+    worker_fn: Callable[[dict], None],
+    inputs: StageInputs,
+    *,
+    extra: dict[str, Any] | None = None,
+    datasets: dict[str, Any] | None = None,
+    card_lines: list[str] | None = None,
+) -> TrainResult:
+    """Skip if done, launch (Ray or local), export into ``cfg.out`` with lineage."""
+    done = finished_result(cfg, inputs)
+    if done is not None:
+        log.info("%s: %s is already this run's result; not training again", cfg.stage, done.out)
+        return done
+    fingerprint = _run_fingerprint(cfg, inputs)
+    wcfg = worker_config(cfg, inputs, extra)
+    _guard_run(cfg, fingerprint, wcfg["local_run_dir"])
+    parents_to_hash = [("model", inputs.model_dir, cfg.model)]
+    if inputs.ref_model_dir is not None:
+        parents_to_hash.append(("ref_model", inputs.ref_model_dir, getattr(cfg, "ref_model", "")))
+    hasher = _Hasher(parents_to_hash)
+    launch = (
+        _launch_local(worker_fn, wcfg) if cfg.local else _launch_ray(cfg, worker_fn, wcfg, datasets)
+    )
+    with launch as (final_dir, checkpoint_uri):
+        metrics = json.loads((final_dir / FINAL_MARKER).read_text(encoding="utf-8"))
+        probe = metrics.pop("probe", None)
+        with atomic_output_dir(cfg.out, overwrite=True) as tmp:
+            _link_or_copy_tree(final_dir / "export", tmp)
+            parents = hasher.join()
+            parents.append(inputs.data.lineage() | {"role": "data"})
+            if inputs.val is not None:
+                parents.append(inputs.val.lineage() | {"role": "val_data"})
+            parents.extend(inputs.extra_parents)
+            write_model_card(
+                tmp,
+                f"{Path(cfg.out).name}: {cfg.stage} of {Path(str(inputs.model_dir)).name}",
+                [
+                    f"Made by `solar-ray {cfg.stage}` from `{cfg.model}` on `{cfg.data}`: "
+                    f"{metrics.get('steps')} steps, {cfg.num_workers if not cfg.local else 1} "
+                    f"worker(s), ZeRO-{cfg.zero_stage}.",
+                    "",
+                    *(card_lines or []),
+                    *[
+                        f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"
+                        for k, v in metrics.items()
+                        if not isinstance(v, list | dict)
+                    ],
+                ],
+            )
+            manifest = write_manifest(
+                tmp,
+                cfg.stage,
+                parents=parents,
+                config=cfg.to_dict(),
+                metrics=metrics,
+                run={
+                    "name": cfg.run_name,
+                    "storage_path": cfg.resolved_storage_path,
+                    "checkpoint": checkpoint_uri,
+                    "fingerprint": fingerprint,
+                    "num_workers": 1 if cfg.local else cfg.num_workers,
+                    "zero_stage": cfg.zero_stage,
+                    "local": cfg.local,
+                },
+                export_probe=probe,
+            )
+    out = Path(cfg.out).expanduser().absolute()
+    return TrainResult(out, cfg.stage, metrics, manifest, checkpoint=checkpoint_uri)

@@ -1,0 +1,285 @@
+"""Typed configs of the three training stages: ``pretrain``, ``sft`` and ``dpo``.
+
+All three share :class:`TrainConfig`: the model and data, where the Ray Train run keeps its
+state (``storage_path`` + ``name``), how many workers with what resources, the DeepSpeed
+settings, the batch and schedule, checkpointing and export. A recipe looks like::
+
+    model: runs/demo/upscale          # any model source (dir, hub id, .gguf, smollm2-135m)
+    data: runs/demo/data/pretrain     # a prepared mix directory or URI (s3://, gs://)
+    out: runs/demo/pretrain           # the final HF model directory
+    num_workers: 2
+    zero_stage: 3
+    steps: 200
+    micro_batch_size: 4
+    global_batch_size: 16             # 16 / (4 x 2 workers) = 2 gradient-accumulation steps
+    seq_len: 1024
+    lr: 5.0e-5
+
+Field-level mistakes fail when the config is loaded; mistakes that need the model or the
+data (vocabulary vs tokenizer, ``seq_len`` beyond ``max_position_embeddings``, a mix of the
+wrong kind) fail in :func:`solar_ray.train.common.validate_inputs` before any worker starts.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from solar_ray.config import StageConfig
+
+__all__ = [
+    "DPOConfig",
+    "PretrainConfig",
+    "SFTConfig",
+    "TrainConfig",
+    "is_uri",
+]
+
+#: fields that change how a run is operated but not what it computes; a run restarted with
+#: different values of these still continues from its checkpoints
+OPERATIONAL_FIELDS = frozenset(
+    {
+        "overwrite",
+        "max_failures",
+        "num_checkpoints_to_keep",
+        "log_every",
+        "tensorboard",
+        "cpus_per_worker",
+        "resources_per_worker",
+        "local",
+        "storage_path",
+        "name",
+        "out",
+    }
+)
+
+
+def is_uri(path: str) -> bool:
+    """True for ``scheme://...`` storage URIs (s3://, gs://, ...), False for local paths."""
+    return "://" in path and not path.startswith("file://")
+
+
+class TrainConfig(StageConfig):
+    """Fields shared by every training stage (see the module docstring for a recipe)."""
+
+    #: the stage name (``pretrain``, ``sft``, ``dpo``): solar.json's ``stage``, the run name
+    stage: ClassVar[str] = "train"
+
+    # -- what to train, on what, into where
+    model: str = Field(description="model source: HF dir, hub id, .gguf file or 'smollm2-135m'")
+    data: str = Field(description="prepared mix directory (local path or s3:// / gs:// URI)")
+    out: str = Field(description="final Hugging Face model directory (written atomically)")
+    val_data: str | None = Field(
+        default=None, description="a second prepared mix used as the held-out split"
+    )
+    val_fraction: float = Field(
+        default=0.0, ge=0.0, lt=1.0, description="fraction of the data held out for evaluation"
+    )
+    streaming: bool = Field(
+        default=False,
+        description="stream the training data into the workers through Ray Data "
+        "(get_dataset_shard) instead of reading the Parquet shards in each worker",
+    )
+
+    # -- Ray Train run state
+    storage_path: str | None = Field(
+        default=None,
+        description="Ray Train storage for checkpoints and logs (local dir, s3://, gs://); "
+        "default: a 'ray_train' directory next to out",
+    )
+    name: str | None = Field(
+        default=None, description="run name; default: the out directory's name"
+    )
+    num_workers: int = Field(default=2, ge=1, description="training workers (one per GPU)")
+    use_gpu: bool = False
+    cpus_per_worker: float = Field(default=1.0, gt=0)
+    resources_per_worker: dict[str, float] | None = Field(
+        default=None, description="Ray resources per worker; overrides cpus_per_worker"
+    )
+    max_failures: int = Field(
+        default=3, ge=-1, description="worker-group restarts from the last checkpoint (-1: always)"
+    )
+    num_checkpoints_to_keep: int = Field(default=2, ge=1)
+    local: bool = Field(
+        default=False,
+        description="run the worker loop in this process without Ray (one worker, for debugging)",
+    )
+
+    # -- DeepSpeed
+    zero_stage: int = Field(default=2, ge=0, le=3, description="ZeRO stage 0-3")
+    offload_optimizer: bool = Field(default=False, description="ZeRO-Offload optimizer to CPU")
+    offload_params: bool = Field(default=False, description="ZeRO-3: offload parameters to CPU")
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = Field(
+        default="auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
+    gradient_checkpointing: bool = Field(default=False, description="activation checkpointing")
+    max_grad_norm: float = Field(default=1.0, ge=0.0, description="gradient clipping (0: off)")
+    deepspeed: dict[str, Any] | str | None = Field(
+        default=None,
+        description="a DeepSpeed config (mapping or JSON file) merged over the built one",
+    )
+
+    # -- batch and schedule
+    micro_batch_size: int = Field(default=1, ge=1, description="sequences per worker per step")
+    global_batch_size: int | None = Field(
+        default=None,
+        ge=1,
+        description="sequences per optimizer step over all workers; "
+        "default micro_batch_size x num_workers (no accumulation)",
+    )
+    steps: int | None = Field(default=None, ge=1, description="optimizer steps")
+    epochs: float | None = Field(default=None, gt=0, description="passes over the data")
+    seq_len: int = Field(default=2048, ge=8, description="tokens per sequence")
+    lr: float = Field(default=5e-5, gt=0)
+    min_lr_ratio: float = Field(default=0.1, ge=0.0, le=1.0, description="cosine floor / lr")
+    warmup_steps: int = Field(default=0, ge=0)
+    weight_decay: float = Field(default=0.0, ge=0.0)
+    seed: int = 0
+
+    # -- checkpoints, metrics, export
+    checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints")
+    log_every: int = Field(default=10, ge=1, description="steps between metric reports")
+    eval_every: int | None = Field(
+        default=None, ge=1, description="steps between held-out evaluations (default: at the end)"
+    )
+    eval_batches: int | None = Field(
+        default=None, ge=1, description="cap on held-out batches per worker per evaluation"
+    )
+    tensorboard: bool = True
+    export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        default="auto", description="auto: the training precision (bf16 on GPU, fp32 on CPU)"
+    )
+    max_shard_size_mb: int = Field(default=2048, ge=1)
+    overwrite: bool = False
+
+    @field_validator("model", "data", "out")
+    @classmethod
+    def _not_empty(cls, v: str) -> str:
+        if not str(v).strip():
+            raise ValueError("must not be empty")
+        return v
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> TrainConfig:
+        if (self.steps is None) == (self.epochs is None):
+            raise ValueError("steps / epochs: set exactly one of them (e.g. steps: 100)")
+        per_step = self.micro_batch_size * self.effective_num_workers
+        if self.global_batch_size is not None and self.global_batch_size % per_step:
+            raise ValueError(
+                f"global_batch_size: {self.global_batch_size} is not divisible by "
+                f"micro_batch_size x num_workers = {self.micro_batch_size} x "
+                f"{self.effective_num_workers} = {per_step}"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError("offload_params: parameter offload needs zero_stage: 3")
+        if self.val_data is not None and self.val_fraction > 0:
+            raise ValueError("val_data / val_fraction: set at most one of them")
+        if self.local and self.num_workers != 1:
+            raise ValueError("num_workers: local runs use exactly one worker (set num_workers: 1)")
+        if self.precision in ("bf16", "fp16") and not self.use_gpu:
+            raise ValueError(
+                f"precision: {self.precision} needs use_gpu: true (CPU trains in fp32)"
+            )
+        return self
+
+    # -- derived values
+
+    @property
+    def effective_num_workers(self) -> int:
+        """Number of training processes (1 in local mode)."""
+        return 1 if self.local else self.num_workers
+
+    @property
+    def grad_accum_steps(self) -> int:
+        """Micro-batches accumulated per optimizer step on each worker."""
+        per_step = self.micro_batch_size * self.effective_num_workers
+        return (self.global_batch_size or per_step) // per_step
+
+    @property
+    def effective_global_batch_size(self) -> int:
+        """Sequences per optimizer step over all workers."""
+        return self.micro_batch_size * self.effective_num_workers * self.grad_accum_steps
+
+    @property
+    def run_name(self) -> str:
+        """The Ray Train run name."""
+        return self.name or Path(self.out).expanduser().absolute().name
+
+    @property
+    def resolved_storage_path(self) -> str:
+        """Where Ray Train keeps this run (an absolute local path or a URI)."""
+        if self.storage_path:
+            return (
+                self.storage_path
+                if is_uri(self.storage_path)
+                else str(Path(self.storage_path).expanduser().absolute())
+            )
+        return str(Path(self.out).expanduser().absolute().parent / "ray_train")
+
+    @property
+    def precision_resolved(self) -> str:
+        """``bf16``, ``fp16`` or ``fp32``."""
+        if self.precision == "auto":
+            return "bf16" if self.use_gpu else "fp32"
+        return self.precision
+
+    @property
+    def export_dtype_resolved(self) -> str:
+        """The dtype name of the exported weights."""
+        if self.export_dtype == "auto":
+            return {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32"}[
+                self.precision_resolved
+            ]
+        return self.export_dtype
+
+    def result_fingerprint(self) -> str:
+        """Hash of every field that changes what the run computes (not how it is operated).
+
+        A run in storage started with another fingerprint is refused rather than resumed.
+        """
+        data = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+
+
+class PretrainConfig(TrainConfig):
+    """Continued pretraining: causal-LM loss on packed blocks, warmup + cosine schedule."""
+
+    stage: ClassVar[str] = "pretrain"
+
+
+class SFTConfig(TrainConfig):
+    """Supervised fine-tuning with TRL's SFTTrainer inside the Ray Train workers."""
+
+    stage: ClassVar[str] = "sft"
+
+    lr: float = Field(default=2e-5, gt=0)
+    packing: bool = Field(default=False, description="pack examples into seq_len (TRL bfd)")
+    assistant_only_loss: bool = Field(
+        default=True, description="loss on assistant tokens only (the mix's labels/masks)"
+    )
+
+
+class DPOConfig(TrainConfig):
+    """Direct preference optimisation with TRL's DPOTrainer inside the Ray Train workers.
+
+    The reference model is ``ref_model`` (default: the policy's starting model). By default
+    it lives in the workers, sharded like the policy under ZeRO-3; with
+    ``precompute_ref_logps`` its log-probabilities are computed once by a Ray Data
+    batch-inference pass and the workers never hold it.
+    """
+
+    stage: ClassVar[str] = "dpo"
+
+    lr: float = Field(default=5e-7, gt=0)
+    beta: float = Field(default=0.1, gt=0)
+    loss_type: str | list[str] = Field(default="sigmoid", description="TRL DPO loss type(s)")
+    ref_model: str | None = Field(default=None, description="reference model source")
+    precompute_ref_logps: bool = Field(
+        default=False, description="reference log-probs from a Ray Data pass before training"
+    )
+    ref_batch_size: int = Field(default=8, ge=1, description="pairs per reference batch")
+    ref_num_actors: int = Field(default=1, ge=1, description="Ray Data actors for the pass")

@@ -1,0 +1,330 @@
+"""Direct preference optimisation: TRL's ``DPOTrainer`` inside Ray Train workers, on DeepSpeed.
+
+The data is a prepared preference mix (``prompt`` already chat-templated, ``chosen``,
+``rejected``). ``beta`` and ``loss_type`` go to TRL. The reference model is ``ref_model``
+(default: the policy's starting model) and comes in two ways:
+
+- live (default): every worker holds it next to the policy; TRL wraps it in a DeepSpeed
+  inference engine, so under ZeRO-3 it is sharded like the policy;
+- ``precompute_ref_logps: true``: before training, a Ray Data batch-inference pass
+  (:class:`RefLogpsPredictor` on an actor pool) computes each pair's summed completion
+  log-probabilities under the reference once, tokenized and collated exactly as TRL does,
+  and writes them to the run's storage keyed by a hash of the row. The workers join them
+  to their rows and never load a reference model. A re-run reuses the stored pass.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from solar_ray.config import ConfigError
+from solar_ray.train.common import (
+    StageInputs,
+    TrainResult,
+    finished_result,
+    run_stage,
+    validate_common,
+    validate_model,
+)
+from solar_ray.train.config import DPOConfig
+from solar_ray.train.data import DataError, filesystem_for, held_out_mask
+from solar_ray.train.worker import WorkerEnv, run_worker
+
+__all__ = [
+    "RefLogpsPredictor",
+    "dpo_worker",
+    "pair_key",
+    "precompute_ref_logps",
+    "run_dpo",
+    "tokenize_pair",
+    "validate_dpo",
+]
+
+REF_DIR = "ref_logps"
+REF_MARKER = "ref_logps.json"
+
+
+def pair_key(prompt: str, chosen: str, rejected: str) -> str:
+    """Content key of a preference row (joins precomputed log-probs to their rows)."""
+    h = hashlib.blake2b(digest_size=12)
+    for part in (prompt, chosen, rejected):
+        h.update(part.encode("utf-8"))
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+def tokenize_pair(tokenizer: Any, prompt: str, chosen: str, rejected: str) -> dict[str, list[int]]:
+    """Tokenize one preference row the way TRL's DPOTrainer does for text prompts.
+
+    EOS is appended to each completion; the completion starts where the tokenized prompt
+    and prompt+completion diverge.
+    """
+    from trl.data_utils import common_prefix_length
+
+    eos = tokenizer.eos_token
+    if not chosen.endswith(eos):
+        chosen += eos
+    if not rejected.endswith(eos):
+        rejected += eos
+    prompt_ids = tokenizer(text=prompt)["input_ids"]
+    prompt_chosen = tokenizer(text=prompt + chosen)["input_ids"]
+    prompt_rejected = tokenizer(text=prompt + rejected)["input_ids"]
+    n = min(
+        common_prefix_length(prompt_ids, prompt_chosen),
+        common_prefix_length(prompt_ids, prompt_rejected),
+    )
+    return {
+        "prompt_ids": prompt_ids[:n],
+        "chosen_ids": prompt_chosen[n:],
+        "rejected_ids": prompt_rejected[n:],
+    }
+
+
+class RefLogpsPredictor:
+    """Ray Data actor: the reference model's summed completion log-probs per pair.
+
+    Batches are collated with TRL's ``DataCollatorForPreference`` (same truncation), so
+    the values equal what ``DPOTrainer`` computes with a live reference model.
+    """
+
+    def __init__(self, model_dir: str, max_length: int, use_gpu: bool, precision: str) -> None:
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+        self.torch = torch
+        self.device = torch.device("cuda" if use_gpu else "cpu")
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        if self.tokenizer.pad_token is None:
+            self.tokenizer.pad_token = self.tokenizer.eos_token
+        self.model = AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=dtype, attn_implementation="sdpa"
+        ).to(self.device)
+        self.model.eval()
+        self.collator = DataCollatorForPreference(
+            pad_token_id=self.tokenizer.pad_token_id, max_length=max_length
+        )
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        torch = self.torch
+        rows = list(zip(batch["prompt"], batch["chosen"], batch["rejected"], strict=True))
+        examples = [tokenize_pair(self.tokenizer, str(p), str(c), str(r)) for p, c, r in rows]
+        padded = self.collator(examples)
+        input_ids = padded["input_ids"].to(self.device)
+        with torch.no_grad():
+            logits = self.model(
+                input_ids=input_ids, attention_mask=padded["attention_mask"].to(self.device)
+            ).logits.float()
+        logps = torch.log_softmax(logits[:, :-1], dim=-1)
+        token_logps = logps.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+        mask = padded["completion_mask"][:, 1:].to(self.device).bool()
+        summed = (token_logps * mask).sum(dim=1).cpu().numpy().astype(np.float64)
+        chosen, rejected = np.split(summed, 2)
+        return {
+            "key": np.array([pair_key(str(p), str(c), str(r)) for p, c, r in rows]),
+            "ref_chosen_logps": chosen,
+            "ref_rejected_logps": rejected,
+        }
+
+
+def precompute_ref_logps(
+    cfg: DPOConfig, inputs: StageInputs, ref_dir: Path
+) -> tuple[list[str], str]:
+    """Run (or reuse) the Ray Data reference pass; returns (its Parquet files, fingerprint).
+
+    Output: ``<storage>/<name>/ref_logps/`` with ``key``, ``ref_chosen_logps`` and
+    ``ref_rejected_logps``, plus ``ref_logps.json`` recording what it was computed from.
+    """
+    import pyarrow.fs as pafs
+    import ray
+    import ray.data
+
+    storage = cfg.resolved_storage_path.rstrip("/")
+    out_uri = f"{storage}/{cfg.run_name}/{REF_DIR}"
+    marker_uri = f"{storage}/{cfg.run_name}/{REF_MARKER}"
+    fingerprint = hashlib.sha256(
+        json.dumps(
+            [inputs.signature(), str(ref_dir), cfg.seq_len, cfg.precision_resolved],
+            sort_keys=True,
+        ).encode()
+    ).hexdigest()[:16]
+    fs, marker_path = filesystem_for(marker_uri)
+    _, out_path = filesystem_for(out_uri)
+    try:
+        with fs.open_input_stream(marker_path) as f:
+            done = json.loads(f.read().decode())
+    except (FileNotFoundError, OSError, json.JSONDecodeError):
+        done = None
+    if done is None or done.get("fingerprint") != fingerprint:
+        if not ray.is_initialized():
+            ray.init()
+        fs.delete_dir_contents(out_path, missing_dir_ok=True)
+        files = list(inputs.data.files) + (list(inputs.val.files) if inputs.val else [])
+        ds = ray.data.read_parquet(
+            files, filesystem=inputs.data.filesystem, columns=["prompt", "chosen", "rejected"]
+        )
+        ds = ds.map_batches(
+            RefLogpsPredictor,
+            fn_constructor_kwargs={
+                "model_dir": str(ref_dir),
+                "max_length": cfg.seq_len,
+                "use_gpu": cfg.use_gpu,
+                "precision": cfg.precision_resolved,
+            },
+            batch_size=cfg.ref_batch_size,
+            batch_format="numpy",
+            compute=ray.data.ActorPoolStrategy(size=cfg.ref_num_actors),
+            num_gpus=1 if cfg.use_gpu else 0,
+            num_cpus=1,
+        )
+        ds.write_parquet(out_path, filesystem=fs)
+        with fs.open_output_stream(marker_path) as f:
+            f.write(json.dumps({"fingerprint": fingerprint, "ref_model": str(ref_dir)}).encode())
+    selector = pafs.FileSelector(out_path, recursive=True)
+    written = sorted(
+        i.path for i in fs.get_file_info(selector)
+        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
+    )  # fmt: skip
+    if not written:
+        raise RuntimeError(f"the reference pass wrote no Parquet files into {out_uri}")
+    return written, fingerprint
+
+
+def _attach_ref_logps(dataset: Any, table: Any) -> Any:
+    """Add ``ref_chosen_logps`` / ``ref_rejected_logps`` to each row by its content key."""
+    keys = table.column("key").to_pylist()
+    chosen = table.column("ref_chosen_logps").to_pylist()
+    rejected = table.column("ref_rejected_logps").to_pylist()
+    lookup = {k: (c, r) for k, c, r in zip(keys, chosen, rejected, strict=True)}
+    rows = zip(dataset["prompt"], dataset["chosen"], dataset["rejected"], strict=True)
+    values = []
+    for i, (p, c, r) in enumerate(rows):
+        found = lookup.get(pair_key(p, c, r))
+        if found is None:
+            raise DataError(f"data: row {i} has no precomputed reference log-probs")
+        values.append(found)
+    dataset = dataset.add_column("ref_chosen_logps", [v[0] for v in values])
+    return dataset.add_column("ref_rejected_logps", [v[1] for v in values])
+
+
+def _dpo_datasets(env: WorkerEnv) -> tuple[Any, Any]:
+    from solar_ray.train.hf import load_hf_dataset
+
+    cfg: DPOConfig = env.cfg  # type: ignore[assignment]
+    columns = ["prompt", "chosen", "rejected"]
+    data = load_hf_dataset(env.data_files, cfg.data, columns)
+    val = load_hf_dataset(env.val_files, cfg.val_data, columns) if cfg.val_data else None
+    if cfg.val_fraction > 0:
+        mask = held_out_mask(data.data.table.column("prompt"), cfg.val_fraction)
+        if not mask.any():
+            raise DataError(f"val_fraction: {cfg.val_fraction} of {len(mask)} rows holds out none")
+        val = data.select(np.flatnonzero(mask).tolist())
+        data = data.select(np.flatnonzero(~mask).tolist())
+    ref_files = env.extra.get("ref_logps_files")
+    if ref_files:
+        table = load_hf_dataset(ref_files, cfg.resolved_storage_path).data.table
+        data = _attach_ref_logps(data, table)
+        if val is not None:
+            val = _attach_ref_logps(val, table)
+    return data, val
+
+
+def dpo_worker(config: dict[str, Any]) -> None:
+    """The per-worker DPO loop (Ray Train worker or a plain process)."""
+    run_worker(config, _dpo)
+
+
+def _dpo(env: WorkerEnv, ckpt: Path | None) -> None:
+    from transformers import AutoTokenizer
+    from trl import DPOConfig as TrlDPOConfig
+    from trl import DPOTrainer
+
+    from solar_ray.train.hf import DeepSpeedCheckpointMixin, hf_training_kwargs, train_with_hf
+
+    cfg: DPOConfig = env.cfg  # type: ignore[assignment]
+    train_ds, eval_ds = _dpo_datasets(env)
+    precomputed = bool(env.extra.get("ref_logps_files"))
+    ref_dir = env.extra.get("ref_model_dir")
+
+    class SolarDPOTrainer(DeepSpeedCheckpointMixin, DPOTrainer):
+        """DPOTrainer that takes reference log-probs already in the dataset as they are."""
+
+        def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
+            if "ref_chosen_logps" in dataset.column_names:
+                return dataset
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def make_trainer(output_dir: str, callbacks: list[Any]) -> Any:
+        kwargs = hf_training_kwargs(cfg, output_dir, eval_ds is not None)
+        args = TrlDPOConfig(
+            **kwargs,
+            beta=cfg.beta,
+            loss_type=[cfg.loss_type] if isinstance(cfg.loss_type, str) else list(cfg.loss_type),
+            max_length=cfg.seq_len,
+            precompute_ref_log_probs=precomputed,
+            dataset_num_proc=None,
+        )
+        ref_model = None
+        if ref_dir and not precomputed:
+            from trl.trainer.utils import create_model_from_path
+
+            # built after the args, so under ZeRO-3 it is partitioned as it loads
+            ref_model = create_model_from_path(ref_dir, **kwargs["model_init_kwargs"])
+        tokenizer = AutoTokenizer.from_pretrained(env.model_dir)
+        return SolarDPOTrainer(
+            model=env.model_dir,
+            ref_model=ref_model,
+            args=args,
+            train_dataset=train_ds,
+            eval_dataset=eval_ds,
+            processing_class=tokenizer,
+            callbacks=callbacks,
+        )
+
+    train_with_hf(env, ckpt, make_trainer, lambda _: {"precomputed_ref_logps": precomputed})
+
+
+def validate_dpo(cfg: DPOConfig) -> StageInputs:
+    """Resolve and check policy, reference and data before any worker starts."""
+    if cfg.streaming:
+        raise ConfigError(
+            "streaming: DPO reads the prepared mix in each worker; streaming from Ray Data "
+            "is for the pretrain stage"
+        )
+    if cfg.precompute_ref_logps and cfg.local:
+        raise ConfigError("precompute_ref_logps: the reference pass runs on Ray (set local: false)")
+    inputs = validate_common(cfg, data_kind="preference")
+    if cfg.ref_model:
+        ref_dir, _, ref_vocab = validate_model(cfg.ref_model, "ref_model", cfg.seq_len)
+        if ref_vocab != inputs.vocab_size:
+            raise ConfigError(
+                f"ref_model: vocab_size {ref_vocab} differs from the policy's {inputs.vocab_size}"
+            )
+        inputs.ref_model_dir = ref_dir
+    return inputs
+
+
+def run_dpo(cfg: DPOConfig) -> TrainResult:
+    """DPO of ``cfg.model`` on the preference mix ``cfg.data`` into ``cfg.out``."""
+    inputs = validate_dpo(cfg)
+    done = finished_result(cfg, inputs)
+    if done is not None:
+        return done
+    ref_dir = inputs.ref_model_dir or inputs.model_dir
+    extra: dict[str, Any] = {"ref_model_dir": str(inputs.ref_model_dir or "") or None}
+    if cfg.precompute_ref_logps:
+        files, fingerprint = precompute_ref_logps(cfg, inputs, ref_dir)
+        extra["ref_logps_files"] = files
+        inputs.extra_parents.append(
+            {"kind": "ref_logps", "role": "ref_logps", "sha256": fingerprint,
+             "path": f"{cfg.resolved_storage_path.rstrip('/')}/{cfg.run_name}/{REF_DIR}"}
+        )  # fmt: skip
+    lines = [f"DPO: beta={cfg.beta}, loss_type={cfg.loss_type}, reference "
+             f"{'precomputed (Ray Data)' if cfg.precompute_ref_logps else 'live'}."]  # fmt: skip
+    return run_stage(cfg, dpo_worker, inputs, extra=extra, card_lines=lines)

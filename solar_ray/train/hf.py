@@ -1,0 +1,273 @@
+"""Hugging Face Trainer plumbing shared by the TRL stages (SFT, DPO) inside Ray Train workers.
+
+:func:`train_with_hf` runs a TRL trainer the Ray Train way: ``RayTrainReportCallback``
+reports each checkpoint the Trainer saves (DeepSpeed's sharded state, every rank its own
+part, merged by Ray Train in storage) and ``prepare_trainer`` lets it read Ray Data
+iterables. A worker that starts from a reported checkpoint passes it to
+``trainer.train(resume_from_checkpoint=...)``, which restores DeepSpeed's state, the
+scheduler, the RNGs and the position in the data. :class:`MetricsCallback` reports loss,
+learning rate, grad norm and tokens/s every ``log_every`` steps to Ray Train and
+TensorBoard. At the end the model is exported (see :mod:`solar_ray.train.export`) into the
+final checkpoint.
+
+Without Ray (``local: true``) the same function saves the Trainer's checkpoints under the
+run directory and resumes from the newest one there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import math
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback
+
+from solar_ray.train.config import TrainConfig
+from solar_ray.train.data import filesystem_for
+from solar_ray.train.ds_config import build_deepspeed_config
+from solar_ray.train.metrics import Throughput
+from solar_ray.train.session import LocalSession
+from solar_ray.train.worker import WorkerEnv, finish_run
+
+__all__ = [
+    "DeepSpeedCheckpointMixin",
+    "MetricsCallback",
+    "hf_training_kwargs",
+    "load_hf_dataset",
+    "train_with_hf",
+]
+
+log = logging.getLogger(__name__)
+
+
+def load_hf_dataset(files: list[str], storage_hint: str, columns: list[str] | None = None) -> Any:
+    """A ``datasets.Dataset`` over Parquet shards on a local path or URI."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets.table import InMemoryTable
+
+    fs, _ = filesystem_for(storage_hint)
+    tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
+    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    return datasets.Dataset(InMemoryTable(table))
+
+
+def hf_training_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dict[str, Any]:
+    """``TrainingArguments`` fields every TRL stage shares, from the stage config."""
+    import torch
+
+    precision = cfg.precision_resolved
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    eval_every = cfg.eval_every
+    kwargs: dict[str, Any] = {
+        "output_dir": output_dir,
+        "per_device_train_batch_size": cfg.micro_batch_size,
+        "per_device_eval_batch_size": cfg.micro_batch_size,
+        "gradient_accumulation_steps": cfg.grad_accum_steps,
+        "learning_rate": cfg.lr,
+        "lr_scheduler_type": "cosine_with_min_lr",
+        "lr_scheduler_kwargs": {"min_lr_rate": cfg.min_lr_ratio},
+        "warmup_steps": cfg.warmup_steps,
+        "weight_decay": cfg.weight_decay,
+        "max_grad_norm": cfg.max_grad_norm,
+        "adam_beta2": 0.95,
+        "max_steps": cfg.steps if cfg.steps is not None else -1,
+        "num_train_epochs": cfg.epochs if cfg.epochs is not None else 1.0,
+        "logging_steps": cfg.log_every,
+        "logging_first_step": False,
+        "save_strategy": "steps",
+        "save_steps": cfg.checkpoint_every,
+        "save_total_limit": 1,
+        "eval_strategy": "steps" if has_eval and eval_every else "no",
+        "eval_steps": eval_every if has_eval and eval_every else None,
+        "report_to": "none",
+        "deepspeed": build_deepspeed_config(cfg, for_hf_trainer=True),
+        "bf16": precision == "bf16",
+        "fp16": precision == "fp16",
+        "use_cpu": not cfg.use_gpu,
+        "seed": cfg.seed,
+        "data_seed": cfg.seed,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "include_num_input_tokens_seen": "all",
+        "dataloader_num_workers": 0,
+        "disable_tqdm": True,
+        "model_init_kwargs": {"dtype": dtype, "attn_implementation": "sdpa"},
+    }
+    return kwargs
+
+
+class DeepSpeedCheckpointMixin:
+    """Checkpoints hold DeepSpeed's sharded state only.
+
+    Transformers' Trainer also writes the model into every checkpoint, which under ZeRO-3
+    (without gathering to rank 0) means writing DeepSpeed's state twice. Resuming needs the
+    sharded state alone and the model is exported once at the end, so skip that save.
+    """
+
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if _internal_call and getattr(self, "is_deepspeed_enabled", False):
+            return
+        super().save_model(output_dir, _internal_call)  # type: ignore[misc]
+
+
+#: written by rank 0 into every Trainer checkpoint: the run's history across restarts
+STATE_FILE = "solar_state.json"
+
+
+class MetricsCallback(TrainerCallback):
+    """Loss, lr, grad norm, tokens/s to Ray Train and TensorBoard at every logging step.
+
+    Also keeps the loss history and the steps the run resumed from in ``solar_state.json``
+    inside each checkpoint (it runs before ``RayTrainReportCallback`` copies it).
+    """
+
+    def __init__(self, env: WorkerEnv, resumed_from: str | None) -> None:
+        super().__init__()
+        self.env = env
+        previous: dict[str, Any] = {}
+        if resumed_from and (Path(resumed_from) / STATE_FILE).is_file():
+            previous = json.loads((Path(resumed_from) / STATE_FILE).read_text())
+        self.loss_history: list[list[float]] = previous.get("loss_history", [])
+        self.eval_history: list[list[float]] = previous.get("eval_history", [])
+        self.resumed_from: list[int] = previous.get("resumed_from", [])
+        if resumed_from:
+            self.resumed_from.append(_step_of(resumed_from))
+        self.throughput = Throughput()
+        self._tokens = 0
+        self._step = 0
+
+    def on_log(
+        self, args: Any, state: Any, control: Any, logs: dict | None = None, **kw: Any
+    ) -> None:
+        logs = dict(logs or {})
+        step = int(state.global_step)
+        metrics: dict[str, Any] = {"step": step}
+        for key, value in logs.items():
+            if isinstance(value, int | float) and not isinstance(value, bool):
+                metrics[key.replace("learning_rate", "lr")] = float(value)
+        if "loss" in logs:
+            # the Trainer counts the input tokens of all workers
+            tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
+            self.throughput.add((tokens - self._tokens) / self.env.world_size, step - self._step)
+            self._tokens, self._step = tokens, step
+            rate, step_time = self.throughput.lap()
+            metrics["tokens_per_s_per_worker"] = rate
+            metrics["tokens_per_s"] = rate * self.env.world_size
+            metrics["step_time_s"] = step_time
+            metrics["tokens_seen"] = tokens
+            self.loss_history.append([step, float(logs["loss"])])
+        if "eval_loss" in logs:
+            metrics["eval_ppl"] = math.exp(min(float(logs["eval_loss"]), 50.0))
+            self.eval_history.append([step, float(logs["eval_loss"])])
+        if self.env.metrics is not None:
+            self.env.metrics.scalars(step, {k: v for k, v in metrics.items() if k != "step"})
+        self.env.session.report(metrics)
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        last = get_last_checkpoint(args.output_dir)
+        if self.env.is_rank0 and last is not None:
+            (Path(last) / STATE_FILE).write_text(
+                json.dumps(
+                    {
+                        "loss_history": self.loss_history,
+                        "eval_history": self.eval_history,
+                        "resumed_from": self.resumed_from,
+                    }
+                )
+            )
+        if self.env.metrics is not None:
+            self.env.metrics.sync()
+
+
+class _PruneLocalCheckpoints(TrainerCallback):
+    """After a checkpoint was reported, drop this worker's local copies of older ones."""
+
+    def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
+        from transformers.trainer_utils import get_last_checkpoint
+
+        root = Path(args.output_dir)
+        last = get_last_checkpoint(str(root))
+        for p in root.glob("checkpoint-*"):
+            if p.is_dir() and str(p) != last:
+                shutil.rmtree(p, ignore_errors=True)
+
+
+def train_with_hf(
+    env: WorkerEnv,
+    ckpt: Path | None,
+    make_trainer: Callable[[str, list[Any]], Any],
+    final_extra: Callable[[Any], dict[str, Any]] | None = None,
+) -> None:
+    """Build the trainer (``make_trainer(output_dir, callbacks)``), train or resume, export.
+
+    ``ckpt`` is the Ray Train checkpoint to resume from (its ``checkpoint/`` holds the
+    Trainer's); ``final_extra(trainer)`` may add stage metrics to the final report.
+    """
+    local = isinstance(env.session, LocalSession)
+    if local:
+        output_dir = str(Path(env.session.run_dir) / "hf_output")  # type: ignore[attr-defined]
+        Path(output_dir).mkdir(parents=True, exist_ok=True)
+        resume = _last_hf_checkpoint(output_dir)
+        out_ctx: Any = contextlib.nullcontext(output_dir)
+    else:
+        resume = str(ckpt / "checkpoint") if ckpt is not None else None
+        out_ctx = tempfile.TemporaryDirectory(prefix="solar-hf-")
+    with out_ctx as output_dir:
+        metrics_cb = MetricsCallback(env, resume)
+        callbacks: list[Any] = [metrics_cb]
+        if not local:
+            from ray.train.huggingface.transformers import RayTrainReportCallback
+
+            callbacks += [RayTrainReportCallback(), _PruneLocalCheckpoints()]
+        trainer = make_trainer(output_dir, callbacks)
+        trainer.remove_callback(PrinterCallback)  # MetricsCallback logs instead
+        if not local:
+            from ray.train.huggingface.transformers import prepare_trainer
+
+            trainer = prepare_trainer(trainer)
+        started = time.perf_counter()
+        trainer.train(resume_from_checkpoint=resume)
+        final: dict[str, Any] = {
+            "steps": int(trainer.state.global_step),
+            "tokens_seen": int(getattr(trainer.state, "num_input_tokens_seen", 0) or 0),
+            "final_loss": metrics_cb.loss_history[-1][1] if metrics_cb.loss_history else None,
+            "train_runtime_s": time.perf_counter() - started,
+            "resumed_from": metrics_cb.resumed_from,
+            "loss_history": metrics_cb.loss_history,
+            **metrics_cb.throughput.summary(),
+        }
+        if trainer.eval_dataset is not None:
+            result = trainer.evaluate()
+            final["eval_loss"] = float(result["eval_loss"])
+            final["eval_ppl"] = math.exp(min(final["eval_loss"], 50.0))
+            final["eval_history"] = metrics_cb.eval_history
+        if final_extra is not None:
+            final.update(final_extra(trainer))
+        finish_run(env, trainer.model, trainer.processing_class, final)
+
+
+def _last_hf_checkpoint(output_dir: str) -> str | None:
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not Path(output_dir).is_dir():
+        return None
+    return get_last_checkpoint(output_dir)
+
+
+def _step_of(checkpoint_dir: str) -> int:
+    """The global step recorded in a Trainer checkpoint (trainer_state.json)."""
+    state = Path(checkpoint_dir) / "trainer_state.json"
+    if state.is_file():
+        return int(json.loads(state.read_text())["global_step"])
+    return -1

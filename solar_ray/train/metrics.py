@@ -1,0 +1,180 @@
+"""Training metrics: throughput, MFU and TensorBoard logs in the run directory.
+
+Every stage reports the same names to Ray Train (``ray.train.report``) and writes them as
+TensorBoard scalars: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` (all workers),
+``tokens_per_s_per_worker``, ``mfu`` (GPU only) and, where there is a held-out split,
+``eval_loss`` / ``eval_ppl``.
+
+MFU follows the PaLM paper's estimate: training FLOPs per token are ``6·N`` (forward and
+backward through ``N`` non-embedding parameters) plus ``12·L·H·Q·T`` for attention (``L``
+layers, ``H`` heads of size ``Q``, sequence length ``T``); MFU is FLOPs per second over the
+devices' dense bf16 peak. There is no meaningful peak for a CPU, so it is not reported there.
+
+TensorBoard files go to ``<run dir>/tensorboard`` when storage is local; with s3:// or gs://
+storage they are written locally and copied next to the run's checkpoints at every
+checkpoint and at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from solar_ray.train.config import is_uri
+
+__all__ = [
+    "MetricsWriter",
+    "Throughput",
+    "device_peak_flops",
+    "flops_per_token",
+    "mfu",
+]
+
+log = logging.getLogger(__name__)
+
+#: dense bf16 peak FLOP/s by device-name substring (NVIDIA datasheets, without sparsity)
+PEAK_BF16_FLOPS: tuple[tuple[str, float], ...] = (
+    ("H200", 989e12),
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("A10G", 125e12),
+    ("A10", 125e12),
+    ("V100", 125e12),
+)
+
+
+def device_peak_flops() -> float | None:
+    """Dense bf16 peak of the current CUDA device, or None (CPU, unknown device)."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        name = torch.cuda.get_device_name()
+    except Exception:  # no CUDA runtime
+        return None
+    for key, flops in PEAK_BF16_FLOPS:
+        if key in name:
+            return flops
+    return None
+
+
+def flops_per_token(model_config: Any, num_params: int, seq_len: int) -> float:
+    """Training FLOPs per token: ``6·N`` (non-embedding params) + ``12·L·H·Q·T`` attention."""
+    hidden = int(model_config.hidden_size)
+    layers = int(model_config.num_hidden_layers)
+    heads = int(model_config.num_attention_heads)
+    head_dim = int(getattr(model_config, "head_dim", None) or hidden // heads)
+    embed = int(model_config.vocab_size) * hidden
+    non_embedding = max(num_params - embed, 0)
+    return 6.0 * non_embedding + 12.0 * layers * heads * head_dim * seq_len
+
+
+def mfu(tokens_per_s_per_device: float, flops_token: float, peak: float | None) -> float | None:
+    """Model FLOPs utilisation, or None without a known peak."""
+    if not peak or tokens_per_s_per_device <= 0:
+        return None
+    return tokens_per_s_per_device * flops_token / peak
+
+
+class Throughput:
+    """This worker's tokens/s and seconds per optimizer step, interval by interval.
+
+    :meth:`lap` closes an interval (one per metrics report); :meth:`summary` is the median
+    over the intervals after the first, which holds the warm-up (lazy initialisation).
+    """
+
+    def __init__(self) -> None:
+        self._t = time.perf_counter()
+        self._tokens = 0
+        self._steps = 0
+        self.intervals: list[tuple[float, int, int]] = []  # (seconds, tokens, steps)
+
+    def add(self, tokens: int, steps: int = 0) -> None:
+        """Count ``tokens`` processed by this worker and ``steps`` optimizer steps."""
+        self._tokens += int(tokens)
+        self._steps += int(steps)
+
+    def lap(self) -> tuple[float, float]:
+        """(tokens per second, seconds per step) since the previous lap; restarts the clock."""
+        now = time.perf_counter()
+        dt = max(now - self._t, 1e-9)
+        self.intervals.append((dt, self._tokens, self._steps))
+        rate = self._tokens / dt
+        step_time = dt / self._steps if self._steps else float("nan")
+        self._t, self._tokens, self._steps = now, 0, 0
+        return rate, step_time
+
+    def summary(self) -> dict[str, float]:
+        """Steady-state ``tokens_per_s_per_worker`` and ``step_time_s`` (medians)."""
+        steady = self.intervals[1:] or self.intervals
+        steady = [(dt, tok, n) for dt, tok, n in steady if n > 0]
+        if not steady:
+            return {}
+        return {
+            "tokens_per_s_per_worker": statistics.median(tok / dt for dt, tok, _ in steady),
+            "step_time_s": statistics.median(dt / n for dt, _, n in steady),
+        }
+
+
+def tensorboard_dir(storage_path: str, run_name: str) -> tuple[Path, str | None]:
+    """(local directory to write event files into, remote URI to copy them to or None)."""
+    if is_uri(storage_path):
+        local = Path(tempfile.gettempdir()) / "solar-ray-tensorboard" / run_name
+        return local, f"{storage_path.rstrip('/')}/{run_name}/tensorboard"
+    return Path(storage_path) / run_name / "tensorboard", None
+
+
+class MetricsWriter:
+    """TensorBoard scalars written by rank 0 (a no-op elsewhere or when disabled)."""
+
+    def __init__(self, storage_path: str, run_name: str, enabled: bool) -> None:
+        self.enabled = enabled
+        self._writer: Any = None
+        self.local_dir, self.remote = tensorboard_dir(storage_path, run_name)
+
+    def scalars(self, step: int, metrics: dict[str, Any], prefix: str = "train/") -> None:
+        """Write every finite numeric value of ``metrics`` at ``step``."""
+        if not self.enabled:
+            return
+        if self._writer is None:  # created on first use: a finished run never imports it
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.local_dir))
+        for key, value in metrics.items():
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(float(value)):
+                continue
+            tag = key if "/" in key else f"{'eval/' if key.startswith('eval_') else prefix}{key}"
+            self._writer.add_scalar(tag, float(value), global_step=step)
+
+    def sync(self) -> None:
+        """Flush, and copy the event files to remote storage when the run lives there."""
+        if self._writer is None:
+            return
+        self._writer.flush()
+        if self.remote:
+            try:
+                import pyarrow.fs as pafs
+
+                pafs.copy_files(str(self.local_dir), self.remote)
+            except Exception as e:  # metrics must never kill a training run
+                log.warning("could not copy TensorBoard logs to %s: %s", self.remote, e)
+
+    def close(self) -> None:
+        """Flush, sync and close."""
+        if self._writer is None:
+            return
+        self.sync()
+        self._writer.close()
+        self._writer = None

@@ -1,0 +1,503 @@
+"""Continued pretraining: causal-LM loss on packed blocks, on DeepSpeed, in Ray Train workers.
+
+:func:`run_pretrain` is the stage (validate, launch, export, lineage);
+:func:`pretrain_worker` is the per-worker loop, a plain function that also runs without Ray
+(world size 1). The loop drives a DeepSpeed engine directly: AdamW, linear warmup then a
+cosine decay to ``min_lr_ratio * lr``, gradient accumulation and clipping by DeepSpeed, a
+held-out loss / perplexity before training, every ``eval_every`` steps and at the end, and a
+DeepSpeed checkpoint every ``checkpoint_every`` steps reported to Ray Train. A restarted
+worker (a replaced one, or a re-run of the same job) loads the latest checkpoint and
+continues the same data order from the next step.
+
+Data are packed rows of exactly ``seq_len`` tokens with per-document ``position_ids``
+(passed to the model, so attention does not cross document boundaries). Each worker reads
+the shards (``streaming: false``) or its Ray Data shard (``streaming: true``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from solar_ray.train.common import (
+    StageInputs,
+    TrainResult,
+    run_stage,
+    validate_common,
+)
+from solar_ray.train.config import PretrainConfig
+from solar_ray.train.data import DataError, filesystem_for, held_out_mask
+from solar_ray.train.worker import WorkerEnv, finish_run, run_worker
+
+__all__ = ["PackedBatches", "pretrain_worker", "run_pretrain", "validate_pretrain"]
+
+STATE_FILE = "state.json"
+
+
+# --------------------------------------------------------------------------- data
+
+
+def _read_packed(files: list[str], storage_hint: str) -> Any:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    fs, _ = filesystem_for(storage_hint)
+    tables = []
+    for f in files:
+        table = pq.read_table(f, filesystem=fs, memory_map=True)
+        cols = ["input_ids"] + (["position_ids"] if "position_ids" in table.column_names else [])
+        tables.append(table.select(cols))
+    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+
+
+def _to_matrix(column: Any, seq_len: int) -> np.ndarray:
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    flat = arr.values.to_numpy(zero_copy_only=False)
+    if len(flat) != len(arr) * seq_len:
+        raise DataError(f"seq_len: packed rows are not all {seq_len} tokens long")
+    return flat.reshape(len(arr), seq_len).astype(np.int64, copy=False)
+
+
+def _positions_for(input_ids: np.ndarray) -> np.ndarray:
+    return np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy()
+
+
+class PackedBatches:
+    """Micro-batches of this rank's rows of packed data, in a seeded order per epoch.
+
+    Every rank gets the same number of rows (the remainder is dropped), so collectives stay
+    in step; ``skip`` resumes the sequence after a number of already-consumed micro-batches.
+    """
+
+    def __init__(
+        self,
+        input_ids: np.ndarray,
+        position_ids: np.ndarray,
+        *,
+        rank: int,
+        world_size: int,
+        micro_batch_size: int,
+        seed: int,
+    ) -> None:
+        self.input_ids = input_ids
+        self.position_ids = position_ids
+        self.rank = rank
+        self.world_size = world_size
+        self.micro_batch_size = micro_batch_size
+        self.seed = seed
+        rows_per_rank = len(input_ids) // world_size
+        self.batches_per_epoch = rows_per_rank // micro_batch_size
+        if self.batches_per_epoch == 0:
+            raise DataError(
+                f"data: {len(input_ids)} training rows cannot give each of {world_size} "
+                f"workers a micro-batch of {micro_batch_size}"
+            )
+
+    def _epoch_rows(self, epoch: int) -> np.ndarray:
+        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.input_ids))
+        mine = order[self.rank :: self.world_size]
+        return mine[: self.batches_per_epoch * self.micro_batch_size]
+
+    def iterate(self, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Endless (input_ids, position_ids) micro-batches, after ``skip`` consumed ones."""
+        epoch, offset = divmod(skip, self.batches_per_epoch)
+        while True:
+            rows = self._epoch_rows(epoch)
+            for b in range(offset, self.batches_per_epoch):
+                idx = np.sort(rows[b * self.micro_batch_size : (b + 1) * self.micro_batch_size])
+                yield self.input_ids[idx], self.position_ids[idx]
+            epoch, offset = epoch + 1, 0
+
+
+def _stream_batches(
+    shard: Any, micro_batch_size: int, seq_len: int, skip: int
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Micro-batches from a Ray Data shard, epoch after epoch; skips consumed ones."""
+    seen = 0
+    while True:
+        produced = 0
+        for batch in shard.iter_batches(
+            batch_size=micro_batch_size, batch_format="numpy", drop_last=True
+        ):
+            produced += 1
+            seen += 1
+            if seen <= skip:
+                continue
+            ids = np.stack(batch["input_ids"]).astype(np.int64)
+            pos = (
+                np.stack(batch["position_ids"]).astype(np.int64)
+                if "position_ids" in batch
+                else _positions_for(ids)
+            )
+            yield ids, pos
+        if produced == 0:
+            raise DataError("data: this worker's stream shard is empty")
+
+
+# --------------------------------------------------------------------------- worker
+
+
+def _evaluate(engine: Any, env: WorkerEnv, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict:
+    """Mean held-out loss over all workers' batches, and its perplexity."""
+    import torch
+    import torch.distributed as dist
+
+    engine.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    with torch.no_grad():
+        for ids, pos in batches:
+            input_ids = torch.from_numpy(ids).to(env.device)
+            out = engine(
+                input_ids=input_ids,
+                position_ids=torch.from_numpy(pos).to(env.device),
+                labels=input_ids,
+            )
+            tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+            total[0] += out.loss.detach().double() * tokens
+            total[1] += tokens
+    dist.all_reduce(total)
+    engine.train()
+    loss = (total[0] / total[1]).item()
+    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+
+
+def _val_batches(
+    env: WorkerEnv, input_ids: np.ndarray, position_ids: np.ndarray
+) -> list[tuple[np.ndarray, np.ndarray]]:
+    """This rank's held-out micro-batches; every rank gets the same count (rows wrap around)."""
+    cfg = env.cfg
+    n = len(input_ids)
+    if n == 0:
+        return []
+    per_rank = max(1, -(-n // env.world_size))
+    num_batches = -(-per_rank // cfg.micro_batch_size)
+    if cfg.eval_batches:
+        num_batches = min(num_batches, cfg.eval_batches)
+    rows = [(env.rank + env.world_size * i) % n for i in range(num_batches * cfg.micro_batch_size)]
+    out = []
+    for b in range(num_batches):
+        idx = rows[b * cfg.micro_batch_size : (b + 1) * cfg.micro_batch_size]
+        out.append((input_ids[idx], position_ids[idx]))
+    return out
+
+
+def _load_split(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train ids, train positions, held-out ids, held-out positions) from the shards."""
+    cfg = env.cfg
+    table = _read_packed(env.data_files, cfg.data)
+    ids = _to_matrix(table.column("input_ids"), cfg.seq_len)
+    pos = (
+        _to_matrix(table.column("position_ids"), cfg.seq_len)
+        if "position_ids" in table.column_names
+        else _positions_for(ids)
+    )
+    if cfg.val_data:
+        vtable = _read_packed(env.val_files, cfg.val_data)
+        vids = _to_matrix(vtable.column("input_ids"), cfg.seq_len)
+        vpos = (
+            _to_matrix(vtable.column("position_ids"), cfg.seq_len)
+            if "position_ids" in vtable.column_names
+            else _positions_for(vids)
+        )
+        return ids, pos, vids, vpos
+    mask = held_out_mask(table.column("input_ids"), cfg.val_fraction)
+    return ids[~mask], pos[~mask], ids[mask], pos[mask]
+
+
+def total_steps_for(cfg: PretrainConfig, num_train_rows: int) -> int:
+    """Optimizer steps of the run: ``steps``, or ``epochs`` over the training rows."""
+    if cfg.steps is not None:
+        return cfg.steps
+    assert cfg.epochs is not None
+    per_step = cfg.effective_global_batch_size
+    return max(1, int(math.ceil(cfg.epochs * num_train_rows / per_step)))
+
+
+def pretrain_worker(config: dict[str, Any]) -> None:
+    """The per-worker continued-pretraining loop (Ray Train worker or a plain process)."""
+    run_worker(config, _pretrain)
+
+
+def _build_engine(env: WorkerEnv, total_steps: int) -> tuple[Any, Any, Any]:
+    """(DeepSpeed engine, its LR scheduler, tokenizer) for the model in ``env.model_dir``."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.integrations import HfDeepSpeedConfig
+    from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
+
+    from solar_ray.train.ds_config import build_deepspeed_config, zero_stage_of
+
+    cfg = env.cfg
+    ds_config = build_deepspeed_config(cfg)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+        cfg.precision_resolved, torch.float32
+    )
+    # Under ZeRO-3 the weights are partitioned while they load (deepspeed.zero.Init), which
+    # transformers does while an HfDeepSpeedConfig object is alive.
+    hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage_of(ds_config) == 3 else None
+    model = AutoModelForCausalLM.from_pretrained(
+        env.model_dir, dtype=dtype, attn_implementation="sdpa"
+    )
+    model.config.use_cache = False
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW(
+        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+    )
+    scheduler = get_cosine_with_min_lr_schedule_with_warmup(
+        optimizer,
+        num_warmup_steps=cfg.warmup_steps,
+        num_training_steps=total_steps,
+        min_lr_rate=cfg.min_lr_ratio,
+    )
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
+    )
+    del hf_ds
+    return engine, scheduler, AutoTokenizer.from_pretrained(env.model_dir)
+
+
+def _resume(engine: Any, ckpt: Path | None) -> dict[str, Any]:
+    """The run state: fresh, or loaded (with DeepSpeed's state) from a checkpoint."""
+    state: dict[str, Any] = {
+        "step": 0,
+        "tokens_seen": 0,
+        "loss_history": [],
+        "eval_history": [],
+        "resumed_from": [],
+    }
+    if ckpt is None:
+        return state
+    saved = json.loads((ckpt / STATE_FILE).read_text())
+    load_path, _ = engine.load_checkpoint(str(ckpt), tag=saved["tag"])
+    if load_path is None:
+        raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt}")
+    state.update(saved)
+    state["resumed_from"] = [*saved["resumed_from"], saved["step"]]
+    return state
+
+
+def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
+    import torch
+    import torch.distributed as dist
+
+    from solar_ray.train.metrics import Throughput, device_peak_flops, flops_per_token, mfu
+
+    cfg: PretrainConfig = env.cfg  # type: ignore[assignment]
+    session = env.session
+    if cfg.streaming:
+        shard = session.dataset_shard("train")
+        if shard is None:
+            raise DataError("streaming: no 'train' Ray Dataset was passed to the trainer")
+        num_train_rows = int(env.extra["num_train_rows"])
+        val_ids, val_pos = _stream_val(env)
+    else:
+        ids, pos, val_ids, val_pos = _load_split(env)
+        num_train_rows = len(ids)
+    total_steps = total_steps_for(cfg, num_train_rows)
+    engine, scheduler, tokenizer = _build_engine(env, total_steps)
+    state = _resume(engine, ckpt)
+
+    consumed = state["step"] * cfg.grad_accum_steps
+    if cfg.streaming:
+        batches = _stream_batches(shard, cfg.micro_batch_size, cfg.seq_len, consumed)
+    else:
+        batches = PackedBatches(
+            ids, pos, rank=env.rank, world_size=env.world_size,
+            micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
+        ).iterate(skip=consumed)  # fmt: skip
+    val_batches = _val_batches(env, val_ids, val_pos)
+
+    params = engine.module.parameters()
+    num_params = sum(int(getattr(p, "ds_numel", p.numel())) for p in params)
+    flops_token = flops_per_token(engine.module.config, num_params, cfg.seq_len)
+    peak = device_peak_flops() if cfg.use_gpu else None
+
+    def log_eval(step: int) -> dict:
+        result = _evaluate(engine, env, val_batches)
+        state["eval_history"].append([step, result["eval_loss"]])
+        if env.metrics:
+            env.metrics.scalars(step, result)
+        return result
+
+    if val_batches and state["step"] == 0:
+        log_eval(0)
+
+    timer = Throughput()
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)
+    started = time.perf_counter()
+    tokens_per_micro = cfg.micro_batch_size * cfg.seq_len
+    engine.train()
+    while state["step"] < total_steps:
+        for _ in range(cfg.grad_accum_steps):
+            ids_np, pos_np = next(batches)
+            input_ids = torch.from_numpy(ids_np).to(env.device)
+            out = engine(
+                input_ids=input_ids,
+                position_ids=torch.from_numpy(pos_np).to(env.device),
+                labels=input_ids,
+            )
+            engine.backward(out.loss)
+            engine.step()
+            loss_sum[0] += out.loss.detach().double()
+            loss_sum[1] += 1.0
+            timer.add(tokens_per_micro)
+        timer.add(0, steps=1)
+        state["step"] += 1
+        step = state["step"]
+        state["tokens_seen"] += tokens_per_micro * cfg.grad_accum_steps * env.world_size
+        last = step == total_steps
+        metrics: dict[str, Any] = {}
+        if step % cfg.log_every == 0 or last:
+            dist.all_reduce(loss_sum)
+            rate, step_time = timer.lap()
+            grad_norm = engine.get_global_grad_norm()
+            metrics = {
+                "step": step,
+                "loss": (loss_sum[0] / loss_sum[1]).item(),
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "tokens_per_s_per_worker": rate,
+                "tokens_per_s": rate * env.world_size,
+                "step_time_s": step_time,
+                "tokens_seen": state["tokens_seen"],
+            }
+            utilisation = mfu(rate, flops_token, peak)
+            if utilisation is not None:
+                metrics["mfu"] = utilisation
+            state["loss_history"].append([step, metrics["loss"]])
+            loss_sum.zero_()
+        if val_batches and cfg.eval_every and step % cfg.eval_every == 0 and not last:
+            metrics.update(log_eval(step))
+        if metrics and env.metrics:
+            env.metrics.scalars(step, metrics)
+        if step % cfg.checkpoint_every == 0 and not last:
+            _save_checkpoint(engine, env, state, metrics or {"step": step})
+        elif metrics:
+            session.report(metrics)
+
+    final: dict[str, Any] = {
+        "steps": state["step"],
+        "tokens_seen": state["tokens_seen"],
+        "final_loss": state["loss_history"][-1][1] if state["loss_history"] else None,
+        "train_runtime_s": time.perf_counter() - started,
+        "resumed_from": state["resumed_from"],
+        "loss_history": state["loss_history"],
+        **timer.summary(),
+    }
+    if val_batches:
+        final.update(log_eval(state["step"]))
+        final["initial_eval_loss"] = state["eval_history"][0][1]
+        final["eval_history"] = state["eval_history"]
+    finish_run(env, engine.module, tokenizer, final)
+
+
+def _stream_val(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out rows when streaming: ``val_data`` shards, or the hashed split of the data."""
+    cfg = env.cfg
+    files = env.val_files if cfg.val_data else env.data_files
+    if not files or (not cfg.val_data and cfg.val_fraction <= 0):
+        empty = np.zeros((0, cfg.seq_len), dtype=np.int64)
+        return empty, empty
+    table = _read_packed(files, cfg.val_data or cfg.data)
+    ids = _to_matrix(table.column("input_ids"), cfg.seq_len)
+    pos = (
+        _to_matrix(table.column("position_ids"), cfg.seq_len)
+        if "position_ids" in table.column_names
+        else _positions_for(ids)
+    )
+    if cfg.val_data:
+        return ids, pos
+    mask = held_out_mask(table.column("input_ids"), cfg.val_fraction)
+    return ids[mask], pos[mask]
+
+
+def _save_checkpoint(engine: Any, env: WorkerEnv, state: dict, metrics: dict) -> None:
+    """DeepSpeed's sharded state (each rank its part) + ``state.json``, reported to Ray."""
+    tag = f"step_{state['step']:08d}"
+    with tempfile.TemporaryDirectory(prefix="solar-ckpt-") as tmp:
+        engine.save_checkpoint(tmp, tag=tag, client_state={"solar_step": state["step"]})
+        if env.is_rank0:
+            (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "tag": tag}) + "\n")
+        if env.metrics:
+            env.metrics.sync()
+        env.session.report(metrics, checkpoint_dir=Path(tmp), name=tag)
+
+
+# --------------------------------------------------------------------------- stage
+
+
+def validate_pretrain(cfg: PretrainConfig) -> StageInputs:
+    """Resolve and check model, tokenizer and data before any worker starts."""
+    inputs = validate_common(cfg, data_kind="pretrain")
+    for mix, field in ((inputs.data, "data"), (inputs.val, "val_data")):
+        if mix is None:
+            continue
+        _check_packed(mix, cfg, field, inputs.vocab_size)
+    return inputs
+
+
+def _check_packed(mix: Any, cfg: PretrainConfig, field: str, vocab_size: int) -> None:
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    fs = mix.filesystem
+    with fs.open_input_file(mix.files[0]) as f:
+        pf = pq.ParquetFile(f)
+        table = pf.read_row_group(0, columns=["input_ids"])
+    lengths = pc.list_value_length(table.column("input_ids"))
+    bad = pc.not_equal(lengths, cfg.seq_len)
+    if pc.any(bad).as_py():
+        seen = pc.min_max(lengths).as_py()
+        raise DataError(
+            f"seq_len: {cfg.seq_len} does not match the packed rows of {field} {mix.path} "
+            f"(rows of {seen['min']}..{seen['max']} tokens); re-pack the data or set seq_len"
+        )
+    top = pc.max(pc.list_flatten(table.column("input_ids"))).as_py()
+    if top is not None and top >= vocab_size:
+        raise DataError(
+            f"{field}: token id {top} in {mix.files[0]} is outside the model's vocabulary "
+            f"({vocab_size}); was the mix tokenized with another tokenizer?"
+        )
+
+
+def run_pretrain(cfg: PretrainConfig) -> TrainResult:
+    """Continued pretraining of ``cfg.model`` on ``cfg.data`` into ``cfg.out``.
+
+    Returns the finished output as is when ``cfg.out`` already holds this run's result.
+    """
+    inputs = validate_pretrain(cfg)
+    datasets = None
+    extra: dict[str, Any] = {}
+    if cfg.streaming:
+        datasets, extra = _streaming_datasets(cfg, inputs)
+    return run_stage(cfg, pretrain_worker, inputs, extra=extra, datasets=datasets)
+
+
+def _streaming_datasets(cfg: PretrainConfig, inputs: StageInputs) -> tuple[dict, dict]:
+    """The Ray Dataset of training rows (held-out rows filtered out) and its row count."""
+    import ray.data
+
+    ds = ray.data.read_parquet(
+        list(inputs.data.files), filesystem=inputs.data.filesystem,
+        columns=["input_ids", "position_ids"],
+    )  # fmt: skip
+    num_rows = inputs.data.num_rows
+    if cfg.val_data is None and cfg.val_fraction > 0:
+        fraction = cfg.val_fraction
+
+        def drop_held_out(batch: Any) -> Any:
+            return batch.filter(~held_out_mask(batch.column("input_ids"), fraction))
+
+        ds = ds.map_batches(drop_held_out, batch_format="pyarrow")
+        if cfg.epochs is not None:  # the schedule needs the exact count of training rows
+            num_rows = ds.count()
+    return {"train": ds}, {"num_train_rows": num_rows}

@@ -1,0 +1,182 @@
+"""Small prepared mixes in the data contract's format, for tests, benchmarks and smoke runs.
+
+``solar-ray data`` makes the real mixes; these writers make tiny ones directly with pyarrow
+(the same layout and columns, see :mod:`solar_ray.train.data`) from a tokenizer and a few
+synthetic or offline texts, so a training stage can be exercised without the data stage.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+__all__ = [
+    "arithmetic_pairs",
+    "offline_prose",
+    "pattern_documents",
+    "write_preference_mix",
+    "write_pretrain_mix",
+    "write_sft_mix",
+]
+
+_WORDS = ["alpha", "beta", "gamma", "delta", "epsilon", "zeta", "eta", "theta", "iota", "kappa"]
+
+
+def pattern_documents(num_docs: int, seed: int = 0) -> list[str]:
+    """Short documents with a learnable structure (counting runs of a few words)."""
+    rng = random.Random(seed)
+    docs = []
+    for _ in range(num_docs):
+        start = rng.randrange(len(_WORDS))
+        n = rng.randint(8, 24)
+        docs.append(" ".join(_WORDS[(start + i) % len(_WORDS)] for i in range(n)) + ".")
+    return docs
+
+
+def offline_prose(max_docs: int | None = None, min_chars: int = 200) -> list[str]:
+    """Real English prose that ships with CPython: the reference-manual topics in pydoc_data."""
+    from pydoc_data.topics import topics
+
+    docs = [t.strip() for _, t in sorted(topics.items()) if len(t.strip()) >= min_chars]
+    return docs[:max_docs] if max_docs else docs
+
+
+def arithmetic_pairs(
+    num: int, seed: int = 0, rejected: str = "wrong_number"
+) -> list[tuple[str, str, str]]:
+    """(question, correct answer, rejected answer) triples of small additions.
+
+    ``rejected="wrong_number"`` gives the same sentence with a wrong sum (like the paper's
+    Synth. Math-Alignment pairs); ``"refusal"`` gives an unhelpful reply, an easy contrast.
+    """
+    rng = random.Random(seed)
+    out = []
+    for _ in range(num):
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        good = f"{a} plus {b} is {a + b}."
+        if rejected == "refusal":
+            bad = "I do not know, sorry."
+        else:
+            bad = f"{a} plus {b} is {a + b + rng.choice([-3, -2, -1, 1, 2, 3])}."
+        out.append((f"What is {a} plus {b}?", good, bad))
+    return out
+
+
+def _write(table: pa.Table, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, path)
+
+
+def _manifest(mix_dir: Path, kind: str, **fields: Any) -> None:
+    (mix_dir / "manifest.json").write_text(
+        json.dumps({"kind": kind, "name": mix_dir.name, **fields}, indent=2) + "\n"
+    )
+
+
+def write_pretrain_mix(
+    mix_dir: str | Path,
+    tokenizer: Any,
+    documents: Iterable[str],
+    seq_len: int,
+    rows_per_shard: int = 1 << 30,
+) -> Path:
+    """Tokenize, add EOS after each document and pack into rows of exactly ``seq_len``.
+
+    ``position_ids`` restart at 0 at each document start; the tail that does not fill a
+    row is dropped.
+    """
+    mix_dir = Path(mix_dir)
+    docs = list(documents)
+    eos = tokenizer.eos_token_id
+    ids: list[int] = []
+    pos: list[int] = []
+    for doc in docs:
+        toks = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
+        ids.extend(toks)
+        pos.extend(range(len(toks)))
+    num_rows = len(ids) // seq_len
+    if num_rows == 0:
+        raise ValueError(f"{len(ids)} tokens do not fill one row of {seq_len}")
+    rows_ids = [ids[i * seq_len : (i + 1) * seq_len] for i in range(num_rows)]
+    rows_pos = [pos[i * seq_len : (i + 1) * seq_len] for i in range(num_rows)]
+    list_type = pa.list_(pa.int32())
+    for shard, start in enumerate(range(0, num_rows, rows_per_shard)):
+        end = min(start + rows_per_shard, num_rows)
+        table = pa.table(
+            {
+                "input_ids": pa.array(rows_ids[start:end], type=list_type),
+                "position_ids": pa.array(rows_pos[start:end], type=list_type),
+            }
+        )
+        _write(table, mix_dir / "packed" / f"part-{shard:05d}.parquet")
+    _write(pa.table({"text": docs}), mix_dir / "data" / "part-00000.parquet")
+    _manifest(
+        mix_dir, "pretrain", seq_len=seq_len, num_rows=num_rows, num_tokens=num_rows * seq_len
+    )
+    return mix_dir
+
+
+def write_sft_mix(mix_dir: str | Path, tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> Path:
+    """Single-turn conversations: ``messages``, and ``tokenized`` ids / assistant masks / labels.
+
+    The assistant mask covers the tokens after the templated prompt (the generation prompt
+    included in the prompt), i.e. the answer and its end-of-turn tokens.
+    """
+    mix_dir = Path(mix_dir)
+    messages, input_ids, masks, labels = [], [], [], []
+    for question, answer in pairs:
+        conv = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        prompt = tokenizer.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
+        full = tokenizer.apply_chat_template(conv, tokenize=False)
+        if not full.startswith(prompt):
+            raise ValueError("the chat template does not render the prompt as a prefix")
+        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
+        a_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
+        ids = p_ids + a_ids
+        mask = [0] * len(p_ids) + [1] * len(a_ids)
+        messages.append(conv)
+        input_ids.append(ids)
+        masks.append(mask)
+        labels.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
+    _write(pa.table({"messages": messages}), mix_dir / "data" / "part-00000.parquet")
+    _write(
+        pa.table(
+            {
+                "input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
+                "assistant_masks": pa.array(masks, type=pa.list_(pa.int8())),
+                "labels": pa.array(labels, type=pa.list_(pa.int32())),
+            }
+        ),
+        mix_dir / "tokenized" / "part-00000.parquet",
+    )
+    _manifest(mix_dir, "sft", num_rows=len(pairs))
+    return mix_dir
+
+
+def write_preference_mix(
+    mix_dir: str | Path, tokenizer: Any, triples: Sequence[tuple[str, str, str]]
+) -> Path:
+    """``prompt`` (chat-templated with the generation prompt), ``chosen``, ``rejected``."""
+    mix_dir = Path(mix_dir)
+    prompts = [
+        tokenizer.apply_chat_template(
+            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
+        )
+        for q, _, _ in triples
+    ]
+    table = pa.table(
+        {
+            "prompt": prompts,
+            "chosen": [c for _, c, _ in triples],
+            "rejected": [r for _, _, r in triples],
+        }
+    )
+    _write(table, mix_dir / "data" / "part-00000.parquet")
+    _manifest(mix_dir, "preference", num_rows=len(triples))
+    return mix_dir

@@ -1,0 +1,184 @@
+"""Pieces every per-worker training loop shares: setup, resume detection, the final report.
+
+A worker loop receives one plain ``config`` dict (``TorchTrainer``'s ``train_loop_config``)
+made by :func:`solar_ray.train.common.worker_config`: the stage config, the resolved model
+and data paths and the run's storage. :func:`setup_worker` turns it back into typed values,
+joins (or, without Ray, creates) the process group and returns a :class:`WorkerEnv`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig
+from solar_ray.train.metrics import MetricsWriter
+from solar_ray.train.session import (
+    FINAL_MARKER,
+    LocalSession,
+    WorkerSession,
+    current_session,
+    init_local_process_group,
+)
+
+__all__ = ["WorkerEnv", "finish_run", "run_worker", "setup_worker"]
+
+log = logging.getLogger(__name__)
+
+CONFIG_CLASSES: dict[str, type[TrainConfig]] = {
+    "pretrain": PretrainConfig,
+    "sft": SFTConfig,
+    "dpo": DPOConfig,
+}
+
+
+@dataclass
+class WorkerEnv:
+    """What a worker loop knows about itself and its run."""
+
+    cfg: TrainConfig
+    session: WorkerSession
+    model_dir: str
+    data_files: list[str]
+    val_files: list[str]
+    storage_path: str
+    run_name: str
+    extra: dict[str, Any] = field(default_factory=dict)
+    metrics: MetricsWriter | None = None
+
+    @property
+    def rank(self) -> int:
+        """This worker's global rank."""
+        return self.session.world_rank
+
+    @property
+    def world_size(self) -> int:
+        """Number of workers."""
+        return self.session.world_size
+
+    @property
+    def is_rank0(self) -> bool:
+        """True on the worker that writes logs and the export."""
+        return self.session.world_rank == 0
+
+    @property
+    def device(self) -> Any:
+        """The torch device this worker trains on."""
+        import torch
+
+        if self.cfg.use_gpu:
+            return torch.device("cuda", self.session.local_rank)
+        return torch.device("cpu")
+
+
+def _quiet_libraries() -> None:
+    for name in ("DeepSpeed", "deepspeed", "torch.distributed", "accelerate", "datasets"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_DATASETS_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TQDM_DISABLE", "1")
+
+
+def setup_worker(config: dict[str, Any]) -> WorkerEnv:
+    """Typed worker state from the trainer's config dict; joins or creates the process group."""
+    cfg_cls = CONFIG_CLASSES[config["stage"]]
+    cfg = cfg_cls.model_validate(config["cfg"])
+    if not cfg.use_gpu:
+        # DeepSpeed picks its accelerator at import: CPU workers on a GPU node stay on CPU
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    _quiet_libraries()
+    session = current_session(Path(config["local_run_dir"]) if cfg.local else None)
+    if isinstance(session, LocalSession):
+        init_local_process_group()
+    import torch
+
+    if cfg.use_gpu:
+        torch.cuda.set_device(session.local_rank)
+    random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)
+    env = WorkerEnv(
+        cfg=cfg,
+        session=session,
+        model_dir=config["model_dir"],
+        data_files=list(config["data_files"]),
+        val_files=list(config.get("val_files") or []),
+        storage_path=config["storage_path"],
+        run_name=config["run_name"],
+        extra=dict(config.get("extra") or {}),
+    )
+    env.metrics = MetricsWriter(
+        env.storage_path, env.run_name, enabled=cfg.tensorboard and env.is_rank0
+    )
+    return env
+
+
+def is_finished(checkpoint_dir: Path | None) -> bool:
+    """True when the checkpoint is a run's final one (its export is done)."""
+    return checkpoint_dir is not None and (checkpoint_dir / FINAL_MARKER).is_file()
+
+
+def finish_run(env: WorkerEnv, model: Any, tokenizer: Any, final_metrics: dict[str, Any]) -> None:
+    """Export the model (collective), then report it with the final metrics as ``final``.
+
+    The final metrics get ``probe`` (:func:`~solar_ray.train.export.probe_model`: what the
+    trained model computes on a fixed text, to check the export against). Rank 0 writes ``export/`` (the HF model) and ``final.json`` into the final checkpoint;
+    the other ranks take part in the gather and report no checkpoint.
+    """
+    from solar_ray.train.export import export_hf_model, probe_model
+
+    cfg = env.cfg
+    final_metrics = {**final_metrics, "probe": probe_model(model, tokenizer, env.device)}
+    with tempfile.TemporaryDirectory(prefix="solar-final-") as tmp:
+        export_dir = Path(tmp) / "export" if env.is_rank0 else None
+        export_hf_model(
+            model,
+            export_dir,
+            tokenizer=tokenizer,
+            dtype=cfg.export_dtype_resolved,
+            max_shard_bytes=cfg.max_shard_size_mb << 20,
+            is_writer=env.is_rank0,
+        )
+        if env.is_rank0:
+            (Path(tmp) / FINAL_MARKER).write_text(
+                json.dumps(final_metrics, indent=2, default=float) + "\n", encoding="utf-8"
+            )
+        if env.metrics is not None:
+            env.metrics.close()
+        reported = {k: v for k, v in final_metrics.items() if not isinstance(v, list | dict)}
+        env.session.report(
+            reported, checkpoint_dir=Path(tmp) if env.is_rank0 else None, name="final"
+        )
+
+
+def run_worker(config: dict[str, Any], body: Callable[[WorkerEnv, Path | None], None]) -> None:
+    """Set up, then ``body(env, checkpoint_to_resume_from)`` unless the run is finished.
+
+    A worker group restored from storage after its final checkpoint (a re-run of a finished
+    job) returns here without loading a model.
+    """
+    env = setup_worker(config)
+    try:
+        with env.session.latest_checkpoint() as ckpt:
+            if is_finished(ckpt):
+                return
+            body(env, ckpt)
+    finally:
+        teardown_worker(env)
+
+
+def teardown_worker(env: WorkerEnv) -> None:
+    """Close logs; without Ray, also destroy the process group this process created."""
+    if env.metrics is not None:
+        env.metrics.close()
+    if isinstance(env.session, LocalSession):
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()

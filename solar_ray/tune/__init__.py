@@ -1,0 +1,87 @@
+"""Ray Tune sweeps over the layer-removal count ``m`` (and method) and the data-mix choices.
+
+``solar-ray sweep RECIPE.yaml [--out DIR] [--set key=value ...] [--scheduler asha|grid]``
+runs every choice of the recipe's search space as a Tune trial that upscales (cached),
+trains on the shared prepared data with a Ray Train ``TorchTrainer`` and reports held-out
+loss to Tune; ASHA stops weak trials early. See ``docs/sweep.md`` and
+:mod:`solar_ray.tune.sweep`.
+
+Python::
+
+    from solar_ray.tune import load_sweep, run_sweep
+
+    result = run_sweep(load_sweep("jobs/sweep-m.yaml", ["search.m=[5,7]"]), "runs/sw")
+    result.best["m"], result.files["best_yaml"]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from solar_ray.config import apply_overrides, load_yaml, validate
+from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials
+
+if TYPE_CHECKING:
+    from solar_ray.tune.sweep import SweepResult
+
+__all__ = ["SweepConfig", "TrialSpec", "cli", "load_sweep", "plan_trials", "run_sweep"]
+
+
+def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepConfig:
+    """Read and validate a sweep recipe, applying ``--set`` overrides first."""
+    data = apply_overrides(load_yaml(path), overrides)
+    return validate(SweepConfig, data, str(path))
+
+
+def run_sweep(cfg: SweepConfig, out: str | Path | None = None, **kwargs: Any) -> SweepResult:
+    """Run (or resume) a sweep; see :func:`solar_ray.tune.sweep.run_sweep`."""
+    from solar_ray.tune.sweep import run_sweep as _run_sweep
+
+    return _run_sweep(cfg, out, **kwargs)
+
+
+def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``solar-ray sweep RECIPE``: add the arguments; return the runner."""
+    from solar_ray.cli import add_config_args
+
+    parser.add_argument("recipe", nargs="?", help="sweep recipe YAML (see jobs/sweep-*.yaml)")
+    add_config_args(parser)
+    parser.add_argument("--out", help="sweep directory (default: the recipe's out, or runs/<name>)")
+    parser.add_argument(
+        "--scheduler",
+        choices=["asha", "grid"],
+        help="override scheduler.kind (grid: no early stop)",
+    )
+    parser.add_argument("--dry-run", action="store_true", help="list the trials, run nothing")
+
+    def run(args: argparse.Namespace) -> int:
+        from solar_ray.config import ConfigError
+
+        path = args.recipe or args.config
+        if not path:
+            raise ConfigError("give a sweep recipe: solar-ray sweep RECIPE.yaml")
+        overrides = list(args.overrides)
+        if args.scheduler:
+            overrides.append(f"scheduler.kind={args.scheduler}")
+        result = run_sweep(load_sweep(path, overrides), args.out, dry_run=args.dry_run)
+        if args.dry_run:
+            return 0
+        print(f"sweep directory: {result.out}")
+        for key in ("results_md", "results_csv", "learning_curves", "metric_vs_choice"):
+            if key in result.files:
+                print(f"  {key}: {result.files[key]}")
+        for row in result.rows:
+            if row["status"] == "error":
+                print(f"trial {row['trial']} failed: {row['error']}", file=sys.stderr)
+        if result.best is None:
+            print("no trial produced a finite metric: no best.yaml", file=sys.stderr)
+            return 1
+        print(f"  best_yaml: {result.files['best_yaml']}  (best: {result.best['label']})")
+        print(f"  best checkpoint: {result.best['checkpoint']}")
+        return 0
+
+    return run

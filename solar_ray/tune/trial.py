@@ -1,0 +1,404 @@
+"""One sweep trial: a Ray Tune driver function that upscales, trains and reports.
+
+Ray Train V2 runs under Tune as a *driver function*: :func:`run_trial` is the Tune trainable.
+It takes its upscale from the cache (one upscale per (source, method, m), shared by every
+trial and every sweep that uses the cache), builds the trial's training config from the
+sweep's shared one, and launches a ``TorchTrainer`` running the training stage's own
+per-worker loop (:func:`solar_ray.train.pretrain.pretrain_worker`). The trainer's
+:class:`SweepReportCallback` forwards every held-out report of rank 0 to Tune while the
+workers train, so ASHA can stop a weak trial at a rung; when training ends the driver
+reports the final metrics (read from the run's final checkpoint) with the checkpoint path.
+
+Each trial's Ray Train run is named after the experiment and the trial, in
+``OUT/ray_train``: a trial that is restarted (a resumed sweep, a retried failure) continues
+from its latest training checkpoint instead of starting over.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+import uuid
+from collections.abc import Callable, Mapping
+from functools import partial
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from solar_ray.checkpoint import OutputExistsError, read_manifest, write_json_atomic
+from solar_ray.config import ConfigError, StageConfig, validate
+from solar_ray.tune.config import TrialSpec
+
+__all__ = [
+    "cached_upscale",
+    "forwarded_metrics",
+    "model_stats",
+    "run_trial",
+    "trial_path",
+    "traced_worker",
+    "train_config_for",
+    "train_stage",
+    "trial_metrics",
+    "worker_resources",
+]
+
+log = logging.getLogger(__name__)
+
+#: where each trial keeps its own small files under the sweep directory
+TRIALS_DIR = "trials"
+
+
+# --------------------------------------------------------------------------- upscale cache
+
+
+def _source_key(model_dir: Path) -> str:
+    """A cheap identity of a model directory: config.json's bytes and the weights' sizes."""
+    h = hashlib.sha256((model_dir / "config.json").read_bytes())
+    for p in sorted(model_dir.glob("*.safetensors")):
+        st = p.stat()
+        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:10]
+
+
+def cached_upscale(base_dir: str | Path, args: Mapping[str, Any], cache_dir: str | Path) -> Path:
+    """The upscale of ``base_dir`` with ``args`` (method and its parameter), made once.
+
+    The cache key is (source, method, parameter): ``cache_dir/<method>-<param><value>-<source
+    hash>``. A finished entry has its ``solar.json``; two trials making the same entry at
+    once both succeed (the writer is atomic and the second rename replaces the first).
+    """
+    from solar_ray.upscale import UpscaleConfig, run_upscale
+
+    base_dir = Path(base_dir)
+    method = args["method"]
+    params = "".join(f"-{k.replace('_', '')}{v}" for k, v in sorted(args.items()) if k != "method")
+    out = Path(cache_dir) / f"{method}{params}-{_source_key(base_dir)}"
+    if read_manifest(out) is not None:
+        return out
+    cfg = UpscaleConfig(source=str(base_dir), out=str(out), overwrite=True, **dict(args))
+    try:
+        run_upscale(cfg)
+    except OutputExistsError:
+        if read_manifest(out) is None:
+            raise
+    return out
+
+
+def model_stats(model_dir: str | Path, seq_len: int) -> dict[str, Any]:
+    """Layers, parameters and estimated training FLOPs per token of a model directory.
+
+    Parameters are counted from the safetensors headers (nothing is loaded); FLOPs per token
+    follow :func:`solar_ray.train.metrics.flops_per_token` (``6N`` + attention).
+    """
+    from solar_ray.models import read_config
+    from solar_ray.train.metrics import flops_per_token
+    from solar_ray.upscale import read_model_tensors
+
+    config = read_config(model_dir)
+    text = config.get("text_config") or config
+    num_params = 0
+    for ref in read_model_tensors(Path(model_dir)).values():
+        numel = 1
+        for d in ref.shape:
+            numel *= d
+        num_params += numel
+    ns = SimpleNamespace(
+        **{
+            k: text.get(k)
+            for k in (
+                "hidden_size",
+                "num_hidden_layers",
+                "num_attention_heads",
+                "vocab_size",
+                "head_dim",
+            )
+        }
+    )
+    return {
+        "num_layers": int(text["num_hidden_layers"]),
+        "num_params": num_params,
+        "flops_per_token": flops_per_token(ns, num_params, seq_len),
+    }
+
+
+# --------------------------------------------------------------------------- train config
+
+
+def _validate_pretrain(cfg: Any) -> tuple[Any, dict[str, Any]]:
+    from solar_ray.train.pretrain import validate_pretrain
+
+    return validate_pretrain(cfg), {}
+
+
+def _validate_sft(cfg: Any) -> tuple[Any, dict[str, Any]]:
+    from solar_ray.train.sft import validate_sft
+
+    inputs, part = validate_sft(cfg)
+    return inputs, {"part": part}
+
+
+def train_stage(
+    kind: str,
+) -> tuple[type[StageConfig], Callable[[dict], None], Callable[[Any], tuple[Any, dict[str, Any]]]]:
+    """(config class, per-worker loop, input check) of a training kind.
+
+    The input check returns the stage's validated inputs and the ``extra`` its workers
+    need (as the stage's own ``run_<kind>`` passes them).
+    """
+    if kind == "pretrain":
+        from solar_ray.train.config import PretrainConfig
+        from solar_ray.train.pretrain import pretrain_worker
+
+        return PretrainConfig, pretrain_worker, _validate_pretrain
+    if kind == "sft":
+        try:
+            from solar_ray.train.config import SFTConfig
+            from solar_ray.train.sft import sft_worker
+        except ImportError as e:
+            raise ConfigError(f"train.kind: the sft stage is not available ({e})") from None
+        return SFTConfig, sft_worker, _validate_sft
+    raise ConfigError(f"train.kind: expected pretrain or sft, got {kind!r}")
+
+
+def train_config_for(ctx: Mapping[str, Any], spec: TrialSpec, model_dir: str | Path) -> StageConfig:
+    """The validated training config of one trial: shared fields, its data and overrides."""
+    cls, _, _ = train_stage(ctx["train_kind"])
+    data = {**ctx["train"], **spec.train}
+    if spec.data:
+        data["data"] = spec.data
+    if spec.val_data:
+        data["val_data"] = spec.val_data
+        data.pop("val_fraction", None)
+    data.update(
+        model=str(model_dir),
+        out=str(trial_path(ctx, spec.name) / "model"),
+        storage_path=ctx["storage_path"],
+        name=f"{ctx['experiment']}-{spec.name}",
+        overwrite=True,
+    )
+    return validate(cls, data, "sweep recipe", prefix="train")
+
+
+def worker_resources(cfg: Any) -> dict[str, float]:
+    """Ray resources of one training worker (as the training stage requests them)."""
+    resources = dict(cfg.resources_per_worker or {"CPU": cfg.cpus_per_worker})
+    if cfg.use_gpu and cfg.resources_per_worker is None:
+        resources["GPU"] = 1
+    return resources
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def trial_metrics(
+    raw: Mapping[str, Any], metric: str, mode: str, stats: Mapping[str, Any], tokens_per_step: int
+) -> dict[str, Any]:
+    """What a trial reports to Tune for one held-out report of its training run.
+
+    A non-finite metric (a diverged run) becomes the worst value (``inf`` when minimising),
+    so ASHA stops the trial instead of comparing NaN, which it cannot.
+    """
+    step = int(raw["step"])
+    value = float(raw[metric])
+    diverged = not math.isfinite(value)
+    if diverged:
+        value = math.inf if mode == "min" else -math.inf
+    tokens = int(raw.get("tokens_seen") or step * tokens_per_step)
+    out = {
+        "step": step,
+        metric: value,
+        "diverged": diverged,
+        "tokens_seen": tokens,
+        "flops": float(stats["flops_per_token"]) * tokens,
+        "num_layers": stats["num_layers"],
+        "num_params": stats["num_params"],
+        "final": False,
+    }
+    for key in ("eval_loss", "eval_ppl", "loss"):
+        if key in raw and key != metric:
+            out[key] = float(raw[key])
+    return out
+
+
+def forwarded_metrics(
+    raw: Mapping[str, Any],
+    metric: str,
+    mode: str,
+    stats: Mapping[str, Any],
+    tokens_per_step: int,
+    last_step: int | None = None,
+) -> dict[str, Any] | None:
+    """A worker report as a Tune result, or None when it is not forwarded.
+
+    Reports without a held-out metric are dropped (Tune requires the metric in every
+    result), and so are reports at the run's last step: the driver reports the final
+    result with its checkpoint, and ASHA stops a trial at ``max_t`` on the first report
+    there, which must not be one the driver has yet to follow.
+    """
+    if "step" not in raw or metric not in raw:
+        return None
+    if last_step is not None and int(raw["step"]) >= last_step:
+        return None
+    return trial_metrics(raw, metric, mode, stats, tokens_per_step)
+
+
+def traced_worker(
+    config: dict[str, Any],
+    *,
+    worker_fn: Callable[[dict], None],
+    experiment: str,
+    trial: str,
+    attempt: str,
+) -> None:
+    """The training stage's per-worker loop, after rank 0 registered its placement group.
+
+    The sweep frees the group itself when the trial is stopped early (see
+    :mod:`solar_ray.tune.hooks`); a run outside a sweep (no registry) just trains.
+    """
+    import ray
+    import ray.train
+
+    from solar_ray.tune.hooks import get_registry
+
+    if ray.train.get_context().get_world_rank() == 0:
+        pg = ray.util.get_current_placement_group()
+        registry = get_registry(experiment)
+        if pg is not None and registry is not None:
+            ray.get(registry.add.remote(trial, attempt, pg))
+    worker_fn(config)
+
+
+def _checkpoint_uri(storage_path: str, path: str) -> str:
+    from solar_ray.train.config import is_uri
+
+    if is_uri(storage_path):
+        return f"{storage_path.split('://')[0]}://{path}"
+    return path
+
+
+# --------------------------------------------------------------------------- the trainable
+
+
+def trial_path(ctx: Mapping[str, Any], name: str) -> Path:
+    """``OUT/trials/<experiment>/<trial>``: the trial's own files (attempts, result)."""
+    return Path(ctx["out"]) / TRIALS_DIR / ctx["experiment"] / name
+
+
+def _log_attempt(trial_dir: Path, event: str) -> None:
+    """Append one line to ``attempts.jsonl``: ``train`` when training is launched."""
+    with open(trial_dir / "attempts.jsonl", "a", encoding="utf-8") as f:
+        f.write(json.dumps({"event": event, "time": time.time(), "pid": os.getpid()}) + "\n")
+
+
+def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
+    """The Tune trainable: upscale (cached), train with a TorchTrainer, report to Tune.
+
+    ``config["trial"]`` is the trial's name; ``ctx`` the sweep's resolved settings with
+    every trial's :class:`TrialSpec` (see :func:`solar_ray.tune.sweep.run_sweep`).
+    """
+    import ray.tune
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from solar_ray.train.common import worker_config
+    from solar_ray.train.session import FINAL_MARKER
+    from solar_ray.tune.hooks import SweepReportCallback
+
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    spec = TrialSpec.model_validate(ctx["trials"][config["trial"]])
+    trial_dir = trial_path(ctx, spec.name)
+    trial_dir.mkdir(parents=True, exist_ok=True)
+    done = trial_dir / "result.json"
+    if done.is_file():
+        # finished before the sweep was interrupted (and before Tune saved that): report it
+        _log_attempt(trial_dir, "finished-before")
+        ray.tune.report(json.loads(done.read_text(encoding="utf-8")))
+        return
+    _log_attempt(trial_dir, "train")
+
+    upscale = spec.upscale_args()
+    model_dir = (
+        cached_upscale(ctx["base_dir"], upscale, ctx["upscale_cache"])
+        if upscale
+        else Path(ctx["base_dir"])
+    )
+    cfg = train_config_for(ctx, spec, model_dir)
+    _, worker_fn, validate_inputs = train_stage(ctx["train_kind"])
+    inputs, extra = validate_inputs(cfg)
+    stats = model_stats(model_dir, cfg.seq_len)
+    tokens_per_step = cfg.effective_global_batch_size * cfg.seq_len
+    metric, mode = ctx["metric"], ctx["mode"]
+    write_json_atomic(
+        trial_dir / "trial.json",
+        {
+            "trial": spec.to_dict(),
+            "model": str(model_dir),
+            "run_name": cfg.run_name,
+            "storage_path": cfg.resolved_storage_path,
+            **stats,
+        },
+    )
+
+    trainer = TorchTrainer(
+        partial(
+            traced_worker,
+            worker_fn=worker_fn,
+            experiment=ctx["experiment"],
+            trial=spec.name,
+            attempt=uuid.uuid4().hex,
+        ),
+        train_loop_config=worker_config(cfg, inputs, extra),
+        scaling_config=ScalingConfig(
+            num_workers=cfg.num_workers,
+            use_gpu=cfg.use_gpu,
+            resources_per_worker=worker_resources(cfg),
+        ),
+        run_config=RunConfig(
+            name=cfg.run_name,
+            storage_path=cfg.resolved_storage_path,
+            callbacks=[
+                SweepReportCallback(
+                    partial(
+                        forwarded_metrics,
+                        metric=metric,
+                        mode=mode,
+                        stats=stats,
+                        tokens_per_step=tokens_per_step,
+                        last_step=cfg.steps,
+                    )
+                )
+            ],
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
+        ),
+    )
+    result = trainer.fit()
+    if result.checkpoint is None:
+        raise RuntimeError(f"trial {spec.name}: the training run ended without a checkpoint")
+    with result.checkpoint.as_directory() as d:
+        final = json.loads((Path(d) / FINAL_MARKER).read_text(encoding="utf-8"))
+    if metric not in final:
+        raise ConfigError(
+            f"scheduler.metric: the {ctx['train_kind']} stage did not report {metric!r} "
+            f"(it reported {sorted(k for k in final if not isinstance(final[k], list | dict))})"
+        )
+    report = trial_metrics(
+        {**final, "step": final["steps"], "loss": final.get("final_loss") or math.nan},
+        metric,
+        mode,
+        stats,
+        tokens_per_step,
+    )
+    checkpoint = _checkpoint_uri(cfg.resolved_storage_path, result.checkpoint.path)
+    report.update(
+        final=True,
+        checkpoint_path=checkpoint,
+        model_path=f"{checkpoint.rstrip('/')}/export",
+        train_runtime_s=float(final.get("train_runtime_s") or 0.0),
+    )
+    write_json_atomic(done, report)
+    ray.tune.report(report)

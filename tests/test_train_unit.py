@@ -1,0 +1,320 @@
+"""Training stages without Ray: configs, DeepSpeed config, validation, data order, export.
+
+Everything here runs in-process in seconds; the distributed runs are in
+``test_train_ray.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from solar_ray.config import ConfigError, load_config
+from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
+from solar_ray.train.data import DataError, held_out_mask
+from solar_ray.train.ds_config import build_deepspeed_config
+from solar_ray.train.testing import (
+    arithmetic_pairs,
+    pattern_documents,
+    write_preference_mix,
+    write_pretrain_mix,
+    write_sft_mix,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _base(tmp_path: Path, **kw) -> dict:
+    return {"model": "m", "data": "d", "out": str(tmp_path / "out"), "steps": 10, **kw}
+
+
+# --------------------------------------------------------------------------- configs
+
+
+def test_config_requires_exactly_one_of_steps_and_epochs(tmp_path):
+    with pytest.raises(ConfigError, match="steps / epochs"):
+        load_config(PretrainConfig, data=_base(tmp_path, steps=None))
+    with pytest.raises(ConfigError, match="steps / epochs"):
+        load_config(PretrainConfig, data=_base(tmp_path, epochs=1))
+
+
+def test_config_batch_not_divisible_names_the_field(tmp_path):
+    with pytest.raises(ConfigError, match=r"global_batch_size: 10 is not divisible .* 4 x 2 = 8"):
+        load_config(
+            PretrainConfig,
+            data=_base(tmp_path, micro_batch_size=4, num_workers=2, global_batch_size=10),
+        )
+    cfg = load_config(
+        PretrainConfig, data=_base(tmp_path, micro_batch_size=2, num_workers=2),
+        overrides=["global_batch_size=16"],
+    )  # fmt: skip
+    assert cfg.grad_accum_steps == 4 and cfg.effective_global_batch_size == 16
+
+
+def test_config_rejects_bad_combinations(tmp_path):
+    with pytest.raises(ConfigError, match="offload_params"):
+        load_config(PretrainConfig, data=_base(tmp_path, offload_params=True, zero_stage=2))
+    with pytest.raises(ConfigError, match="precision: bf16 needs use_gpu"):
+        load_config(SFTConfig, data=_base(tmp_path, precision="bf16"))
+    with pytest.raises(ConfigError, match="zero_stage"):
+        load_config(DPOConfig, data=_base(tmp_path, zero_stage=4))
+    with pytest.raises(ConfigError, match="unknown field"):
+        load_config(DPOConfig, data=_base(tmp_path, betta=0.1))
+
+
+def test_config_defaults_and_fingerprint(tmp_path):
+    cfg = load_config(PretrainConfig, data=_base(tmp_path))
+    assert cfg.run_name == "out"
+    assert cfg.resolved_storage_path == str(tmp_path / "ray_train")
+    assert cfg.precision_resolved == "fp32" and cfg.export_dtype_resolved == "float32"
+    gpu = load_config(PretrainConfig, data=_base(tmp_path, use_gpu=True))
+    assert gpu.export_dtype_resolved == "bfloat16"
+    # operational fields do not change what a run computes; the learning rate does
+    same = load_config(PretrainConfig, data=_base(tmp_path, max_failures=9, log_every=3))
+    other = load_config(PretrainConfig, data=_base(tmp_path, lr=1e-3))
+    assert cfg.result_fingerprint() == same.result_fingerprint() != other.result_fingerprint()
+
+
+# --------------------------------------------------------------------------- deepspeed
+
+
+def test_deepspeed_config_from_stage_config(tmp_path):
+    cfg = load_config(
+        PretrainConfig,
+        data=_base(tmp_path, zero_stage=3, offload_optimizer=True, offload_params=True,
+                   micro_batch_size=2, global_batch_size=8, max_grad_norm=0.5),
+    )  # fmt: skip
+    ds = build_deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu"
+    assert ds["train_micro_batch_size_per_gpu"] == 2
+    assert ds["gradient_accumulation_steps"] == 2
+    assert ds["gradient_clipping"] == 0.5
+    assert ds["bf16"]["enabled"] is False and ds["fp16"]["enabled"] is False
+    hf = build_deepspeed_config(cfg, for_hf_trainer=True)
+    # HF's Trainer refuses values that disagree with its arguments: let it fill them
+    for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "gradient_clipping"):
+        assert hf[key] == "auto"
+    assert hf["bf16"]["enabled"] == "auto"
+
+
+def test_deepspeed_user_config_is_merged_over_the_built_one(tmp_path):
+    user = tmp_path / "ds.json"
+    user.write_text(json.dumps({"zero_optimization": {"stage": 1, "reduce_bucket_size": 7}}))
+    cfg = load_config(PretrainConfig, data=_base(tmp_path, zero_stage=3, deepspeed=str(user)))
+    ds = build_deepspeed_config(cfg)
+    assert ds["zero_optimization"]["stage"] == 1
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 7
+    assert ds["zero_optimization"]["contiguous_gradients"] is True  # kept from the built one
+    bad = load_config(PretrainConfig, data=_base(tmp_path, deepspeed=str(tmp_path / "nope.json")))
+    with pytest.raises(ConfigError, match="deepspeed: DeepSpeed config file not found"):
+        build_deepspeed_config(bad)
+
+
+# --------------------------------------------------------------------------- validation
+
+
+@pytest.fixture(scope="module")
+def mixes(tmp_path_factory, smollm2_tokenizer):
+    root = tmp_path_factory.mktemp("mixes")
+    tok = smollm2_tokenizer
+    return {
+        "pretrain": write_pretrain_mix(root / "pre", tok, pattern_documents(60), seq_len=32),
+        "sft": write_sft_mix(root / "sft", tok, [(q, a) for q, a, _ in arithmetic_pairs(8)]),
+        "preference": write_preference_mix(root / "pref", tok, arithmetic_pairs(8)),
+    }
+
+
+def _pretrain_cfg(tmp_path, model, data, **kw) -> PretrainConfig:
+    return load_config(
+        PretrainConfig,
+        data={"model": str(model), "data": str(data), "out": str(tmp_path / "o"),
+              "steps": 2, "seq_len": 32, **kw},
+    )  # fmt: skip
+
+
+def test_validation_fails_before_any_worker_with_the_field_named(
+    tmp_path, tiny_llama_dir, mixes, smollm2_tokenizer
+):
+    import ray
+
+    from solar_ray.train.dpo import validate_dpo
+    from solar_ray.train.pretrain import validate_pretrain
+    from solar_ray.train.sft import validate_sft
+
+    cases = [
+        (dict(model=tmp_path / "missing"), r"^model: "),
+        (dict(data=tmp_path / "missing"), r"^data: prepared mix not found"),
+        (dict(data=mixes["sft"]), r"^data: .* is a 'sft' mix; this stage needs a 'pretrain' mix"),
+        (dict(seq_len=48), r"^seq_len: 48 does not match the packed rows"),
+        (dict(seq_len=1024), r"^seq_len: 1024 exceeds the model's max_position_embeddings"),
+    ]
+    for overrides, pattern in cases:
+        kw = {"model": tiny_llama_dir, "data": mixes["pretrain"], **overrides}
+        cfg = _pretrain_cfg(tmp_path, kw.pop("model"), kw.pop("data"), **kw)
+        with pytest.raises((ConfigError, DataError), match=pattern):
+            validate_pretrain(cfg)
+
+    # a tokenizer with more tokens than the model's embedding rows
+    small = tmp_path / "small_vocab"
+    small.mkdir()
+    config = json.loads((tiny_llama_dir / "config.json").read_text())
+    config["vocab_size"] = 1000
+    for f in tiny_llama_dir.iterdir():
+        (small / f.name).write_bytes(f.read_bytes())
+    (small / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ConfigError, match=r"^model: the tokenizer has 49152 tokens .* is 1000"):
+        validate_pretrain(_pretrain_cfg(tmp_path, small, mixes["pretrain"]))
+
+    # no tokenizer files next to the weights
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.suffix == ".safetensors" or f.name == "config.json":
+            (bare / f.name).write_bytes(f.read_bytes())
+    with pytest.raises(ConfigError, match=r"^model: .* has no tokenizer files"):
+        validate_pretrain(_pretrain_cfg(tmp_path, bare, mixes["pretrain"]))
+
+    sft = load_config(SFTConfig, data={"model": str(tiny_llama_dir), "data": str(mixes["preference"]),
+                                       "out": str(tmp_path / "s"), "steps": 1, "seq_len": 64})  # fmt: skip
+    with pytest.raises(DataError, match="'preference' mix; this stage needs a 'sft' mix"):
+        validate_sft(sft)
+    dpo = load_config(DPOConfig, data={"model": str(tiny_llama_dir), "data": str(mixes["preference"]),
+                                       "out": str(tmp_path / "d"), "steps": 1, "seq_len": 64,
+                                       "ref_model": str(small)})  # fmt: skip
+    with pytest.raises(ConfigError, match=r"^ref_model: the tokenizer has"):
+        validate_dpo(dpo)
+    assert not ray.is_initialized()  # nothing above started Ray
+
+
+# --------------------------------------------------------------------------- data order
+
+
+def test_packed_batches_same_rows_for_any_world_size_and_resume():
+    from solar_ray.train.pretrain import PackedBatches
+
+    ids = np.arange(40 * 4).reshape(40, 4)
+    pos = np.zeros_like(ids)
+
+    def take(world, micro, n, skip=0):
+        its = [
+            PackedBatches(ids, pos, rank=r, world_size=world, micro_batch_size=micro, seed=3)
+            .iterate(skip=skip)
+            for r in range(world)
+        ]  # fmt: skip
+        steps = []
+        for _ in range(n):
+            rows = np.concatenate([next(it)[0][:, 0] for it in its])
+            steps.append(sorted(rows.tolist()))
+        return steps
+
+    one = take(1, 4, 25)  # 25 steps of 4 rows cross an epoch boundary (10 steps per epoch)
+    assert take(2, 2, 25) == one  # 2 workers x 2 rows: the same rows in every step
+    assert take(4, 1, 25) == one
+    assert take(2, 2, 13, skip=12) == one[12:]  # resuming after 12 steps continues the order
+    assert sorted(r for s in one[:10] for r in s) == list(range(0, 160, 4))  # an epoch: all rows
+
+
+def test_held_out_mask_is_content_based_and_deterministic():
+    rows = [[i, i + 1, i + 2] for i in range(2000)]
+    a = held_out_mask(pa.array(rows, type=pa.list_(pa.int32())), 0.1)
+    b = held_out_mask(pa.chunked_array([pa.array(rows[:700], type=pa.list_(pa.int64())),
+                                        pa.array(rows[700:], type=pa.list_(pa.int64()))]), 0.1)  # fmt: skip
+    assert (a == b).all()  # independent of chunking and integer width
+    assert 0.07 < a.mean() < 0.13
+    assert not held_out_mask(pa.array(rows, type=pa.list_(pa.int32())), 0.0).any()
+
+
+# --------------------------------------------------------------------------- export
+
+
+def test_export_round_trip_sharded_tied_and_probe(tmp_path, tiny_llama_dir, smollm2_tokenizer):
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from solar_ray.train.export import export_hf_model, probe_model
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, dtype=torch.float32)
+    with torch.no_grad():  # make it differ from the saved weights
+        for p in model.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    out = tmp_path / "export"
+    export_hf_model(model, out, tokenizer=smollm2_tokenizer, dtype="float32",
+                    max_shard_bytes=1 << 20)  # fmt: skip
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    assert len(shards) > 1 and "lm_head.weight" not in index["weight_map"]  # tied: written once
+    names = set()
+    for shard in shards:
+        with safe_open(out / shard, "pt") as f:
+            names.update(f.keys())
+    assert names == set(index["weight_map"])
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert loaded.dtype == torch.float32
+    assert probe_model(loaded, smollm2_tokenizer) == probe_model(model, smollm2_tokenizer)
+
+    bf16 = tmp_path / "bf16"
+    export_hf_model(model, bf16, tokenizer=smollm2_tokenizer, dtype="bfloat16")
+    reloaded = AutoModelForCausalLM.from_pretrained(bf16)
+    assert json.loads((bf16 / "config.json").read_text())["dtype"] == "bfloat16"
+    w = reloaded.state_dict()["model.layers.0.mlp.down_proj.weight"]
+    assert w.dtype == torch.bfloat16
+    assert torch.equal(w, model.state_dict()["model.layers.0.mlp.down_proj.weight"].bfloat16())
+
+
+# --------------------------------------------------------------------------- cli, recipes
+
+
+def test_cli_reports_a_bad_config_on_one_line(tmp_path, capsys):
+    from solar_ray.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model: m\ndata: d\nout: o\nsteps: 5\nmicro_batch_size: 3\nnum_workers: 2\n"
+                      "global_batch_size: 8\n")  # fmt: skip
+    assert main(["pretrain", "--config", str(recipe)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "global_batch_size: 8 is not divisible" in err[0]
+
+
+def test_train_recipes_in_jobs_validate():
+    recipes = sorted((REPO / "jobs").glob("pretrain-*.yaml"))
+    recipes += sorted((REPO / "jobs").glob("sft-*.yaml")) + sorted((REPO / "jobs").glob("dpo-*.yaml"))
+    assert recipes, "no training recipes in jobs/"
+    classes = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
+    for path in recipes:
+        cfg = load_config(classes[path.name.split("-")[0]], path)
+        assert cfg.steps or cfg.epochs
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def test_mfu_estimate_and_throughput_summary():
+    from types import SimpleNamespace
+
+    from solar_ray.train.metrics import Throughput, device_peak_flops, flops_per_token, mfu
+
+    config = SimpleNamespace(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
+                             vocab_size=32000, head_dim=None)  # fmt: skip
+    params = 7_000_000_000
+    per_token = flops_per_token(config, params, seq_len=4096)
+    # 6 x non-embedding params + 12 L H Q T (PaLM appendix B)
+    assert per_token == 6 * (params - 32000 * 4096) + 12 * 32 * 32 * 128 * 4096
+    assert mfu(3000.0, per_token, 989e12) == pytest.approx(3000 * per_token / 989e12)
+    assert mfu(3000.0, per_token, None) is None
+    import torch
+
+    if not torch.cuda.is_available():
+        assert device_peak_flops() is None  # MFU is not reported on CPU
+
+    timer = Throughput()
+    for seconds, tokens, steps in [(5.0, 100, 1), (1.0, 100, 2), (2.0, 100, 2), (1.0, 100, 2)]:
+        timer.intervals.append((seconds, tokens, steps))
+    summary = timer.summary()  # the first (warm-up) interval is left out
+    assert summary == {"tokens_per_s_per_worker": 100.0, "step_time_s": 0.5}

@@ -1,0 +1,465 @@
+"""Ray Tune sweeps: planning and config errors (no Ray), then real sweeps on a tiny model.
+
+The integration tests run real ``Tuner``s whose trials upscale a 4-layer Llama, train it
+with a ``TorchTrainer`` (one gloo worker, DeepSpeed on CPU) on a small packed mix and
+report held-out loss: a 3-value grid, ASHA against a planted bad trial, and a sweep driver
+killed mid-way and rerun.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from solar_ray.config import ConfigError
+from solar_ray.tune import load_sweep, plan_trials
+from solar_ray.tune.config import SweepConfig
+from solar_ray.tune.report import select_best, value_at
+from solar_ray.tune.sweep import experiment_name, fit_concurrency
+
+REPO = Path(__file__).resolve().parents[1]
+JOBS = sorted((REPO / "jobs").glob("sweep-*.yaml"))
+
+
+def sweep_dict(**over) -> dict:
+    base = {
+        "name": "t",
+        "base": "some/model",
+        "search": {"m": [1, 2, 3]},
+        "train": {
+            "kind": "pretrain",
+            "data": "/d",
+            "val_data": "/v",
+            "steps": 8,
+            "eval_every": 2,
+            "log_every": 2,
+        },
+        "scheduler": {"grace_period_steps": 2},
+    }
+    for key, value in over.items():
+        base[key] = value
+    return base
+
+
+# --------------------------------------------------------------------------- no Ray
+
+
+def test_plan_names_are_deterministic_and_cover_the_space():
+    cfg = SweepConfig.model_validate(
+        sweep_dict(
+            search={
+                "method": ["solar", "llama-pro"],
+                "m": {"start": 4, "stop": 8, "step": 2},
+                "expand_every": [2, 4],
+                "trials": [{"name": "bad", "m": 1, "train": {"lr": 1.0}}],
+            }
+        )
+    )
+    names = [t.name for t in plan_trials(cfg)]
+    assert names == [
+        "solar-m04",
+        "solar-m06",
+        "solar-m08",
+        "llama-pro-k2",
+        "llama-pro-k4",
+        "bad",
+        "base",
+    ]
+    assert names == [t.name for t in plan_trials(cfg)]
+    base = plan_trials(cfg)[-1]
+    assert base.reference and base.upscale_args() is None
+    assert plan_trials(cfg)[0].upscale_args() == {"method": "solar", "m": 4}
+    assert plan_trials(cfg)[5].train == {"lr": 1.0}
+
+
+def test_shuffled_order_is_seeded_and_keeps_names():
+    given = SweepConfig.model_validate(sweep_dict(search={"m": [1, 2, 3, 4, 5, 6]}))
+    names = [t.name for t in plan_trials(given)]
+
+    def order(seed: int) -> list[str]:
+        space = {"m": [1, 2, 3, 4, 5, 6], "order": "shuffle", "seed": seed}
+        return [t.name for t in plan_trials(SweepConfig.model_validate(sweep_dict(search=space)))]
+
+    assert order(0) == order(0) != names and sorted(order(0)) == sorted(names)
+    assert order(0)[-1] == "base" and order(0) != order(1)
+
+
+def test_mix_search_plans_one_trial_per_mix_without_baseline():
+    cfg = SweepConfig.model_validate(
+        sweep_dict(
+            search={
+                "method": "none",
+                "mixes": [{"name": f"v{i}", "data": f"@data/sft_v{i}"} for i in range(1, 5)],
+            },
+            train={"kind": "sft", "val_data": "@data/sft_heldout", "steps": 8, "eval_every": 2},
+        )
+    )
+    trials = plan_trials(cfg)
+    assert [t.name for t in trials] == ["mix-v1", "mix-v2", "mix-v3", "mix-v4"]
+    assert trials[2].data == "@data/sft_v3" and trials[2].upscale_args() is None
+
+
+def test_inline_mix_choices_are_built_by_the_data_stage():
+    data = {"kind": "data", "mixes": [{"name": "held", "kind": "sft", "sources": [{"path": "h"}]}]}
+    mix = {"kind": "sft", "sources": [{"path": "a.json", "format": "alpaca", "max_samples": 9}]}
+    cfg = SweepConfig.model_validate(
+        sweep_dict(
+            stages={"data": data},
+            search={
+                "method": "none",
+                "mixes": [{"name": "a", "mix": mix}, {"name": "b", "data": "/prepared/b"}],
+            },
+            train={"kind": "sft", "val_data": "@data/held", "steps": 8, "eval_every": 2},
+        )
+    )
+    assert [(t.name, t.data) for t in plan_trials(cfg)] == [
+        ("mix-a", "@data/a"),
+        ("mix-b", "/prepared/b"),
+    ]
+    built = cfg.effective_stages()["data"]["mixes"]
+    assert [m["name"] for m in built] == ["held", "a"] and built[1]["sources"] == mix["sources"]
+    assert cfg.stages["data"]["mixes"] == data["mixes"]  # the recipe itself is not changed
+    assert [m["name"] for m in cfg.effective_stages(only={"b"})["data"]["mixes"]] == ["held"]
+    with pytest.raises(ValueError, match="mix_stage"):
+        SweepConfig.model_validate(
+            sweep_dict(search={"method": "none", "mixes": [{"name": "a", "mix": mix}]})
+        )
+    with pytest.raises(ValueError, match="also a mix"):
+        SweepConfig.model_validate(
+            sweep_dict(
+                stages={"data": data},
+                search={"mixes": [{"name": "held", "mix": mix}]},
+                train={"kind": "sft", "val_data": "/v", "steps": 8, "eval_every": 2},
+            )
+        )
+    with pytest.raises(ValueError, match="exactly one of"):
+        SweepConfig.model_validate(sweep_dict(search={"mixes": [{"name": "a"}]}))
+
+
+@pytest.mark.parametrize(
+    ("over", "expect"),
+    [
+        (
+            {"train": {"kind": "pretrain", "data": "/d", "val_data": "/v", "steps": 8}},
+            r"train\.eval_every",
+        ),
+        (
+            {
+                "train": {
+                    "kind": "pretrain",
+                    "data": "/d",
+                    "steps": 8,
+                    "eval_every": 2,
+                    "log_every": 2,
+                }
+            },
+            r"train\.val_data",
+        ),
+        (
+            {"train": {"kind": "pretrain", "model": "x", "data": "/d", "val_data": "/v"}},
+            r"train.*model: the sweep sets it",
+        ),
+        ({"train": {"kind": "dpo", "data": "/d"}}, r"train.*kind: expected one of"),
+        ({"search": {"m": []}}, r"search\.m"),
+        ({"search": {"m": {"start": 9, "stop": 4}}}, r"stop"),
+        ({"search": {"m": [1], "trials": [{"name": "solar-m01", "m": 1}]}}, "appears twice"),
+        ({"scheduler": {"grace_period_steps": 50}}, "grace_period_steps"),
+        (
+            {
+                "train": {
+                    "kind": "pretrain",
+                    "data": "/d",
+                    "val_data": "/v",
+                    "steps": 8,
+                    "eval_every": 3,
+                    "log_every": 2,
+                }
+            },
+            "multiple of train.log_every",
+        ),
+    ],
+)
+def test_config_mistakes_name_the_field(tmp_path, over, expect):
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump(sweep_dict(**over)))
+    with pytest.raises(ConfigError, match=expect):
+        load_sweep(path)
+
+
+def test_overrides_and_experiment_names():
+    a = SweepConfig.model_validate(sweep_dict())
+    b = SweepConfig.model_validate(sweep_dict(scheduler={"kind": "grid"}))
+    c = SweepConfig.model_validate(sweep_dict(max_concurrent_trials=1, description="x"))
+    assert experiment_name(a).startswith("t-asha-") and experiment_name(b).startswith("t-grid-")
+    assert experiment_name(a) == experiment_name(c)  # operational fields do not fork a sweep
+
+
+def test_concurrency_follows_resources():
+    assert fit_concurrency({"CPU": 2.0}, {"CPU": 1.0}, num_trials=5) == 2
+    assert fit_concurrency({"CPU": 64.0, "GPU": 8.0}, {"CPU": 8.0, "GPU": 4.0}, 9) == 2
+    assert fit_concurrency({"CPU": 64.0, "GPU": 8.0}, {"CPU": 1.0}, 3) == 3
+    assert fit_concurrency({"CPU": 2.0}, {"CPU": 4.0}, 5) == 1  # not scaled up yet
+    assert fit_concurrency({"CPU": 16.0}, {"CPU": 1.0}, 9, cap=4) == 4
+
+
+def test_best_and_interpolation():
+    rows = [
+        {"trial": "a", "reference": False, "status": "stopped", "eval_loss": 1.0},
+        {"trial": "b", "reference": False, "status": "done", "eval_loss": 2.0},
+        {"trial": "c", "reference": False, "status": "done", "eval_loss": math.inf},
+        {"trial": "base", "reference": True, "status": "done", "eval_loss": 0.5},
+    ]
+    # a stopped trial never beats one that trained the full budget; the reference never wins
+    assert select_best(rows, "eval_loss", "min")["trial"] == "b"
+    curve = [
+        {"step": 2, "flops": 10.0, "eval_loss": 4.0},
+        {"step": 4, "flops": 20.0, "eval_loss": 2.0},
+    ]
+    assert value_at(curve, "step", 3, "eval_loss") == pytest.approx(3.0)
+    assert value_at(curve, "flops", 20.0, "eval_loss") == pytest.approx(2.0)
+    assert value_at(curve, "step", 5, "eval_loss") is None
+
+
+def test_worker_reports_forwarded_to_tune():
+    from solar_ray.tune.trial import forwarded_metrics
+
+    stats = {"flops_per_token": 10.0, "num_layers": 6, "num_params": 100}
+    fwd = lambda raw: forwarded_metrics(raw, "eval_loss", "min", stats, 64, last_step=8)  # noqa: E731
+    assert fwd({"step": 2, "loss": 3.0}) is None  # training loss only: Tune needs the metric
+    assert fwd({"step": 8, "eval_loss": 2.0}) is None  # the driver reports the last step
+    out = fwd({"step": 4, "eval_loss": 2.5, "eval_ppl": 12.2, "tokens_seen": 256})
+    assert out["step"] == 4 and out["eval_loss"] == 2.5 and out["flops"] == 2560.0
+    assert not out["final"] and not out["diverged"]
+    # a diverged run is the worst value, which ASHA can compare (NaN it cannot)
+    nan = fwd({"step": 2, "eval_loss": float("nan")})
+    assert nan["eval_loss"] == math.inf and nan["diverged"] and nan["tokens_seen"] == 128
+
+
+@pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
+def test_sweep_jobs_validate(job, tmp_path):
+    from solar_ray.cli import main as cli_main
+    from solar_ray.tune.sweep import run_sweep
+
+    cfg = load_sweep(job)
+    trials = plan_trials(cfg)
+    assert len({t.name for t in trials}) == len(trials) >= 2
+    run_sweep(cfg, tmp_path, dry_run=True, echo=lambda s: None)  # best.yaml plans too
+    assert (
+        cli_main(["sweep", str(job), "--out", str(tmp_path), "--dry-run", "--scheduler", "grid"])
+        == 0
+    )
+    if job.name == "sweep-m.yaml":
+        assert cfg.base == "smollm2-135m" and cfg.search.m_values() == [3, 5, 7, 9, 11]
+
+
+# --------------------------------------------------------------------------- tiny sweeps
+
+
+@pytest.fixture(scope="module")
+def tiny_mixes(tmp_path_factory, smollm2_tokenizer) -> dict[str, Path]:
+    """Packed pretraining mixes (train / held-out) of CPython's reference-manual prose."""
+    from solar_ray.train.testing import offline_prose, write_pretrain_mix
+
+    d = tmp_path_factory.mktemp("mixes")
+    docs = offline_prose(40)
+    return {
+        "train": write_pretrain_mix(d / "train", smollm2_tokenizer, docs[:30], seq_len=64),
+        "heldout": write_pretrain_mix(d / "heldout", smollm2_tokenizer, docs[30:], seq_len=64),
+    }
+
+
+@pytest.fixture(scope="module")
+def ray_module():
+    """One private local Ray for this module's in-process sweeps (as ``ray_local``)."""
+    import ray
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield ray
+    ray.shutdown()
+
+
+def tiny_sweep(base: str, mixes: dict[str, Path], **over) -> dict:
+    train = {
+        "kind": "pretrain",
+        "data": str(mixes["train"]),
+        "val_data": str(mixes["heldout"]),
+        "num_workers": 1,
+        "zero_stage": 0,
+        "seq_len": 64,
+        "micro_batch_size": 2,
+        "steps": 4,
+        "eval_every": 2,
+        "log_every": 2,
+        "eval_batches": 2,
+        "lr": 1e-3,
+        "warmup_steps": 0,
+        "checkpoint_every": 100,
+        "tensorboard": False,
+        "max_failures": 0,
+    }
+    cfg = {
+        "name": "tiny",
+        "base": base,
+        "search": {"m": [1, 2, 3]},
+        "train": train,
+        "scheduler": {"kind": "grid"},
+        "baseline": False,
+    }
+    for key, value in over.items():
+        if key == "train":
+            cfg["train"] = {**train, **value}
+        else:
+            cfg[key] = value
+    return cfg
+
+
+@pytest.mark.slow
+def test_asha_stops_a_planted_bad_trial_but_not_the_reference(
+    tmp_path, tiny_llama_dir, tiny_mixes, ray_module
+):
+    from solar_ray.tune.sweep import run_sweep
+
+    # two good trials run first (2 at a time) and set the rungs; the planted one diverges.
+    # Two CPUs fit two trials: the later ones start only if the stopped ones free theirs.
+    raw = tiny_sweep(
+        str(tiny_llama_dir),
+        tiny_mixes,
+        search={"m": [1, 2], "trials": [{"name": "bad", "m": 1, "train": {"lr": 20.0}}]},
+        train={"steps": 24},
+        baseline=True,
+        max_concurrent_trials=2,
+        scheduler={"kind": "asha", "grace_period_steps": 2, "reduction_factor": 2},
+    )
+    cfg = SweepConfig.model_validate(raw)
+    result = run_sweep(cfg, tmp_path / "sw", echo=lambda s: None)
+    rows = {r["trial"]: r for r in result.rows}
+    assert rows["bad"]["stopped_early"] and rows["bad"]["steps"] < 24
+    # stopping the trial stopped its training run: it never reached its final checkpoint
+    run = tmp_path / "sw" / "ray_train" / f"{experiment_name(cfg)}-bad"
+    assert run.is_dir() and not (run / "final").exists()
+    assert rows["base"]["status"] == "done" and rows["base"]["steps"] == 24
+    assert result.best["trial"] in ("solar-m01", "solar-m02")
+    summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
+    assert summary["num_stopped_early"] >= 1
+    assert summary["steps_spent"] < summary["steps_full_grid"] == 3 * 24
+    # the stopped trials' workers were given back (the trials after them could start, and
+    # nothing is held now): their placement groups do not outlive them
+    deadline = time.monotonic() + 20
+    while ray_module.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_module.available_resources().get("CPU") == 2
+
+
+RESUME_SCRIPT = textwrap.dedent(
+    """
+    import sys, ray
+    from solar_ray.tune import load_sweep, run_sweep
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+    run_sweep(load_sweep(sys.argv[1]), sys.argv[2], echo=print)
+    """
+)
+
+
+def _attempts(trial_dir: Path) -> list[str]:
+    path = trial_dir / "attempts.jsonl"
+    if not path.is_file():
+        return []
+    return [json.loads(line)["event"] for line in path.read_text().splitlines()]
+
+
+@pytest.mark.slow
+def test_three_m_sweep_killed_and_rerun_resumes_and_writes_a_runnable_best_recipe(
+    tmp_path, tiny_llama_dir, tiny_mixes, ray_module
+):
+    """One sweep over m in {1, 2, 3} covers three checks: its driver is killed once two
+    trials finished and the third is starting; the rerun finishes only the third; the
+    3-row table and a best.yaml that `solar-ray run --dry-run` accepts come out."""
+    from solar_ray.cli import main as cli_main
+    from solar_ray.tune.sweep import run_sweep
+
+    # the base model comes from a pre-stage, so best.yaml carries the stage and its reference
+    raw = tiny_sweep(
+        "@tiny",
+        tiny_mixes,
+        max_concurrent_trials=2,
+        stages={"tiny": {"kind": "model", "source": str(tiny_llama_dir)}},
+    )
+    recipe = tmp_path / "sweep.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    out = tmp_path / "sw"
+    cfg = load_sweep(recipe)
+    trials = out / "trials" / experiment_name(cfg)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RESUME_SCRIPT, str(recipe), str(out)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        deadline = time.monotonic() + 400
+        while not (
+            (trials / "solar-m01" / "result.json").is_file()
+            and (trials / "solar-m02" / "result.json").is_file()
+            and _attempts(trials / "solar-m03")
+        ):
+            assert proc.poll() is None, "the sweep ended before it could be interrupted"
+            assert time.monotonic() < deadline, "the sweep never got to its third trial"
+            time.sleep(0.2)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started
+        proc.wait()
+    assert not (trials / "solar-m03" / "result.json").is_file(), "killed too late"
+
+    result = run_sweep(cfg, out, echo=lambda s: None)
+    # the finished trials were not trained again; the interrupted one was
+    assert [_attempts(trials / f"solar-m0{m}").count("train") for m in (1, 2, 3)] == [1, 1, 2]
+
+    rows = result.rows
+    assert [r["m"] for r in rows] == [1, 2, 3]
+    assert all(r["status"] == "done" and r["steps"] == 4 and not r["stopped_early"] for r in rows)
+    assert all(math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0 for r in rows)
+    # DUS of the 4-layer model: s = 2(n - m); more layers, more FLOPs for the same tokens
+    assert [r["num_layers"] for r in rows] == [6, 4, 2]
+    assert rows[0]["flops"] > rows[1]["flops"] > rows[2]["flops"]
+    with open(result.files["results_csv"]) as f:
+        assert len(f.read().strip().splitlines()) == 1 + 3
+    assert "| solar-m02 |" in result.files["results_md"].read_text()
+    for key in ("learning_curves", "metric_vs_choice"):
+        assert result.files[key].stat().st_size > 1000
+    # the upscales are cached by (source, method, m): one each, the rerun made none
+    assert len(list((out / "upscales").iterdir())) == 3
+
+    best = result.best
+    assert best["eval_loss"] == min(r["eval_loss"] for r in rows)
+    export = Path(best["model_path"])
+    assert json.loads((export / "config.json").read_text())["num_hidden_layers"] == 2 * (
+        4 - best["m"]
+    )
+    recipe = yaml.safe_load(result.files["best_yaml"].read_text())
+    assert recipe["stages"]["tiny"] == {"kind": "model", "source": str(tiny_llama_dir)}
+    assert recipe["stages"]["upscaled"] == {
+        "kind": "upscale",
+        "source": "@tiny",
+        "method": "solar",
+        "m": best["m"],
+    }
+    assert recipe["stages"]["cpt"]["model"] == "@upscaled"
+    assert (
+        cli_main(
+            ["run", str(result.files["best_yaml"]), "--dry-run", "--out", str(tmp_path / "full")]
+        )
+        == 0
+    )
