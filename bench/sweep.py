@@ -162,21 +162,19 @@ def run(recipe: str, out: Path, overrides: list[str]) -> dict:
 
 def report(recipe: str, out: Path, overrides: list[str], timings: dict) -> str:
     """The Markdown summary of a finished run (``OUT/grid``, ``OUT/asha``)."""
-    from types import SimpleNamespace
+    cmd = " ".join(["python bench/sweep.py", *[f"--set '{o}'" for o in overrides]])
+    overrides = [*overrides, f"upscale_cache={out / 'upscales'}"]
+    from solar_ray.tune import load_sweep, run_sweep
 
-    from solar_ray.tune import load_sweep
-
-    cfg = load_sweep(recipe, [*overrides, "scheduler.kind=asha"])
     rows = []
     for kind in ("grid", "asha"):
-        d = out / kind
-        best = json.loads((d / "best.json").read_text()) if (d / "best.json").is_file() else None
-        result = SimpleNamespace(out=d, best=best)
+        cfg = load_sweep(recipe, [*overrides, f"scheduler.kind={kind}"])
+        # the sweep's own report, rewritten from its Tune experiment
+        result = run_sweep(cfg, out / kind, report_only=True, echo=lambda s: None)
         rows.append(_row(kind, result, timings.get(kind) or float("nan")))
     grid, asha = rows
     same = grid["best"] == asha["best"]
     share = asha["steps"] / grid["steps"] if grid["steps"] else float("nan")
-    cmd = " ".join(["python bench/sweep.py", *[f"--set '{o}'" for o in overrides]])
     lines = [
         "## Sweeps: ASHA vs the full grid (issue 6)",
         "",
@@ -196,7 +194,7 @@ def report(recipe: str, out: Path, overrides: list[str], timings: dict) -> str:
             f"| {r['seconds'] / 60:.1f} min |"
         )
     verdict = "met" if same and share <= 0.5 else "not met"
-    replay = _replays(out / "grid", cfg)
+    replay = _replays(out / "grid", load_sweep(recipe, [*overrides, "scheduler.kind=grid"]))
     lines += [
         "",
         f"Target (ASHA finds the grid's best with <= 50% of its steps): **{verdict}** "

@@ -15,8 +15,9 @@ a list
     Task names (offline ``solar_*`` tasks, H6 task names, or any lm-eval task), each
     optionally ``{task, num_fewshot, metric}``.
 
-Every task runs through ``lm_eval.simple_evaluate`` with an ``HFLM`` wrapped around a model
-loaded once per model; the same model then scores held-out perplexity (``ppl_data``: a list
+Each model is loaded once and wrapped in lm-eval's ``HFLM``; all its tasks run through one
+``lm_eval.evaluator.evaluate`` call (:func:`evaluate_lm`); the same model then scores
+held-out perplexity (``ppl_data``: a list
 of texts, a ``.txt``/``.jsonl``/``.json``/``.parquet`` file, or a directory of them) with a
 sliding window. Results are a dict (:func:`run_eval`), and with ``out`` a directory holding
 ``results.json``, ``results.md`` (one row per model, one column per task, the average) and
@@ -25,8 +26,9 @@ sliding window. Results are a dict (:func:`run_eval`), and with ``out`` a direct
 Result schema (``results.json``)::
 
     {"suite": "offline", "tasks": [{"name", "display", "metric", "num_fewshot", "shape"}],
-     "models": [{"name", "path", "stage", "scores": {task: float}, "average": float,
-                 "ppl": float | null, "ppl_tokens": int, "metrics": {task: {...}},
+     "models": [{"name", "path", "source", "stage", "scores": {task: float},
+                 "average": float | null, "ppl": float | null, "ppl_tokens": int | null,
+                 "ppl_texts": int | null, "metrics": {task: {metric: float}},
                  "num_items": {task: int}, "fingerprint": str | null, "eval_seconds": float}],
      "suite_fingerprint": str | null, "limit": int | null, "config": {...}, "versions": {...}}
 
@@ -708,6 +710,8 @@ def _evaluate_model(
         "scores": {},
         "average": None,
         "ppl": None,
+        "ppl_tokens": None,
+        "ppl_texts": None,
         "metrics": {},
         "num_items": {},
         "fingerprint": None,

@@ -45,15 +45,15 @@ def test_min_k_prob_is_the_mean_of_the_lowest_k_percent():
 
 @pytest.fixture(scope="module")
 def contaminated_model(tmp_path_factory, tiny_llama_dir: Path, smollm2_tokenizer) -> Path:
-    """The tiny model fine-tuned on one planted evaluation text (a few steps of Adam)."""
+    """The tiny model fine-tuned on one planted evaluation text (12 steps of Adam)."""
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     ids = torch.tensor([smollm2_tokenizer(EVAL_TEXTS[PLANTED])["input_ids"]])
-    opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
     model.train()
-    for _ in range(25):
+    for _ in range(12):
         loss = model(ids, labels=ids).loss
         opt.zero_grad()
         loss.backward()

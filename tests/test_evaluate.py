@@ -106,13 +106,13 @@ def test_offline_suite_scores_a_tiny_model_deterministically(tiny_llama_dir: Pat
     )
     out = tmp_path / "eval"
     rc = main(
-        ["eval", "--models", f"tiny={tiny_llama_dir}", "--limit", "3", "--ppl-data", str(texts),
+        ["eval", "--models", f"tiny={tiny_llama_dir}", "--limit", "2", "--ppl-data", str(texts),
          "--out", str(out), "--set", "hash_models=false"]
     )  # fmt: skip
     assert rc == 0
     first = json.loads((out / "results.json").read_text())
     second = run_eval(
-        EvalConfig(models=[{"name": "tiny", "path": str(tiny_llama_dir)}], limit=3, ppl_data=str(texts), hash_models=False)
+        EvalConfig(models=[{"name": "tiny", "path": str(tiny_llama_dir)}], limit=2, ppl_data=str(texts), hash_models=False)
     )
     (m1,), (m2,) = first["models"], second["models"]
     assert set(m1["scores"]) == set(OFFLINE_TASKS)
@@ -121,7 +121,7 @@ def test_offline_suite_scores_a_tiny_model_deterministically(tiny_llama_dir: Pat
     assert math.isfinite(m1["ppl"]) and m1["ppl"] > 1
     assert m1["average"] == pytest.approx(sum(m1["scores"].values()) / len(OFFLINE_TASKS))
     assert all(0.0 <= v <= 1.0 for v in m1["scores"].values())
-    assert m1["num_items"] == {name: 3 for name in OFFLINE_TASKS}
+    assert m1["num_items"] == {name: 2 for name in OFFLINE_TASKS}
     assert m1["name"] == "tiny" and "stage" in m1
     assert first["suite_fingerprint"] == suite_fingerprint()
     table = (out / "results.md").read_text()

@@ -245,9 +245,10 @@ def test_rerunning_a_finished_job_does_not_start_over(pretrain_zero2_killed, wor
 def pretrain_streaming(ray_module, work):
     from solar_ray.train.pretrain import run_pretrain
 
+    # half a CPU per worker leaves one of the two CPUs to Ray Data's read and filter tasks
     cfg = _pretrain_cfg(work, "pre_stream", zero_stage=2, streaming=True, steps=6,
                         global_batch_size=None, log_every=2, eval_every=None,
-                        checkpoint_every=100)  # fmt: skip
+                        checkpoint_every=100, cpus_per_worker=0.5)  # fmt: skip
     return run_pretrain(cfg)
 
 

@@ -282,6 +282,15 @@ def _launch_ray(
     resources = cfg.resources_per_worker or {"CPU": cfg.cpus_per_worker}
     if cfg.use_gpu and cfg.resources_per_worker is None:
         resources = {**resources, "GPU": 1}
+    if datasets:
+        spare = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * resources.get("CPU", 1)
+        if spare < 1:
+            log.warning(
+                "streaming: the workers take all %s CPUs of the cluster, so Ray Data has none "
+                "to read with and training will wait until the cluster grows; lower "
+                "cpus_per_worker or add CPU nodes",
+                ray.cluster_resources().get("CPU", 0),
+            )
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=wcfg,

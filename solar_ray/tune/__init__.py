@@ -57,6 +57,11 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
         help="override scheduler.kind (grid: no early stop)",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the trials, run nothing")
+    parser.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report of the experiment as it stands, run nothing",
+    )
 
     def run(args: argparse.Namespace) -> int:
         from solar_ray.config import ConfigError
@@ -67,7 +72,12 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
         overrides = list(args.overrides)
         if args.scheduler:
             overrides.append(f"scheduler.kind={args.scheduler}")
-        result = run_sweep(load_sweep(path, overrides), args.out, dry_run=args.dry_run)
+        result = run_sweep(
+            load_sweep(path, overrides),
+            args.out,
+            dry_run=args.dry_run,
+            report_only=args.report_only,
+        )
         if args.dry_run:
             return 0
         print(f"sweep directory: {result.out}")

@@ -355,19 +355,12 @@ class SweepConfig(StageConfig):
         """Hash of everything that changes what the trials compute (names the experiment).
 
         A rerun with the same fingerprint resumes the experiment; a changed recipe starts a
-        new one beside it instead of mixing results.
+        new one beside it instead of mixing results. Values left at their defaults are not
+        hashed, so a field added to the schema later does not orphan existing sweeps.
         """
-        data = self.to_dict()
-        for key in (
-            "description",
-            "out",
-            "ray_address",
-            "runtime_env",
-            "max_concurrent_trials",
-            "trial_max_failures",
-            "best",
-            "upscale_cache",
-        ):
+        data = self.model_dump(mode="json", exclude_defaults=True)
+        for key in ("description", "out", "ray_address", "runtime_env", "max_concurrent_trials",
+                    "trial_max_failures", "best", "upscale_cache"):  # fmt: skip
             data.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 

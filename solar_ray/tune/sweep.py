@@ -152,12 +152,19 @@ def run_sweep(
     out: str | Path | None = None,
     *,
     dry_run: bool = False,
+    report_only: bool = False,
     echo: Callable[[str], None] = print,
 ) -> SweepResult:
-    """Run (or resume) the sweep and write its report; see the module docstring."""
+    """Run (or resume) the sweep and write its report; see the module docstring.
+
+    ``report_only`` rewrites the report of the experiment as it stands (finished or not)
+    without running anything.
+    """
     out = sweep_dir(cfg, out)
     name = experiment_name(cfg)
     trials = plan_trials(cfg)
+    if report_only:
+        return _report_only(cfg, out, name, trials, echo)
     _check_up_front(cfg, out)
     if dry_run:
         echo(f"sweep directory: {out}\nexperiment: {name} ({cfg.scheduler.kind})")
@@ -236,6 +243,27 @@ def run_sweep(
     return SweepResult(out, path, rows, best, files, concurrency)
 
 
+def _report_only(
+    cfg: SweepConfig, out: Path, name: str, trials: list[TrialSpec], echo: Callable[[str], None]
+) -> SweepResult:
+    from ray.tune import ExperimentAnalysis, ResultGrid
+
+    from solar_ray.tune.report import write_report
+
+    path = out / "tune" / name
+    if not path.is_dir():
+        # the recipe's hash may have changed with the code: one experiment of this name and
+        # scheduler is still unambiguous
+        found = sorted((out / "tune").glob(f"{cfg.name}-{cfg.scheduler.kind}-*"))
+        if len(found) != 1:
+            raise ConfigError(f"--report-only: no experiment {name} in {out / 'tune'}")
+        log.warning("reporting %s (this recipe now hashes to %s)", found[0].name, name)
+        path = found[0]
+    rows = collect_rows(ResultGrid(ExperimentAnalysis(str(path))), trials, cfg, out)
+    files, best = write_report(out, cfg, rows, trials, echo=echo)
+    return SweepResult(out, path, rows, best, files)
+
+
 def _scheduler(cfg: SweepConfig, reference: set[str]) -> Any:
     from ray.tune.schedulers import FIFOScheduler
 
@@ -254,12 +282,15 @@ def _scheduler(cfg: SweepConfig, reference: set[str]) -> Any:
 
 
 def _curve(result: Any, metric: str) -> list[dict[str, float]]:
+    """The trial's held-out curve by step; a retried trial's later report of a step wins."""
     df = result.metrics_dataframe
     if df is None or "step" not in df or metric not in df:
         return []
     cols = [c for c in ("step", metric, "flops", "tokens_seen") if c in df]
-    rows = df[cols].dropna(subset=["step"]).to_dict("records")
-    return [{k: float(v) for k, v in r.items()} for r in rows]
+    by_step = {}
+    for r in df[cols].dropna(subset=["step"]).to_dict("records"):
+        by_step[int(r["step"])] = {k: float(v) for k, v in r.items()}
+    return [by_step[k] for k in sorted(by_step)]
 
 
 def collect_rows(
