@@ -79,6 +79,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "_work")
+    ap.add_argument("--tools", nargs="+", help="run only these (default: all)")
     args = ap.parse_args()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
@@ -111,6 +112,8 @@ def main() -> None:
         "mergekit_slerp": [*mergekit, str(mk_slerp), str(out["mergekit_slerp"])],
         "cp": ["cp", "-r", str(a), str(out["cp"])],
     }  # fmt: skip
+    if args.tools:
+        commands = {k: v for k, v in commands.items() if k in args.tools or k == "cp"}
     results: dict[str, list[tuple[float, float]]] = {k: [] for k in commands}
     for _ in range(args.runs):
         for name, cmd in commands.items():
@@ -119,15 +122,16 @@ def main() -> None:
             results[name].append(timed(cmd))
     med = {k: (statistics.median(w for w, _ in v), statistics.median(r for _, r in v)) for k, v in results.items()}
     parity = {
-        "linear": compare(out["solar_linear"], out["mergekit_linear"]),
-        "slerp": compare(out["solar_slerp"], out["mergekit_slerp"]),
+        kind: compare(out[f"solar_{kind}"], out[f"mergekit_{kind}"])
+        for kind in ("linear", "slerp")
+        if (out[f"solar_{kind}"] / "solar.json").is_file() and (out[f"mergekit_{kind}"] / "config.json").is_file()
     }
     print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
     print(f"inputs: 2 x {params / 1e9:.3f}B params, {in_bytes / 2**30:.2f} GiB bf16 each; "
           f"median of {args.runs} runs")  # fmt: skip
     print(f"{'tool':<22}{'wall s':>9}{'peak RSS MiB':>15}{'vs mergekit':>13}{'vs cp':>8}")
     for k, (w, r) in med.items():
-        ref = med["mergekit_slerp" if "slerp" in k else "mergekit_linear"][0]
+        ref = med.get("mergekit_slerp" if "slerp" in k else "mergekit_linear", (float("nan"),))[0]
         print(f"{k:<22}{w:>9.2f}{r:>15.0f}{w / ref:>12.3f}x{w / med['cp'][0]:>7.2f}x")
     for k, v in parity.items():
         print(f"{k}: solar-ray vs mergekit max |diff| {v['max_abs_diff']:.3g}, "

@@ -116,6 +116,7 @@ TOKENIZER_FILES = (
 #: the SLERP fallback to linear interpolation above this |cos theta| (as in mergekit)
 DOT_THRESHOLD = 0.9995
 _NORM_EPS = 1e-8
+_DOT_CHUNK_ELEMS = 4 << 20
 _FLOAT_DTYPES = ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
 
@@ -325,6 +326,7 @@ def _slerp_dot(reader: _Reader, a: TensorRef, b: TensorRef, numel: int, chunk: i
     import torch
 
     aa = bb = ab = 0.0
+    chunk = min(chunk, _DOT_CHUNK_ELEMS)  # float64 copies: keep them small
     for start, count in _chunks(numel, chunk):
         x = reader.scratch("dot_a", torch.float64, count)
         y = reader.scratch("dot_b", torch.float64, count)

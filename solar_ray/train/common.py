@@ -219,11 +219,18 @@ def _guard_run(cfg: TrainConfig, fingerprint: str, local_dir: str | None) -> Non
     """Refuse to resume a run in storage that another config or other inputs started."""
     storage = cfg.resolved_storage_path
     previous = _read_run_file(storage, cfg.run_name)
+    if previous is not None and previous.get("fingerprint") != fingerprint and cfg.overwrite:
+        fs, root = filesystem_for(f"{storage.rstrip('/')}/{cfg.run_name}")
+        log.warning("overwrite: deleting the run %s/%s started with another config", storage,
+                    cfg.run_name)  # fmt: skip
+        fs.delete_dir(root)
+        previous = None
     if previous is not None and previous.get("fingerprint") != fingerprint:
         raise ConfigError(
             f"name: the run {cfg.run_name!r} in {storage} was started with another config or "
-            "other inputs, so its checkpoints cannot be resumed; choose another name or "
-            f"delete {storage.rstrip('/')}/{cfg.run_name} to start over"
+            "other inputs, so its checkpoints cannot be resumed; choose another name, "
+            "set overwrite: true to start over, or delete "
+            f"{storage.rstrip('/')}/{cfg.run_name}"
         )
     if previous is None:
         _write_run_file(

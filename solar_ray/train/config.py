@@ -154,7 +154,11 @@ class TrainConfig(StageConfig):
         default="auto", description="auto: the training precision (bf16 on GPU, fp32 on CPU)"
     )
     max_shard_size_mb: int = Field(default=2048, ge=1)
-    overwrite: bool = False
+    overwrite: bool = Field(
+        default=False,
+        description="replace an out directory made otherwise, and start over a run of the "
+        "same name that another config started",
+    )
 
     @field_validator("model", "data", "out")
     @classmethod
