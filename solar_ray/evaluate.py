@@ -153,6 +153,13 @@ class EvalConfig(StageConfig):
     )
     ppl_max_texts: int | None = Field(default=None, ge=1)
     ppl_seq_len: int = Field(default=512, ge=8, description="tokens per perplexity window")
+    ppl_stride: int | None = Field(
+        default=None,
+        ge=1,
+        description="tokens a window advances (default: half the window, so each scored "
+        "token sees at least ppl_seq_len/2 tokens of context; = ppl_seq_len: disjoint "
+        "blocks, half the compute)",
+    )
     batch_size: int = Field(default=8, ge=1)
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -549,10 +556,16 @@ def perplexity(
     texts: Sequence[str],
     *,
     seq_len: int = 512,
+    stride: int | None = None,
     batch_size: int = 8,
 ) -> dict[str, float | int]:
-    """Token-level perplexity over all texts: ``exp(total NLL / scored tokens)``."""
-    scores = token_logprobs(model, tokenizer, texts, seq_len=seq_len, batch_size=batch_size)
+    """Token-level perplexity over all texts: ``exp(total NLL / scored tokens)``.
+
+    ``stride`` as in :func:`token_logprobs` (default ``seq_len // 2``).
+    """
+    scores = token_logprobs(
+        model, tokenizer, texts, seq_len=seq_len, stride=stride, batch_size=batch_size
+    )
     total = sum(float(s.sum()) for s in scores)
     num_tokens = sum(int(s.numel()) for s in scores)
     if num_tokens == 0:
@@ -737,7 +750,15 @@ def _evaluate_model(
         scores = list(result["scores"].values())
         result["average"] = sum(scores) / len(scores)
     if ppl_texts:
-        ppl = perplexity(model, tokenizer, ppl_texts, seq_len=_ppl_seq_len(cfg, model), batch_size=cfg.batch_size)
+        seq_len = _ppl_seq_len(cfg, model)
+        ppl = perplexity(
+            model,
+            tokenizer,
+            ppl_texts,
+            seq_len=seq_len,
+            stride=min(cfg.ppl_stride, seq_len) if cfg.ppl_stride else None,
+            batch_size=cfg.batch_size,
+        )
         result["ppl"] = ppl["ppl"]
         result["ppl_tokens"] = ppl["num_tokens"]
         result["ppl_texts"] = ppl["num_texts"]
@@ -873,6 +894,7 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
     parser.add_argument("--ppl-data", help="held-out text: file or directory")
     parser.add_argument("--ppl-max-texts", type=int)
     parser.add_argument("--ppl-seq-len", type=int)
+    parser.add_argument("--ppl-stride", type=int, help="window advance (default: half a window)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--device", help="auto | cpu | cuda")
     parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
@@ -905,6 +927,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         "ppl_data": args.ppl_data,
         "ppl_max_texts": args.ppl_max_texts,
         "ppl_seq_len": args.ppl_seq_len,
+        "ppl_stride": args.ppl_stride,
         "batch_size": args.batch_size,
         "device": args.device,
         "dtype": args.dtype,

@@ -394,7 +394,9 @@ def init_ray(address: str | None = None, runtime_env: dict | None = None) -> Non
     if address:
         ray.init(address=address, **kwargs)
     else:
-        ray.init(address="local", include_dashboard=False, **kwargs)
+        # the dashboard process serves the State API, which Ray Train V2's placement-group
+        # cleaner polls (without it, it logs a warning every few seconds); loopback only
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def run_recipe(

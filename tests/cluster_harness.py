@@ -149,7 +149,7 @@ class LocalRayCluster:
         self.ray = str(ray_executable or Path(sys.executable).with_name("ray"))
         self.startup_timeout_s = startup_timeout_s
         self.root = Path(tempfile.mkdtemp(prefix="srray-", dir="/tmp"))
-        self.temp_dir = self.root / "ray"
+        self.temp_dir = self.root / "ray"  # the head's; node i > 0 uses ray-<i> beside it
         self.token_path = self.root / "auth_token"
         self.token = secrets.token_hex(32)
         fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -186,7 +186,7 @@ class LocalRayCluster:
             "start",
             "--block",
             "--disable-usage-stats",
-            f"--temp-dir={self.temp_dir}",
+            f"--temp-dir={self.node_temp_dir(index)}",
             "--node-ip-address=127.0.0.1",
             f"--num-cpus={spec.num_cpus}",
             "--num-gpus=0",
@@ -212,6 +212,16 @@ class LocalRayCluster:
         else:
             args.append(f"--address={self.gcs_address}")
         return args
+
+    def node_temp_dir(self, index: int) -> Path:
+        """Each node's own Ray temp dir, as on separate machines.
+
+        Shared, the nodes' runtime-env agents would manage one ``runtime_resources``
+        directory: the worker node re-extracting a job's ``working_dir`` package there
+        deletes the directory the job's driver runs in on the head (seen as oneMKL's
+        "Cannot load libtorch_cpu.so" when torch is first imported with a vanished cwd).
+        """
+        return self.temp_dir if index == 0 else self.root / f"ray-{index}"
 
     def _spawn(self, index: int, spec: NodeSpec) -> None:
         log = open(self.root / f"node-{index}.log", "wb")  # noqa: SIM115 - owned by the child
@@ -395,6 +405,18 @@ class LocalRayCluster:
         args += ["--", *entrypoint]
         self.cli(*args)
         return submission_id
+
+    def job_status(self, submission_id: str) -> str:
+        """The job's status now (``UNKNOWN`` while the dashboard does not answer)."""
+        try:
+            return str(self._http("GET", f"/api/jobs/{submission_id}").get("status", "UNKNOWN"))
+        except (OSError, ValueError):
+            return "UNKNOWN"
+
+    def stop_job(self, submission_id: str, timeout_s: float = 60.0) -> JobResult:
+        """``ray job stop`` as a user does, then wait until the job has ended."""
+        self.cli("job", "stop", "--address", self.dashboard_url, "--no-wait", submission_id)
+        return self.wait_job(submission_id, timeout_s=timeout_s)
 
     def wait_job(self, submission_id: str, timeout_s: float) -> JobResult:
         """Poll the Jobs API until the job ends (or ``timeout_s``; then stop it)."""

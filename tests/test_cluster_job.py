@@ -8,31 +8,27 @@ outputs and their ``solar.json`` manifests exist, and, from Ray's State API rath
 job's own account, its tasks ran on both nodes. The cluster is stopped by the processes the
 harness started, even when a test fails.
 
-The job is :data:`JOB`. Today it is :data:`UPSCALE_ON_EACH_NODE`: one Ray task pinned to each
-node's custom resource runs ``solar-ray upscale`` of a tiny model into a shared directory.
-When ``solar-ray run`` exists, switch the test to the tiny recipe with one line::
-
-    JOB = TINY_RECIPE
-
-For the node check to hold, the recipe's training stages must put one worker on each node.
-Every test node advertises one unit of ``solar_test_node`` (and 2 logical CPUs), so two
-workers asking for it cannot share a node; add to TINY_RECIPE's entrypoint, per training
-stage ``S`` of the recipe, ``--set stages.S.num_workers=2
---set stages.S.resources_per_worker.CPU=1 --set stages.S.resources_per_worker.solar_test_node=1``.
+The job is the tiny recipe (:mod:`tiny_recipe`), ``solar-ray run jobs/tiny.yaml``, as a
+user submits it. Every test node advertises one unit of ``solar_test_node`` (and 2 logical
+CPUs) and each training stage asks for two workers with one unit each, so its Ray Train
+workers cannot share a node: the State API must show ``RayTrainWorker`` actors on both.
+The job is stopped with ``ray job stop`` once continued pretraining has finished and
+resubmitted with the same run directory; the second job must skip the finished stages,
+resume the rest and succeed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shlex
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_harness import JobResult, LocalRayCluster, NodeSpec
+from cluster_harness import ClusterError, LocalRayCluster, NodeSpec
+from tiny_recipe import MODEL_STAGES, SMALLER, TRAINING
 
 from solar_ray.cluster import (
     STORAGE_ENV,
@@ -47,74 +43,58 @@ REPO = Path(__file__).resolve().parents[1]
 HEAD_RESOURCE = "solar_test_head"
 WORKER_RESOURCE = "solar_test_worker"
 NODE_RESOURCE = "solar_test_node"  # one unit on every node: one training worker per node
-BASE_NUM_LAYERS = 4
-M = 1
 
 
-@dataclass(frozen=True)
-class JobCase:
-    """A job to submit: its argv (``{out}``, ``{model}`` filled in) and what it must leave.
-
-    ``manifest_dirs`` are directories under ``{out}`` that must each hold a ``solar.json``
-    (empty: at least one anywhere under ``{out}``); ``check`` looks closer at the outputs.
-    """
-
-    entrypoint: tuple[str, ...]
-    manifest_dirs: tuple[str, ...] = ()
-    timeout_s: float = 150.0
-    check: Callable[[Path, Path, JobResult, list[dict]], None] | None = None
-
-    def argv(self, out: Path, model: Path) -> list[str]:
-        return [
-            a.replace("{out}", str(out)).replace("{model}", str(model)) for a in self.entrypoint
-        ]
-
-
-def check_upscale_on_each_node(out: Path, model: Path, job: JobResult, nodes: list[dict]) -> None:
-    """Each node's run landed where its resource lives and wrote a bitwise-correct DUS model."""
-    from safetensors.numpy import load_file
-
-    head_id = next(n["node_id"] for n in nodes if n["is_head_node"])
-    worker_id = next(n["node_id"] for n in nodes if not n["is_head_node"])
-    runs = {r["label"]: r for r in json.loads((out / "nodes.json").read_text())}
-    assert runs[HEAD_RESOURCE]["node_id"] == head_id
-    assert runs[WORKER_RESOURCE]["node_id"] == worker_id
-    assert all(r["returncode"] == 0 for r in runs.values()), runs
-    assert f"[{HEAD_RESOURCE}] node {head_id[:12]}" in job.logs
-    assert f"[{WORKER_RESOURCE}] node {worker_id[:12]}" in job.logs
-
-    source = load_file(model / "model.safetensors")
-    plan = list(range(BASE_NUM_LAYERS - M)) + list(range(M, BASE_NUM_LAYERS))  # s = 2(n - m)
-    for label in (HEAD_RESOURCE, WORKER_RESOURCE):
-        manifest = json.loads((out / label / "solar.json").read_text())
-        assert manifest["stage"] == "upscale"
-        config = json.loads((out / label / "config.json").read_text())
-        assert config["num_hidden_layers"] == len(plan)
-        upscaled = load_file(out / label / "model.safetensors")
-        for k, src in enumerate(plan):
-            name = "model.layers.{}.self_attn.q_proj.weight"
-            assert upscaled[name.format(k)].tobytes() == source[name.format(src)].tobytes()
-
-
-UPSCALE_ON_EACH_NODE = JobCase(
-    entrypoint=tuple(
-        shlex.split(
-            "python -m solar_ray.cluster each-node"
-            f" --resource {HEAD_RESOURCE} --resource {WORKER_RESOURCE}"
-            " --summary {out}/nodes.json"
-            f" -- solar-ray upscale --source {{model}} --out {{out}}/{{node}} --m {M}"
-        )
-    ),
-    manifest_dirs=(HEAD_RESOURCE, WORKER_RESOURCE),
-    check=check_upscale_on_each_node,
+#: per training stage: two workers, one per node (each node has one ``solar_test_node``)
+ONE_WORKER_PER_NODE = tuple(
+    f"stages.{stage}.{field}"
+    for stage in TRAINING
+    for field in (
+        "num_workers=2",
+        "resources_per_worker.CPU=1",
+        f"resources_per_worker.{NODE_RESOURCE}=1",
+    )
 )
-TINY_RECIPE = JobCase(entrypoint=tuple(shlex.split("solar-ray run jobs/tiny.yaml --out {out}")))
 
-#: the job the cluster test submits
-JOB = UPSCALE_ON_EACH_NODE
+
+def recipe_job(out: Path) -> list[str]:
+    """The entrypoint a user types after ``ray job submit ... --``."""
+    argv = ["solar-ray", "run", "jobs/tiny.yaml", "--out", str(out)]
+    for override in (*SMALLER, *ONE_WORKER_PER_NODE):
+        argv += ["--set", override]
+    return argv
+
+
+def _wait_for(path: Path, cluster: LocalRayCluster, submission_id: str, timeout_s: float) -> None:
+    """Until ``path`` exists; fails early with the job's logs if the job ends first."""
+    deadline = time.monotonic() + timeout_s
+    while not path.exists():
+        status = cluster.job_status(submission_id)
+        if status in ("SUCCEEDED", "FAILED", "STOPPED") or time.monotonic() > deadline:
+            job = cluster.stop_job(submission_id)
+            pytest.fail(f"{path.name} never appeared ({job.status}):\n{job.logs[-4000:]}")
+        time.sleep(1.0)
 
 
 # --------------------------------------------------------------------------- fixtures
+
+
+def start_cluster(nodes: list[NodeSpec], env: dict[str, str], attempts: int = 3) -> LocalRayCluster:
+    """A started cluster; a node start that hits Ray's fixed 30 s raylet wait is retried.
+
+    ``ray start`` gives a raylet 30 s to register (hard-coded in ``ray._private.node``);
+    on a loaded 2-core machine that is sometimes not enough. A failed start has already
+    stopped what it started, so a fresh cluster is tried, a bounded number of times.
+    """
+    for attempt in range(1, attempts + 1):
+        c = LocalRayCluster(nodes, env=env)
+        try:
+            c.start()
+            return c
+        except ClusterError as e:
+            if "timed out during startup" not in str(e) or attempt == attempts:
+                raise
+    raise AssertionError("unreachable")
 
 
 @pytest.fixture(scope="module")
@@ -132,34 +112,12 @@ def cluster() -> Iterator[LocalRayCluster]:
         NodeSpec(resources={HEAD_RESOURCE: 1, NODE_RESOURCE: 1}, num_cpus=2),
         NodeSpec(resources={WORKER_RESOURCE: 1, NODE_RESOURCE: 1}, num_cpus=2),
     ]
-    c = LocalRayCluster(nodes, env=env)
+    c = start_cluster(nodes, env)
     try:
-        c.start()
         yield c
     finally:
         c.stop()
         assert c.running_pids() == [], "cluster processes survived stop()"
-
-
-@pytest.fixture(scope="module")
-def base_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A 4-layer random Llama saved as safetensors (no tokenizer: upscale does not need one)."""
-    import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
-    config = LlamaConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=BASE_NUM_LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=64,
-    )
-    torch.manual_seed(0)
-    out = tmp_path_factory.mktemp("base_model")
-    AutoModelForCausalLM.from_config(config).save_pretrained(out)
-    return out
 
 
 # --------------------------------------------------------------------------- cluster tests
@@ -181,31 +139,50 @@ def test_cluster_requires_the_token(cluster: LocalRayCluster) -> None:
 
 
 @pytest.mark.slow
-def test_job_submit_runs_on_both_nodes(
-    cluster: LocalRayCluster, base_model: Path, tmp_path: Path
+def test_recipe_job_stopped_and_resubmitted_continues_on_both_nodes(
+    cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
-    out = tmp_path / "out"
+    out = tmp_path / "run"
     runtime_env = job_runtime_env(
         REPO, env_vars={"SOLAR_RAY_CACHE": str(REPO / ".cache" / "solar-ray")}
     )
-    submission_id = cluster.submit(
-        JOB.argv(out, base_model), working_dir=REPO, runtime_env=runtime_env
+
+    # the first job: stopped by the user once continued pretraining has finished
+    first_id = cluster.submit(recipe_job(out), working_dir=REPO, runtime_env=runtime_env)
+    _wait_for(out / ".pipeline" / "cpt.json", cluster, first_id, timeout_s=600)
+    cpt_marker = (out / ".pipeline" / "cpt.json").read_text()
+    first = cluster.stop_job(first_id)
+    assert first.status == "STOPPED", f"{first.status}: {first.message[:500]}"
+    assert not (out / "report" / "results.json").exists()
+
+    # the same job again: finished stages are skipped, the rest resumes and completes
+    second = cluster.wait_job(
+        cluster.submit(recipe_job(out), working_dir=REPO, runtime_env=runtime_env),
+        timeout_s=900,
     )
-    job = cluster.wait_job(submission_id, timeout_s=JOB.timeout_s)
-    assert job.status == "SUCCEEDED", f"{job.status}: {job.message[:500]}\n{job.logs[-4000:]}"
+    assert second.status == "SUCCEEDED", (
+        f"{second.status}: {second.message[:500]}\n{second.logs[-4000:]}"
+    )
+    for stage in ("corpus", "base", "upscaled", "data", "cpt"):
+        assert any(
+            line.split("] ", 1)[-1].startswith(f"{stage} (") and "done, skipped" in line
+            for line in second.logs.splitlines()
+        ), f"{stage} was not skipped:\n{second.logs[-4000:]}"
+    assert (out / ".pipeline" / "cpt.json").read_text() == cpt_marker  # not redone
+    assert "eval: finished in" in second.logs  # the job's logs show stage progress
 
-    manifests = sorted(out.rglob("solar.json"))
-    assert manifests, f"no solar.json under {out}; job logs:\n{job.logs[-4000:]}"
-    for d in JOB.manifest_dirs:
-        assert (out / d / "solar.json").is_file(), f"{d}/solar.json missing"
+    for stage in MODEL_STAGES:
+        assert (out / stage / "solar.json").is_file(), f"{stage}/solar.json missing"
+    report = json.loads((out / "report" / "results.json").read_text())
+    assert {r["name"] for r in report["models"]} >= {"base", "cpt", "dpo", "final"}
 
-    nodes = cluster.alive_nodes()
-    all_node_ids = {n["node_id"] for n in nodes}
-    assert job.job_id, "the Jobs API gave no Ray job id"
-    ran_on = cluster.job_node_ids(job.job_id, expect=all_node_ids)
-    assert ran_on == all_node_ids, f"job's tasks ran on {ran_on}, cluster has {all_node_ids}"
-    if JOB.check is not None:
-        JOB.check(out, base_model, job, nodes)
+    # from the State API, not the job's word: training workers ran on both nodes, both times
+    all_node_ids = {n["node_id"] for n in cluster.alive_nodes()}
+    for job in (first, second):
+        assert job.job_id, "the Jobs API gave no Ray job id"
+        workers = cluster.list_state("actors", f"job_id={job.job_id}", "class_name=RayTrainWorker")
+        ran_on = {w["node_id"] for w in workers if w.get("node_id")}
+        assert ran_on == all_node_ids, f"training workers ran on {ran_on}, nodes {all_node_ids}"
 
 
 @pytest.mark.slow

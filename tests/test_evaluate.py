@@ -206,6 +206,11 @@ def test_perplexity_is_the_model_loss(tiny_llama_dir: Path, smollm2_tokenizer):
     assert full.shape == windowed.shape
     torch.testing.assert_close(full[:31], windowed[:31], rtol=1e-4, atol=1e-4)
     assert not torch.allclose(full[40:], windowed[40:])  # less context later on
+    # disjoint blocks (stride = window): every token still scored once, with less context
+    blocks = perplexity(model, tok, [long], seq_len=32, stride=32)
+    halves = perplexity(model, tok, [long], seq_len=32)
+    assert blocks["num_tokens"] == halves["num_tokens"] == full.numel()
+    assert blocks["ppl"] != halves["ppl"]
 
 
 # --------------------------------------------------------------------------- data and config

@@ -8,26 +8,12 @@ import shutil
 from pathlib import Path
 
 import pytest
+from tiny_recipe import ALL, MODEL_STAGES, SMALLER
 
 from solar_ray import pipeline
 from solar_ray.pipeline import PipelineError, load_recipe, run_recipe
 
 REPO = Path(__file__).resolve().parents[1]
-
-# the recipe as shipped, only smaller where it costs time and proves nothing more here
-SMALLER = [
-    "stages.cpt.steps=8",
-    "stages.cpt.checkpoint_every=4",
-    "stages.cpt.eval_every=4",
-    "stages.sft_v1.steps=3",
-    "stages.sft_v2.steps=3",
-    "stages.dpo.steps=2",
-    "stages.eval.limit=4",
-    "stages.eval.ppl_max_texts=4",
-]
-
-ALL = ["corpus", "base", "upscaled", "data", "cpt", "sft_v1", "sft_v2", "sft_merged", "dpo",
-       "final", "eval"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +22,7 @@ def tiny_run(tmp_path_factory):
     import ray
 
     run_dir = tmp_path_factory.mktemp("tiny") / "run"
-    recipe = load_recipe(REPO / "jobs" / "tiny.yaml", SMALLER)
+    recipe = load_recipe(REPO / "jobs" / "tiny.yaml", list(SMALLER))
     result = run_recipe(recipe, run_dir, echo=lambda s: None)
     yield recipe, run_dir, result
     ray.shutdown()
@@ -46,13 +32,23 @@ def tiny_run(tmp_path_factory):
 def test_every_stage_runs_and_reports(tiny_run):
     recipe, run_dir, result = tiny_run
     assert sorted(result.ran) == sorted(ALL) and result.skipped == []
-    for stage in ("upscaled", "cpt", "sft_v1", "sft_v2", "sft_merged", "dpo", "final"):
+    for stage in MODEL_STAGES:
         manifest = json.loads((run_dir / stage / "solar.json").read_text())
         assert manifest["stage"] in ("upscale", "pretrain", "sft", "dpo", "merge")
-    assert json.loads((run_dir / "upscaled" / "solar.json").read_text())["plan"] == [0, 1, 2, 1, 2, 3]
+    plan = json.loads((run_dir / "upscaled" / "solar.json").read_text())["plan"]
+    assert plan == [0, 1, 2, 1, 2, 3]
     report = json.loads((run_dir / "report" / "results.json").read_text())
     rows = {r["name"]: r for r in report["models"]}
-    assert set(rows) == {"base", "upscaled", "cpt", "sft_v1", "sft_v2", "sft_merged", "dpo", "final"}
+    assert set(rows) == {
+        "base",
+        "upscaled",
+        "cpt",
+        "sft_v1",
+        "sft_v2",
+        "sft_merged",
+        "dpo",
+        "final",
+    }
     assert rows["base"]["stage"] == "base" and rows["cpt"]["stage"] == "pretrain"
     assert rows["final"]["stage"] == "merge" and rows["dpo"]["stage"] == "dpo"
     for r in rows.values():
@@ -60,7 +56,13 @@ def test_every_stage_runs_and_reports(tiny_run):
         assert math.isfinite(r["ppl"])
     # continued pretraining recovers from the upscale: held-out perplexity goes down
     assert rows["cpt"]["ppl"] < rows["upscaled"]["ppl"]
-    for f in ("index.html", "results.md", "plan_upscaled.png", "training_curves.png", "perplexity.png"):
+    for f in (
+        "index.html",
+        "results.md",
+        "plan_upscaled.png",
+        "training_curves.png",
+        "perplexity.png",
+    ):
         assert (run_dir / "report" / f).is_file(), f
 
 

@@ -6,9 +6,9 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import save_tiny_model
 from transformers import MistralConfig
 
-from conftest import save_tiny_model
 from solar_ray import pipeline
 from solar_ray.cli import main as cli_main
 from solar_ray.config import ConfigError

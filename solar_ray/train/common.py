@@ -48,7 +48,7 @@ from solar_ray.config import ConfigError
 from solar_ray.errors import UserError
 from solar_ray.models import resolve_model
 from solar_ray.train.config import TrainConfig, is_uri
-from solar_ray.train.data import MixInfo, filesystem_for, open_mix
+from solar_ray.train.data import MixInfo, arrow_filesystem, open_mix
 from solar_ray.train.session import FINAL_MARKER, LocalSession
 
 __all__ = [
@@ -200,7 +200,7 @@ def finished_result(cfg: TrainConfig, inputs: StageInputs) -> TrainResult | None
 
 
 def _read_run_file(storage: str, name: str) -> dict | None:
-    fs, root = filesystem_for(f"{storage.rstrip('/')}/{name}/{RUN_FILE}")
+    fs, root = arrow_filesystem(f"{storage.rstrip('/')}/{name}/{RUN_FILE}")
     try:
         with fs.open_input_stream(root) as f:
             return json.loads(f.read().decode("utf-8"))
@@ -209,7 +209,7 @@ def _read_run_file(storage: str, name: str) -> dict | None:
 
 
 def _write_run_file(storage: str, name: str, data: dict) -> None:
-    fs, root = filesystem_for(f"{storage.rstrip('/')}/{name}")
+    fs, root = arrow_filesystem(f"{storage.rstrip('/')}/{name}")
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(f"{root}/{RUN_FILE}") as f:
         f.write((json.dumps(data, indent=2) + "\n").encode("utf-8"))
@@ -220,7 +220,7 @@ def _guard_run(cfg: TrainConfig, fingerprint: str, local_dir: str | None) -> Non
     storage = cfg.resolved_storage_path
     previous = _read_run_file(storage, cfg.run_name)
     if previous is not None and previous.get("fingerprint") != fingerprint and cfg.overwrite:
-        fs, root = filesystem_for(f"{storage.rstrip('/')}/{cfg.run_name}")
+        fs, root = arrow_filesystem(f"{storage.rstrip('/')}/{cfg.run_name}")
         log.warning("overwrite: deleting the run %s/%s started with another config", storage,
                     cfg.run_name)  # fmt: skip
         fs.delete_dir(root)

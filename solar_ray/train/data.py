@@ -33,7 +33,7 @@ from solar_ray.errors import UserError
 __all__ = [
     "DataError",
     "MixInfo",
-    "filesystem_for",
+    "arrow_filesystem",
     "held_out_mask",
     "open_mix",
     "read_rows",
@@ -51,8 +51,13 @@ class DataError(UserError):
     """A prepared mix is missing, of the wrong kind or malformed; names the field and path."""
 
 
-def filesystem_for(path: str) -> tuple[pafs.FileSystem, str]:
-    """The pyarrow filesystem and in-filesystem path of a local path or URI."""
+def arrow_filesystem(path: str) -> tuple[pafs.FileSystem, str]:
+    """The pyarrow filesystem and in-filesystem path of a local path or URI.
+
+    Training reads shards and writes run markers through pyarrow (what Ray Train's own
+    storage uses); :func:`solar_ray.data.sources.filesystem_for` is the data stage's fsspec
+    counterpart, which also reads hf:// and http(s):// sources.
+    """
     if "://" not in path:
         from pathlib import Path
 
@@ -78,7 +83,7 @@ class MixInfo:
     @property
     def filesystem(self) -> pafs.FileSystem:
         """The filesystem ``files`` live on."""
-        return filesystem_for(self.path)[0]
+        return arrow_filesystem(self.path)[0]
 
     def lineage(self) -> dict[str, Any]:
         """What ``solar.json`` records about this input."""
@@ -94,7 +99,7 @@ def open_mix(
     ``field`` names the config field in error messages; ``part`` overrides the Parquet
     subdirectory (e.g. ``data`` for an SFT mix's raw messages).
     """
-    fs, root = filesystem_for(path)
+    fs, root = arrow_filesystem(path)
     info = fs.get_file_info(root)
     if info.type != pafs.FileType.Directory:
         raise DataError(f"{field}: prepared mix not found: {path} (make one with `solar-ray data`)")

@@ -32,7 +32,7 @@ from solar_ray.train.common import (
     validate_model,
 )
 from solar_ray.train.config import DPOConfig
-from solar_ray.train.data import DataError, filesystem_for, held_out_mask
+from solar_ray.train.data import DataError, arrow_filesystem, held_out_mask
 from solar_ray.train.worker import WorkerEnv, run_worker
 
 __all__ = [
@@ -154,8 +154,8 @@ def precompute_ref_logps(
             sort_keys=True,
         ).encode()
     ).hexdigest()[:16]
-    fs, marker_path = filesystem_for(marker_uri)
-    _, out_path = filesystem_for(out_uri)
+    fs, marker_path = arrow_filesystem(marker_uri)
+    _, out_path = arrow_filesystem(out_uri)
     try:
         with fs.open_input_stream(marker_path) as f:
             done = json.loads(f.read().decode())

@@ -31,7 +31,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
 from solar_ray.train.config import TrainConfig
-from solar_ray.train.data import filesystem_for
+from solar_ray.train.data import arrow_filesystem
 from solar_ray.train.ds_config import build_deepspeed_config
 from solar_ray.train.metrics import Throughput
 from solar_ray.train.session import LocalSession
@@ -55,7 +55,7 @@ def load_hf_dataset(files: list[str], storage_hint: str, columns: list[str] | No
     import pyarrow.parquet as pq
     from datasets.table import InMemoryTable
 
-    fs, _ = filesystem_for(storage_hint)
+    fs, _ = arrow_filesystem(storage_hint)
     tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
     table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
     return datasets.Dataset(InMemoryTable(table))

@@ -33,7 +33,7 @@ from solar_ray.train.common import (
     validate_common,
 )
 from solar_ray.train.config import PretrainConfig
-from solar_ray.train.data import DataError, filesystem_for, held_out_mask
+from solar_ray.train.data import DataError, arrow_filesystem, held_out_mask
 from solar_ray.train.worker import WorkerEnv, finish_run, run_worker
 
 __all__ = ["PackedBatches", "pretrain_worker", "run_pretrain", "validate_pretrain"]
@@ -48,7 +48,7 @@ def _read_packed(files: list[str], storage_hint: str) -> Any:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    fs, _ = filesystem_for(storage_hint)
+    fs, _ = arrow_filesystem(storage_hint)
     tables = []
     for f in files:
         table = pq.read_table(f, filesystem=fs, memory_map=True)
