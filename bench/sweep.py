@@ -139,16 +139,24 @@ def _row(kind: str, result, seconds: float) -> dict:
     }
 
 
-def run(recipe: str, out: Path, overrides: list[str]) -> dict:
-    """Warm the upscale cache, run the grid then ASHA; save and return the timings."""
+def run(recipe: str, out: Path, overrides: list[str], kinds: list[str]) -> dict:
+    """Warm the upscale cache, run the grid then ASHA; save and return the timings.
+
+    Timings of a scheduler not run now are kept from ``OUT/bench.json`` (``--only asha``
+    reuses a finished grid).
+    """
     from solar_ray.pipeline import init_ray
     from solar_ray.tune import load_sweep, run_sweep
 
     init_ray()
     cache = out / "upscales"
     overrides = [*overrides, f"upscale_cache={cache}"]
+    saved = out / "bench.json"
     timings: dict = {"warm_s": None}
-    for kind in ("grid", "asha"):
+    if saved.is_file():
+        timings.update({k: v for k, v in json.loads(saved.read_text()).items() if k != "overrides"})
+        timings["warm_s"] = None
+    for kind in kinds:
         cfg = load_sweep(recipe, [*overrides, f"scheduler.kind={kind}"])
         if timings["warm_s"] is None:
             timings["warm_s"] = _warm_upscales(cfg, cache)
@@ -156,7 +164,7 @@ def run(recipe: str, out: Path, overrides: list[str]) -> dict:
         run_sweep(cfg, out / kind, echo=lambda s: None)
         timings[kind] = time.perf_counter() - t0
         print(f"{kind}: {timings[kind]:.0f} s", flush=True)
-    (out / "bench.json").write_text(json.dumps({"overrides": overrides, **timings}, indent=2))
+        saved.write_text(json.dumps({"overrides": overrides, **timings}, indent=2))
     return timings
 
 
@@ -191,7 +199,7 @@ def report(recipe: str, out: Path, overrides: list[str], timings: dict) -> str:
         lines.append(
             f"| {r['scheduler']} | {r['best']} | {r['best_metric']:.4f} | {r['steps']} "
             f"| {r['steps'] / grid['steps']:.0%} | {r['stopped']}/{r['trials']} "
-            f"| {r['seconds'] / 60:.1f} min |"
+            + (f"| {r['seconds'] / 60:.1f} min |" if r["seconds"] == r["seconds"] else "| not recorded |")
         )
     verdict = "met" if same and share <= 0.5 else "not met"
     replay = _replays(out / "grid", load_sweep(recipe, [*overrides, "scheduler.kind=grid"]))
@@ -221,6 +229,12 @@ def main() -> int:
     parser.add_argument("--set", dest="overrides", action="append", default=[])
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "sweep.md"))
     parser.add_argument(
+        "--only",
+        choices=["grid", "asha"],
+        action="append",
+        help="run only this scheduler (repeatable); the other's finished run is reused",
+    )
+    parser.add_argument(
         "--report-only", action="store_true", help="rewrite the summary of a finished run"
     )
     args = parser.parse_args()
@@ -229,7 +243,7 @@ def main() -> int:
     if args.report_only:
         timings = json.loads((out / "bench.json").read_text())
     else:
-        timings = run(args.recipe, out, args.overrides)
+        timings = run(args.recipe, out, args.overrides, args.only or ["grid", "asha"])
     text = report(args.recipe, out, args.overrides, timings)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(text, encoding="utf-8")
