@@ -69,6 +69,14 @@ def _positions_for(input_ids: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy()
 
 
+def _ids_and_positions(table: Any, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A packed table's ``input_ids`` and ``position_ids`` (0..seq_len-1 when it has none)."""
+    ids = _to_matrix(table.column("input_ids"), seq_len)
+    if "position_ids" in table.column_names:
+        return ids, _to_matrix(table.column("position_ids"), seq_len)
+    return ids, _positions_for(ids)
+
+
 class PackedBatches:
     """Micro-batches of this rank's rows of packed data, in a seeded order per epoch.
 
@@ -192,20 +200,10 @@ def _load_split(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
     """(train ids, train positions, held-out ids, held-out positions) from the shards."""
     cfg = env.cfg
     table = _read_packed(env.data_files, cfg.data)
-    ids = _to_matrix(table.column("input_ids"), cfg.seq_len)
-    pos = (
-        _to_matrix(table.column("position_ids"), cfg.seq_len)
-        if "position_ids" in table.column_names
-        else _positions_for(ids)
-    )
+    ids, pos = _ids_and_positions(table, cfg.seq_len)
     if cfg.val_data:
         vtable = _read_packed(env.val_files, cfg.val_data)
-        vids = _to_matrix(vtable.column("input_ids"), cfg.seq_len)
-        vpos = (
-            _to_matrix(vtable.column("position_ids"), cfg.seq_len)
-            if "position_ids" in vtable.column_names
-            else _positions_for(vids)
-        )
+        vids, vpos = _ids_and_positions(vtable, cfg.seq_len)
         return ids, pos, vids, vpos
     mask = held_out_mask(table.column("input_ids"), cfg.val_fraction)
     return ids[~mask], pos[~mask], ids[mask], pos[mask]
@@ -408,12 +406,7 @@ def _stream_val(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray]:
         empty = np.zeros((0, cfg.seq_len), dtype=np.int64)
         return empty, empty
     table = _read_packed(files, cfg.val_data or cfg.data)
-    ids = _to_matrix(table.column("input_ids"), cfg.seq_len)
-    pos = (
-        _to_matrix(table.column("position_ids"), cfg.seq_len)
-        if "position_ids" in table.column_names
-        else _positions_for(ids)
-    )
+    ids, pos = _ids_and_positions(table, cfg.seq_len)
     if cfg.val_data:
         return ids, pos
     mask = held_out_mask(table.column("input_ids"), cfg.val_fraction)
