@@ -1,15 +1,17 @@
-"""ASHA vs the full grid over the same sweep space: the best m each finds, the steps each spends.
+"""Early stopping vs the full grid over one sweep space: the best m each finds, the steps spent.
 
-Runs one sweep recipe twice, ``--scheduler grid`` then ``--scheduler asha``, into
-``OUT/grid`` and ``OUT/asha`` (same upscale cache, warmed before either is timed, so wall
-times compare training only), and writes a Markdown summary::
+Runs one sweep recipe with ``--scheduler grid``, ``asha`` (Ray's asynchronous successive
+halving) and ``sha`` (synchronous successive halving, :class:`solar_ray.tune.hooks.
+SuccessiveHalving`) into ``OUT/<scheduler>`` (same upscale cache, warmed before any run is
+timed, so wall times compare training only), and writes a Markdown summary::
 
     .venv/bin/python bench/sweep.py                           # jobs/sweep-m.yaml, 2-core CPU
+    .venv/bin/python bench/sweep.py --only sha                # reuse finished grid/asha runs
     .venv/bin/python bench/sweep.py --set train.steps=9 --set "search.m=[5,9]"   # smaller
 
-Target (issue 6): ASHA finds the grid's best m with at most 50% of the grid's training
-steps. Steps count the searched trials only (the ``base`` reference trains the same budget
-in both runs).
+Target (issue 6): early stopping finds the grid's best m with at most 50% of the grid's
+training steps. Steps count the searched trials only (the ``base`` reference trains the
+same budget in every run).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+KINDS = ("grid", "asha", "sha")
 
 
 def _warm_upscales(cfg, cache: Path) -> float:
@@ -120,6 +123,18 @@ def _plan(cfg):
     return plan_trials(cfg)
 
 
+def _rungs(cfg) -> str:
+    """The rungs a run compared trials at (``-`` for the grid)."""
+    from solar_ray.tune.config import rung_milestones
+
+    if cfg.scheduler.kind == "grid":
+        return "-"
+    steps = rung_milestones(
+        cfg.scheduler.grace_period_steps, cfg.scheduler.reduction_factor, int(cfg.train["steps"])
+    )
+    return ", ".join(map(str, steps))
+
+
 def _row(kind: str, result, seconds: float) -> dict:
     summary = json.loads((Path(result.out) / "summary.json").read_text())
     best = result.best or {}
@@ -140,10 +155,10 @@ def _row(kind: str, result, seconds: float) -> dict:
 
 
 def run(recipe: str, out: Path, overrides: list[str], kinds: list[str]) -> dict:
-    """Warm the upscale cache, run the grid then ASHA; save and return the timings.
+    """Warm the upscale cache, run each scheduler in turn; save and return the timings.
 
-    Timings of a scheduler not run now are kept from ``OUT/bench.json`` (``--only asha``
-    reuses a finished grid).
+    Timings of a scheduler not run now are kept from ``OUT/bench.json`` (``--only sha``
+    reuses a finished grid and ASHA run).
     """
     from solar_ray.pipeline import init_ray
     from solar_ray.tune import load_sweep, run_sweep
@@ -163,57 +178,74 @@ def run(recipe: str, out: Path, overrides: list[str], kinds: list[str]) -> dict:
         t0 = time.perf_counter()
         run_sweep(cfg, out / kind, echo=lambda s: None)
         timings[kind] = time.perf_counter() - t0
+        timings[f"{kind}_rungs"] = _rungs(cfg)
         print(f"{kind}: {timings[kind]:.0f} s", flush=True)
         saved.write_text(json.dumps({"overrides": overrides, **timings}, indent=2))
     return timings
 
 
 def report(recipe: str, out: Path, overrides: list[str], timings: dict) -> str:
-    """The Markdown summary of a finished run (``OUT/grid``, ``OUT/asha``)."""
+    """The Markdown summary of the finished runs (``OUT/grid`` and ``OUT/asha``/``OUT/sha``)."""
     cmd = " ".join(["python bench/sweep.py", *[f"--set '{o}'" for o in overrides]])
     overrides = [*overrides, f"upscale_cache={out / 'upscales'}"]
     from solar_ray.tune import load_sweep, run_sweep
 
     rows = []
-    for kind in ("grid", "asha"):
+    for kind in KINDS:
+        if not (out / kind / "tune").is_dir():
+            continue
         cfg = load_sweep(recipe, [*overrides, f"scheduler.kind={kind}"])
         # the sweep's own report, rewritten from its Tune experiment
         result = run_sweep(cfg, out / kind, report_only=True, echo=lambda s: None)
         rows.append(_row(kind, result, timings.get(kind) or float("nan")))
-    grid, asha = rows
-    same = grid["best"] == asha["best"]
-    share = asha["steps"] / grid["steps"] if grid["steps"] else float("nan")
+        rows[-1]["rungs"] = timings.get(f"{kind}_rungs") or _rungs(cfg)
+    if not rows or rows[0]["scheduler"] != "grid":
+        raise SystemExit(f"no finished grid run in {out / 'grid'}: run --only grid first")
+    grid = rows[0]
     lines = [
-        "## Sweeps: ASHA vs the full grid (issue 6)",
+        "## Sweeps: early stopping vs the full grid (issue 6)",
         "",
-        f"Command: `{cmd}` (recipe `{Path(recipe).relative_to(REPO)}`); machine: "
-        f"{platform.machine()}, {os.cpu_count()} CPU cores, shared with other jobs.",
-        f"Upscales made once before either run ({timings.get('warm_s') or 0:.0f} s), shared "
+        f"Command: `{cmd}` (recipe `{Path(recipe).relative_to(REPO)}`, each scheduler by "
+        "`--set scheduler.kind=...`); machine: "
+        f"{platform.machine()}, {os.cpu_count()} CPU cores.",
+        f"Upscales made once before any run ({timings.get('warm_s') or 0:.0f} s), shared "
         "through the cache; wall times include each run's data preparation.",
         "",
-        f"| scheduler | best | {grid['metric']} of best | training steps (searched trials) "
-        "| share of grid | stopped early | wall time |",
-        "|---|---|---|---|---|---|---|",
+        f"| scheduler | rungs (steps) | best | {grid['metric']} of best "
+        "| training steps (searched trials) | share of grid | stopped early | wall time |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['scheduler']} | {r['best']} | {r['best_metric']:.4f} | {r['steps']} "
+            f"| {r['scheduler']} | {r['rungs']} | {r['best']} | {r['best_metric']:.4f} "
+            f"| {r['steps']} "
             f"| {r['steps'] / grid['steps']:.0%} | {r['stopped']}/{r['trials']} "
-            + (f"| {r['seconds'] / 60:.1f} min |" if r["seconds"] == r["seconds"] else "| not recorded |")
+            + (
+                f"| {r['seconds'] / 60:.1f} min |"
+                if r["seconds"] == r["seconds"]
+                else "| not recorded |"
+            )
         )
-    verdict = "met" if same and share <= 0.5 else "not met"
+    lines.append("")
+    for r in rows[1:]:
+        same = r["best"] == grid["best"]
+        share = r["steps"] / grid["steps"] if grid["steps"] else float("nan")
+        verdict = "met" if same and share <= 0.5 else "not met"
+        lines.append(
+            f"Target ({r['scheduler']} finds the grid's best with <= 50% of its steps): "
+            f"**{verdict}** (same best: {'yes' if same else 'no'}; {share:.0%} of the grid's "
+            "steps)."
+        )
     replay = _replays(out / "grid", load_sweep(recipe, [*overrides, "scheduler.kind=grid"]))
     lines += [
-        "",
-        f"Target (ASHA finds the grid's best with <= 50% of its steps): **{verdict}** "
-        f"(same best: {'yes' if same else 'no'}; ASHA spent {share:.0%} of the grid's steps).",
         "",
         "ASHA is asynchronous, so what it spends depends on the order trials reach the rungs. "
         "Replaying Ray's ASHA bracket on the grid's learning curves, one trial after another, "
         f"in the recipe's order: {replay['given_share']:.0%} of the grid's steps, best "
         f"{'found' if replay['given_found'] else 'missed'}; over all {replay['orders']} orders: "
         f"median {replay['median_share']:.0%}, worst {replay['max_share']:.0%}, grid's best "
-        f"found in {replay['found']}/{replay['orders']}.",
+        f"found in {replay['found']}/{replay['orders']}. Synchronous successive halving cuts "
+        "each rung over all the trials, so its choice does not depend on the order.",
         "",
     ]
     for r in rows:
@@ -230,9 +262,9 @@ def main() -> int:
     parser.add_argument("--results", default=str(REPO / "bench" / "results" / "sweep.md"))
     parser.add_argument(
         "--only",
-        choices=["grid", "asha"],
+        choices=list(KINDS),
         action="append",
-        help="run only this scheduler (repeatable); the other's finished run is reused",
+        help="run only this scheduler (repeatable); the others' finished runs are reused",
     )
     parser.add_argument(
         "--report-only", action="store_true", help="rewrite the summary of a finished run"
@@ -243,7 +275,7 @@ def main() -> int:
     if args.report_only:
         timings = json.loads((out / "bench.json").read_text())
     else:
-        timings = run(args.recipe, out, args.overrides, args.only or ["grid", "asha"])
+        timings = run(args.recipe, out, args.overrides, args.only or list(KINDS))
     text = report(args.recipe, out, args.overrides, timings)
     Path(args.results).parent.mkdir(parents=True, exist_ok=True)
     Path(args.results).write_text(text, encoding="utf-8")

@@ -318,3 +318,59 @@ def test_mfu_estimate_and_throughput_summary():
         timer.intervals.append((seconds, tokens, steps))
     summary = timer.summary()  # the first (warm-up) interval is left out
     assert summary == {"tokens_per_s_per_worker": 100.0, "step_time_s": 0.5}
+
+
+def test_metric_reports_are_coalesced_so_ray_train_never_blocks_the_loop():
+    from solar_ray.train.session import ReportCoalescer
+
+    now = [0.0]
+    seen: list[float] = []
+
+    def agree(elapsed: float) -> float:  # the ranks' maximum; here one rank
+        seen.append(elapsed)
+        return elapsed
+
+    rc = ReportCoalescer(min_interval_s=2.0, clock=lambda: now[0], agree=agree)
+    assert rc.offer({"step": 1, "loss": 5.0}) == {"step": 1, "loss": 5.0}  # the first goes out
+    now[0] = 0.9
+    assert rc.offer({"step": 2, "loss": 4.0, "lr": 1e-3}) is None  # held: 0.9 s < 2 s
+    now[0] = 1.8
+    assert rc.offer({"step": 3, "loss": 3.0}) is None
+    assert seen == [0.9, 1.8]  # decided on the agreed elapsed time
+    now[0] = 2.1
+    # due again: the latest values, with the keys only held-back reports had
+    assert rc.offer({"step": 4, "loss": 2.5}) == {"step": 4, "loss": 2.5, "lr": 1e-3}
+    now[0] = 2.5
+    assert rc.offer({"step": 5, "loss": 2.4}) is None
+    # held-out metrics are compared at their step: they go out at once, with the held ones
+    assert rc.offer({"step": 6, "eval_loss": 2.2}) == {"step": 6, "loss": 2.4, "eval_loss": 2.2}
+    now[0] = 2.6
+    assert rc.offer({"step": 7, "loss": 2.3}) is None
+    # so does a checkpoint (the last report of a run is one: nothing stays behind)
+    assert rc.offer({"step": 8, "final": 1}, checkpoint=True) == {
+        "step": 8,
+        "loss": 2.3,
+        "final": 1,
+    }
+    # a rank whose own clock says "not yet" follows the agreed maximum
+    rc = ReportCoalescer(min_interval_s=2.0, clock=lambda: now[0], agree=lambda e: e + 5.0)
+    assert rc.offer({"step": 1}) is not None and rc.offer({"step": 2}) == {"step": 2}
+
+
+def test_checkpoint_at_steps_besides_every_n():
+    from types import SimpleNamespace
+
+    from solar_ray.train.hf import SaveAtSteps
+
+    cb = SaveAtSteps([2, 4])
+    saves = []
+    for step in range(1, 9):
+        control = SimpleNamespace(should_save=False)
+        cb.on_step_end(None, SimpleNamespace(global_step=step, max_steps=8), control)
+        saves.append(control.should_save)
+    assert [s for s, saved in zip(range(1, 9), saves, strict=True) if saved] == [2, 4]
+    cfg = PretrainConfig(model="m", data="d", out="o", steps=8, checkpoint_at=[2, 4])
+    plain = PretrainConfig(model="m", data="d", out="o", steps=8)
+    assert cfg.result_fingerprint() == plain.result_fingerprint()  # operational
+    with pytest.raises(ValueError, match="checkpoint_at"):
+        PretrainConfig(model="m", data="d", out="o", steps=8, checkpoint_at=[0])

@@ -245,6 +245,123 @@ def test_worker_reports_forwarded_to_tune():
     assert nan["eval_loss"] == math.inf and nan["diverged"] and nan["tokens_seen"] == 128
 
 
+def test_rung_milestones():
+    from solar_ray.tune.config import rung_milestones
+
+    assert rung_milestones(2, 2, 18) == [2, 4, 8, 16]
+    assert rung_milestones(2, 3, 18) == [2, 6]
+    assert rung_milestones(1, 1.5, 6) == [1, 2, 3, 5]  # rounded, no step twice
+    assert rung_milestones(8, 2, 8) == []
+
+
+class _Trial:
+    """The parts of a Tune ``Trial`` a scheduler reads."""
+
+    def __init__(self, name: str) -> None:
+        self.config = {"trial": name}
+        self.trial_id = name
+        self.status = "PENDING"
+        self.is_saving = False
+
+
+class _Controller:
+    """The parts of Tune's controller a scheduler calls."""
+
+    def __init__(self, trials: list[_Trial]) -> None:
+        self.trials = trials
+        self.stopped: list[str] = []
+
+    def get_trials(self) -> list[_Trial]:
+        return self.trials
+
+    def stop_trial(self, trial: _Trial) -> None:
+        self.stopped.append(trial.trial_id)
+        trial.status = "TERMINATED"
+
+
+def _sha(names, **over):
+    from solar_ray.tune.hooks import SuccessiveHalving
+
+    trials = [_Trial(n) for n in names]
+    kwargs = dict(
+        trials=names,
+        reference={"base"},
+        metric="eval_loss",
+        mode="min",
+        max_t=18,
+        grace_period=2,
+        reduction_factor=2,
+    )
+    sched = SuccessiveHalving(**{**kwargs, **over})
+    tc = _Controller(trials)
+    for t in trials:
+        sched.on_trial_add(tc, t)
+    return sched, tc, {t.trial_id: t for t in trials}
+
+
+def _report(sched, tc, trial, step, loss, checkpointed=True):
+    trial.status = "RUNNING"
+    decision = sched.on_trial_result(
+        tc, trial, {"step": step, "eval_loss": loss, "checkpointed": checkpointed}
+    )
+    if decision == "PAUSE":
+        trial.status = "PAUSED"
+    elif decision == "STOP":
+        trial.status = "TERMINATED"
+    return decision
+
+
+def test_successive_halving_cuts_each_rung_over_all_trials():
+    sched, tc, t = _sha(["a", "b", "c", "d", "e", "base"])
+    # the first arrivals wait at step 2 (ASHA would let the first one go on), paused only
+    # on a report that carried a checkpoint
+    assert _report(sched, tc, t["a"], 2, 3.4) == "PAUSE"
+    assert _report(sched, tc, t["b"], 2, 4.1, checkpointed=False) == "CONTINUE"
+    assert _report(sched, tc, t["b"], 2, 4.1) == "PAUSE"
+    assert _report(sched, tc, t["base"], 2, 3.0) == "CONTINUE"  # the reference never waits
+    assert _report(sched, tc, t["c"], 2, 4.2) == "PAUSE"
+    assert sched.choose_trial_to_run(tc) is t["d"]  # pending first; nobody paused is due
+    assert _report(sched, tc, t["d"], 2, 3.1) == "PAUSE"
+    assert sched.choose_trial_to_run(tc) is t["e"]
+    # the last arrival cuts the rung: the best int(5 / 2) = 2 go on (d and e)
+    assert _report(sched, tc, t["e"], 2, 3.2) == "CONTINUE"
+    assert sorted(tc.stopped) == ["a", "b", "c"]
+    assert sched.choose_trial_to_run(tc) is t["d"]  # the promoted paused trial resumes
+    # rung 4: e arrives first and waits for d; of two, one goes on
+    assert _report(sched, tc, t["e"], 4, 3.0) == "PAUSE"
+    assert sched.choose_trial_to_run(tc) is t["d"]
+    assert _report(sched, tc, t["d"], 4, 2.9) == "CONTINUE"
+    assert tc.stopped[-1] == "e" and sched.choose_trial_to_run(tc) is None
+    # alone in the race, d no longer waits at a rung
+    assert _report(sched, tc, t["d"], 8, 2.8) == "CONTINUE"
+    assert _report(sched, tc, t["d"], 16, 2.7) == "CONTINUE"
+    assert "step 2: 5 in, 2 kept" in sched.debug_string()
+
+
+def test_successive_halving_does_not_wait_for_a_trial_that_failed():
+    sched, tc, t = _sha(["a", "b", "c"], reference=set())
+    assert _report(sched, tc, t["a"], 2, 3.0) == "PAUSE"
+    assert _report(sched, tc, t["b"], 2, 2.0) == "PAUSE"
+    t["c"].status = "ERROR"
+    sched.on_trial_error(tc, t["c"])  # the rung is complete without c: int(2 / 2) = 1 kept
+    assert tc.stopped == ["a"] and sched.choose_trial_to_run(tc) is t["b"]
+    # a result that jumps past a rung is recorded there too; a NaN loss is the worst score
+    sched, tc, t = _sha(["a", "b"], reference=set())
+    assert _report(sched, tc, t["a"], 4, float("nan")) == "PAUSE"
+    assert _report(sched, tc, t["b"], 4, 5.0) == "CONTINUE"
+    assert tc.stopped == ["a"]
+
+
+def test_sha_config_needs_evaluations_at_the_rungs():
+    raw = sweep_dict(scheduler={"kind": "sha", "grace_period_steps": 3, "reduction_factor": 2})
+    with pytest.raises(ValueError, match=r"train\.eval_every.*\[3, 6\]"):
+        SweepConfig.model_validate(raw)
+    cfg = SweepConfig.model_validate(
+        sweep_dict(scheduler={"kind": "sha", "grace_period_steps": 2, "reduction_factor": 2})
+    )
+    assert experiment_name(cfg).startswith("t-sha-")
+
+
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
 def test_sweep_jobs_validate(job, tmp_path):
     from solar_ray.cli import main as cli_main
@@ -354,6 +471,50 @@ def test_asha_stops_a_planted_bad_trial_but_not_the_reference(
     assert summary["steps_spent"] < summary["steps_full_grid"] == 3 * 24
     # the stopped trials' workers were given back (the trials after them could start, and
     # nothing is held now): their placement groups do not outlive them
+    deadline = time.monotonic() + 20
+    while ray_module.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray_module.available_resources().get("CPU") == 2
+
+
+@pytest.mark.slow
+def test_successive_halving_pauses_at_the_rung_and_resumes_the_best_from_its_checkpoint(
+    tmp_path, tiny_llama_dir, tiny_mixes, ray_module
+):
+    from solar_ray.train.session import FINAL_MARKER
+    from solar_ray.tune.sweep import run_sweep
+
+    # three trials on two CPUs: the first two wait paused at step 2 for the third, the rung
+    # keeps int(3 / 2) = 1 (never the planted diverging one), which resumes to the end.
+    # Steps of ~0.5 s (8 x 64 tokens), so that a paused trial does not train far past its rung
+    raw = tiny_sweep(
+        str(tiny_llama_dir),
+        tiny_mixes,
+        search={"m": [1, 2], "trials": [{"name": "bad", "m": 1, "train": {"lr": 20.0}}]},
+        train={"steps": 8, "micro_batch_size": 8},
+        baseline=True,
+        scheduler={"kind": "sha", "grace_period_steps": 2, "reduction_factor": 2},
+    )
+    cfg = SweepConfig.model_validate(raw)
+    out = tmp_path / "sw"
+    result = run_sweep(cfg, out, echo=lambda s: None)
+    rows = {r["trial"]: r for r in result.rows}
+    best = result.best["trial"]
+    assert best in ("solar-m01", "solar-m02")
+    assert rows[best]["status"] == "done" and rows[best]["steps"] == 8
+    assert rows["base"]["status"] == "done" and rows["base"]["steps"] == 8  # never waits
+    losers = [n for n in ("solar-m01", "solar-m02", "bad") if n != best]
+    assert all(rows[n]["status"] == "stopped" and rows[n]["steps"] < 8 for n in losers)
+    # the winner's driver was started again after the cut, and its training continued from a
+    # rung's checkpoint (steps 2 and 4 are checkpointed), not from scratch
+    trials = out / "trials" / experiment_name(cfg)
+    final = json.loads((Path(rows[best]["checkpoint"]) / FINAL_MARKER).read_text())
+    assert final["steps"] == 8 and final["resumed_from"]
+    assert set(final["resumed_from"]) <= {2, 4}
+    assert _attempts(trials / best).count("train") == 1 + len(final["resumed_from"])
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["num_stopped_early"] == 2
+    assert summary["steps_spent"] < summary["steps_full_grid"] == 3 * 8
     deadline = time.monotonic() + 20
     while ray_module.available_resources().get("CPU") != 2 and time.monotonic() < deadline:
         time.sleep(0.5)

@@ -27,7 +27,7 @@ import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from solar_ray.config import StageConfig
 
@@ -46,6 +46,7 @@ OPERATIONAL_FIELDS = frozenset(
         "overwrite",
         "max_failures",
         "num_checkpoints_to_keep",
+        "checkpoint_at",
         "log_every",
         "tensorboard",
         "cpus_per_worker",
@@ -142,6 +143,10 @@ class TrainConfig(StageConfig):
 
     # -- checkpoints, metrics, export
     checkpoint_every: int = Field(default=100, ge=1, description="steps between checkpoints")
+    checkpoint_at: list[PositiveInt] = Field(
+        default_factory=list,
+        description="further steps to checkpoint at (a sweep's successive-halving rungs)",
+    )
     log_every: int = Field(default=10, ge=1, description="steps between metric reports")
     eval_every: int | None = Field(
         default=None, ge=1, description="steps between held-out evaluations (default: at the end)"

@@ -166,8 +166,8 @@ def precompute_ref_logps(
             ray.init()
         fs.delete_dir_contents(out_path, missing_dir_ok=True)
         files = list(inputs.data.files) + (list(inputs.val.files) if inputs.val else [])
-        ds = ray.data.read_parquet(
-            files, filesystem=inputs.data.filesystem, columns=["prompt", "chosen", "rejected"]
+        ds = ray.data.read_parquet(files, filesystem=inputs.data.filesystem).select_columns(
+            ["prompt", "chosen", "rejected"]
         )
         ds = ds.map_batches(
             RefLogpsPredictor,

@@ -40,6 +40,7 @@ from solar_ray.train.worker import WorkerEnv, finish_run
 __all__ = [
     "DeepSpeedCheckpointMixin",
     "MetricsCallback",
+    "SaveAtSteps",
     "hf_training_kwargs",
     "load_hf_dataset",
     "train_with_hf",
@@ -203,6 +204,19 @@ class _PruneLocalCheckpoints(TrainerCallback):
                 shutil.rmtree(p, ignore_errors=True)
 
 
+class SaveAtSteps(TrainerCallback):
+    """Checkpoint at the given steps too (``checkpoint_at``), besides every ``save_steps``."""
+
+    def __init__(self, steps: list[int]) -> None:
+        super().__init__()
+        self.steps = frozenset(steps)
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> Any:
+        if state.global_step in self.steps and state.global_step < state.max_steps:
+            control.should_save = True
+        return control
+
+
 def train_with_hf(
     env: WorkerEnv,
     ckpt: Path | None,
@@ -226,6 +240,8 @@ def train_with_hf(
     with out_ctx as output_dir:
         metrics_cb = MetricsCallback(env, resume)
         callbacks: list[Any] = [metrics_cb]
+        if env.cfg.checkpoint_at:
+            callbacks.append(SaveAtSteps(env.cfg.checkpoint_at))
         if not local:
             from ray.train.huggingface.transformers import RayTrainReportCallback
 

@@ -5,7 +5,8 @@
 (world size 1). The loop drives a DeepSpeed engine directly: AdamW, linear warmup then a
 cosine decay to ``min_lr_ratio * lr``, gradient accumulation and clipping by DeepSpeed, a
 held-out loss / perplexity before training, every ``eval_every`` steps and at the end, and a
-DeepSpeed checkpoint every ``checkpoint_every`` steps reported to Ray Train. A restarted
+DeepSpeed checkpoint every ``checkpoint_every`` steps (and at each step of ``checkpoint_at``)
+reported to Ray Train. A restarted
 worker (a replaced one, or a re-run of the same job) loads the latest checkpoint and
 continues the same data order from the next step.
 
@@ -333,6 +334,7 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)
     started = time.perf_counter()
     tokens_per_micro = cfg.micro_batch_size * cfg.seq_len
+    checkpoint_at = set(cfg.checkpoint_at)
     engine.train()
     while state["step"] < total_steps:
         for _ in range(cfg.grad_accum_steps):
@@ -377,7 +379,7 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
             metrics.update(log_eval(step))
         if metrics and env.metrics:
             env.metrics.scalars(step, metrics)
-        if step % cfg.checkpoint_every == 0 and not last:
+        if (step % cfg.checkpoint_every == 0 or step in checkpoint_at) and not last:
             _save_checkpoint(engine, env, state, metrics or {"step": step})
         elif metrics:
             session.report(metrics)
@@ -480,9 +482,8 @@ def _streaming_datasets(cfg: PretrainConfig, inputs: StageInputs) -> tuple[dict,
     import ray.data
 
     ds = ray.data.read_parquet(
-        list(inputs.data.files), filesystem=inputs.data.filesystem,
-        columns=["input_ids", "position_ids"],
-    )  # fmt: skip
+        list(inputs.data.files), filesystem=inputs.data.filesystem
+    ).select_columns(["input_ids", "position_ids"])
     num_rows = inputs.data.num_rows
     if cfg.val_data is None and cfg.val_fraction > 0:
         fraction = cfg.val_fraction

@@ -18,7 +18,8 @@ import json
 import os
 import shutil
 import socket
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -26,6 +27,7 @@ __all__ = [
     "FINAL_MARKER",
     "LocalSession",
     "RaySession",
+    "ReportCoalescer",
     "WorkerSession",
     "current_session",
     "init_local_process_group",
@@ -49,7 +51,11 @@ class WorkerSession(Protocol):
     def report(
         self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None
     ) -> None:
-        """Report metrics (and this rank's part of a checkpoint); every rank must call it."""
+        """Report metrics (and this rank's part of a checkpoint); every rank must call it.
+
+        A checkpoint report passes the checkpoint's ``name`` on every rank, also on those
+        that hold no part of it (``checkpoint_dir=None``).
+        """
         ...
 
     def dataset_shard(self, name: str) -> Any | None:
@@ -57,8 +63,73 @@ class WorkerSession(Protocol):
         ...
 
 
+#: Ray Train V2's controller takes each worker's reports from a one-slot queue, polling every
+#: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by default)
+POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def _max_over_ranks(value: float) -> float:
+    """``value``'s maximum over the ranks of the default process group (itself without one)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return value
+    device = (
+        torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    )
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return float(t.item())
+
+
+class ReportCoalescer:
+    """Decides which metric reports reach Ray Train, so that reporting never stalls training.
+
+    ``ray.train.report`` puts the report in a one-slot queue that Ray Train V2's controller
+    empties once per poll interval (2 s): a worker reporting more often than that blocks in
+    ``report`` until the next poll. Measured before this class: DPO on 2 workers logging
+    every step (0.9 s of compute) ran at 2.0 s per step, live reference or precomputed alike.
+
+    A report of metrics only is held back (merged into the next, later keys winning) while
+    less than ``min_interval_s`` passed since the last report that went out; a report with a
+    checkpoint or with held-out metrics (``eval_*``, which a sweep's scheduler compares at
+    their step) always goes out, with what was held back. Nothing is lost: the run's last
+    report (its final checkpoint) carries whatever is still held. TensorBoard and the loop's
+    own histories still see every logging step. ``report`` is a collective in Ray Train V2
+    (every rank must call it as often as the others), so the elapsed time is agreed on by
+    ``agree`` (the maximum over the ranks) and every rank decides alike.
+    """
+
+    def __init__(
+        self,
+        min_interval_s: float | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        agree: Callable[[float], float] = _max_over_ranks,
+    ) -> None:
+        if min_interval_s is None:
+            min_interval_s = float(os.environ.get(POLL_INTERVAL_ENV, "2.0"))
+        self.min_interval_s = min_interval_s
+        self._clock = clock
+        self._agree = agree
+        self._last: float | None = None
+        self._held: dict[str, Any] = {}
+
+    def offer(self, metrics: dict[str, Any], checkpoint: bool = False) -> dict[str, Any] | None:
+        """The metrics to report now (held-back ones merged in), or None to hold them back."""
+        urgent = checkpoint or any(str(k).startswith("eval_") for k in metrics)
+        if not urgent and self._last is not None:
+            if self._agree(self._clock() - self._last) < self.min_interval_s:
+                self._held.update(metrics)
+                return None
+        out = {**self._held, **metrics}
+        self._held = {}
+        self._last = self._clock()
+        return out
+
+
 class RaySession:
-    """A Ray Train worker (V2 API)."""
+    """A Ray Train worker (V2 API); metric reports coalesced by :class:`ReportCoalescer`."""
 
     def __init__(self) -> None:
         import ray.train
@@ -67,6 +138,7 @@ class RaySession:
         self.world_rank = ctx.get_world_rank()
         self.world_size = ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
+        self._reports = ReportCoalescer()
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -84,6 +156,13 @@ class RaySession:
     ) -> None:
         import ray.train
 
+        # a checkpoint report is one on every rank (``name`` is), whether or not this rank
+        # holds a part: the ranks must take the same branch, the agreement is a collective
+        metrics = self._reports.offer(
+            metrics, checkpoint=checkpoint_dir is not None or name is not None
+        )
+        if metrics is None:
+            return
         checkpoint = (
             ray.train.Checkpoint.from_directory(str(checkpoint_dir)) if checkpoint_dir else None
         )

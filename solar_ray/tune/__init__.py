@@ -1,10 +1,10 @@
 """Ray Tune sweeps over the layer-removal count ``m`` (and method) and the data-mix choices.
 
-``solar-ray sweep RECIPE.yaml [--out DIR] [--set key=value ...] [--scheduler asha|grid]``
+``solar-ray sweep RECIPE.yaml [--out DIR] [--set key=value ...] [--scheduler asha|sha|grid]``
 runs every choice of the recipe's search space as a Tune trial that upscales (cached),
 trains on the shared prepared data with a Ray Train ``TorchTrainer`` and reports held-out
-loss to Tune; ASHA stops weak trials early. See ``docs/sweep.md`` and
-:mod:`solar_ray.tune.sweep`.
+loss to Tune; successive halving (synchronous, or ASHA) stops weak trials early. See
+``docs/sweep.md`` and :mod:`solar_ray.tune.sweep`.
 
 Python::
 
@@ -53,8 +53,8 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
     parser.add_argument("--out", help="sweep directory (default: the recipe's out, or runs/<name>)")
     parser.add_argument(
         "--scheduler",
-        choices=["asha", "grid"],
-        help="override scheduler.kind (grid: no early stop)",
+        choices=["asha", "sha", "grid"],
+        help="override scheduler.kind (sha: synchronous successive halving; grid: no early stop)",
     )
     parser.add_argument("--dry-run", action="store_true", help="list the trials, run nothing")
     parser.add_argument(

@@ -46,6 +46,7 @@ __all__ = [
     "TrialChoice",
     "TrialSpec",
     "plan_trials",
+    "rung_milestones",
 ]
 
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
@@ -190,17 +191,36 @@ class SearchSpace(StageConfig):
         return self.m.values() if isinstance(self.m, MRange) else list(self.m)
 
 
-class SchedulerConfig(StageConfig):
-    """How trials are stopped: ASHA over training steps, or a full grid (no early stop)."""
+def rung_milestones(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
+    """The steps trials are compared at: ``grace * rf**k`` below ``max_t`` (no duplicates)."""
+    out: list[int] = []
+    r = float(grace_period)
+    while round(r) < max_t:
+        if not out or round(r) > out[-1]:
+            out.append(round(r))
+        r *= reduction_factor
+    return out
 
-    kind: Literal["asha", "grid"] = "asha"
+
+class SchedulerConfig(StageConfig):
+    """How trials are stopped over training steps.
+
+    ``asha``: Ray's asynchronous successive halving; a trial reaching a rung goes on if it
+    is in the best ``1/reduction_factor`` of those that reached it so far (so the first to
+    arrive always does). ``sha``: synchronous successive halving; every trial waits, paused,
+    at a rung until all have reached it, then the best ``1/reduction_factor`` go on (the
+    trials checkpoint at the rungs and resume from there). ``grid``: every trial the full
+    budget. Rungs are at ``grace_period_steps * reduction_factor**k`` steps.
+    """
+
+    kind: Literal["asha", "sha", "grid"] = "asha"
     metric: str = Field(default="eval_loss", description="a held-out metric the trials report")
     mode: Literal["min", "max"] = "min"
     grace_period_steps: int = Field(
-        default=10, ge=1, description="ASHA: steps every trial runs before it can be stopped"
+        default=10, ge=1, description="steps every trial runs before it can be stopped"
     )
     reduction_factor: float = Field(
-        default=3.0, gt=1, description="ASHA: keep the best 1/reduction_factor at each rung"
+        default=3.0, gt=1, description="keep the best 1/reduction_factor at each rung"
     )
 
 
@@ -276,18 +296,33 @@ class SweepConfig(StageConfig):
                 "train.val_data: trials are scored on held-out data; set val_data (a prepared "
                 "held-out mix) or val_fraction"
             )
-        if self.scheduler.kind == "asha":
+        if self.scheduler.kind in ("asha", "sha"):
+            kind = self.scheduler.kind.upper()
             if not train.get("eval_every"):
                 raise ValueError(
-                    "train.eval_every: ASHA compares trials on held-out reports during "
+                    f"train.eval_every: {kind} compares trials on held-out reports during "
                     "training; set eval_every (<= scheduler.grace_period_steps)"
                 )
             if train.get("steps") is None:
-                raise ValueError("train.steps: ASHA schedules over steps; set steps")
+                raise ValueError(f"train.steps: {kind} schedules over steps; set steps")
             if self.scheduler.grace_period_steps > int(train["steps"]):
                 raise ValueError(
                     f"scheduler.grace_period_steps: {self.scheduler.grace_period_steps} "
                     f"exceeds train.steps ({train['steps']})"
+                )
+        if self.scheduler.kind == "sha":
+            rungs = rung_milestones(
+                self.scheduler.grace_period_steps,
+                self.scheduler.reduction_factor,
+                int(train["steps"]),
+            )
+            off = [r for r in rungs if r % int(train["eval_every"])]
+            if off:
+                raise ValueError(
+                    f"train.eval_every: successive halving compares trials at steps {rungs}; "
+                    f"eval_every ({train['eval_every']}) must divide each of them ({off} "
+                    "do not): set eval_every to a divisor of scheduler.grace_period_steps "
+                    "and an integer reduction_factor"
                 )
         eval_every = train.get("eval_every")
         log_every = train.get("log_every", 10)

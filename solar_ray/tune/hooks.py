@@ -1,4 +1,4 @@
-"""The two Ray classes a sweep extends: the Train->Tune report callback and ASHA.
+"""The Ray classes a sweep extends: the Train->Tune report callback and the schedulers.
 
 Kept apart so that importing :mod:`solar_ray.tune` (configs, planning, the CLI's help)
 does not import Ray.
@@ -6,22 +6,29 @@ does not import Ray.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from ray.tune import Callback
+from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
-from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
+from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
+
+from solar_ray.tune.config import rung_milestones
 
 __all__ = [
     "PlacementGroupReaper",
     "ReferenceExemptASHA",
+    "SuccessiveHalving",
     "SweepReportCallback",
     "get_registry",
     "registry_name",
 ]
+
+log = logging.getLogger(__name__)
 
 
 class SweepReportCallback(TuneReportCallback):
@@ -31,8 +38,10 @@ class SweepReportCallback(TuneReportCallback):
     FLOPs) or returns None to drop it: reports without the metric (training loss only)
     are dropped because Tune requires the metric in every result. A held-out report that
     does not carry ``tokens_seen`` (the TRL stages log evaluation apart from training)
-    gets the count of the latest report that did. Built in the trial's driver (it needs
-    the Tune session); runs in the Ray Train controller.
+    gets the count of the latest report that did. A forwarded result says whether its
+    report carried a checkpoint (``checkpointed``): :class:`SuccessiveHalving` pauses a
+    trial only there, so that it resumes from the step it was compared at. Built in the
+    trial's driver (it needs the Tune session); runs in the Ray Train controller.
     """
 
     def __init__(self, transform: Callable[[dict[str, Any]], dict[str, Any] | None]) -> None:
@@ -49,6 +58,7 @@ class SweepReportCallback(TuneReportCallback):
             raw["tokens_seen"] = self._tokens_seen
         result = self._transform(raw)
         if result is not None:
+            result["checkpointed"] = checkpoint is not None
             self._training_actor_item_queue.put(result)
 
 
@@ -83,6 +93,206 @@ class ReferenceExemptASHA(AsyncHyperBandScheduler):
             self._trial_info.pop(trial.trial_id, None)
             return
         super().on_trial_complete(tune_controller, trial, result)
+
+
+class SuccessiveHalving(FIFOScheduler):
+    """Synchronous successive halving over training steps; the reference trials exempt.
+
+    Every searched trial trains to the first rung (``grace_period`` steps) and waits there,
+    paused, until all of them have arrived; then the best ``max(1, n // reduction_factor)``
+    go on to the next rung (``grace * rf``) and the others are stopped, and so on until
+    ``max_t``. Unlike ASHA, whose first trial at a rung always goes on (it has nothing to
+    be compared with), every cut is made over the whole rung, which is what a sweep of a
+    few expensive trials needs: with 5 trials and ``reduction_factor`` 2, ASHA spent 64% of
+    the grid's steps on jobs/sweep-m.yaml (bench/results/sweep.md), most of it on the
+    trials that happened to start first.
+
+    Pausing frees the trial's resources (its driver and Train run exit) so that the
+    waiting trials never hold the slots the others need. A trial is paused only on a
+    result whose report carried a training checkpoint (``result["checkpointed"]``; the
+    sweep checkpoints at every rung), and a promoted trial's driver is started again: its
+    Train run has the same name and continues from that checkpoint. A trial whose result
+    at a rung has no checkpoint goes on training until one that has (or is stopped when the
+    rung's cut goes against it).
+
+    ``trials`` names every searched trial (``config["trial"]``), so a rung is complete only
+    when each trial still in the race has reported there; a trial that fails for good
+    leaves the race. ``reference`` names trials that are neither compared nor stopped.
+    """
+
+    def __init__(
+        self,
+        *,
+        trials: Iterable[str],
+        metric: str,
+        mode: str,
+        max_t: int,
+        grace_period: int,
+        reduction_factor: float,
+        time_attr: str = "step",
+        reference: Iterable[str] = (),
+    ) -> None:
+        super().__init__()
+        if mode not in ("min", "max"):
+            raise ValueError(f"mode: expected min or max, got {mode!r}")
+        self._reference = frozenset(reference)
+        self._searched = frozenset(trials) - self._reference
+        # not TrialScheduler's _metric/_mode: Tune sets those from TuneConfig and refuses a
+        # scheduler that has its own
+        self._score_metric, self._score_mode, self._time_attr = metric, mode, time_attr
+        self.milestones = rung_milestones(grace_period, reduction_factor, max_t)
+        self._rf = reduction_factor
+        #: per rung: trial -> score (lower is better), and the trials it promoted once cut
+        self._scores: list[dict[str, float]] = [{} for _ in self.milestones]
+        self._kept: list[frozenset[str] | None] = [None for _ in self.milestones]
+        self._left: set[str] = set()  # searched trials that ended (done, failed, stopped)
+        self._resume: set[str] = set()  # paused trials a cut promoted
+        self._trials: dict[str, Trial] = {}
+        self._cutting = False
+
+    # -- bookkeeping
+
+    def _name(self, trial: Trial) -> str:
+        name = str(trial.config.get("trial", trial.trial_id))
+        self._trials[name] = trial
+        return name
+
+    def _score(self, result: dict) -> float | None:
+        value = result.get(self._score_metric)
+        if value is None or self._time_attr not in result:
+            return None
+        value = float(value)
+        if math.isnan(value):
+            return math.inf
+        return value if self._score_mode == "min" else -value
+
+    def _record(self, name: str, result: dict) -> None:
+        score = self._score(result)
+        if score is None:
+            return
+        step = float(result[self._time_attr])
+        for k, milestone in enumerate(self.milestones):
+            if step >= milestone and name not in self._scores[k]:
+                self._scores[k][name] = score
+
+    def _eligible(self, k: int) -> frozenset[str] | None:
+        """The trials racing at rung ``k`` (None while rung ``k - 1`` is not cut yet)."""
+        return self._searched if k == 0 else self._kept[k - 1]
+
+    def _cut(self, tune_controller: Any, current: str | None) -> None:
+        """Cut every rung that is complete, in order; act on the paused trials."""
+        if self._cutting:
+            return
+        self._cutting = True
+        try:
+            for k, milestone in enumerate(self.milestones):
+                if self._kept[k] is not None:
+                    continue
+                eligible = self._eligible(k)
+                if eligible is None:
+                    return
+                if any(n not in self._scores[k] and n not in self._left for n in eligible):
+                    return
+                arrived = sorted((self._scores[k][n], n) for n in eligible if n in self._scores[k])
+                keep = max(1, int(len(arrived) / self._rf)) if arrived else 0
+                kept = frozenset(n for _, n in arrived[:keep])
+                self._kept[k] = kept
+                log.info(
+                    "successive halving: rung %d (step %d) of %d trials -> %s go on",
+                    k,
+                    milestone,
+                    len(arrived),
+                    ", ".join(sorted(kept)) or "none",
+                )
+                for _, name in arrived:
+                    trial = self._trials.get(name)
+                    if trial is None or name == current or name in self._left:
+                        continue
+                    waiting = trial.status == Trial.PAUSED or trial.is_saving
+                    if name in kept:
+                        if waiting:
+                            self._resume.add(name)
+                    elif waiting or trial.status in (Trial.RUNNING, Trial.PENDING):
+                        tune_controller.stop_trial(trial)
+        finally:
+            self._cutting = False
+
+    def _decision(self, name: str) -> str | None:
+        """CONTINUE or STOP from the cuts made so far; None while a rung it reached is open."""
+        for k in range(len(self.milestones)):
+            if name not in self._scores[k]:
+                return TrialScheduler.CONTINUE
+            kept = self._kept[k]
+            if kept is None:
+                return None
+            if name not in kept:
+                return TrialScheduler.STOP
+        return TrialScheduler.CONTINUE
+
+    # -- TrialScheduler
+
+    def on_trial_add(self, tune_controller: Any, trial: Trial) -> None:
+        """Know the trial by name (its status is read when a cut acts on it)."""
+        self._name(trial)
+
+    def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
+        """Record the result at the rungs it reached; go on, stop, or wait paused."""
+        name = self._name(trial)
+        if name in self._reference or name not in self._searched:
+            return TrialScheduler.CONTINUE
+        self._resume.discard(name)
+        self._record(name, result)
+        self._cut(tune_controller, current=name)
+        decision = self._decision(name)
+        if decision is not None:
+            return decision
+        return TrialScheduler.PAUSE if result.get("checkpointed") else TrialScheduler.CONTINUE
+
+    def on_trial_complete(self, tune_controller: Any, trial: Trial, result: dict) -> None:
+        """A trial ended (finished or stopped while running): record it, cut what is complete."""
+        name = self._name(trial)
+        if name not in self._searched:
+            return
+        if result:
+            self._record(name, result)
+        self._left.add(name)
+        self._resume.discard(name)
+        self._cut(tune_controller, current=None)
+
+    def on_trial_error(self, tune_controller: Any, trial: Trial) -> None:
+        """A trial failed for good: it leaves the race."""
+        self.on_trial_remove(tune_controller, trial)
+
+    def on_trial_remove(self, tune_controller: Any, trial: Trial) -> None:
+        """A paused or pending trial was stopped (by a cut or by the user)."""
+        name = self._name(trial)
+        if name not in self._searched:
+            return
+        self._left.add(name)
+        self._resume.discard(name)
+        self._cut(tune_controller, current=None)
+
+    def choose_trial_to_run(self, tune_controller: Any) -> Trial | None:
+        """Pending trials first, then paused ones a cut promoted (never one still waiting)."""
+        trials = tune_controller.get_trials()
+        for trial in trials:
+            if trial.status == Trial.PENDING:
+                return trial
+        for trial in trials:
+            if trial.status == Trial.PAUSED and self._name(trial) in self._resume:
+                return trial
+        return None
+
+    def debug_string(self) -> str:
+        """Rungs, how many trials reached each and how many each kept."""
+        parts = []
+        for k, milestone in enumerate(self.milestones):
+            kept = self._kept[k]
+            parts.append(
+                f"step {milestone}: {len(self._scores[k])} in"
+                + (f", {len(kept)} kept" if kept is not None else "")
+            )
+        return "Successive halving: " + "; ".join(parts)
 
 
 # --------------------------------------------------------------------------- placement groups
@@ -147,6 +357,7 @@ class PlacementGroupReaper(Callback):
         self.delay_s = delay_s
         self.watch_s = watch_s
         self._pending: list[tuple[float, str, list[str]]] = []
+        self._paused: set[str] = set()
         self._last_pass = 0.0
 
     def _ended(self, trial: Any) -> None:
@@ -173,8 +384,19 @@ class PlacementGroupReaper(Callback):
         self._ended(trial)
 
     def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
-        """Once a second: remove the due groups that still exist."""
+        """Once a second: remove the due groups that still exist.
+
+        A trial paused by successive halving has no Tune hook of its own: its groups are
+        reaped when it is first seen paused (the attempts registered until then; the
+        attempt that resumes it registers anew).
+        """
         now = time.monotonic()
+        for trial in trials:
+            if trial.status == Trial.PAUSED and trial.trial_id not in self._paused:
+                self._paused.add(trial.trial_id)
+                self._ended(trial)
+            elif trial.status != Trial.PAUSED:
+                self._paused.discard(trial.trial_id)
         if self._pending and now - self._last_pass >= 1.0:
             self._last_pass = now
             self.reap(now)

@@ -1,6 +1,6 @@
 """The sweep report: results.csv / results.md, plots, best.yaml and best.json.
 
-One row per trial: its choice (m and method, or mix), the steps it ran, whether ASHA
+One row per trial: its choice (m and method, or mix), the steps it ran, whether the scheduler
 stopped it early, the metric and the estimated training FLOPs. The plots compare the
 choices fairly: an upscaled model with more layers takes fewer steps per second and more
 FLOPs per step, so the metric is shown at equal steps *and* at equal FLOPs, and the base
@@ -201,7 +201,7 @@ def _plot(out: Path, rows: Sequence[dict], metric: str) -> dict[str, Path]:
         ax.set_ylabel(metric)
         ax.grid(alpha=0.3)
     axes[0].legend(fontsize=8)
-    axes[0].set_title("learning curves (x: stopped early by ASHA)")
+    axes[0].set_title("learning curves (x: stopped early)")
     axes[1].set_title("learning curves against compute")
     fig.tight_layout()
     files["learning_curves"] = out / "learning_curves.png"

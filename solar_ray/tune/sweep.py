@@ -6,8 +6,9 @@
    runs, that the training config validates and that ``best.yaml`` will be a valid recipe;
 2. run the recipe's ``stages`` once into ``OUT/prepare`` with the pipeline runner (skipped
    when done), and resolve ``"@stage"`` references and the base model;
-3. run the trials as a ``Tuner`` over a grid of the choices, with ASHA (over training
-   steps) or without early stopping (``scheduler.kind: grid``). The experiment lives in
+3. run the trials as a ``Tuner`` over a grid of the choices, with successive halving
+   (synchronous, or ASHA; over training steps) or without early stopping
+   (``scheduler.kind: grid``). The experiment lives in
    ``OUT/tune/<name>-<scheduler>-<hash of the recipe>``; when it exists it is restored with
    ``Tuner.restore``, so an interrupted sweep continues: finished trials are kept, the
    others restart and their training runs resume from their latest checkpoints;
@@ -28,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from solar_ray.config import ConfigError
-from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials
+from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials, rung_milestones
 from solar_ray.tune.trial import (
     TRIALS_DIR,
     run_trial,
@@ -195,6 +196,16 @@ def run_sweep(
         "mode": cfg.scheduler.mode,
         "experiment": name,
         "trials": {t.name: t.to_dict() for t in resolved},
+        # successive halving pauses trials at its rungs: they must resume from there
+        "checkpoint_at": (
+            rung_milestones(
+                cfg.scheduler.grace_period_steps,
+                cfg.scheduler.reduction_factor,
+                int(cfg.train["steps"]),
+            )
+            if cfg.scheduler.kind == "sha"
+            else []
+        ),
     }
     # the inputs (model, tokenizer, data) are checked once here, not in every trial
     first = train_config_for(ctx, resolved[0], base_dir)
@@ -220,8 +231,12 @@ def run_sweep(
             tune_config=tune.TuneConfig(
                 metric=cfg.scheduler.metric,
                 mode=cfg.scheduler.mode,
-                scheduler=_scheduler(cfg, {t.name for t in resolved if t.reference}),
-                max_concurrent_trials=concurrency,
+                scheduler=_scheduler(cfg, resolved),
+                # Tune bounds concurrency with a ConcurrencyLimiter that counts a paused
+                # trial as live: under successive halving the trials waiting at a rung would
+                # keep the last ones from ever being created. There, the trials' drivers
+                # (which hold no resources) all start and their Train runs queue for workers
+                max_concurrent_trials=None if cfg.scheduler.kind == "sha" else concurrency,
                 trial_name_creator=_trial_name,
                 trial_dirname_creator=_trial_name,
                 reuse_actors=False,  # a stopped trial's driver must exit (its trainer with it)
@@ -264,13 +279,25 @@ def _report_only(
     return SweepResult(out, path, rows, best, files)
 
 
-def _scheduler(cfg: SweepConfig, reference: set[str]) -> Any:
+def _scheduler(cfg: SweepConfig, trials: list[TrialSpec]) -> Any:
     from ray.tune.schedulers import FIFOScheduler
 
-    from solar_ray.tune.hooks import ReferenceExemptASHA
+    from solar_ray.tune.hooks import ReferenceExemptASHA, SuccessiveHalving
 
+    reference = {t.name for t in trials if t.reference}
     if cfg.scheduler.kind == "grid":
         return FIFOScheduler()
+    if cfg.scheduler.kind == "sha":
+        return SuccessiveHalving(
+            trials=[t.name for t in trials],
+            reference=reference,
+            metric=cfg.scheduler.metric,
+            mode=cfg.scheduler.mode,
+            time_attr="step",
+            max_t=int(cfg.train["steps"]),
+            grace_period=cfg.scheduler.grace_period_steps,
+            reduction_factor=cfg.scheduler.reduction_factor,
+        )
     return ReferenceExemptASHA(
         reference=reference,
         time_attr="step",

@@ -6,8 +6,9 @@ trial and every sweep that uses the cache), builds the trial's training config f
 sweep's shared one, and launches a ``TorchTrainer`` running the training stage's own
 per-worker loop (:func:`solar_ray.train.pretrain.pretrain_worker`). The trainer's
 :class:`SweepReportCallback` forwards every held-out report of rank 0 to Tune while the
-workers train, so ASHA can stop a weak trial at a rung; when training ends the driver
-reports the final metrics (read from the run's final checkpoint) with the checkpoint path.
+workers train, so the scheduler can stop (or pause) a trial at a rung; when training ends
+the driver reports the final metrics (read from the run's final checkpoint) with the
+checkpoint path.
 
 Each trial's Ray Train run is named after the experiment and the trial, in
 ``OUT/ray_train``: a trial that is restarted (a resumed sweep, a retried failure) continues
@@ -173,6 +174,8 @@ def train_config_for(ctx: Mapping[str, Any], spec: TrialSpec, model_dir: str | P
     if spec.val_data:
         data["val_data"] = spec.val_data
         data.pop("val_fraction", None)
+    if ctx.get("checkpoint_at"):
+        data["checkpoint_at"] = sorted({*data.get("checkpoint_at", []), *ctx["checkpoint_at"]})
     data.update(
         model=str(model_dir),
         out=str(trial_path(ctx, spec.name) / "model"),
