@@ -125,14 +125,7 @@ def _plan(cfg):
 
 def _rungs(cfg) -> str:
     """The rungs a run compared trials at (``-`` for the grid)."""
-    from solar_ray.tune.config import rung_milestones
-
-    if cfg.scheduler.kind == "grid":
-        return "-"
-    steps = rung_milestones(
-        cfg.scheduler.grace_period_steps, cfg.scheduler.reduction_factor, int(cfg.train["steps"])
-    )
-    return ", ".join(map(str, steps))
+    return ", ".join(map(str, cfg.rungs())) or "-"
 
 
 def _row(kind: str, result, seconds: float) -> dict:

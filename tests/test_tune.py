@@ -280,6 +280,7 @@ class _Controller:
 
 
 def _sha(names, **over):
+    from solar_ray.tune.config import rung_milestones
     from solar_ray.tune.hooks import SuccessiveHalving
 
     trials = [_Trial(n) for n in names]
@@ -288,8 +289,7 @@ def _sha(names, **over):
         reference={"base"},
         metric="eval_loss",
         mode="min",
-        max_t=18,
-        grace_period=2,
+        milestones=rung_milestones(2, 2, 18),
         reduction_factor=2,
     )
     sched = SuccessiveHalving(**{**kwargs, **over})

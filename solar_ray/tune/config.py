@@ -311,11 +311,7 @@ class SweepConfig(StageConfig):
                     f"exceeds train.steps ({train['steps']})"
                 )
         if self.scheduler.kind == "sha":
-            rungs = rung_milestones(
-                self.scheduler.grace_period_steps,
-                self.scheduler.reduction_factor,
-                int(train["steps"]),
-            )
+            rungs = self.rungs()
             off = [r for r in rungs if r % int(train["eval_every"])]
             if off:
                 raise ValueError(
@@ -381,6 +377,16 @@ class SweepConfig(StageConfig):
             stage = stages[self.search.mix_stage]
             stage["mixes"] = [*stage.get("mixes", []), *({"name": c.name, **c.mix} for c in inline)]
         return stages
+
+    def rungs(self) -> list[int]:
+        """The steps the early-stopping scheduler compares trials at (none for a grid)."""
+        if self.scheduler.kind == "grid":
+            return []
+        return rung_milestones(
+            self.scheduler.grace_period_steps,
+            self.scheduler.reduction_factor,
+            int(self.train["steps"]),
+        )
 
     def train_fields(self) -> dict[str, Any]:
         """The shared training config without its ``kind``."""

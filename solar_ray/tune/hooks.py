@@ -17,8 +17,6 @@ from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
 from ray.tune.schedulers import AsyncHyperBandScheduler, FIFOScheduler, TrialScheduler
 
-from solar_ray.tune.config import rung_milestones
-
 __all__ = [
     "PlacementGroupReaper",
     "ReferenceExemptASHA",
@@ -98,10 +96,10 @@ class ReferenceExemptASHA(AsyncHyperBandScheduler):
 class SuccessiveHalving(FIFOScheduler):
     """Synchronous successive halving over training steps; the reference trials exempt.
 
-    Every searched trial trains to the first rung (``grace_period`` steps) and waits there,
-    paused, until all of them have arrived; then the best ``max(1, n // reduction_factor)``
-    go on to the next rung (``grace * rf``) and the others are stopped, and so on until
-    ``max_t``. Unlike ASHA, whose first trial at a rung always goes on (it has nothing to
+    Every searched trial trains to the first rung (``milestones[0]`` steps; a sweep's
+    :meth:`~solar_ray.tune.config.SweepConfig.rungs`) and waits there, paused, until all of
+    them have arrived; then the best ``max(1, n // reduction_factor)`` go on to the next
+    rung and the others are stopped, and so on to the last. Unlike ASHA, whose first trial at a rung always goes on (it has nothing to
     be compared with), every cut is made over the whole rung, which is what a sweep of a
     few expensive trials needs: with 5 trials and ``reduction_factor`` 2, ASHA spent 64% of
     the grid's steps on jobs/sweep-m.yaml (bench/results/sweep.md), most of it on the
@@ -126,8 +124,7 @@ class SuccessiveHalving(FIFOScheduler):
         trials: Iterable[str],
         metric: str,
         mode: str,
-        max_t: int,
-        grace_period: int,
+        milestones: list[int],
         reduction_factor: float,
         time_attr: str = "step",
         reference: Iterable[str] = (),
@@ -140,7 +137,7 @@ class SuccessiveHalving(FIFOScheduler):
         # not TrialScheduler's _metric/_mode: Tune sets those from TuneConfig and refuses a
         # scheduler that has its own
         self._score_metric, self._score_mode, self._time_attr = metric, mode, time_attr
-        self.milestones = rung_milestones(grace_period, reduction_factor, max_t)
+        self.milestones = sorted(milestones)
         self._rf = reduction_factor
         #: per rung: trial -> score (lower is better), and the trials it promoted once cut
         self._scores: list[dict[str, float]] = [{} for _ in self.milestones]

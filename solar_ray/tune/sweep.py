@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from solar_ray.config import ConfigError
-from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials, rung_milestones
+from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials
 from solar_ray.tune.trial import (
     TRIALS_DIR,
     run_trial,
@@ -197,15 +197,7 @@ def run_sweep(
         "experiment": name,
         "trials": {t.name: t.to_dict() for t in resolved},
         # successive halving pauses trials at its rungs: they must resume from there
-        "checkpoint_at": (
-            rung_milestones(
-                cfg.scheduler.grace_period_steps,
-                cfg.scheduler.reduction_factor,
-                int(cfg.train["steps"]),
-            )
-            if cfg.scheduler.kind == "sha"
-            else []
-        ),
+        "checkpoint_at": cfg.rungs() if cfg.scheduler.kind == "sha" else [],
     }
     # the inputs (model, tokenizer, data) are checked once here, not in every trial
     first = train_config_for(ctx, resolved[0], base_dir)
@@ -294,8 +286,7 @@ def _scheduler(cfg: SweepConfig, trials: list[TrialSpec]) -> Any:
             metric=cfg.scheduler.metric,
             mode=cfg.scheduler.mode,
             time_attr="step",
-            max_t=int(cfg.train["steps"]),
-            grace_period=cfg.scheduler.grace_period_steps,
+            milestones=cfg.rungs(),
             reduction_factor=cfg.scheduler.reduction_factor,
         )
     return ReferenceExemptASHA(
