@@ -8,14 +8,19 @@ Subcommands live in the modules that implement them and are imported only when i
 which adds the command's arguments to ``parser`` and returns the function to run. Every
 command gets ``--config FILE`` and repeatable ``--set dotted.key=value`` overrides from
 :func:`add_config_args`. A :class:`~solar_ray.errors.UserError` (bad config, model file,
-data) is printed on one line and exits 2; ``-v`` adds the traceback.
+data) is printed on one line and exits 2, and so is an OS error on a path (no space, no
+permission, a name too long); ``-v`` adds the traceback. SIGTERM and SIGINT stop the
+command the way an exception does (a partial output is removed) and exit 128 + signal
+with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import importlib
 import logging
+import signal
 import sys
 import traceback
 from collections.abc import Callable, Sequence
@@ -51,6 +56,34 @@ def add_config_args(parser: argparse.ArgumentParser, config_required: bool = Fal
         metavar="KEY=VALUE",
         help="override a config field, e.g. --set m=5 --set sources.0.max_samples=100",
     )
+
+
+#: OS errors that are about the user's files or machine, not a bug: one line, exit 2
+_USER_OS_ERRORS = frozenset(
+    {
+        errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
+        errno.EFBIG, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR,
+        errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.EMFILE, errno.ENFILE, errno.EIO,
+    }
+)  # fmt: skip
+
+
+class Interrupted(KeyboardInterrupt):
+    """SIGTERM or SIGINT arrived; raised in the main thread so that cleanups run."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def _raise_interrupted(signum: int, frame: object) -> None:
+    raise Interrupted(signum)
+
+
+def _os_error_line(e: OSError) -> str:
+    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
+    what = e.strerror or type(e).__name__
+    return f"{paths}: {what}" if paths else what
 
 
 def _one_line(msg: str) -> str:
@@ -97,6 +130,12 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
         raise
     runner: Callable[[argparse.Namespace], ExitCode] = module.cli(command, parser)
     args = parser.parse_args(argv[:idx] + argv[idx + 1 :])
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for s in previous:
+            signal.signal(s, _raise_interrupted)
+    except ValueError:  # not the main thread (an embedding application): leave them
+        previous = {}
     try:
         return int(runner(args) or 0)
     except UserError as e:
@@ -104,6 +143,24 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
             traceback.print_exc()
         print(f"solar-ray {command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
+    except OSError as e:
+        if e.errno not in _USER_OS_ERRORS:
+            raise
+        if verbose:
+            traceback.print_exc()
+        print(f"solar-ray {command}: error: {_os_error_line(e)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as e:
+        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+        if verbose:
+            traceback.print_exc()
+        name = signal.Signals(signum).name
+        print(f"solar-ray {command}: stopped by {name}; partial outputs were removed",
+              file=sys.stderr)  # fmt: skip
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

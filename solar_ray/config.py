@@ -30,6 +30,7 @@ __all__ = [
     "load_config",
     "load_yaml",
     "parse_override",
+    "parse_yaml",
 ]
 
 T = TypeVar("T", bound=BaseModel)
@@ -42,11 +43,71 @@ class ConfigError(UserError):
 class StageConfig(BaseModel):
     """Base of every stage config: strict about unknown keys, validated on assignment."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, frozen=False)
+    # allow_inf_nan: every float field is finite (``lr: .inf`` is a typo, not a setting)
+    model_config = ConfigDict(
+        extra="forbid", validate_assignment=True, frozen=False, allow_inf_nan=False
+    )
 
     def to_dict(self) -> dict[str, Any]:
         """The resolved config as plain JSON-able data (what lineage manifests record)."""
         return self.model_dump(mode="json")
+
+
+class DuplicateKeyError(yaml.YAMLError):
+    """A YAML mapping names the same key twice (YAML would silently keep the last)."""
+
+    def __init__(self, key: Any, line: int, first_line: int) -> None:
+        super().__init__(f"line {line}: duplicate key {key!r} (first on line {first_line})")
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` that refuses a key given twice in one mapping.
+
+    Keys merged in with ``<<: *anchor`` may be overridden, as YAML intends; two explicit
+    keys may not.
+    """
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            try:
+                first = seen.get(key)
+            except TypeError:  # an unhashable key: SafeLoader reports it below
+                continue
+            line = key_node.start_mark.line + 1
+            if first is not None:
+                raise DuplicateKeyError(key, line, first)
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
+UniqueKeyLoader.add_constructor(
+    yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, UniqueKeyLoader.construct_mapping
+)
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """YAML text to data with :class:`UniqueKeyLoader`; any problem is one ConfigError line."""
+    try:
+        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+    except DuplicateKeyError as e:
+        raise ConfigError(
+            f"{origin}: line {e.line}: the key {e.key!r} is given twice (first on line "
+            f"{e.first_line}); YAML would keep only the last, so remove one"
+        ) from None
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        what = " ".join(x for x in (e.context, e.problem) if x)
+        raise ConfigError(f"{origin}: not valid YAML: {where}{what}") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{origin}: not valid YAML: {' '.join(str(e).split())}") from None
+    except RecursionError:
+        raise ConfigError(f"{origin}: not valid YAML: nested too deeply") from None
 
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
@@ -55,9 +116,15 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise ConfigError(f"config file not found: {p}")
     try:
-        data = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            f"{p}: not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); "
+            "save the file as UTF-8"
+        ) from None
+    except OSError as e:
+        raise ConfigError(f"{p}: cannot read it ({e.strerror})") from None
+    data = parse_yaml(text, str(p))
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -75,8 +142,8 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if any(not p for p in parts):
         raise ConfigError(f"--set {item!r}: empty component in key {key!r}")
     try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
+        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""  # noqa: S506
+    except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
 

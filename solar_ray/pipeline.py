@@ -37,14 +37,14 @@ import os
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from pydantic import Field, model_validator
 
-from solar_ray.checkpoint import read_manifest, write_json_atomic
+from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
 from solar_ray.errors import UserError
 
@@ -59,7 +59,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 REF = re.compile(r"^@([A-Za-z_][\w-]*)(/.*)?$")
-MARKERS = ".pipeline"
+MARKERS = RUN_MARKERS
 
 
 class PipelineError(RuntimeError):
@@ -100,6 +100,12 @@ class StageKind:
     inject: Callable[[dict[str, Any], Path, str, Path, str], dict[str, Any]]
     #: is ``out`` a finished output of this kind
     done: Callable[[Path], bool]
+    #: the paths inside ``out`` the stage will write (what ``@stage/sub`` may name), from
+    #: its validated config; None: not known in advance (any sub-path is accepted)
+    products: Callable[[Any], set[str]] | None = None
+    #: "module:function" run on the validated config at planning time (also by --dry-run)
+    #: for checks that need files already on disk (stages without ``@`` inputs only)
+    precheck: str | None = None
 
 
 def _inject_out(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
@@ -145,13 +151,26 @@ def _file_done(name: str) -> Callable[[Path], bool]:
     return lambda out: (out / name).is_file()
 
 
+def _data_products(cfg: Any) -> set[str]:
+    from solar_ray.data.config import SYNTH_MATH_DIR
+
+    return {m.name for m in cfg.mixes} | ({SYNTH_MATH_DIR} if cfg.synth_math is not None else set())
+
+
+def _corpus_products(cfg: Any) -> set[str]:
+    return {f"{c}/{f}" for c in cfg.corpora for f in ("train.jsonl", "heldout.jsonl", "manifest.json")}
+
+
 KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
         StageKind("model", None, _inject_out, lambda out: (out / "source.json").is_file()),
-        StageKind("corpus", ("solar_ray.corpora:CorpusConfig", "solar_ray.corpora:run_corpus"), _inject_out, _data_done),
-        StageKind("upscale", ("solar_ray.upscale:UpscaleConfig", "solar_ray.upscale:run_upscale"), _inject_out, _model_done),
-        StageKind("data", ("solar_ray.data.config:DataConfig", "solar_ray.data:run_data"), _inject_out, _data_done),
+        StageKind("corpus", ("solar_ray.corpora:CorpusConfig", "solar_ray.corpora:run_corpus"), _inject_out, _data_done,
+                  products=_corpus_products),
+        StageKind("upscale", ("solar_ray.upscale:UpscaleConfig", "solar_ray.upscale:run_upscale"), _inject_out, _model_done,
+                  precheck="solar_ray.upscale:check_source_plan"),
+        StageKind("data", ("solar_ray.data.config:DataConfig", "solar_ray.data:run_data"), _inject_out, _data_done,
+                  products=_data_products),
         StageKind("pretrain", ("solar_ray.train.config:PretrainConfig", "solar_ray.train.pretrain:run_pretrain"), _inject_train, _model_done),
         StageKind("sft", ("solar_ray.train.config:SFTConfig", "solar_ray.train.sft:run_sft"), _inject_train, _model_done),
         StageKind("dpo", ("solar_ray.train.config:DPOConfig", "solar_ray.train.dpo:run_dpo"), _inject_train, _model_done),
@@ -183,16 +202,39 @@ def _import_target(kind: StageKind) -> tuple[type[StageConfig], Callable[[Any], 
 # --------------------------------------------------------------------------- planning
 
 
-def _refs(value: Any) -> set[str]:
-    """Stage names referenced (``@name``) anywhere inside ``value``."""
+def _ref_uses(value: Any) -> Iterator[tuple[str, str]]:
+    """``(stage, sub-path)`` of every ``@stage[/sub]`` anywhere inside ``value``."""
     if isinstance(value, str):
         mt = REF.match(value)
-        return {mt.group(1)} if mt else set()
-    if isinstance(value, Mapping):
-        return set().union(*(_refs(v) for v in value.values())) if value else set()
-    if isinstance(value, list | tuple):
-        return set().union(*(_refs(v) for v in value)) if value else set()
-    return set()
+        if mt:
+            yield mt.group(1), (mt.group(2) or "").strip("/")
+    elif isinstance(value, Mapping):
+        for v in value.values():
+            yield from _ref_uses(v)
+    elif isinstance(value, list | tuple):
+        for v in value:
+            yield from _ref_uses(v)
+
+
+def _refs(value: Any) -> set[str]:
+    """Stage names referenced (``@name``) anywhere inside ``value``."""
+    return {name for name, _ in _ref_uses(value)}
+
+
+def _check_sub_paths(plans: list[StagePlan], configs: dict[str, Any]) -> None:
+    """Every ``@stage/sub`` must name something that stage writes (when that is known)."""
+    by_name = {p.name: p for p in plans}
+    for p in plans:
+        for target, sub in sorted(_ref_uses({k: v for k, v in p.raw.items() if k != "kind"})):
+            kind = by_name[target].kind
+            if not sub or kind.products is None or configs.get(target) is None:
+                continue
+            made = kind.products(configs[target])
+            if not any(m == sub or m.startswith(sub + "/") or sub.startswith(m + "/") for m in made):
+                raise ConfigError(
+                    f"stages.{p.name}: '@{target}/{sub}' is not written by stage {target!r} "
+                    f"({kind.name}), which writes {', '.join(sorted(made)) or 'nothing'}"
+                )
 
 
 def _substitute(value: Any, run_dir: Path) -> Any:
@@ -261,6 +303,11 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
             raise ConfigError(f"stages.{name}: stage names are letters, digits, '_' and '-'")
         if not isinstance(raw, dict) or "kind" not in raw:
             raise ConfigError(f"stages.{name}.kind: field required (one of {sorted(KINDS)})")
+        if not isinstance(raw["kind"], str):
+            raise ConfigError(
+                f"stages.{name}.kind: expected one name (one of {sorted(KINDS)}), got a "
+                f"{type(raw['kind']).__name__}"
+            )
         if raw["kind"] not in KINDS:
             raise ConfigError(f"stages.{name}.kind: unknown kind {raw['kind']!r} (one of {sorted(KINDS)})")
         refs = sorted(_refs({k: v for k, v in raw.items() if k != "kind"}))
@@ -271,6 +318,7 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
             raise ConfigError(f"stages.{name}: refers to itself")
         deps[name] = refs
     plans = []
+    configs: dict[str, Any] = {}
     for name in _toposort(deps):
         raw = recipe.stages[name]
         kind = KINDS[raw["kind"]]
@@ -280,8 +328,16 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
         if validate_configs:
             if kind.name == "model":
                 validate(ModelStage, data, "recipe", prefix=f"stages.{name}")
-            plan.config()
+            configs[name] = plan.config()
+            # only on inputs outside the run: an earlier stage's output may be stale
+            if kind.precheck and not plan.deps:
+                try:
+                    _import(kind.precheck)(configs[name])
+                except UserError as e:
+                    raise ConfigError(f"stages.{name}: {e}") from None
         plans.append(plan)
+    if validate_configs:
+        _check_sub_paths(plans, configs)
     return plans
 
 
@@ -347,7 +403,7 @@ def _run_model_stage(plan: StagePlan) -> None:
         return
     assert cfg.source is not None
     src = resolve_model(cfg.source)
-    with atomic_output_dir(plan.out, overwrite=True) as tmp:
+    with atomic_output_dir(plan.out, overwrite=True, inputs=[src]) as tmp:
         for p in src.iterdir():
             if p.is_file():
                 os.symlink(p, tmp / p.name)
@@ -383,6 +439,21 @@ def resolve_run_dir(recipe: Recipe, out: str | Path | None) -> Path:
     return Path(out or recipe.out or Path("runs") / recipe.name).absolute()
 
 
+def _check_run_dir(run_dir: Path) -> None:
+    """A run directory is new, empty, or one a run made (it has ``.pipeline/``).
+
+    A run writes ``recipe.json`` and one directory per stage into it: never into a
+    directory of someone else's files.
+    """
+    if run_dir.is_symlink() or (run_dir.exists() and not run_dir.is_dir()):
+        raise UserError(f"run directory {run_dir} is a file or a symbolic link; give a directory")
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (run_dir / MARKERS).is_dir():
+        raise UserError(
+            f"run directory {run_dir} holds files and is not a solar-ray run directory (no "
+            f"{MARKERS}/); choose a new or empty directory with --out"
+        )
+
+
 def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
     """Start or join Ray once, at the entry point: RAY_ADDRESS/``address`` joins a cluster."""
     import ray
@@ -407,6 +478,7 @@ def run_recipe(
 ) -> RunResult:
     """Run every stage of ``recipe`` that is not already done; see the module docstring."""
     run_dir = resolve_run_dir(recipe, run_dir)
+    _check_run_dir(run_dir)
     plans = plan_recipe(recipe, run_dir)
     markers: dict[str, dict] = {}
     for p in plans:

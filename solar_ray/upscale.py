@@ -7,7 +7,9 @@ plans every output tensor, and copies byte ranges from the source shards into th
 shards with ``os.copy_file_range`` (kernel-side, no user-space buffer; a reflink on
 filesystems that share extents). Zero tensors (the ``llama-pro`` identity blocks) are
 written directly. Peak memory is the headers plus one small buffer, whatever the model
-size, and nothing in this module imports torch.
+size. Before writing, every output tensor's shape is checked against the re-planned
+``config.json`` by building the architecture on torch's meta device (no memory), so a
+finished output always loads with ``from_pretrained``.
 
 Plans:
 
@@ -43,6 +45,9 @@ from pydantic import Field, model_validator
 
 from solar_ray.checkpoint import (
     atomic_output_dir,
+    check_free_space,
+    check_output,
+    local_inputs,
     model_fingerprint,
     sha256_file,
     write_json_atomic,
@@ -54,16 +59,19 @@ from solar_ray.errors import UserError
 from solar_ray.models import ArchSpec, ModelSourceError, arch_for_config, read_config
 
 __all__ = [
+    "MAX_LAYERS",
     "LayerSlot",
     "SafetensorsError",
     "UpscaleConfig",
     "UpscaleError",
+    "check_source_plan",
     "plan_explicit",
     "plan_from_mergekit",
     "plan_layers",
     "plan_llama_pro",
     "plan_solar",
     "plan_stack",
+    "planned_num_layers",
     "replan_config",
     "run_upscale",
 ]
@@ -88,6 +96,11 @@ _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
 }  # fmt: skip
+
+
+#: the most decoder layers a plan may produce. The largest open models have about 128; a
+#: bigger plan is a typo (``--repeat 100000000``) and is refused before anything is built.
+MAX_LAYERS = 1024
 
 
 class UpscaleError(UserError):
@@ -166,12 +179,28 @@ def plan_from_mergekit(spec: dict[str, Any]) -> tuple[str, list[int]]:
         if not isinstance(sources, list) or len(sources) != 1:
             raise UpscaleError(f"slices.{i}.sources: passthrough takes exactly one source")
         src = sources[0]
+        if not isinstance(src, dict):
+            raise UpscaleError(
+                f"slices.{i}.sources.0: expected a mapping {{model: ..., layer_range: [start, end]}}, "
+                f"got {type(src).__name__}"
+            )
         rng = src.get("layer_range")
-        if not (isinstance(rng, list) and len(rng) == 2 and all(isinstance(x, int) for x in rng)):
+        if not (
+            isinstance(rng, list)
+            and len(rng) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in rng)
+        ):
             raise UpscaleError(f"slices.{i}.sources.0.layer_range: expected [start, end]")
         if rng[0] >= rng[1]:
             raise UpscaleError(f"slices.{i}.sources.0.layer_range: empty range {rng}")
-        models.add(str(src.get("model")))
+        if len(layers) + rng[1] - rng[0] > MAX_LAYERS:
+            raise UpscaleError(
+                f"slices.{i}.sources.0.layer_range: the plan grows past {MAX_LAYERS} layers"
+            )
+        model = src.get("model")
+        if not isinstance(model, str) or not model.strip():
+            raise UpscaleError(f"slices.{i}.sources.0.model: expected a model source (a string)")
+        models.add(model)
         layers.extend(range(rng[0], rng[1]))
     if len(models) != 1:
         raise UpscaleError(f"slices: all slices must use one model, got {sorted(models)}")
@@ -189,8 +218,12 @@ class UpscaleConfig(StageConfig):
     method: Literal["solar", "llama-pro", "stack", "explicit"] = "solar"
     m: int | None = Field(default=None, description="layers removed per copy (solar)")
     expand_every: int = Field(default=4, ge=1, description="llama-pro: new block every k layers")
-    repeat: int = Field(default=2, ge=1, description="stack: number of copies of the stack")
-    layers: list[int] | None = Field(default=None, description="explicit: source layer list")
+    repeat: int = Field(
+        default=2, ge=1, le=MAX_LAYERS, description="stack: number of copies of the stack"
+    )
+    layers: list[int] | None = Field(
+        default=None, max_length=MAX_LAYERS, description="explicit: source layer list"
+    )
     overwrite: bool = False
     max_shard_size_mb: int = Field(default=2048, ge=1)
     hash_inputs: bool = Field(default=True, description="record sha256 of the source files")
@@ -210,8 +243,28 @@ class UpscaleConfig(StageConfig):
         return self
 
 
+def planned_num_layers(cfg: UpscaleConfig, n: int) -> int:
+    """How many layers the plan will have, computed without building it."""
+    if cfg.method == "solar":
+        return 2 * (n - (cfg.m or 0))
+    if cfg.method == "llama-pro":
+        return n + n // cfg.expand_every
+    if cfg.method == "stack":
+        return n * cfg.repeat
+    return len(cfg.layers or [])
+
+
 def plan_layers(cfg: UpscaleConfig, n: int) -> list[LayerSlot]:
-    """The layer plan a config asks for, for a base model of ``n`` layers."""
+    """The layer plan a config asks for, for a base model of ``n`` layers.
+
+    A plan beyond :data:`MAX_LAYERS` is refused before it is built.
+    """
+    num = planned_num_layers(cfg, n)
+    if num > MAX_LAYERS:
+        raise UpscaleError(
+            f"{cfg.method}: the plan has {num} layers (from the base model's {n}); at most "
+            f"{MAX_LAYERS} are allowed (the largest open models have about 128)"
+        )
     if cfg.method == "solar":
         assert cfg.m is not None
         return plan_solar(n, cfg.m)
@@ -285,10 +338,18 @@ class TensorRef:
     nbytes: int
 
 
+def _is_count(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool) and x >= 0
+
+
 def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
-    """Parse a safetensors header and check every tensor lies inside the file."""
-    size = path.stat().st_size
+    """Parse a safetensors header and check every tensor lies inside the file.
+
+    Anything malformed (length, JSON, entry fields, sizes) is a :class:`SafetensorsError`
+    naming the file and, where there is one, the tensor.
+    """
     try:
+        size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
             if len(raw) != 8:
@@ -299,8 +360,10 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
                     f"{path}: corrupt safetensors header (length {hlen}, file {size} bytes)"
                 )
             header = json.loads(f.read(hlen))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SafetensorsError(f"{path}: corrupt safetensors header ({e})") from None
+    except OSError as e:
+        raise SafetensorsError(f"{path}: cannot read it ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
+        raise SafetensorsError(f"{path}: corrupt safetensors header ({str(e)[:200]})") from None
     if not isinstance(header, dict):
         raise SafetensorsError(f"{path}: corrupt safetensors header (not a mapping)")
     base = 8 + hlen
@@ -313,6 +376,11 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             dtype, shape = info["dtype"], list(info["shape"])
         except (KeyError, TypeError, ValueError):
             raise SafetensorsError(f"{path}: corrupt entry for tensor {name!r}") from None
+        if not (isinstance(dtype, str) and all(map(_is_count, shape)) and _is_count(start)
+                and _is_count(end)):  # fmt: skip
+            raise SafetensorsError(
+                f"{path}: corrupt entry for tensor {name!r} (dtype, shape or offsets)"
+            )
         numel = 1
         for d in shape:
             numel *= d
@@ -327,12 +395,39 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
     return refs
 
 
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The ``weight_map`` of an index file: tensor name -> a shard file *in* the directory."""
+    try:
+        with open(index, encoding="utf-8") as f:
+            data = json.load(f)
+    except OSError as e:
+        raise SafetensorsError(f"{index}: cannot read it ({e.strerror})") from None
+    except (ValueError, RecursionError) as e:
+        raise SafetensorsError(f"{index}: not valid JSON ({str(e)[:200]})") from None
+    weight_map = data.get("weight_map") if isinstance(data, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SafetensorsError(f"{index}: no 'weight_map' mapping of tensor names to shard files")
+    for tensor, shard in weight_map.items():
+        # shards are plain file names beside the index; never a path out of the directory
+        if (
+            not isinstance(shard, str)
+            or shard in ("", ".", "..")
+            or "/" in shard
+            or "\\" in shard
+            or "\0" in shard
+        ):
+            raise SafetensorsError(
+                f"{index}: tensor {tensor!r} maps to {shard!r}, which is not a file name in "
+                "the model directory (reads never leave it)"
+            )
+    return weight_map
+
+
 def read_model_tensors(model_dir: Path) -> dict[str, TensorRef]:
     """Every tensor of a safetensors model directory (sharded with an index, or single)."""
     index = model_dir / "model.safetensors.index.json"
     if index.is_file():
-        with open(index, encoding="utf-8") as f:
-            weight_map: dict[str, str] = json.load(f)["weight_map"]
+        weight_map = _read_weight_map(index)
         files = sorted(set(weight_map.values()))
     else:
         files = sorted(p.name for p in model_dir.glob("*.safetensors"))
@@ -542,14 +637,35 @@ class UpscaleResult:
     manifest: dict
 
 
+def check_source_plan(cfg: UpscaleConfig) -> None:
+    """Check the plan against the source's layer count when its config is readable now.
+
+    For ``--dry-run``: a local source directory (or a finished stage output) with a
+    ``config.json``; other sources (hub ids, GGUF, outputs not made yet) are checked when
+    the stage runs.
+    """
+    src = Path(cfg.source).expanduser()
+    if (src / "config.json").is_file():
+        config = read_config(src, required=("model_type", "num_hidden_layers"))
+        plan_layers(cfg, int(config["num_hidden_layers"]))
+
+
 def run_upscale(cfg: UpscaleConfig) -> UpscaleResult:
-    """Depth-upscale ``cfg.source`` into ``cfg.out`` (atomically) and return the result."""
+    """Depth-upscale ``cfg.source`` into ``cfg.out`` (atomically) and return the result.
+
+    Everything is checked before a byte is written: the output path (never an input, never
+    a directory solar-ray did not write), the plan's size, every output tensor's shape
+    against the re-planned ``config.json``, and the free space at ``out``.
+    """
     if not cfg.out:
         raise UpscaleError("out: an output directory is required")
-    from solar_ray.models import resolve_model
+    from solar_ray.models import check_tensor_shapes, resolve_model
 
+    inputs = local_inputs(cfg.source)
+    check_output(cfg.out, cfg.overwrite, inputs)
     src_dir = resolve_model(cfg.source, allow_pickle=cfg.allow_pickle)
-    config = read_config(src_dir)
+    inputs.append(src_dir)
+    config = read_config(src_dir, required=("model_type", "num_hidden_layers"))
     spec = arch_for_config(config)
     n = int(config["num_hidden_layers"])
     plan = plan_layers(cfg, n)
@@ -557,10 +673,17 @@ def run_upscale(cfg: UpscaleConfig) -> UpscaleResult:
     tensors = plan_tensors(refs, spec, n, plan)
     shards = shard_tensors(tensors, cfg.max_shard_size_mb << 20)
     new_config = replan_config(config, spec, plan)
+    check_tensor_shapes(new_config, {t.name: t.shape for t in tensors}, f"{cfg.source} upscaled")
+    aux = [src_dir / name for name in AUX_FILES if (src_dir / name).is_file()]
+    check_free_space(
+        cfg.out,
+        sum(t.nbytes for t in tensors) + sum(p.stat().st_size for p in aux) + (1 << 20),
+        f"the upscaled model ({len(plan)} layers)",
+    )
 
     source_files = sorted({r.file for r in refs.values()})
     hasher = _BackgroundHasher(source_files + [src_dir / "config.json"]) if cfg.hash_inputs else None
-    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite) as tmp:
+    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
         weight_map = write_shards(shards, tmp, fsync=cfg.durable)
         if len(shards) > 1:
             total = sum(t.nbytes for t in tensors)
@@ -569,9 +692,8 @@ def run_upscale(cfg: UpscaleConfig) -> UpscaleResult:
                 {"metadata": {"total_size": total}, "weight_map": weight_map},
             )
         write_json_atomic(tmp / "config.json", new_config)
-        for name in AUX_FILES:
-            if (src_dir / name).is_file():
-                shutil.copyfile(src_dir / name, tmp / name)
+        for path in aux:
+            shutil.copyfile(path, tmp / path.name)
         plan_ids = [s.source for s in plan]
         identity = [j for j, s in enumerate(plan) if s.identity]
         write_model_card(

@@ -344,8 +344,15 @@ def test_cli_refuses_existing_output_unless_overwrite(capsys, tmp_path, mistral_
     assert cli_main(argv) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (out / "keep.txt").exists()
-    assert cli_main([*argv, "--overwrite"]) == 0
-    assert not (out / "keep.txt").exists() and (out / "solar.json").is_file()
+    # --overwrite replaces only what solar-ray wrote: a foreign directory is kept
+    assert cli_main([*argv, "--overwrite"]) == 2
+    assert "not a solar-ray output" in capsys.readouterr().err
+    assert (out / "keep.txt").read_text() == "x"
+    (out / "keep.txt").unlink()
+    assert cli_main(argv) == 0  # an empty directory is fine to write into
+    assert json.loads((out / "solar.json").read_text())["m"] == 1
+    assert cli_main([*argv[:-1], "2", "--overwrite"]) == 0  # its own output: replaced
+    assert json.loads((out / "solar.json").read_text())["m"] == 2
 
 
 def test_cli_set_overrides_yaml(tmp_path, mistral_src):

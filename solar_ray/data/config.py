@@ -151,8 +151,9 @@ class PrepareConfig(StageConfig):
 
     tokenizer: str
     """a model source (HF dir, hub id, .gguf, ``smollm2-135m``) whose tokenizer is used"""
-    seq_len: int = Field(ge=8)
-    """pretrain: the packed block length; sft/preference: the longest row kept"""
+    seq_len: int = Field(ge=8, le=1 << 20)
+    """pretrain: the packed block length; sft/preference: the longest row kept (at most
+    1,048,576 tokens: longer than any model's context)"""
     chat_template: str | None = None
     """``chatml``, or a Jinja template; required when the tokenizer has none"""
     overflow: Literal["reject", "truncate"] = "reject"
@@ -221,8 +222,9 @@ class MixConfig(StageConfig):
 class SeedsConfig(StageConfig):
     """Where the synthetic math seeds come from: generated problems and/or MATH/GSM8K files."""
 
-    generate: int = Field(default=0, ge=0)
-    """number of offline arithmetic word problems to generate"""
+    generate: int = Field(default=0, ge=0, le=1_000_000)
+    """number of offline arithmetic word problems to generate (at most a million; they
+    are held in memory)"""
     seed: int = 0
     files: list[str] = Field(default_factory=list)
     """GSM8K-format (question, answer '... #### N') or MATH-format (problem, solution with

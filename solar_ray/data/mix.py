@@ -39,7 +39,14 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from solar_ray.checkpoint import atomic_output_dir, library_versions, sha256_file, write_json_atomic
+from solar_ray.checkpoint import (
+    atomic_output_dir,
+    format_bytes,
+    library_versions,
+    local_inputs,
+    sha256_file,
+    write_json_atomic,
+)
 from solar_ray.data._ray import (
     collect,
     column_np,
@@ -239,6 +246,36 @@ def compute_quotas(
                     f"source {s.label!r}: {q} rows asked, {available[s.idx]} available; rows repeat"
                 )
     return quotas, warnings
+
+
+#: bytes the selection plan holds per selected row (positions, ranks, copies, sort keys)
+_PLAN_BYTES_PER_ROW = 64
+#: the most Parquet files one split of a mix may be written as
+MAX_SHARD_FILES = 100_000
+
+
+def check_selection_size(mix: MixConfig, num_rows: int) -> None:
+    """Refuse a mix whose selection would not fit in memory or would make too many files.
+
+    Only weighted sources with ``num_samples`` can ask for more rows than the sources hold
+    (rows repeat); this runs before the plan is allocated.
+    """
+    import psutil
+
+    need = num_rows * _PLAN_BYTES_PER_ROW
+    available = psutil.virtual_memory().available
+    if need > available // 2:
+        raise UserError(
+            f"num_samples: the mix would select {num_rows:,} rows, whose plan alone needs "
+            f"about {format_bytes(need)} of memory ({format_bytes(available)} available); "
+            "lower num_samples"
+        )
+    num_files = -(-num_rows // mix.rows_per_file)
+    if num_files > MAX_SHARD_FILES:
+        raise UserError(
+            f"rows_per_file: {num_rows:,} rows at {mix.rows_per_file:,} per file would make "
+            f"{num_files:,} Parquet files (at most {MAX_SHARD_FILES:,}); raise rows_per_file"
+        )
 
 
 def plan_selection(pos: np.ndarray, quotas: dict[int, int], seed: int) -> Selection:
@@ -583,6 +620,7 @@ def _build(
     counts, rejects = _step_counts(src, reasons, sources, dup_src)
     available = {s.idx: counts[s.idx]["after_dedup"] for s in sources}
     quotas, warnings = compute_quotas(sources, available, mix.num_samples)
+    check_selection_size(mix, sum(quotas.values()))
     keep_pos = pos[valid]
     if len(dup_pos):
         keep_pos = keep_pos[~np.isin(keep_pos, dup_pos)]
@@ -725,7 +763,10 @@ def build_mix(
     last. ``synth_dir`` is where the ``synth_math`` block wrote (for ``synth_math``
     sources). Needs Ray initialised (or lets Ray Data start a local instance).
     """
-    with atomic_output_dir(out_dir, overwrite=overwrite) as tmp:
+    inputs = local_inputs(*(p for s in mix.sources for p in s.paths()))
+    if mix.prepare is not None:
+        inputs += local_inputs(mix.prepare.tokenizer)
+    with atomic_output_dir(out_dir, overwrite=overwrite, inputs=inputs) as tmp:
         result = _build(mix, Path(tmp), synth_dir, num_workers, prepared=False)
         result.manifest["path"] = str(Path(out_dir).absolute())
         write_json_atomic(Path(tmp) / DATA_MANIFEST, result.manifest)

@@ -36,7 +36,13 @@ from typing import Any
 
 import pyarrow as pa
 
-from solar_ray.checkpoint import atomic_output_dir, library_versions, write_json_atomic
+from solar_ray.checkpoint import (
+    atomic_output_dir,
+    check_output,
+    library_versions,
+    local_inputs,
+    write_json_atomic,
+)
 from solar_ray.data.config import SynthMathConfig, config_hash
 from solar_ray.data.keys import hash64
 from solar_ray.data.shards import DATA_MANIFEST, write_shard
@@ -694,8 +700,10 @@ def run_synth_math(
             return SynthMathResult(
                 out, old["num_seeds"], old["num_kept"], old["dropped"], old, reused=True
             )
+    inputs = local_inputs(*cfg.seeds.files, cfg.rephraser.model)
+    check_output(out, True, inputs)  # before the expensive pass, not after it
     result = build_synth_math(cfg)
-    with atomic_output_dir(out, overwrite=True) as tmp:
+    with atomic_output_dir(out, overwrite=True, inputs=inputs) as tmp:
         for split, table in (
             ("instruct", result.instruct),
             ("alignment", result.alignment),

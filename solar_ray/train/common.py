@@ -39,6 +39,8 @@ from typing import Any
 from solar_ray.checkpoint import (
     OutputExistsError,
     atomic_output_dir,
+    check_output,
+    local_inputs,
     model_fingerprint,
     read_manifest,
     write_manifest,
@@ -196,7 +198,15 @@ def finished_result(cfg: TrainConfig, inputs: StageInputs) -> TrainResult | None
         raise OutputExistsError(
             f"out: {out} holds {what}; choose another out or set overwrite: true"
         )
+    # before training, not after it: never an input, never a directory solar-ray did not write
+    check_output(out, cfg.overwrite, _input_paths(cfg, inputs))
     return None
+
+
+def _input_paths(cfg: TrainConfig, inputs: StageInputs) -> list[Path]:
+    """The local files and directories a training stage reads."""
+    given = local_inputs(cfg.model, cfg.data, cfg.val_data, getattr(cfg, "ref_model", None))
+    return given + [d for d in (inputs.model_dir, inputs.ref_model_dir) if d is not None]
 
 
 def _read_run_file(storage: str, name: str) -> dict | None:
@@ -397,7 +407,7 @@ def run_stage(
     with launch as (final_dir, checkpoint_uri):
         metrics = json.loads((final_dir / FINAL_MARKER).read_text(encoding="utf-8"))
         probe = metrics.pop("probe", None)
-        with atomic_output_dir(cfg.out, overwrite=True) as tmp:
+        with atomic_output_dir(cfg.out, overwrite=True, inputs=_input_paths(cfg, inputs)) as tmp:
             _link_or_copy_tree(final_dir / "export", tmp)
             parents = hasher.join()
             parents.append(inputs.data.lineage() | {"role": "data"})

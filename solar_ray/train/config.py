@@ -176,6 +176,11 @@ class TrainConfig(StageConfig):
     def _check_combinations(self) -> TrainConfig:
         if (self.steps is None) == (self.epochs is None):
             raise ValueError("steps / epochs: set exactly one of them (e.g. steps: 100)")
+        if self.steps is not None and self.warmup_steps > self.steps:
+            raise ValueError(
+                f"warmup_steps: {self.warmup_steps} is more than steps ({self.steps}); the "
+                "learning rate would never finish warming up"
+            )
         per_step = self.micro_batch_size * self.effective_num_workers
         if self.global_batch_size is not None and self.global_batch_size % per_step:
             raise ValueError(
