@@ -17,7 +17,6 @@ with one line.
 from __future__ import annotations
 
 import argparse
-import errno
 import importlib
 import logging
 import signal
@@ -25,7 +24,7 @@ import sys
 import traceback
 from collections.abc import Callable, Sequence
 
-from solar_ray.errors import UserError
+from solar_ray.errors import UserError, user_os_error
 
 #: command -> (module implementing it, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -58,16 +57,6 @@ def add_config_args(parser: argparse.ArgumentParser, config_required: bool = Fal
     )
 
 
-#: OS errors that are about the user's files or machine, not a bug: one line, exit 2
-_USER_OS_ERRORS = frozenset(
-    {
-        errno.ENOENT, errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT,
-        errno.EFBIG, errno.ENAMETOOLONG, errno.ELOOP, errno.ENOTDIR, errno.EISDIR,
-        errno.EEXIST, errno.ENOTEMPTY, errno.EXDEV, errno.EMFILE, errno.ENFILE, errno.EIO,
-    }
-)  # fmt: skip
-
-
 class Interrupted(KeyboardInterrupt):
     """SIGTERM or SIGINT arrived; raised in the main thread so that cleanups run."""
 
@@ -78,12 +67,6 @@ class Interrupted(KeyboardInterrupt):
 
 def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
-
-
-def _os_error_line(e: OSError) -> str:
-    paths = " -> ".join(str(p) for p in (e.filename, e.filename2) if p is not None)
-    what = e.strerror or type(e).__name__
-    return f"{paths}: {what}" if paths else what
 
 
 def _one_line(msg: str) -> str:
@@ -144,11 +127,12 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
         print(f"solar-ray {command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
-        if e.errno not in _USER_OS_ERRORS:
+        line = user_os_error(e)
+        if line is None:
             raise
         if verbose:
             traceback.print_exc()
-        print(f"solar-ray {command}: error: {_os_error_line(e)}", file=sys.stderr)
+        print(f"solar-ray {command}: error: {line}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as e:
         signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT

@@ -26,9 +26,10 @@ answer), ``offline:<task>`` (one task), or a file or directory of texts.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -246,7 +247,8 @@ def run_contamination(cfg: ContaminationConfig) -> dict[str, Any]:
     inputs = local_inputs(cfg.model, cfg.reference, cfg.train, *cfg.eval_sets)
     if cfg.out:  # before scoring, not after it
         check_output(cfg.out, cfg.overwrite, inputs)
-    sets = load_eval_sets(cfg.eval_sets, cfg.max_items)
+    with _text_errors("eval_sets", cfg.eval_sets):
+        sets = load_eval_sets(cfg.eval_sets, cfg.max_items)
     report: dict[str, Any] = {
         "k_percent": cfg.k_percent,
         "ngram": cfg.ngram if cfg.train else None,
@@ -271,7 +273,10 @@ def run_contamination(cfg: ContaminationConfig) -> dict[str, Any]:
         from solar_ray.evaluate import iter_texts
 
         log.info("%d-gram overlap of %d items with %s", cfg.ngram, len(texts), cfg.train)
-        overlap = ngram_overlap(sets, iter_texts(cfg.train), n=cfg.ngram, min_words=cfg.min_words)
+        with _text_errors("train", cfg.train):
+            overlap = ngram_overlap(
+                sets, iter_texts(cfg.train), n=cfg.ngram, min_words=cfg.min_words
+            )
         report["train"] = {
             "source": cfg.train,
             "num_texts": overlap["num_train_texts"],
@@ -326,6 +331,19 @@ def run_contamination(cfg: ContaminationConfig) -> dict[str, Any]:
                          for name, e in report["sets"].items()},
             )  # fmt: skip
     return report
+
+
+@contextlib.contextmanager
+def _text_errors(field: str, source: Any) -> Iterator[None]:
+    """Text files that are not UTF-8 (or not readable) become one line naming the field."""
+    try:
+        yield
+    except UnicodeDecodeError as e:
+        where = ", ".join(source) if isinstance(source, list | tuple) else source
+        raise ContaminationError(
+            f"{field}: {where} holds a file that is not UTF-8 text ({e.reason} at byte "
+            f"{e.start}); convert it to UTF-8"
+        ) from None
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -46,7 +46,7 @@ from pydantic import Field, model_validator
 
 from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
-from solar_ray.errors import UserError
+from solar_ray.errors import UserError, user_os_error
 
 __all__ = [
     "PipelineError",
@@ -131,7 +131,7 @@ def _inject_train(data: dict, out: Path, stage: str, run_dir: Path, key: str) ->
 def _inject_eval(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
     # models: ["@base", ...] is shorthand for [{name: base, path: RUN_DIR/base}, ...]
     data = {**data, "out": str(out), "overwrite": True}
-    if "models" in data:
+    if isinstance(data.get("models"), list):
         data["models"] = [
             {"name": Path(m).name, "path": m} if isinstance(m, str) else m for m in data["models"]
         ]
@@ -521,6 +521,10 @@ def run_recipe(
             run_stage(p, key)
         except UserError as e:
             raise UserError(f"stage {p.name!r}: {e}") from e
+        except OSError as e:
+            if (line := user_os_error(e)) is None:
+                raise PipelineError(p.name, e) from e
+            raise UserError(f"stage {p.name!r}: {line}") from e
         except Exception as e:
             raise PipelineError(p.name, e) from e
         marker = {

@@ -95,7 +95,10 @@ AUX_FILES = (
 _DTYPE_BYTES = {
     "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
     "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
+    "F8_E8M0": 1, "C64": 8,
 }  # fmt: skip
+#: sub-byte safetensors dtypes: known, but their sizes are not checked here
+_PACKED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")
 
 
 #: the most decoder layers a plan may produce. The largest open models have about 128; a
@@ -381,6 +384,8 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
             raise SafetensorsError(
                 f"{path}: corrupt entry for tensor {name!r} (dtype, shape or offsets)"
             )
+        if dtype not in _DTYPE_BYTES and dtype not in _PACKED_DTYPES:
+            raise SafetensorsError(f"{path}: tensor {name!r} has an unknown dtype {dtype[:20]!r}")
         numel = 1
         for d in shape:
             numel *= d
