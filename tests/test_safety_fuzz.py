@@ -54,20 +54,24 @@ FIELDS = [
     "random", "suite", "limit", "eval_sets", "train", "k_percent", "max_items", "num_samples",
     "out", "overwrite",
 ]  # fmt: skip
+def _mostly(common: st.SearchStrategy, rare: st.SearchStrategy) -> st.SearchStrategy:
+    """``common`` three times in four, ``rare`` otherwise."""
+    return st.one_of(common, common, common, rare)
+
+
+stage_bodies = st.builds(
+    lambda kind, fields: {"kind": kind, **fields},
+    _mostly(st.sampled_from(sorted(KINDS)), values),
+    st.dictionaries(st.sampled_from(FIELDS), values, max_size=4),
+)
 stages = st.dictionaries(
-    st.sampled_from(["a", "b", "c"]) | st.text(max_size=6),
-    st.one_of(
-        values,
-        st.fixed_dictionaries(
-            {"kind": st.sampled_from(sorted(KINDS)) | values},
-            optional={f: values for f in FIELDS},
-        ),
-    ),
+    _mostly(st.sampled_from(["a", "b", "c"]), st.text(max_size=6)),
+    _mostly(stage_bodies, values),
+    min_size=1,
     max_size=3,
 )
-recipes = st.fixed_dictionaries(
-    {"stages": stages}, optional={"name": st.text(max_size=8) | values, "report": values}
-)
+#: the recipe's own fields are plain (``Recipe`` validation is pydantic's); the stages vary
+recipes = st.fixed_dictionaries({"name": st.just("r"), "stages": stages}, optional={"report": st.booleans()})
 
 
 def _plan(recipe_path: Path, run_dir: Path) -> None:
@@ -106,14 +110,24 @@ def test_yaml_text_is_parsed_or_refused_with_a_user_error(text):
 
 # --------------------------------------------------------------------------- safetensors
 
-dims = st.integers(min_value=0, max_value=6) | st.sampled_from([-1, 2**63, 1.5, "3", None, True])
-entries = st.fixed_dictionaries(
-    {
-        "dtype": st.sampled_from(["F32", "F16", "BF16", "I64", "F8_E4M3", "F4", "Q7"]) | values,
-        "shape": st.lists(dims, max_size=3) | values,
-        "data_offsets": st.lists(st.integers(min_value=-4, max_value=400), min_size=0, max_size=3) | values,
-    }
-) | values
+dtypes = st.sampled_from(["F32", "F16", "BF16", "I64", "F8_E4M3", "F4", "Q7"])
+offsets = st.tuples(st.integers(min_value=-4, max_value=400), st.integers(min_value=-4, max_value=400)).map(list)
+odd_dims = st.sampled_from([-1, 2**63, 1.5, "3", None, True, [2]])
+entries = st.one_of(
+    # plausible entries: sizes and offsets that may or may not add up
+    st.fixed_dictionaries(
+        {"dtype": dtypes, "shape": st.lists(st.integers(0, 6), max_size=3), "data_offsets": offsets}
+    ),
+    # one field of the wrong type or value
+    st.fixed_dictionaries(
+        {
+            "dtype": dtypes | values,
+            "shape": st.lists(st.integers(0, 6) | odd_dims, max_size=3) | values,
+            "data_offsets": offsets | st.lists(st.integers(-4, 400), max_size=3) | values,
+        }
+    ),
+    values,
+)
 headers = st.dictionaries(
     st.sampled_from(["model.embed_tokens.weight", "model.layers.0.mlp.up_proj.weight", "__metadata__"])
     | st.text(max_size=10),
@@ -124,12 +138,21 @@ headers = st.dictionaries(
 
 @st.composite
 def safetensors_files(draw) -> bytes:
-    """A header (mostly plausible), a data section, then a corruption of the bytes."""
-    header = draw(headers)
+    """A header (valid, plausible or odd), a data section, then a corruption of the bytes."""
+    if draw(st.booleans()):
+        header = draw(headers)
+        data = draw(st.binary(max_size=400))
+    else:  # a valid file: consecutive tensors whose sizes match their shapes
+        header, offset = {}, 0
+        for name in draw(st.lists(st.text(min_size=1, max_size=8), max_size=4, unique=True)):
+            shape = draw(st.lists(st.integers(0, 5), max_size=3))
+            nbytes = 4 * math.prod(shape)
+            header[name] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        data = bytes(offset)
     body = json.dumps(header, allow_nan=True).encode()
-    data = draw(st.binary(max_size=400))
     blob = bytearray(struct.pack("<Q", len(body)) + body + data)
-    corruption = draw(st.sampled_from(["none", "truncate", "flip", "length"]))
+    corruption = draw(st.sampled_from(["none", "none", "none", "truncate", "flip", "length"]))
     if corruption == "truncate" and blob:
         del blob[draw(st.integers(min_value=0, max_value=len(blob) - 1)) :]
     elif corruption == "flip" and blob:
