@@ -30,6 +30,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from solar_ray.checkpoint import atomic_output_dir, local_inputs, sha256_file, write_json_atomic
 from solar_ray.errors import UserError
@@ -44,6 +45,7 @@ __all__ = [
     "arch_for_config",
     "cache_dir",
     "check_tensor_shapes",
+    "expected_shapes",
     "find_embedded_gguf",
     "read_config",
     "resolve_model",
@@ -76,20 +78,39 @@ class ArchSpec:
     #: per-layer modules whose output is added to the residual stream; zeroing their weights
     #: (and biases) makes a decoder block the identity
     residual_writers: tuple[str, ...] = ("self_attn.o_proj", "mlp.down_proj")
+    #: the tensors every decoder layer's checkpoint holds (suffixes after the layer prefix)
+    layer_tensors: tuple[str, ...] = ()
+    #: ``head_dim`` defaults to ``hidden_size // num_attention_heads`` when config.json omits
+    #: it (False: the config class has its own default, so the shapes are not derived)
+    head_dim_from_hidden: bool = True
 
+
+_ATTENTION = tuple(f"self_attn.{p}_proj.weight" for p in "qkvo")
+_MLP = ("mlp.gate_proj.weight", "mlp.up_proj.weight", "mlp.down_proj.weight")
+_NORMS = ("input_layernorm.weight", "post_attention_layernorm.weight")
+_LLAMA_LAYER = _ATTENTION + _MLP + _NORMS
 
 ARCHITECTURES: dict[str, ArchSpec] = {
     spec.model_type: spec
     for spec in (
-        ArchSpec("llama", "model.layers.", (), (), False),
-        ArchSpec("mistral", "model.layers.", ("layer_types",), (), False),
-        ArchSpec("qwen2", "model.layers.", ("layer_types",), ("max_window_layers",), False),
-        ArchSpec("qwen3", "model.layers.", ("layer_types",), ("max_window_layers",), False),
-        ArchSpec("gemma", "model.layers.", (), (), True),
-        ArchSpec("gemma2", "model.layers.", ("layer_types",), (), True),
-        ArchSpec("phi3", "model.layers.", (), (), False),
+        ArchSpec("llama", "model.layers.", (), (), False, layer_tensors=_LLAMA_LAYER),
+        ArchSpec("mistral", "model.layers.", ("layer_types",), (), False, layer_tensors=_LLAMA_LAYER),
+        ArchSpec("qwen2", "model.layers.", ("layer_types",), ("max_window_layers",), False,
+                 layer_tensors=_LLAMA_LAYER + tuple(f"self_attn.{p}_proj.bias" for p in "qkv")),
+        ArchSpec("qwen3", "model.layers.", ("layer_types",), ("max_window_layers",), False,
+                 layer_tensors=_LLAMA_LAYER + ("self_attn.q_norm.weight", "self_attn.k_norm.weight"),
+                 head_dim_from_hidden=False),
+        ArchSpec("gemma", "model.layers.", (), (), True, layer_tensors=_LLAMA_LAYER,
+                 head_dim_from_hidden=False),
+        ArchSpec("gemma2", "model.layers.", ("layer_types",), (), True,
+                 layer_tensors=_LLAMA_LAYER + ("pre_feedforward_layernorm.weight",
+                                               "post_feedforward_layernorm.weight"),
+                 head_dim_from_hidden=False),
+        ArchSpec("phi3", "model.layers.", (), (), False,
+                 layer_tensors=("self_attn.qkv_proj.weight", "self_attn.o_proj.weight",
+                                "mlp.gate_up_proj.weight", "mlp.down_proj.weight", *_NORMS)),
     )
-}
+}  # fmt: skip
 
 #: names that resolve to a model shipped inside an installed package
 EMBEDDED_ALIASES: dict[str, tuple[str, str]] = {
@@ -309,61 +330,92 @@ def read_config(model_dir: str | Path, required: Iterable[str] = ()) -> dict:
     return config
 
 
-def _meta_model_shapes(config: dict) -> tuple[dict[str, tuple[int, ...]], list[str]] | None:
-    """(shape of every state-dict tensor, names of the parameters a checkpoint must hold).
+def _positive(config: Mapping[str, Any], name: str) -> int | None:
+    value = config.get(name)
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
 
-    What transformers itself builds from ``config`` (on the meta device: no memory), so
-    the answer is the one ``from_pretrained`` checks against. None for a ``model_type``
-    transformers does not know.
+
+def expected_shapes(
+    config: Mapping[str, Any], spec: ArchSpec
+) -> tuple[dict[str, tuple[int, ...]], dict[str, tuple[int, ...]]]:
+    """(per-layer suffix -> shape, top-level name -> shape) that ``config`` implies.
+
+    The shapes transformers builds for these architectures, derived from the config fields
+    (``hidden_size``, ``num_attention_heads``, ``num_key_value_heads``, ``head_dim``,
+    ``intermediate_size``, ``vocab_size``) without importing torch. A shape whose fields
+    config.json leaves to a class default is left out (it is not checked).
     """
-    import torch
-    from transformers import AutoModelForCausalLM
-    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+    h, v = _positive(config, "hidden_size"), _positive(config, "vocab_size")
+    i, a = _positive(config, "intermediate_size"), _positive(config, "num_attention_heads")
+    kv_heads = _positive(config, "num_key_value_heads")
+    d = _positive(config, "head_dim")
+    if d is None and spec.head_dim_from_hidden and h and a:
+        d = h // a
+    q = a * d if a and d else None
+    kv = kv_heads * d if kv_heads and d else None
 
-    model_type = config.get("model_type")
-    if not isinstance(model_type, str) or model_type not in CONFIG_MAPPING:
-        return None
-    try:
-        cfg = CONFIG_MAPPING[model_type].from_dict(config)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(cfg)
-    except Exception as e:  # transformers' own verdict on the user's config.json
-        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
-        raise ModelSourceError(
-            f"config.json: transformers cannot build a {model_type} model from it "
-            f"({type(e).__name__}: {first})"
-        ) from None
-    shapes = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    required = [k for k, _ in model.named_parameters()]  # tied weights appear once
-    return shapes, required
+    def shape(*dims: int | None) -> tuple[int, ...] | None:
+        return None if any(x is None for x in dims) else tuple(dims)  # type: ignore[arg-type]
+
+    layer = {
+        "self_attn.q_proj.weight": shape(q, h), "self_attn.q_proj.bias": shape(q),
+        "self_attn.k_proj.weight": shape(kv, h), "self_attn.k_proj.bias": shape(kv),
+        "self_attn.v_proj.weight": shape(kv, h), "self_attn.v_proj.bias": shape(kv),
+        "self_attn.o_proj.weight": shape(h, q), "self_attn.o_proj.bias": shape(h),
+        "self_attn.qkv_proj.weight": shape(q + 2 * kv if q and kv else None, h),
+        "self_attn.q_norm.weight": shape(d), "self_attn.k_norm.weight": shape(d),
+        "mlp.gate_proj.weight": shape(i, h), "mlp.gate_proj.bias": shape(i),
+        "mlp.up_proj.weight": shape(i, h), "mlp.up_proj.bias": shape(i),
+        "mlp.down_proj.weight": shape(h, i), "mlp.down_proj.bias": shape(h),
+        "mlp.gate_up_proj.weight": shape(2 * i if i else None, h),
+        **{f"{n}.weight": shape(h) for n in ("input_layernorm", "post_attention_layernorm",
+                                             "pre_feedforward_layernorm", "post_feedforward_layernorm")},
+    }  # fmt: skip
+    top = {
+        "model.embed_tokens.weight": shape(v, h),
+        "lm_head.weight": shape(v, h),
+        "model.norm.weight": shape(h),
+    }
+    return (
+        {k: s for k, s in layer.items() if s is not None},
+        {k: s for k, s in top.items() if s is not None},
+    )
 
 
 def check_tensor_shapes(
-    config: dict, shapes: Mapping[str, Sequence[int]], where: str | Path
+    config: Mapping[str, Any], shapes: Mapping[str, Sequence[int]], where: str | Path
 ) -> None:
     """Refuse tensors that ``from_pretrained`` would refuse (or leave random) under ``config``.
 
-    Every tensor's shape must be the one the architecture and ``config`` imply, and every
-    parameter of the architecture must be present. Extra tensors are left alone (transformers
-    ignores them). ``where`` names the model in the message.
+    Every tensor's shape must be the one the architecture and ``config`` imply
+    (:func:`expected_shapes`), and every tensor the architecture needs must be present:
+    the embeddings, the final norm, ``lm_head`` unless tied, and each layer's
+    :attr:`ArchSpec.layer_tensors`. Extra tensors are left alone (transformers ignores
+    them); an architecture outside :data:`ARCHITECTURES` is not checked. ``where`` names
+    the model in the message.
     """
-    built = _meta_model_shapes(config)
-    if built is None:
-        log.warning("%s: model_type %r unknown to transformers; shapes not checked",
-                    where, config.get("model_type"))  # fmt: skip
+    spec = ARCHITECTURES.get(str(config.get("model_type")))
+    if spec is None:
+        log.warning("%s: shapes of model_type %r not checked", where, config.get("model_type"))
         return
-    expected, required = built
-    for name, shape in shapes.items():
-        want = expected.get(name)
-        if want is not None and tuple(shape) != want:
+    layer, top = expected_shapes(config, spec)
+    pat = re.compile(rf"^{re.escape(spec.layer_prefix)}(\d+)\.(.+)$")
+    for name, got in shapes.items():
+        mt = pat.match(name)
+        want = layer.get(mt.group(2)) if mt else top.get(name)
+        if want is not None and tuple(got) != want:
             raise ModelSourceError(
-                f"{where}: tensor {name!r} has shape {list(shape)} but config.json implies "
+                f"{where}: tensor {name!r} has shape {list(got)} but config.json implies "
                 f"{list(want)}; the model would not load (fix config.json or the weights)"
             )
+    tied = config.get("tie_word_embeddings", spec.tied_embeddings_default)
+    required = ["model.embed_tokens.weight", "model.norm.weight", *([] if tied else ["lm_head.weight"])]
+    num_layers = _positive(config, "num_hidden_layers") or 0
+    required += [f"{spec.layer_prefix}{j}.{t}" for j in range(num_layers) for t in spec.layer_tensors]
     missing = [name for name in required if name not in shapes]
     if missing:
         raise ModelSourceError(
-            f"{where}: tensor {missing[0]!r} is missing ({len(missing)} of the parameters "
+            f"{where}: tensor {missing[0]!r} is missing ({len(missing)} of the tensors "
             "config.json implies are missing); the model would not load complete"
         )
 

@@ -7,9 +7,10 @@ plans every output tensor, and copies byte ranges from the source shards into th
 shards with ``os.copy_file_range`` (kernel-side, no user-space buffer; a reflink on
 filesystems that share extents). Zero tensors (the ``llama-pro`` identity blocks) are
 written directly. Peak memory is the headers plus one small buffer, whatever the model
-size. Before writing, every output tensor's shape is checked against the re-planned
-``config.json`` by building the architecture on torch's meta device (no memory), so a
-finished output always loads with ``from_pretrained``.
+size, and nothing in this module imports torch. Before writing, every output tensor's
+shape is checked against what the re-planned ``config.json`` implies
+(:func:`solar_ray.models.check_tensor_shapes`), so a finished output always loads with
+``from_pretrained``.
 
 Plans:
 

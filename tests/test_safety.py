@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 import subprocess
@@ -252,6 +253,42 @@ def test_tensors_that_disagree_with_config_are_refused_before_writing(capsys, tm
     del tensors["model.norm.weight"]
     save_file(tensors, src / "model.safetensors", metadata={"format": "pt"})
     assert_refused(capsys, upscale(src, out), r"'model\.norm\.weight' is missing", [src])
+
+
+@pytest.mark.parametrize(
+    ("model_type", "extra"),
+    [("llama", {}), ("llama", {"attention_bias": True, "mlp_bias": True, "head_dim": 16}),
+     ("mistral", {}), ("qwen2", {}), ("qwen2", {"tie_word_embeddings": True}), ("qwen3", {}),
+     ("qwen3", {"attention_bias": True}), ("gemma", {}), ("gemma2", {}),
+     ("phi3", {"pad_token_id": 0})],
+)  # fmt: skip
+def test_expected_shapes_are_the_ones_transformers_builds(model_type, extra):
+    """The torch-free shape rules against transformers itself (on the meta device)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    from solar_ray.models import ARCHITECTURES, check_tensor_shapes, expected_shapes
+
+    cfg = CONFIG_MAPPING[model_type](
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, **extra,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    built = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    config = json.loads(cfg.to_json_string(use_diff=True))  # what save_pretrained writes
+    spec = ARCHITECTURES[model_type]
+    layer, top = expected_shapes(config, spec)
+    for name, shape in built.items():
+        suffix = name.split(".", 3)[3] if name.startswith(spec.layer_prefix) else None
+        assert (layer[suffix] if suffix else top[name]) == shape, name
+    check_tensor_shapes(config, built, "meta")  # complete and consistent
+    if not extra.get("attention_bias"):  # biases are checked when present, not required
+        params = dict(model.named_parameters())  # tied weights once
+        for name in params:
+            with pytest.raises(UserError, match=f"{re.escape(name)}' is missing"):
+                check_tensor_shapes(config, {k: s for k, s in built.items() if k != name}, "m")
 
 
 def test_mergekit_output_is_checked_before_it_is_published(tmp_path, src, monkeypatch):
