@@ -69,6 +69,19 @@ def _raise_interrupted(signum: int, frame: object) -> None:
     raise Interrupted(signum)
 
 
+def _stopped_by(e: BaseException, installed: bool) -> int | None:
+    """The signal that stopped the command, or None when ``e`` is an ordinary exit."""
+    if isinstance(e, Interrupted):
+        return e.signum
+    if isinstance(e, KeyboardInterrupt):
+        return signal.SIGINT
+    # ray.init() replaces our SIGTERM handler with one that calls sys.exit(SIGTERM)
+    replaced = signal.getsignal(signal.SIGTERM) is not _raise_interrupted
+    if installed and replaced and isinstance(e, SystemExit) and e.code == signal.SIGTERM:
+        return signal.SIGTERM
+    return None
+
+
 def _one_line(msg: str) -> str:
     parts = [s.strip() for s in str(msg).splitlines() if s.strip()]
     if len(parts) > 1 and parts[0].endswith(":"):
@@ -134,8 +147,10 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
             traceback.print_exc()
         print(f"solar-ray {command}: error: {line}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as e:
-        signum = e.signum if isinstance(e, Interrupted) else signal.SIGINT
+    except (KeyboardInterrupt, SystemExit) as e:
+        signum = _stopped_by(e, installed=bool(previous))
+        if signum is None:
+            raise
         if verbose:
             traceback.print_exc()
         name = signal.Signals(signum).name
