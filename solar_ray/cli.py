@@ -35,6 +35,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "dpo": ("solar_ray.train.cli", "direct preference optimisation (TRL DPOTrainer) on Ray Train"),
     "merge": ("solar_ray.merge", "merge models (linear, slerp, ties, dare_ties)"),
     "eval": ("solar_ray.evaluate", "evaluate models (H6 preset, offline suite, perplexity)"),
+    "benchmarks": ("solar_ray.evalsets.benchmarks", "fetch or list the offline benchmark data"),
     "contamination": ("solar_ray.contamination", "Min-K%% Prob and n-gram contamination checks"),
     "run": ("solar_ray.pipeline", "run a recipe: the whole stage graph into a run directory"),
     "sweep": ("solar_ray.tune", "Ray Tune sweep over m and data-mix choices"),

@@ -98,19 +98,25 @@ class ContaminationConfig(StageConfig):
 
 
 def load_eval_sets(specs: Sequence[str], max_items: int | None = None) -> dict[str, list[tuple[str, str]]]:
-    """``{set name: [(item id, text), ...]}`` for ``offline``, ``offline:<task>`` or paths."""
-    from solar_ray.evalsets import OFFLINE_TASKS, item_texts
+    """``{set name: [(item id, text), ...]}`` for ``offline``, ``offline:<task>`` or paths.
+
+    ``offline`` is the offline suite (the H6 tasks of :mod:`solar_ray.evalsets.benchmarks`),
+    ``offline:<task>`` any offline benchmark; an item's text is its prompt and correct
+    answer (:func:`solar_ray.evalsets.benchmarks.item_texts`).
+    """
+    from solar_ray.evalsets.benchmarks import BENCHMARKS, item_texts
     from solar_ray.evaluate import iter_texts
 
     sets: dict[str, list[tuple[str, str]]] = {}
     for spec in specs:
         if spec == "offline":
-            for name in OFFLINE_TASKS:
-                sets[name] = item_texts(name)
+            for name, bench in BENCHMARKS.items():
+                if bench.h6:
+                    sets[name] = item_texts(name)
         elif spec.startswith("offline:"):
             name = spec.partition(":")[2]
-            if name not in OFFLINE_TASKS:
-                raise ContaminationError(f"eval_sets: no offline task {name!r}; known: {sorted(OFFLINE_TASKS)}")
+            if name not in BENCHMARKS:
+                raise ContaminationError(f"eval_sets: no offline benchmark {name!r}; known: {sorted(BENCHMARKS)}")
             sets[name] = item_texts(name)
         else:
             path = Path(spec)

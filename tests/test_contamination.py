@@ -108,7 +108,7 @@ def _write_mix(mix: Path, planted: str | None) -> Path:
     pq.write_table(pa.table({"messages": rows}), mix / "data" / "part-000000000000.parquet")
     pq.write_table(pa.table({"messages": [rows[0]]}), mix / "data" / "part-000000000050.parquet")
     # neither a rejected row nor the tokenized split is training text
-    other = item_texts("solar_sci")[5][1]
+    other = item_texts("arc_challenge")[5][1]
     pq.write_table(pa.table({"text": [other], "reason": ["too_long"]}), mix / "rejects" / "part-000000000000.parquet")
     pq.write_table(pa.table({"input_ids": [[1, 2, 3]]}), mix / "tokenized" / "part-000000000000.parquet")
     (mix / "manifest.json").write_text(json.dumps({"name": "sft_v1", "splits": {"data": 51}}))
@@ -116,18 +116,20 @@ def _write_mix(mix: Path, planted: str | None) -> Path:
 
 
 def test_ngram_overlap_finds_exactly_the_planted_item(tmp_path):
-    planted_id, planted_text = item_texts("solar_arith")[7]
+    planted_id, planted_text = item_texts("arc_challenge")[7]
     mix = _write_mix(tmp_path / "mix", planted_text)
     report = run_contamination(
-        ContaminationConfig(train=str(mix / "manifest.json"), eval_sets=["offline"])
+        ContaminationConfig(
+            train=str(mix / "manifest.json"), eval_sets=["offline:winogrande", "offline:arc_challenge"]
+        )
     )
     assert report["train"]["num_texts"] == 51
     assert report["train"]["num_texts_overlapping"] == 1
     for name, entry in report["sets"].items():
-        expected = [planted_id] if name == "solar_arith" else []
+        expected = [planted_id] if name == "arc_challenge" else []
         assert entry["ngram"]["contaminated"] == expected, name
         assert entry["min_k"] is None
-    hit = next(r for r in report["sets"]["solar_arith"]["items"] if r["id"] == planted_id)
+    hit = next(r for r in report["sets"]["arc_challenge"]["items"] if r["id"] == planted_id)
     assert hit["ngram"]["train_ref"].endswith("part-000000000000.parquet:17")
     assert len(hit["ngram"]["ngram"].split()) == 13
 
@@ -153,11 +155,11 @@ def test_cli_ngram_only(tmp_path, capsys):
     from solar_ray.cli import main
 
     mix = _write_mix(tmp_path / "mix", None)
-    rc = main(["contamination", "--train", str(mix), "--eval-sets", "offline:solar_sci", "--out", str(tmp_path / "r")])
+    rc = main(["contamination", "--train", str(mix), "--eval-sets", "offline:arc_challenge", "--out", str(tmp_path / "r")])
     assert rc == 0
-    assert "| solar_sci |" in capsys.readouterr().out
+    assert "| arc_challenge |" in capsys.readouterr().out
     report = json.loads((tmp_path / "r" / "contamination.json").read_text())
-    assert report["sets"]["solar_sci"]["ngram"]["num_contaminated"] == 0
+    assert report["sets"]["arc_challenge"]["ngram"]["num_contaminated"] == 0
 
 
 def test_config_and_eval_set_errors(tmp_path):
@@ -165,9 +167,10 @@ def test_config_and_eval_set_errors(tmp_path):
         load_config(ContaminationConfig, data={"eval_sets": ["offline"]})
     with pytest.raises(ConfigError, match="k_percent"):
         load_config(ContaminationConfig, data={"model": "m", "k_percent": 0})
-    with pytest.raises(ValueError, match="no offline task"):
+    with pytest.raises(ValueError, match="no offline benchmark"):
         load_eval_sets(["offline:arc"])
     with pytest.raises(ValueError, match="neither 'offline' nor an existing path"):
         load_eval_sets([str(tmp_path / "nope.jsonl")])
     sets = load_eval_sets(["offline"], max_items=3)
-    assert all(len(v) == 3 for v in sets.values()) and len(sets) == 6
+    assert all(len(v) == 3 for v in sets.values())
+    assert sorted(sets) == ["arc_challenge", "hellaswag", "mmlu", "winogrande"]

