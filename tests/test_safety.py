@@ -97,6 +97,23 @@ def test_merge_and_contamination_never_write_over_their_inputs(capsys, tmp_path,
     )  # fmt: skip
 
 
+def test_a_data_mix_is_never_written_over_or_into_its_sources(tmp_path):
+    from solar_ray.data.config import MixConfig
+    from solar_ray.data.mix import build_mix
+
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "a.jsonl").write_text('{"text": "one"}\n')
+    mix = MixConfig(name="m", kind="pretrain", sources=[{"path": str(data)}])
+    for out, how in ((data / "m", "lies inside"), (tmp_path, "contains")):
+        with pytest.raises(UserError, match=f"{how} the input"):
+            build_mix(mix, out, overwrite=True)  # refused before Ray is started
+    files = MixConfig(name="m", kind="pretrain", sources=[{"path": str(data / "*.jsonl")}])
+    with pytest.raises(UserError, match="is the input"):
+        build_mix(files, data / "a.jsonl", overwrite=True)
+    assert sorted(os.listdir(data)) == ["a.jsonl"]
+
+
 @pytest.mark.parametrize(
     "marker",
     ["marker", "solar.json", "data manifest", "corpus manifest", "source.json", "run stage",
