@@ -195,11 +195,8 @@ def _input_roots(inputs: Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]
 
 
 def _name_max(directory: Path) -> int:
-    d = directory
-    while not d.exists() and d != d.parent:
-        d = d.parent
     try:
-        return os.pathconf(d, "PC_NAME_MAX")
+        return os.pathconf(_existing_ancestor(directory), "PC_NAME_MAX")
     except (OSError, ValueError):
         return 255
 
