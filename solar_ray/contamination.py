@@ -19,8 +19,9 @@ data-mix directory of Parquet shards (``text``, ``messages`` or ``prompt``/``cho
 columns), its ``manifest.json``, or any text file :func:`solar_ray.evaluate.iter_texts`
 reads; it is streamed, only the evaluation n-grams are held in memory.
 
-Evaluation sets: ``offline`` (every task of the offline suite, item = question + correct
-answer), ``offline:<task>`` (one task), or a file or directory of texts.
+Evaluation sets: ``offline`` (the offline suite: the real ARC-Challenge, HellaSwag, MMLU
+and Winogrande items of :mod:`solar_ray.evalsets.benchmarks`, item = prompt + correct
+answer), ``offline:<task>`` (any offline benchmark), or a file or directory of texts.
 """
 
 from __future__ import annotations
@@ -104,25 +105,22 @@ def load_eval_sets(specs: Sequence[str], max_items: int | None = None) -> dict[s
     ``offline:<task>`` any offline benchmark; an item's text is its prompt and correct
     answer (:func:`solar_ray.evalsets.benchmarks.item_texts`).
     """
-    from solar_ray.evalsets.benchmarks import BENCHMARKS, item_texts
+    from solar_ray.evalsets.benchmarks import offline_sets
     from solar_ray.evaluate import iter_texts
 
     sets: dict[str, list[tuple[str, str]]] = {}
     for spec in specs:
-        if spec == "offline":
-            for name, bench in BENCHMARKS.items():
-                if bench.h6:
-                    sets[name] = item_texts(name)
-        elif spec.startswith("offline:"):
-            name = spec.partition(":")[2]
-            if name not in BENCHMARKS:
-                raise ContaminationError(f"eval_sets: no offline benchmark {name!r}; known: {sorted(BENCHMARKS)}")
-            sets[name] = item_texts(name)
-        else:
-            path = Path(spec)
-            if not path.exists():
-                raise ContaminationError(f"eval_sets: {spec!r} is neither 'offline' nor an existing path")
-            sets[path.stem if path.is_file() else path.name] = list(iter_texts(path))
+        try:
+            offline = offline_sets(spec)
+        except UserError as e:
+            raise ContaminationError(f"eval_sets: {e}") from None
+        if offline is not None:
+            sets.update(offline)
+            continue
+        path = Path(spec)
+        if not path.exists():
+            raise ContaminationError(f"eval_sets: {spec!r} is neither 'offline' nor an existing path")
+        sets[path.stem if path.is_file() else path.name] = list(iter_texts(path))
     for name, items in sets.items():
         if not items:
             raise ContaminationError(f"eval set {name!r} has no items")

@@ -218,6 +218,7 @@ def _plots(run_dir: Path, plans: Sequence[Any], rows: list[dict], out: Path) -> 
         ticks = [f"{lab}\n(n={n[t]})" if n[t] else lab for lab, t in zip(labels, tasks, strict=True)]
         ax.set_xticks([t + 0.4 - width / 2 for t in range(len(tasks))], ticks)
         ax.set_ylabel("score (%), bars: ±2 SE")
+        ax.set_title("each score ±2 SE; differences on the same items: results.md (paired)", fontsize=9)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
         fig.savefig(out / "evaluation.png", dpi=110)

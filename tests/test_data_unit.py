@@ -531,3 +531,19 @@ def test_read_math_seeds(tmp_path: Path) -> None:
 def test_data_recipes_validate(recipe: Path) -> None:
     cfg = load_config(DataConfig, recipe)
     assert cfg.mixes and all(m.sources for m in cfg.mixes)
+
+
+def test_decontamination_filters_the_offline_benchmark_items_themselves() -> None:
+    """``offline:<task>`` in eval_sets: a training row quoting a scored item is dropped."""
+    from solar_ray.errors import UserError
+    from solar_ray.evalsets.benchmarks import item_texts
+
+    index = build_eval_index(["offline:arc_challenge", "offline:piqa"], 13)
+    assert set(index.sets) == {"offline:arc_challenge", "offline:piqa"}
+    _, arc = item_texts("arc_challenge")[3]
+    _, piqa = item_texts("piqa")[10]
+    assert index.match([f"As the textbook puts it: {arc} That settles it."]) == "offline:arc_challenge"
+    assert index.match(["unrelated", piqa.lower().replace("\n", " ")]) == "offline:piqa"
+    assert index.match(["The merged model keeps the tokenizer of its parents, as before."]) is None
+    with pytest.raises(UserError, match=r"eval_sets\.0: no offline benchmark 'arc'"):
+        build_eval_index(["offline:arc"], 13)

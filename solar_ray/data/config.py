@@ -138,7 +138,8 @@ class DecontamConfig(StageConfig):
     """Drop training rows that overlap evaluation sets or come from denied tasks."""
 
     eval_sets: list[str] = Field(default_factory=list)
-    """files (any readable format, globs allowed) whose text must not appear in training"""
+    """files (any readable format, globs allowed) whose text must not appear in training, or
+    ``offline`` / ``offline:<task>``: the real benchmark items the evaluation scores"""
     ngram: int = Field(default=13, ge=1)
     """a row sharing one word n-gram of this length with any eval text is dropped"""
     deny_tasks: list[str] = Field(default_factory=list)

@@ -121,11 +121,30 @@ class EvalIndex:
 
 
 def build_eval_index(paths: list[str], ngram: int, field: str = "eval_sets") -> EvalIndex:
-    """Read every eval file (any readable format, globs allowed) into an :class:`EvalIndex`."""
+    """Read every eval set into an :class:`EvalIndex`.
+
+    A file in any readable format (globs allowed), or ``offline`` / ``offline:<task>``: the
+    real benchmark items of :mod:`solar_ray.evalsets.benchmarks` (prompt + correct answer),
+    so a mix can filter out exactly what the evaluation scores.
+    """
     from solar_ray.data.sources import expand_paths, iter_records
+    from solar_ray.errors import UserError
 
     index = EvalIndex(ngram=ngram)
     for i, pattern in enumerate(paths):
+        if pattern == "offline" or pattern.startswith("offline:"):
+            from solar_ray.evalsets.benchmarks import offline_sets
+
+            try:
+                sets = offline_sets(pattern) or {}
+            except UserError as e:
+                raise UserError(f"{field}.{i}: {e}") from None
+            for name, items in sets.items():
+                hashes = [h for _, text in items if len(h := ngram_hashes(text, ngram))]
+                index.sets[f"offline:{name}"] = (
+                    np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
+                )
+            continue
         for path in expand_paths([pattern], field=f"{field}.{i}"):
             chunks: list[np.ndarray] = []
             for rec in iter_records(path):

@@ -64,6 +64,7 @@ __all__ = [
     "item_texts",
     "data_location",
     "load_task",
+    "offline_sets",
     "task_dir",
 ]
 
@@ -448,6 +449,23 @@ def item_texts(task: str, tasks: dict[str, Any] | None = None) -> list[tuple[str
     if tasks is None:
         return list(_item_texts(task))
     return _texts_of(task, tasks)
+
+
+def offline_sets(spec: str) -> dict[str, list[tuple[str, str]]] | None:
+    """The item texts an ``offline`` / ``offline:<task>`` spec names; None for other specs.
+
+    ``offline`` is the offline suite (the H6 tasks the data has), ``offline:<task>`` any
+    offline benchmark. The contamination report and the data stage's decontamination
+    filter both read evaluation sets through this.
+    """
+    if spec == "offline":
+        return {name: item_texts(name) for name, b in BENCHMARKS.items() if b.h6}
+    if spec.startswith("offline:"):
+        name = spec.partition(":")[2]
+        if name not in BENCHMARKS:
+            raise BenchmarkDataError(f"no offline benchmark {name!r}; known: {sorted(BENCHMARKS)}")
+        return {name: item_texts(name)}
+    return None
 
 
 @functools.cache
