@@ -70,7 +70,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 
 from solar_ray.checkpoint import (
     atomic_output_dir,
+    check_output,
     library_versions,
+    local_inputs,
     model_fingerprint,
     read_manifest,
     write_json_atomic,
@@ -1088,6 +1090,10 @@ def run_eval(
     ``on_model(result)`` is called after each model (progress reporting).
     """
     specs = plan_tasks(cfg)
+    ppl_sources = cfg.ppl_data if isinstance(cfg.ppl_data, str) else None
+    inputs = local_inputs(*(m.path for m in cfg.models), ppl_sources)
+    if cfg.out:  # refused before any work, not after an hour of evaluation
+        check_output(cfg.out, cfg.overwrite, inputs)
     task_manager = _task_manager(specs) if specs else None
     unavailable = check_tasks(specs, task_manager, skip_unreachable=cfg.suite == "h6")  # before any model
     specs = [s for s in specs if s.name not in unavailable]
@@ -1125,13 +1131,22 @@ def run_eval(
         if on_model:
             on_model(model_result)
     if cfg.out:
-        write_results(results, cfg.out, overwrite=cfg.overwrite)
+        write_results(results, cfg.out, overwrite=cfg.overwrite, inputs=inputs)
     return results
 
 
-def write_results(results: dict[str, Any], out: str | os.PathLike, overwrite: bool = False) -> Path:
-    """Write ``results.json``, ``results.md`` and ``solar.json`` into ``out`` atomically."""
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
+def write_results(
+    results: dict[str, Any],
+    out: str | os.PathLike,
+    overwrite: bool = False,
+    inputs: Sequence[str | os.PathLike] = (),
+) -> Path:
+    """Write ``results.json``, ``results.md`` and ``solar.json`` into ``out`` atomically.
+
+    ``out`` is never one of ``inputs`` (the evaluated models, the held-out texts) nor a
+    directory solar-ray did not write (:func:`solar_ray.checkpoint.check_output`).
+    """
+    with atomic_output_dir(out, overwrite=overwrite, inputs=inputs) as tmp:
         write_json_atomic(tmp / "results.json", results)
         (tmp / "results.md").write_text(results_table(results), encoding="utf-8")
         write_manifest(

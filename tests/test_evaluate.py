@@ -473,3 +473,16 @@ def test_math_evaluation_items_share_no_template_with_synthetic_training_math():
         assert len(texts) > 200
         shared = {ng for _, t in texts for ng in _skeleton_ngrams(t, names) if ng in train}
         assert not shared, (task, sorted(shared)[:5])
+
+
+def test_eval_refuses_an_output_that_is_an_input_before_evaluating(tiny_llama_dir: Path, capsys, monkeypatch):
+    from solar_ray import evaluate
+    from solar_ray.cli import main
+
+    before = sorted((p.name, p.stat().st_size) for p in tiny_llama_dir.iterdir())
+    monkeypatch.setattr(evaluate, "_evaluate_model", lambda *a, **k: pytest.fail("evaluated anyway"))
+    rc = main(["eval", "--models", f"tiny={tiny_llama_dir}", "--suite", "piqa", "--limit", "2",
+               "--out", str(tiny_llama_dir), "--overwrite"])  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and f"is the input {tiny_llama_dir}" in err[0]
+    assert sorted((p.name, p.stat().st_size) for p in tiny_llama_dir.iterdir()) == before
