@@ -1184,30 +1184,23 @@ def _version(package: str) -> str | None:
 
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``solar-ray eval``: add the arguments to ``parser``; return the runner."""
-    from solar_ray.cli import add_config_args
+    """``solar-ray eval``: one flag per :class:`EvalConfig` field; return the runner.
+
+    ``--models``, ``--suite`` and ``--num-fewshot`` take the command line's shorthands.
+    """
+    from solar_ray.config import add_config_args, add_field_flags
 
     add_config_args(parser)
     parser.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="models to evaluate")
     parser.add_argument("--suite", help="offline | h6 | none | comma-separated lm-eval task names")
-    parser.add_argument("--limit", type=int, help="score the first N items of each task")
     parser.add_argument("--num-fewshot", action="append", metavar="TASK=N", help="shot override")
-    parser.add_argument("--ppl-data", help="held-out text: file or directory")
-    parser.add_argument("--ppl-max-texts", type=int)
-    parser.add_argument("--ppl-seq-len", type=int)
-    parser.add_argument("--ppl-stride", type=int, help="window advance (default: half a window)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--device", help="auto | cpu | cuda")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--apply-chat-template", action="store_true", default=None)
-    parser.add_argument("--out", help="results directory (results.json, results.md)")
-    parser.add_argument("--overwrite", action="store_true", default=None)
+    add_field_flags(parser, EvalConfig, skip=("models", "suite", "num_fewshot"))
     parser.add_argument("--dry-run", action="store_true", help="print the plan, evaluate nothing")
     return _run_cli
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from solar_ray.config import load_config
+    from solar_ray.config import flag_values, load_config
 
     suite: Any = args.suite
     if suite and suite not in ("offline", "h6", "none"):
@@ -1220,22 +1213,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             if not sep or not n.strip().isdigit():
                 raise EvalError(f"--num-fewshot {item!r}: expected TASK=N")
             shots[task] = int(n)
-    flags = {
-        "models": args.models,
-        "suite": suite,
-        "limit": args.limit,
-        "num_fewshot": shots,
-        "ppl_data": args.ppl_data,
-        "ppl_max_texts": args.ppl_max_texts,
-        "ppl_seq_len": args.ppl_seq_len,
-        "ppl_stride": args.ppl_stride,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "dtype": args.dtype,
-        "apply_chat_template": args.apply_chat_template,
-        "out": args.out,
-        "overwrite": args.overwrite,
-    }
+    flags = {**flag_values(args, EvalConfig), "suite": suite, "num_fewshot": shots}
     cfg = load_config(EvalConfig, args.config, args.overrides, data=flags)
     specs = plan_tasks(cfg)
     if args.dry_run:
