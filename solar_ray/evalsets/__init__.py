@@ -36,6 +36,7 @@ from solar_ray.evalsets import items as _items
 __all__ = [
     "OFFLINE_TASKS",
     "OfflineTask",
+    "arithmetic_problems",
     "fewshot_pool_size",
     "item_texts",
     "lm_eval_config",
@@ -268,6 +269,17 @@ def _arith_problem(rng: random.Random, kind: int) -> dict[str, Any]:
         steps = [f"{name} reads {p} * {d} = {p * d} pages.", f"Left: {n} - {p * d} = {n - p * d} pages."]
         answer = n - p * d
     return {"question": question, "answer": "\n".join(steps) + f"\n#### {answer}", "number": answer}
+
+
+def arithmetic_problems(num: int, name: str) -> list[dict[str, Any]]:
+    """``num`` GSM8K-format word problems (``question``, ``answer`` ending ``#### N``) from
+    the offline suite's generator, seeded by ``name``: items of the suite's shape that are not
+    its test items (the suite draws with ``solar_arith``), and not from the templates of the
+    synthetic-math training data (:mod:`solar_ray.data.synth_math`)."""
+    if name in ("solar_arith", "solar_arith/train"):
+        raise ValueError(f"{name!r} draws the offline suite's own items; use another name")
+    rng = random.Random(_seed(name))
+    return [_arith_problem(rng, i % 8) for i in range(num)]
 
 
 def _arith() -> dict[str, list[dict]]:
