@@ -206,7 +206,12 @@ def run(recipe: str, out: Path, overrides: list[str], kinds: list[str]) -> dict:
 
 def report(recipe: str, out: Path, overrides: list[str], timings: dict) -> str:
     """The Markdown summary of the finished runs (``OUT/grid``, ``OUT/asha``, ``OUT/sha``)."""
-    cmd = " ".join(["python bench/sweep.py", *[f"--set '{o}'" for o in overrides]])
+    rel = Path(recipe).absolute().relative_to(REPO)
+    cmd = " ".join(
+        ["python bench/sweep.py"]
+        + ([f"--recipe {rel}"] if str(rel) != "jobs/sweep-m.yaml" else [])
+        + [f"--set '{o}'" for o in overrides]
+    )
     overrides = [*overrides, f"upscale_cache={out / 'upscales'}"]
     from solar_ray.tune import load_sweep, run_sweep
 
@@ -226,13 +231,20 @@ def report(recipe: str, out: Path, overrides: list[str], timings: dict) -> str:
     unit = cfg.budget.unit if cfg.budget is not None else "steps"
     grid = rows[0] if rows[0]["scheduler"] == "grid" else None
     lines = [
-        f"## Sweep `{Path(recipe).name}`: {cfg.description or cfg.name}",
+        f"## Sweep `{Path(recipe).name}`"
+        + (f" (budget {cfg.budget.amount:.3g} {cfg.budget.unit})" if cfg.budget else "")
+        + f": {cfg.description or cfg.name}",
         "",
-        f"Command: `{cmd}` (recipe `{Path(recipe).relative_to(REPO)}`, each scheduler by "
+        f"Command: `{cmd}` (recipe `{rel}`, each scheduler by "
         "`--set scheduler.kind=...`); machine: "
         f"{platform.machine()}, {os.cpu_count()} CPU cores.",
-        f"Upscales made once before any run ({timings.get('warm_s') or 0:.0f} s), shared "
-        "through the cache; wall times include each run's data preparation.",
+        (
+            f"Upscales made once before any run ({timings['warm_s']:.0f} s), shared through "
+            "the cache; wall times include each run's data preparation."
+            if timings.get("warm_s") is not None
+            else "Upscales made inside the run; wall time measured around the whole command "
+            "(data preparation and upscales included)."
+        ),
         "",
         f"| scheduler | rungs ({unit}) | best | {rows[0]['metric']} of best (± SE) "
         "| gain over base at equal FLOPs | training steps (searched trials) | stopped early "

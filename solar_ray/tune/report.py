@@ -315,7 +315,13 @@ def _plot(out: Path, rows: Sequence[dict], metric: str, summary: dict[str, Any])
         ax.set_title(title)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.text(
+        0.5, 0.005,
+        "error bars: ±1 SE of each loss over the held-out rows; a difference between two models "
+        "on the same rows has a much smaller, paired SE (gain over base in results.md)",
+        ha="center", fontsize=8,
+    )  # fmt: skip
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
     files["metric_vs_choice"] = out / "metric_vs_choice.png"
     _save(fig, files["metric_vs_choice"])
     plt.close(fig)
@@ -422,7 +428,9 @@ def _budget_line(cfg: SweepConfig, rows: Sequence[dict]) -> str:
             f"Budget: {cfg.budget.amount:.4g} {cfg.budget.unit} per trial (each trial the whole "
             "steps that fit: a larger model gets fewer steps)."
         )
-    return f"Budget: {cfg.train.get('steps')} steps per trial (equal tokens; FLOPs grow with depth)."
+    if any(r["method"] != "none" for r in rows):
+        return f"Budget: {cfg.train.get('steps')} steps per trial (equal tokens; FLOPs grow with depth)."
+    return f"Budget: {cfg.train.get('steps')} steps per trial (equal examples; one model, so equal FLOPs per token)."
 
 
 def _verdict(rows: Sequence[dict], best: dict | None, summary: dict[str, Any]) -> list[str]:
@@ -546,11 +554,13 @@ def write_report(
     if verdict:
         lines += [*(f"- {v}" for v in verdict), ""]
     eq_t, eq_f = analysis.get("equal_tokens"), analysis.get("equal_flops")
+    sizes = sorted({int(r["eval_n"]) for r in rows if r.get("eval_n")})
+    n_text = f"n = {', '.join(map(str, sizes))}" if sizes else "n"
     lines += [
         f"Equal tokens: {_num(eq_t)}; equal FLOPs: {_num(eq_f)} (the largest amount every trial "
         "that trained its whole budget reached). Values between held-out reports are linearly "
-        "interpolated, row by row; ± is one standard error over the held-out rows (n), gains "
-        "are paired over the same rows and marked within noise inside 2 SE.",
+        f"interpolated, row by row; ± is one standard error over the held-out rows ({n_text}), "
+        "gains are paired over the same rows and marked within noise inside 2 SE.",
         "",
         f"Training steps spent on the {len(searched)} searched trials: {steps_spent}"
         + (f" (a full grid: {grid_steps}, {steps_spent / grid_steps:.0%})." if grid_steps else ".")

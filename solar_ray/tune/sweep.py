@@ -214,7 +214,7 @@ def run_sweep(
     }
     budgets = plan_budgets(cfg, resolved, base_dir, ctx)
     if cfg.budget is not None:
-        resolved = [_with_budget(t, budgets[t.name], cfg) for t in resolved]
+        resolved = [_with_budget(t, budgets[t.name]) for t in resolved]
     ctx["trials"] = {t.name: t.to_dict() for t in resolved}
     trials_root = Path(out) / TRIALS_DIR / name
     trials_root.mkdir(parents=True, exist_ok=True)
@@ -320,13 +320,12 @@ def _dry_run_budgets(cfg: SweepConfig, trials: list[TrialSpec], out: Path) -> di
 
     if cfg.base not in EMBEDDED_ALIASES and not Path(cfg.base).exists():
         return {}
-
     ctx = {"train_kind": cfg.train_kind, "train": cfg.train_fields(), "out": str(out),
            "storage_path": str(out / "ray_train"), "experiment": experiment_name(cfg)}  # fmt: skip
     return plan_budgets(cfg, trials, resolve_model(cfg.base), ctx)
 
 
-def _with_budget(spec: TrialSpec, budget: TrialBudget, cfg: SweepConfig) -> TrialSpec:
+def _with_budget(spec: TrialSpec, budget: TrialBudget) -> TrialSpec:
     """The trial with its budget's steps (and rung checkpoints) as training overrides."""
     train = {**spec.train, "steps": budget.steps}
     if budget.rung_steps:
