@@ -200,7 +200,9 @@ def test_config_mistakes_name_the_field(tmp_path, over, expect):
 def test_overrides_and_experiment_names():
     a = SweepConfig.model_validate(sweep_dict())
     b = SweepConfig.model_validate(sweep_dict(scheduler={"kind": "grid"}))
-    c = SweepConfig.model_validate(sweep_dict(max_concurrent_trials=1, description="x"))
+    c = SweepConfig.model_validate(
+        sweep_dict(max_concurrent_trials=1, description="x", seam=False, seam_sequences=4)
+    )
     assert experiment_name(a).startswith("t-asha-") and experiment_name(b).startswith("t-grid-")
     assert experiment_name(a) == experiment_name(c)  # operational fields do not fork a sweep
 

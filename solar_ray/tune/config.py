@@ -497,7 +497,8 @@ class SweepConfig(StageConfig):
         """
         data = self.model_dump(mode="json", exclude_defaults=True)
         for key in ("description", "out", "ray_address", "runtime_env", "max_concurrent_trials",
-                    "trial_max_failures", "best", "upscale_cache"):  # fmt: skip
+                    "trial_max_failures", "best", "upscale_cache", "seam",
+                    "seam_sequences"):  # fmt: skip
             data.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
