@@ -40,6 +40,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "contamination": ("solar_ray.contamination", "Min-K%% Prob and n-gram contamination checks"),
     "run": ("solar_ray.pipeline", "run a recipe: the whole stage graph into a run directory"),
     "sweep": ("solar_ray.tune", "Ray Tune sweep over m and data-mix choices"),
+    "score-plans": ("solar_ray.seam", "score every m of a model without training (seam predictors)"),
     "demo": ("solar_ray.pipeline", "run jobs/demo.yaml on the embedded SmolLM2-135M"),
 }
 

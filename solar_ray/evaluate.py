@@ -80,7 +80,7 @@ from solar_ray.checkpoint import (
 )
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
-from solar_ray.stats import Estimate, mean_se, paired_difference, ratio_se
+from solar_ray.stats import Estimate, mean_se, paired_mean_difference, ratio_estimate
 
 if TYPE_CHECKING:
     import torch
@@ -619,7 +619,7 @@ def perplexity(
     """Token-level perplexity over all texts, ``exp(total NLL / scored tokens)``, with its spread.
 
     ``stride`` as in :func:`token_logprobs`. The standard error of the NLL per token treats
-    windows as the units (:func:`solar_ray.stats.ratio_se`); ``ppl_low``/``ppl_high`` are
+    windows as the units (:func:`solar_ray.stats.ratio_estimate`); ``ppl_low``/``ppl_high`` are
     ``exp(nll -/+ 2 SE)``. ``windows`` lists ``[nll sum, tokens]`` per window, in a fixed
     order (texts, then windows), for paired comparisons between models that share a
     tokenizer.
@@ -631,7 +631,7 @@ def perplexity(
     num_tokens = sum(n for _, n in windows)
     if num_tokens == 0:
         raise EvalError("perplexity: the texts have no tokens to score (each needs two or more)")
-    est = ratio_se([s for s, _ in windows], [n for _, n in windows])
+    est = ratio_estimate([s for s, _ in windows], [n for _, n in windows])
     nll, se = est.value, est.se
     spread = 2 * se if math.isfinite(se) else math.nan
     return {
@@ -958,7 +958,7 @@ def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Estimat
             continue
         ia, ib = (ma.get("items") or {}).get(name), (mb.get("items") or {}).get(name)
         if ia and ib and len(ia) == len(ib):
-            out[name] = paired_difference(ia, ib)
+            out[name] = paired_mean_difference(ia, ib)
         else:
             sa, sb = ma["stderr"].get(name), mb["stderr"].get(name)
             se = math.sqrt(sa * sa + sb * sb) if sa is not None and sb is not None else math.nan
@@ -972,10 +972,10 @@ def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Estimat
     wa, wb = ma.get("ppl_windows"), mb.get("ppl_windows")
     if wa and wb:
         if len(wa) == len(wb) and all(x[1] == y[1] for x, y in zip(wa, wb, strict=True)):
-            out["nll"] = ratio_se([x[0] - y[0] for x, y in zip(wa, wb, strict=True)], [x[1] for x in wa])
+            out["nll"] = ratio_estimate([x[0] - y[0] for x, y in zip(wa, wb, strict=True)], [x[1] for x in wa])
         else:
-            ea = ratio_se([w[0] for w in wa], [w[1] for w in wa])
-            eb = ratio_se([w[0] for w in wb], [w[1] for w in wb])
+            ea = ratio_estimate([w[0] for w in wa], [w[1] for w in wa])
+            eb = ratio_estimate([w[0] for w in wb], [w[1] for w in wb])
             out["nll"] = Estimate(ea.value - eb.value, math.hypot(ea.se, eb.se), min(ea.n, eb.n))
     return out
 
@@ -993,7 +993,7 @@ def _diff_cell(e: Estimate | None, scale: float = 100.0, digits: int = 2) -> str
         return "–"
     sign = "+" if e.value >= 0 else "−"
     cell = f"{sign}{abs(scale * e.value):.{digits}f} ± {scale * e.se:.{digits}f}"
-    return f"~ {cell}" if e.within_noise else f"**{cell}**"
+    return f"~ {cell}" if e.within_noise() else f"**{cell}**"
 
 
 def results_table(results: dict[str, Any]) -> str:
