@@ -47,6 +47,8 @@ from pydantic import Field, model_validator
 from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
 from solar_ray.errors import UserError, user_os_error
+from solar_ray.stages import KINDS as STAGE_KINDS
+from solar_ray.stages import stage
 
 __all__ = [
     "PipelineError",
@@ -91,11 +93,13 @@ class Recipe(StageConfig):
 
 @dataclass(frozen=True)
 class StageKind:
-    """How the runner builds, runs and recognises the output of one kind of stage."""
+    """How the runner fills, runs and recognises the output of one kind of stage.
+
+    The stage's config class and function come from the registry
+    (:func:`solar_ray.stages.stage`); this adds what only the runner needs.
+    """
 
     name: str
-    #: ("module:ConfigClass", "module:run_function"), imported when planned or run
-    target: tuple[str, str] | None
     #: fill the runner-owned fields (out dir, Ray storage) into the stage's config data
     inject: Callable[[dict[str, Any], Path, str, Path, str], dict[str, Any]]
     #: is ``out`` a finished output of this kind
@@ -103,9 +107,9 @@ class StageKind:
     #: the paths inside ``out`` the stage will write (what ``@stage/sub`` may name), from
     #: its validated config; None: not known in advance (any sub-path is accepted)
     products: Callable[[Any], set[str]] | None = None
-    #: "module:function" run on the validated config at planning time (also by --dry-run)
-    #: for checks that need files already on disk (stages without ``@`` inputs only)
-    precheck: str | None = None
+    #: run on the validated config at planning time (also by --dry-run) for checks that
+    #: need files already on disk (stages without ``@`` inputs only)
+    precheck: Callable[[Any], None] | None = None
 
 
 def _inject_out(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
@@ -161,42 +165,28 @@ def _corpus_products(cfg: Any) -> set[str]:
     return {f"{c}/{f}" for c in cfg.corpora for f in ("train.jsonl", "heldout.jsonl", "manifest.json")}
 
 
+def _upscale_precheck(cfg: Any) -> None:
+    from solar_ray.upscale import check_source_plan
+
+    check_source_plan(cfg)
+
+
 KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
-        StageKind("model", None, _inject_out, lambda out: (out / "source.json").is_file()),
-        StageKind("corpus", ("solar_ray.corpora:CorpusConfig", "solar_ray.corpora:run_corpus"), _inject_out, _data_done,
-                  products=_corpus_products),
-        StageKind("upscale", ("solar_ray.upscale:UpscaleConfig", "solar_ray.upscale:run_upscale"), _inject_out, _model_done,
-                  precheck="solar_ray.upscale:check_source_plan"),
-        StageKind("data", ("solar_ray.data.config:DataConfig", "solar_ray.data:run_data"), _inject_out, _data_done,
-                  products=_data_products),
-        StageKind("pretrain", ("solar_ray.train.config:PretrainConfig", "solar_ray.train.pretrain:run_pretrain"), _inject_train, _model_done),
-        StageKind("sft", ("solar_ray.train.config:SFTConfig", "solar_ray.train.sft:run_sft"), _inject_train, _model_done),
-        StageKind("dpo", ("solar_ray.train.config:DPOConfig", "solar_ray.train.dpo:run_dpo"), _inject_train, _model_done),
-        StageKind("merge", ("solar_ray.merge:MergeConfig", "solar_ray.merge:run_merge"), _inject_out, _model_done),
-        StageKind("eval", ("solar_ray.evaluate:EvalConfig", "solar_ray.evaluate:run_eval"), _inject_eval,
-                  _file_done("results.json")),
-        StageKind("contamination", ("solar_ray.contamination:ContaminationConfig",
-                                    "solar_ray.contamination:run_contamination"), _inject_eval, _file_done("contamination.json")),
+        StageKind("model", _inject_out, lambda out: (out / "source.json").is_file()),
+        StageKind("corpus", _inject_out, _data_done, products=_corpus_products),
+        StageKind("upscale", _inject_out, _model_done, precheck=_upscale_precheck),
+        StageKind("data", _inject_out, _data_done, products=_data_products),
+        StageKind("pretrain", _inject_train, _model_done),
+        StageKind("sft", _inject_train, _model_done),
+        StageKind("dpo", _inject_train, _model_done),
+        StageKind("merge", _inject_out, _model_done),
+        StageKind("eval", _inject_eval, _file_done("results.json")),
+        StageKind("contamination", _inject_eval, _file_done("contamination.json")),
     )
-}  # fmt: skip
-
-
-def _import(spec: str) -> Any:
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ModuleNotFoundError, AttributeError) as e:
-        raise ConfigError(f"{spec} is not available ({e})") from None
-
-
-def _import_target(kind: StageKind) -> tuple[type[StageConfig], Callable[[Any], Any]]:
-    assert kind.target is not None
-    cls, fn = kind.target
-    return _import(cls), _import(fn)
+}
+assert set(KINDS) == set(STAGE_KINDS), "every registered stage kind has its runner entry"
 
 
 # --------------------------------------------------------------------------- planning
@@ -265,9 +255,9 @@ class StagePlan:
 
     def config(self, key: str = "0" * 64) -> StageConfig | None:
         """The validated stage config with the runner's fields (None for ``model`` stages)."""
-        if self.kind.target is None:
+        cls = stage(self.kind.name).config
+        if cls is None:
             return None
-        cls = _import(self.kind.target[0])
         data = self.kind.inject(self.data, self.out, self.name, self.run_dir, key)
         return validate(cls, data, "recipe", prefix=f"stages.{self.name}")
 
@@ -332,7 +322,7 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
             # only on inputs outside the run: an earlier stage's output may be stale
             if kind.precheck and not plan.deps:
                 try:
-                    _import(kind.precheck)(configs[name])
+                    kind.precheck(configs[name])
                 except UserError as e:
                     raise ConfigError(f"stages.{name}: {e}") from None
         plans.append(plan)
@@ -412,10 +402,10 @@ def _run_model_stage(plan: StagePlan) -> None:
 
 def run_stage(plan: StagePlan, key: str) -> Any:
     """Run one planned stage into its output directory; return the stage's result."""
-    if plan.kind.target is None:
+    run = stage(plan.kind.name).run
+    if run is None:
         return _run_model_stage(plan)
-    _, fn = _import_target(plan.kind)
-    return fn(plan.config(key))
+    return run(plan.config(key))
 
 
 @dataclass

@@ -226,7 +226,7 @@ def _dpo_datasets(env: WorkerEnv) -> tuple[Any, Any]:
             raise DataError(f"val_fraction: {cfg.val_fraction} of {len(mask)} rows holds out none")
         val = data.select(np.flatnonzero(mask).tolist())
         data = data.select(np.flatnonzero(~mask).tolist())
-    ref_files = env.extra.get("ref_logps_files")
+    ref_files = env.spec.ref_logps_files
     if ref_files:
         table = load_hf_dataset(ref_files, cfg.resolved_storage_path).data.table
         data = _attach_ref_logps(data, table)
@@ -249,8 +249,8 @@ def _dpo(env: WorkerEnv, ckpt: Path | None) -> None:
 
     cfg: DPOConfig = env.cfg  # type: ignore[assignment]
     train_ds, eval_ds = _dpo_datasets(env)
-    precomputed = bool(env.extra.get("ref_logps_files"))
-    ref_dir = env.extra.get("ref_model_dir")
+    precomputed = bool(env.spec.ref_logps_files)
+    ref_dir = env.spec.ref_model_dir
 
     class SolarDPOTrainer(DeepSpeedCheckpointMixin, DPOTrainer):
         """DPOTrainer that takes reference log-probs already in the dataset as they are."""
@@ -317,14 +317,16 @@ def run_dpo(cfg: DPOConfig) -> TrainResult:
     if done is not None:
         return done
     ref_dir = inputs.ref_model_dir or inputs.model_dir
-    extra: dict[str, Any] = {"ref_model_dir": str(inputs.ref_model_dir or "") or None}
+    spec_values: dict[str, Any] = {
+        "ref_model_dir": str(inputs.ref_model_dir) if inputs.ref_model_dir else None
+    }
     if cfg.precompute_ref_logps:
         files, fingerprint = precompute_ref_logps(cfg, inputs, ref_dir)
-        extra["ref_logps_files"] = files
+        spec_values["ref_logps_files"] = files
         inputs.extra_parents.append(
             {"kind": "ref_logps", "role": "ref_logps", "sha256": fingerprint,
              "path": f"{cfg.resolved_storage_path.rstrip('/')}/{cfg.run_name}/{REF_DIR}"}
         )  # fmt: skip
     lines = [f"DPO: beta={cfg.beta}, loss_type={cfg.loss_type}, reference "
              f"{'precomputed (Ray Data)' if cfg.precompute_ref_logps else 'live'}."]  # fmt: skip
-    return run_stage(cfg, dpo_worker, inputs, extra=extra, card_lines=lines)
+    return run_stage(cfg, dpo_worker, inputs, spec_values=spec_values, card_lines=lines)

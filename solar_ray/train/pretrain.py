@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from solar_ray.config import ConfigError
 from solar_ray.train.common import (
     StageInputs,
     TrainResult,
@@ -344,7 +345,8 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         shard = session.dataset_shard("train")
         if shard is None:
             raise DataError("streaming: no 'train' Ray Dataset was passed to the trainer")
-        num_train_rows = int(env.extra["num_train_rows"])
+        assert env.spec.num_train_rows is not None, "streaming runs count their rows on the driver"
+        num_train_rows = env.spec.num_train_rows
         val_ids, val_pos = _stream_val(env)
     else:
         ids, pos, val_ids, val_pos = _load_split(env)
@@ -513,6 +515,17 @@ def _check_packed(mix: Any, cfg: PretrainConfig, field: str, vocab_size: int) ->
         )
 
 
+def prepare_pretrain(cfg: PretrainConfig) -> tuple[StageInputs, dict[str, Any]]:
+    """The checked inputs and the workers' spec values of a run that reads its mix itself.
+
+    What a Tune trial launches the pretrain loop with (:mod:`solar_ray.stages`); a run
+    that streams from Ray Data (``streaming: true``) is launched by :func:`run_pretrain`.
+    """
+    if cfg.streaming:
+        raise ConfigError("streaming: a sweep trial reads the prepared mix in each worker; set streaming: false")
+    return validate_pretrain(cfg), {}
+
+
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """Continued pretraining of ``cfg.model`` on ``cfg.data`` into ``cfg.out``.
 
@@ -520,10 +533,10 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """
     inputs = validate_pretrain(cfg)
     datasets = None
-    extra: dict[str, Any] = {}
+    spec_values: dict[str, Any] = {}
     if cfg.streaming:
-        datasets, extra = _streaming_datasets(cfg, inputs)
-    return run_stage(cfg, pretrain_worker, inputs, extra=extra, datasets=datasets)
+        datasets, spec_values = _streaming_datasets(cfg, inputs)
+    return run_stage(cfg, pretrain_worker, inputs, spec_values=spec_values, datasets=datasets)
 
 
 def _streaming_datasets(cfg: PretrainConfig, inputs: StageInputs) -> tuple[dict, dict]:

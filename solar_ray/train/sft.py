@@ -27,7 +27,7 @@ def _sft_datasets(env: WorkerEnv) -> tuple[Any, Any]:
     from solar_ray.train.hf import load_hf_dataset
 
     cfg: SFTConfig = env.cfg  # type: ignore[assignment]
-    tokenized = env.extra.get("part", "tokenized") == "tokenized"
+    tokenized = env.spec.part == "tokenized"
     columns = ["input_ids", "labels"] if tokenized else ["messages"]
     if tokenized and not cfg.assistant_only_loss:
         columns = ["input_ids"]  # no labels, no masks: TRL trains on every token
@@ -69,7 +69,7 @@ def _sft(env: WorkerEnv, ckpt: Path | None) -> None:
 
     cfg: SFTConfig = env.cfg  # type: ignore[assignment]
     train_ds, eval_ds = _sft_datasets(env)
-    tokenized = env.extra.get("part", "tokenized") == "tokenized"
+    tokenized = env.spec.part == "tokenized"
 
     class SolarSFTTrainer(HeldOutRowsMixin, DeepSpeedCheckpointMixin, SFTTrainer):
         """SFTTrainer whose checkpoints hold DeepSpeed's sharded state only and whose
@@ -146,7 +146,13 @@ def _check_token_ids(mix: Any, vocab_size: int, field: str) -> None:
         )
 
 
+def prepare_sft(cfg: SFTConfig) -> tuple[StageInputs, dict[str, Any]]:
+    """The checked inputs and the workers' spec values (which part of the mix to read)."""
+    inputs, part = validate_sft(cfg)
+    return inputs, {"part": part}
+
+
 def run_sft(cfg: SFTConfig) -> TrainResult:
     """Supervised fine-tuning of ``cfg.model`` on the SFT mix ``cfg.data`` into ``cfg.out``."""
-    inputs, part = validate_sft(cfg)
-    return run_stage(cfg, sft_worker, inputs, extra={"part": part})
+    inputs, spec_values = prepare_sft(cfg)
+    return run_stage(cfg, sft_worker, inputs, spec_values=spec_values)

@@ -31,6 +31,7 @@ from typing import Any
 
 from solar_ray.checkpoint import write_json_atomic
 from solar_ray.config import ConfigError
+from solar_ray.train.launch import worker_resources
 from solar_ray.tune.budget import TrialBudget, budgets_path, trial_budget
 from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials
 from solar_ray.tune.trial import (
@@ -40,7 +41,6 @@ from solar_ray.tune.trial import (
     run_trial,
     train_config_for,
     train_stage,
-    worker_resources,
 )
 
 __all__ = ["SweepResult", "experiment_name", "fit_concurrency", "run_sweep", "sweep_dir"]
@@ -132,6 +132,12 @@ def _resolved_trials(trials: list[TrialSpec], prepare: Path) -> list[TrialSpec]:
     return out
 
 
+def _placeholder_steps(train: Mapping[str, Any]) -> int:
+    """Steps to validate a budgeted trial's config with before its real steps are known
+    (no fewer than its warmup, which the config refuses to exceed)."""
+    return max(1, int(train.get("warmup_steps") or 0))
+
+
 def _check_up_front(cfg: SweepConfig, out: Path) -> None:
     """Fail before any compute: the training config validates and best.yaml will plan."""
     from solar_ray.tune.report import best_recipe, check_recipe
@@ -139,7 +145,8 @@ def _check_up_front(cfg: SweepConfig, out: Path) -> None:
     trials = plan_trials(cfg)
     train = cfg.train_fields()
     if cfg.budget is not None:
-        train["steps"] = 1  # each trial's steps come from the budget when the models are known
+        # each trial's steps come from the budget when the models are known
+        train["steps"] = _placeholder_steps(train)
     ctx = {
         "train_kind": cfg.train_kind,
         "train": train,
@@ -153,7 +160,7 @@ def _check_up_front(cfg: SweepConfig, out: Path) -> None:
         raise ConfigError("train.streaming: not supported in sweeps yet (trials read the shards)")
     if cfg.stages:
         check_recipe(_prepare_recipe(cfg), out / "prepare")
-    check_recipe(best_recipe(cfg, trials[0], steps=1), out / "best-run")
+    check_recipe(best_recipe(cfg, trials[0], steps=_placeholder_steps(train)), out / "best-run")
 
 
 def run_sweep(
@@ -221,7 +228,9 @@ def run_sweep(
     write_json_atomic(budgets_path(trials_root), {k: b.to_dict() for k, b in budgets.items()})
     # the inputs (model, tokenizer, data) are checked once here, not in every trial
     first = train_config_for(ctx, resolved[0], base_dir)
-    train_stage(cfg.train_kind)[2](first)
+    prepare = train_stage(cfg.train_kind).prepare
+    assert prepare is not None
+    prepare(first)
     if cfg.seam:
         _score_seam(cfg, resolved, base_dir, first, trials_root, echo)
     per_trial = {k: v * first.num_workers for k, v in worker_resources(first).items()}
@@ -284,7 +293,9 @@ def plan_budgets(
     out: dict[str, TrialBudget] = {}
     stats_by_choice: dict[str, dict[str, Any]] = {}
     for spec in trials:
-        train = {**ctx["train"], **({"steps": 1} if cfg.budget is not None else {})}
+        train = {**ctx["train"]}
+        if cfg.budget is not None:
+            train["steps"] = _placeholder_steps(train)
         tc = train_config_for({**ctx, "train": train}, spec, base_dir)
         key = str(spec.upscale_args())
         if key not in stats_by_choice:
