@@ -17,7 +17,6 @@ the shards (``streaming: false``) or its Ray Data shard (``streaming: true``).
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -36,6 +35,7 @@ from solar_ray.train.common import (
 )
 from solar_ray.train.config import PretrainConfig
 from solar_ray.train.data import DataError, arrow_filesystem, held_out_mask
+from solar_ray.train.session import STATE_FILE, read_run_state, write_run_state
 from solar_ray.train.worker import WorkerEnv, finish_run, run_worker
 
 __all__ = [
@@ -46,7 +46,6 @@ __all__ = [
     "validate_pretrain",
 ]
 
-STATE_FILE = "state.json"
 
 
 # --------------------------------------------------------------------------- data
@@ -324,7 +323,9 @@ def _resume(engine: Any, ckpt: Path | None) -> dict[str, Any]:
     }
     if ckpt is None:
         return state
-    saved = json.loads((ckpt / STATE_FILE).read_text())
+    saved = read_run_state(ckpt)
+    if saved is None or "tag" not in saved:
+        raise RuntimeError(f"{ckpt} holds no DeepSpeed run state ({STATE_FILE})")
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=saved["tag"])
     if load_path is None:
         raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt}")
@@ -467,12 +468,12 @@ def _stream_val(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray]:
 
 
 def _save_checkpoint(engine: Any, env: WorkerEnv, state: dict, metrics: dict) -> None:
-    """DeepSpeed's sharded state (each rank its part) + ``state.json``, reported to Ray."""
+    """DeepSpeed's sharded state (each rank its part) + the run state, reported to Ray."""
     tag = f"step_{state['step']:08d}"
     with tempfile.TemporaryDirectory(prefix="solar-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=tag, client_state={"solar_step": state["step"]})
         if env.is_rank0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "tag": tag}) + "\n")
+            write_run_state(Path(tmp), {**state, "tag": tag})
         if env.metrics:
             env.metrics.sync()
         env.session.report(metrics, checkpoint_dir=Path(tmp), name=tag)
