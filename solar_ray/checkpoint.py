@@ -467,7 +467,10 @@ def atomic_output_dir(
         check_output(out, overwrite, inputs)  # nothing appeared at out meanwhile
         write_json_atomic(
             tmp / OUTPUT_MARKER,
-            {"format": OUTPUT_MARKER_FORMAT, "written_by": f"solar-ray {_version()}"},
+            # "id" is new at every write: an output made again is a new artifact
+            # (solar_ray.identity.artifact_id), even when its bytes are the same
+            {"format": OUTPUT_MARKER_FORMAT, "written_by": f"solar-ray {_version()}",
+             "id": uuid.uuid4().hex},  # fmt: skip
         )
         _publish(tmp, out, prefix)
     except BaseException as e:

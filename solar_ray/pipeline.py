@@ -17,11 +17,13 @@ edges are found::
 
 The runner resolves the graph (unknown references and cycles are errors naming the
 stage), validates every stage's config before anything runs, then runs each stage once
-into ``RUN_DIR/<stage>/``. After a stage finishes, a marker ``RUN_DIR/.pipeline/<stage>.json``
-records the stage's key: the hash of its kind, resolved config, and the output hashes of
-the stages it reads. A stage is skipped when its marker's key matches and its output's own
-manifest exists; so a second run skips everything, and deleting one stage's output reruns
-that stage and, because its output hash changes, its dependents. Training stages keep
+into ``RUN_DIR/<stage>/``. A stage's key is the hash of its kind, its resolved config and
+the identity of the outputs it reads (:mod:`solar_ray.identity`); after the stage
+finishes, its output records that key inside itself. A stage is skipped when its output is
+finished and recorded the key the stage has now: so a second run skips everything, and
+deleting one stage's output reruns that stage and, because the new output has a new
+identity, its dependents. ``RUN_DIR/.pipeline/<stage>.json`` logs each finished stage
+(key, time taken); nothing is decided from it. Training stages keep
 their Ray Train state under ``RUN_DIR/.ray/<stage>`` and resume from it when a run is
 interrupted. A failed stage stops the run with the stage named; finished stages stay
 reusable.
@@ -30,13 +32,10 @@ reusable.
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
 import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,6 +43,7 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from solar_ray import identity
 from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
 from solar_ray.errors import UserError, user_os_error
@@ -334,33 +334,14 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
 # --------------------------------------------------------------------------- running
 
 
-def _output_hash(plan: StagePlan) -> str:
-    """Hash of the stage output's manifest(s) and a fresh run id.
+def _stage_key(plan: StagePlan) -> str:
+    """The key of what a stage would make now: its kind, its config and its inputs' identity.
 
-    The run id makes the hash change whenever the output is re-made, even when a
-    deterministic stage writes the same bytes, so dependents always rerun after it.
+    Inputs are the outputs of the stages it reads (:func:`solar_ray.identity.artifact_id`,
+    which changes whenever one is made again).
     """
-    h = hashlib.sha256(uuid.uuid4().bytes)
-    names = ("solar.json", "manifest.json", "results.json", "contamination.json", "source.json")
-    for p in sorted(plan.out.rglob("*")):
-        if p.name in names and p.is_file() and "rejects" not in p.parts:
-            h.update(str(p.relative_to(plan.out)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
-
-
-def _stage_key(plan: StagePlan, markers: dict[str, dict]) -> str:
-    payload = {
-        "kind": plan.kind.name,
-        "config": plan.data,
-        "inputs": {d: markers[d]["output_hash"] for d in plan.deps},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
-
-
-def _read_marker(run_dir: Path, stage: str) -> dict | None:
-    p = run_dir / MARKERS / f"{stage}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+    inputs = {d: identity.artifact_id(plan.run_dir / d) for d in plan.deps}
+    return identity.key(plan.kind.name, plan.data, inputs, length=64)
 
 
 class ModelStage(StageConfig):
@@ -470,17 +451,10 @@ def run_recipe(
     run_dir = resolve_run_dir(recipe, run_dir)
     _check_run_dir(run_dir)
     plans = plan_recipe(recipe, run_dir)
-    markers: dict[str, dict] = {}
-    for p in plans:
-        m = _read_marker(run_dir, p.name)
-        if m:
-            markers[p.name] = m
 
     def is_done(p: StagePlan) -> bool:
-        m = markers.get(p.name)
-        if not m or any(d not in markers for d in p.deps):
-            return False
-        return m.get("key") == _stage_key(p, markers) and p.kind.done(p.out)
+        # the output itself says what it was made from (identity.record below)
+        return identity.recorded_key(p.out) == _stage_key(p) and p.kind.done(p.out)
 
     if dry_run:
         echo(f"run directory: {run_dir}")
@@ -502,11 +476,10 @@ def run_recipe(
             echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): done, skipped")
             continue
         echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): running -> {p.out}")
-        # a stale marker must not survive a failed rerun
+        # a stale log line must not survive a failed rerun
         (run_dir / MARKERS / f"{p.name}.json").unlink(missing_ok=True)
-        markers.pop(p.name, None)
         t0 = time.perf_counter()
-        key = _stage_key(p, markers)
+        key = _stage_key(p)
         try:
             run_stage(p, key)
         except UserError as e:
@@ -517,16 +490,16 @@ def run_recipe(
             raise UserError(f"stage {p.name!r}: {line}") from e
         except Exception as e:
             raise PipelineError(p.name, e) from e
+        identity.record(p.out, key)
         marker = {
             "stage": p.name,
             "kind": p.kind.name,
             "out": str(p.out),
-            "output_hash": _output_hash(p),
+            "key": key,
+            "artifact": identity.artifact_id(p.out),
             "seconds": round(time.perf_counter() - t0, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        marker["key"] = key
-        markers[p.name] = marker
         write_json_atomic(run_dir / MARKERS / f"{p.name}.json", marker)
         ran.append(p.name)
         echo(f"[{i}/{len(plans)}] {p.name}: finished in {marker['seconds']} s")
