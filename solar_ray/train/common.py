@@ -22,7 +22,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -33,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from solar_ray import identity
 from solar_ray.checkpoint import (
     OutputExistsError,
     atomic_output_dir,
@@ -92,19 +92,12 @@ class StageInputs:
     extra_parents: list[dict[str, Any]] = field(default_factory=list)
 
     def signature(self) -> str:
-        """A cheap identity of the inputs (file names, sizes, mtimes; data fingerprints)."""
-        h = hashlib.sha256()
-        for d in (self.model_dir, self.ref_model_dir):
-            if d is None:
-                continue
-            for p in sorted(d.iterdir()):
-                if p.suffix == ".safetensors" or p.name in ("config.json", "tokenizer.json"):
-                    st = p.stat()
-                    h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        for mix in (self.data, self.val):
-            if mix is not None:
-                h.update(mix.fingerprint.encode())
-        return h.hexdigest()[:16]
+        """A cheap identity of the inputs: the models' directory signatures and the mixes'
+        fingerprints (:mod:`solar_ray.identity`)."""
+        return identity.key(
+            [identity.dir_signature(d) for d in (self.model_dir, self.ref_model_dir) if d is not None],
+            [mix.fingerprint for mix in (self.data, self.val) if mix is not None],
+        )
 
 
 # --------------------------------------------------------------------------- validation
@@ -171,9 +164,7 @@ def validate_common(cfg: TrainConfig, data_kind: str, data_part: str | None = No
 
 
 def _run_fingerprint(cfg: TrainConfig, inputs: StageInputs) -> str:
-    return hashlib.sha256(
-        f"{cfg.stage}:{cfg.result_fingerprint()}:{inputs.signature()}".encode()
-    ).hexdigest()[:16]
+    return identity.key(cfg.stage, cfg.result_fingerprint(), inputs.signature())
 
 
 def finished_result(cfg: TrainConfig, inputs: StageInputs) -> TrainResult | None:

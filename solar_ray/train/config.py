@@ -22,8 +22,6 @@ wrong kind) fail in :func:`solar_ray.train.common.validate_inputs` before any wo
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -255,8 +253,9 @@ class TrainConfig(StageConfig):
 
         A run in storage started with another fingerprint is refused rather than resumed.
         """
-        data = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        from solar_ray.identity import config_key
+
+        return config_key(self.to_dict(), ignore=OPERATIONAL_FIELDS)
 
 
 class PretrainConfig(TrainConfig):

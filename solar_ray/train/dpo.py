@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from solar_ray import identity
 from solar_ray.config import ConfigError
 from solar_ray.train.common import (
     StageInputs,
@@ -148,12 +149,7 @@ def precompute_ref_logps(
     storage = cfg.resolved_storage_path.rstrip("/")
     out_uri = f"{storage}/{cfg.run_name}/{REF_DIR}"
     marker_uri = f"{storage}/{cfg.run_name}/{REF_MARKER}"
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [inputs.signature(), str(ref_dir), cfg.seq_len, cfg.precision_resolved],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    fingerprint = identity.key(inputs.signature(), str(ref_dir), cfg.seq_len, cfg.precision_resolved)
     fs, marker_path = arrow_filesystem(marker_uri)
     _, out_path = arrow_filesystem(out_uri)
     try:

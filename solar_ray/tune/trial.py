@@ -18,7 +18,6 @@ from its latest training checkpoint instead of starting over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -31,6 +30,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any
 
+from solar_ray import identity
 from solar_ray.checkpoint import OutputExistsError, read_manifest, write_json_atomic
 from solar_ray.config import ConfigError, StageConfig, validate
 from solar_ray.tune.config import TrialSpec
@@ -62,15 +62,6 @@ ROW_KEYS = ("eval_row_nll", "eval_row_tokens")
 # --------------------------------------------------------------------------- upscale cache
 
 
-def _source_key(model_dir: Path) -> str:
-    """A cheap identity of a model directory: config.json's bytes and the weights' sizes."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for p in sorted(model_dir.glob("*.safetensors")):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:10]
-
-
 def cached_upscale(base_dir: str | Path, args: Mapping[str, Any], cache_dir: str | Path) -> Path:
     """The upscale of ``base_dir`` with ``args`` (method and its parameter), made once.
 
@@ -83,7 +74,7 @@ def cached_upscale(base_dir: str | Path, args: Mapping[str, Any], cache_dir: str
     base_dir = Path(base_dir)
     method = args["method"]
     params = "".join(f"-{k.replace('_', '')}{v}" for k, v in sorted(args.items()) if k != "method")
-    out = Path(cache_dir) / f"{method}{params}-{_source_key(base_dir)}"
+    out = Path(cache_dir) / f"{method}{params}-{identity.dir_signature(base_dir)[:10]}"
     if read_manifest(out) is not None:
         return out
     cfg = UpscaleConfig(source=str(base_dir), out=str(out), overwrite=True, **dict(args))
@@ -299,10 +290,14 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial_dir = trial_path(ctx, spec.name)
     trial_dir.mkdir(parents=True, exist_ok=True)
     done = trial_dir / "result.json"
-    if done.is_file():
+    trial_key = identity.key(
+        ctx["train_kind"], ctx["train"], spec.to_dict(), identity.dir_signature(ctx["base_dir"])
+    )
+    previous = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
+    if previous is not None and previous.get("key") == trial_key:
         # finished before the sweep was interrupted (and before Tune saved that): report it
         _log_attempt(trial_dir, "finished-before")
-        ray.tune.report(json.loads(done.read_text(encoding="utf-8")))
+        ray.tune.report(previous)
         return
     _log_attempt(trial_dir, "train")
 
@@ -363,6 +358,7 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         tokens_per_step,
     )
     report.update(
+        key=trial_key,
         final=True,
         checkpoint_path=checkpoint,
         model_path=f"{checkpoint.rstrip('/')}/export",
