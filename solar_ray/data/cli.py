@@ -27,8 +27,8 @@ def _run(args: argparse.Namespace) -> int:
     flags = {"out": args.out, "num_workers": args.num_workers, "overwrite": args.overwrite}
     cfg = load_config(DataConfig, args.config, args.overrides, data=flags)
 
+    from solar_ray.cluster import init_ray
     from solar_ray.data.mix import run_data
-    from solar_ray.pipeline import init_ray
 
     init_ray()  # joins the cluster RAY_ADDRESS names, else starts a local instance
     result = run_data(cfg, only=args.only)

@@ -44,8 +44,8 @@ from solar_ray.checkpoint import (
     write_json_atomic,
 )
 from solar_ray.data.config import SynthMathConfig, config_hash
+from solar_ray.data.contract import DATA_MANIFEST, write_shard
 from solar_ray.data.keys import hash64
-from solar_ray.data.shards import DATA_MANIFEST, write_shard
 
 __all__ = [
     "MathSeed",

@@ -23,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from solar_ray.config import ConfigError
+from solar_ray.data.contract import DataError, held_out_rows
+from solar_ray.fs import arrow_filesystem, parquet_files
 from solar_ray.train.common import (
     StageInputs,
     TrainResult,
@@ -32,7 +34,6 @@ from solar_ray.train.common import (
     validate_model,
 )
 from solar_ray.train.config import DPOConfig
-from solar_ray.train.data import DataError, arrow_filesystem, held_out_mask
 from solar_ray.train.worker import WorkerEnv, run_worker
 
 __all__ = [
@@ -141,7 +142,6 @@ def precompute_ref_logps(
     Output: ``<storage>/<name>/ref_logps/`` with ``key``, ``ref_chosen_logps`` and
     ``ref_rejected_logps``, plus ``ref_logps.json`` recording what it was computed from.
     """
-    import pyarrow.fs as pafs
     import ray
     import ray.data
 
@@ -186,11 +186,7 @@ def precompute_ref_logps(
         ds.write_parquet(out_path, filesystem=fs)
         with fs.open_output_stream(marker_path) as f:
             f.write(json.dumps({"fingerprint": fingerprint, "ref_model": str(ref_dir)}).encode())
-    selector = pafs.FileSelector(out_path, recursive=True)
-    written = sorted(
-        i.path for i in fs.get_file_info(selector)
-        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-    )  # fmt: skip
+    written = parquet_files(fs, out_path)
     if not written:
         raise RuntimeError(f"the reference pass wrote no Parquet files into {out_uri}")
     return written, fingerprint
@@ -221,9 +217,7 @@ def _dpo_datasets(env: WorkerEnv) -> tuple[Any, Any]:
     data = load_hf_dataset(env.data_files, cfg.data, columns)
     val = load_hf_dataset(env.val_files, cfg.val_data, columns) if cfg.val_data else None
     if cfg.val_fraction > 0:
-        mask = held_out_mask(data.data.table.column("prompt"), cfg.val_fraction)
-        if not mask.any():
-            raise DataError(f"val_fraction: {cfg.val_fraction} of {len(mask)} rows holds out none")
+        mask = held_out_rows(data.data.table, cfg.val_fraction, require=True)
         val = data.select(np.flatnonzero(mask).tolist())
         data = data.select(np.flatnonzero(~mask).tolist())
     ref_files = env.extra.get("ref_logps_files")

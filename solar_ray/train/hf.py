@@ -30,8 +30,8 @@ from typing import Any
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from solar_ray.data.contract import read_files
 from solar_ray.train.config import TrainConfig
-from solar_ray.train.data import arrow_filesystem
 from solar_ray.train.ds_config import build_deepspeed_config
 from solar_ray.train.metrics import Throughput
 from solar_ray.train.session import LocalSession
@@ -52,14 +52,9 @@ log = logging.getLogger(__name__)
 def load_hf_dataset(files: list[str], storage_hint: str, columns: list[str] | None = None) -> Any:
     """A ``datasets.Dataset`` over Parquet shards on a local path or URI."""
     import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from datasets.table import InMemoryTable
 
-    fs, _ = arrow_filesystem(storage_hint)
-    tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    return datasets.Dataset(InMemoryTable(table))
+    return datasets.Dataset(InMemoryTable(read_files(files, storage_hint, columns)))
 
 
 def hf_training_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dict[str, Any]:

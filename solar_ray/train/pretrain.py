@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from solar_ray.data.contract import DataError, held_out_rows, read_files
 from solar_ray.train.common import (
     StageInputs,
     TrainResult,
@@ -34,7 +35,6 @@ from solar_ray.train.common import (
     validate_common,
 )
 from solar_ray.train.config import PretrainConfig
-from solar_ray.train.data import DataError, arrow_filesystem, held_out_mask
 from solar_ray.train.worker import WorkerEnv, finish_run, run_worker
 
 __all__ = ["PackedBatches", "pretrain_worker", "run_pretrain", "validate_pretrain"]
@@ -46,16 +46,8 @@ STATE_FILE = "state.json"
 
 
 def _read_packed(files: list[str], storage_hint: str) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, _ = arrow_filesystem(storage_hint)
-    tables = []
-    for f in files:
-        table = pq.read_table(f, filesystem=fs, memory_map=True)
-        cols = ["input_ids"] + (["position_ids"] if "position_ids" in table.column_names else [])
-        tables.append(table.select(cols))
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    table = read_files(files, storage_hint)
+    return table.select([c for c in ("input_ids", "position_ids") if c in table.column_names])
 
 
 def _to_matrix(column: Any, seq_len: int) -> np.ndarray:
@@ -206,7 +198,7 @@ def _load_split(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.
         vtable = _read_packed(env.val_files, cfg.val_data)
         vids, vpos = _ids_and_positions(vtable, cfg.seq_len)
         return ids, pos, vids, vpos
-    mask = held_out_mask(table.column("input_ids"), cfg.val_fraction)
+    mask = held_out_rows(table, cfg.val_fraction)
     return ids[~mask], pos[~mask], ids[mask], pos[mask]
 
 
@@ -411,7 +403,7 @@ def _stream_val(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray]:
     ids, pos = _ids_and_positions(table, cfg.seq_len)
     if cfg.val_data:
         return ids, pos
-    mask = held_out_mask(table.column("input_ids"), cfg.val_fraction)
+    mask = held_out_rows(table, cfg.val_fraction)
     return ids[mask], pos[mask]
 
 
@@ -489,7 +481,7 @@ def _streaming_datasets(cfg: PretrainConfig, inputs: StageInputs) -> tuple[dict,
         fraction = cfg.val_fraction
 
         def drop_held_out(batch: Any) -> Any:
-            return batch.filter(~held_out_mask(batch.column("input_ids"), fraction))
+            return batch.filter(~held_out_rows(batch, fraction))
 
         ds = ds.map_batches(drop_held_out, batch_format="pyarrow")
         if cfg.epochs is not None:  # the schedule needs the exact count of training rows

@@ -13,10 +13,12 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from solar_ray.config import ConfigError
+from solar_ray.data.contract import DataError, held_out_rows
 from solar_ray.train.common import StageInputs, TrainResult, run_stage, validate_common
 from solar_ray.train.config import SFTConfig
-from solar_ray.train.data import DataError, held_out_mask
 from solar_ray.train.worker import WorkerEnv, run_worker
 
 __all__ = ["run_sft", "sft_worker", "validate_sft"]
@@ -35,18 +37,8 @@ def _sft_datasets(env: WorkerEnv) -> tuple[Any, Any]:
     if cfg.val_data:
         return data, load_hf_dataset(env.val_files, cfg.val_data, columns)
     if cfg.val_fraction > 0:
-        key = "input_ids" if tokenized else "messages"
-        column = data.data.table.column(key)
-        if not tokenized:
-            import pyarrow as pa
-
-            column = pa.array([str(m) for m in column.to_pylist()])
-        mask = held_out_mask(column, cfg.val_fraction)
-        val_idx = [i for i, m in enumerate(mask) if m]
-        train_idx = [i for i, m in enumerate(mask) if not m]
-        if not val_idx:
-            raise DataError(f"val_fraction: {cfg.val_fraction} of {len(mask)} rows holds out none")
-        return data.select(train_idx), data.select(val_idx)
+        mask = held_out_rows(data.data.table, cfg.val_fraction, require=True)
+        return data.select(np.flatnonzero(~mask).tolist()), data.select(np.flatnonzero(mask).tolist())
     return data, None
 
 
