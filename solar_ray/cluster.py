@@ -93,11 +93,7 @@ def storage_path(*parts: str, env: Mapping[str, str] | None = None) -> str | Non
 
 
 def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
-    """Start or join Ray once, at the entry point: RAY_ADDRESS/``address`` joins a cluster.
-
-    Every entry point that needs Ray (``solar-ray run``, ``solar-ray data``, a sweep) calls
-    this; the stages never start Ray themselves when it is running.
-    """
+    """Start or join Ray once, at an entry point: RAY_ADDRESS/``address`` joins a cluster."""
     import ray
 
     if ray.is_initialized():

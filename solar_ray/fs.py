@@ -1,17 +1,11 @@
 """Local paths and storage URIs: the one place that tells them apart and opens them.
 
-A location is a plain local path (``runs/demo``, ``~/data``, ``/abs``) or a URI
-``scheme://...`` (``s3://``, ``gs://``, ``hf://``, ``https://`` and also ``file://``, a local
-path in URI form). :func:`is_uri` says which; :func:`local_path` gives the local directory or
-file that a plain path or a ``file://`` URI names (None for remote storage), so "is this
-remote?" is ``local_path(p) is None``.
-
-Two filesystem libraries are in play and both are opened here: fsspec for data files
-(:func:`fsspec_filesystem`: ``hf://``, ``http(s)://`` and compressed files), pyarrow for
-Parquet shards, run markers and what Ray Train and Ray Data read
-(:func:`arrow_filesystem`). Each falls back on the other for schemes it lacks, so both open
-every location either can. A path listed inside a filesystem is named back to the caller
-with :func:`qualify`.
+:func:`is_uri` is True for ``scheme://...`` (``s3://``, ``gs://``, ``hf://``, ``https://``,
+and ``file://``, a local path in URI form); :func:`local_path` gives the local path a plain
+path or a ``file://`` URI names, None for remote storage. Data files open through fsspec
+(:func:`fsspec_filesystem`: ``hf://``, ``http(s)://``, compression), Parquet shards, run
+markers and what Ray reads through pyarrow (:func:`arrow_filesystem`); each falls back on
+the other for schemes it lacks, so both open every location either can.
 """
 
 from __future__ import annotations
@@ -77,15 +71,12 @@ def fsspec_filesystem(url: str) -> tuple[Any, str]:
     try:
         return fsspec.core.url_to_fs(url)
     except ImportError as e:
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        if protocol in _ARROW_SCHEMES:
-            try:
-                from fsspec.implementations.arrow import ArrowFSWrapper
+        protocol = url.split("://", 1)[0]
+        if protocol in _ARROW_SCHEMES:  # s3/gs/hdfs without s3fs/gcsfs: pyarrow's own
+            from fsspec.implementations.arrow import ArrowFSWrapper
 
-                fs, path = arrow_filesystem(url)
-                return ArrowFSWrapper(fs), path
-            except Exception:  # fall through to the message naming the package
-                pass
+            fs, path = arrow_filesystem(url)
+            return ArrowFSWrapper(fs), path
         raise StorageError(
             f"cannot read {url!r}: the {protocol}:// filesystem needs a package that is not "
             f"installed ({e})"
@@ -107,12 +98,9 @@ def arrow_filesystem(url: str) -> tuple[Any, str]:
         return pafs.LocalFileSystem(), local
     try:
         return pafs.FileSystem.from_uri(url.replace("s3a://", "s3://", 1))
-    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
-        scheme = url.split("://", 1)[0]
-        if scheme in _ARROW_SCHEMES:
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        if isinstance(e, OSError) or url.split("://", 1)[0] in _ARROW_SCHEMES:
             raise StorageError(f"cannot open {url!r}: {e}") from None
-    except OSError as e:
-        raise StorageError(f"cannot open {url!r}: {e}") from None
     fs, path = fsspec_filesystem(url)
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 

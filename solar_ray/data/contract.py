@@ -1,32 +1,15 @@
 """The prepared-mix contract: what a mix directory holds, and how every reader opens it.
 
-``solar-ray data`` writes one directory per mix; the training stages, evaluation,
-contamination and the pipeline read them, all through this module. A mix directory holds
-``manifest.json`` (written last: a directory without it is not a mix; its ``kind`` is
-``pretrain``, ``sft`` or ``preference``) and splits, each a set of Parquet shards:
-
-=========== ============ ==========================================================
-split       kind         columns (:data:`LAYOUT`)
-=========== ============ ==========================================================
-``data``    pretrain     ``text``, ``source``
-``data``    sft          ``messages`` (list<struct<role, content>>), ``source``
-``data``    preference   ``prompt``, ``chosen``, ``rejected``, ``system`` ("" when none),
-                         ``source``
-``rejects`` every kind   ``source``, ``ref``, ``step``, ``reason``, ``detail``, ``raw``
-``packed``  pretrain     ``input_ids``, ``position_ids`` (list<int32>, exactly ``seq_len``
-                         each; EOS after every document, positions restart per document)
-``tokenized`` sft        ``input_ids``, ``assistant_masks`` (0/1), ``labels`` (-100 off the
-                         assistant turns), all list<int32>; ``source``
-``tokenized`` preference ``prompt`` (chat-templated, generation prompt included),
-                         ``chosen``, ``rejected``; ``source``
-=========== ============ ==========================================================
-
-Shard names carry the position of their first row in the split, zero-padded
-(:func:`shard_name`), so reading the shards in name order gives the rows in mix order,
-whatever number of Ray workers wrote them. Training reads the prepared split (a preference
-mix without one: ``data``), :func:`open_mix`; evaluation reads ``data``, the only split
-of training text. The held-out split of ``val_fraction`` is chosen per row by a hash of the
-row's content (:func:`held_out_rows`), so a worker reading files and a Ray Data filter
+``solar-ray data`` writes one directory per mix; training, evaluation, contamination and
+the pipeline read it, all through this module. It holds ``manifest.json`` (written last:
+without it a directory is not a mix; its ``kind`` is a key of :data:`LAYOUT`) and splits of
+Parquet shards: ``data`` (the normalized rows, the only split of training text),
+``rejects`` (:data:`REJECT_SCHEMA`) and the prepared split (``packed`` or ``tokenized``),
+with the columns of :data:`LAYOUT`. Shard names carry the position of their first row in
+the split (:func:`shard_name`), so the shards in name order hold the rows in mix order,
+whatever number of Ray workers wrote them. Training reads the prepared split
+(:func:`open_mix`); its held-out split of ``val_fraction`` is chosen per row by a hash of
+the row's content (:func:`held_out_rows`), so a worker reading files and a Ray Data filter
 agree on it without coordination. Locations are local paths or URIs (:mod:`solar_ray.fs`).
 """
 
@@ -72,62 +55,47 @@ __all__ = [
 ]
 
 DATA_MANIFEST = "manifest.json"
-#: the splits a mix directory can hold
 SPLITS = ("data", "rejects", "packed", "tokenized")
-#: the split of training text (the normalized rows); the others are not text of their own
 TEXT_SPLIT = "data"
 
-MESSAGE_TYPE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
-_I32 = pa.list_(pa.int32())
-_STR = pa.string()
+MESSAGE_TYPE = pa.struct([("role", pa.string()), ("content", pa.string())])
+_I32, _STR = pa.list_(pa.int32()), pa.string()
 _SOURCE = pa.field("source", _STR)
-REJECT_SCHEMA = pa.schema(
-    [(name, _STR) for name in ("source", "ref", "step", "reason", "detail", "raw")]
-)
+REJECT_SCHEMA = pa.schema([(c, _STR) for c in ("source", "ref", "step", "reason", "detail", "raw")])
 
 
 @dataclass(frozen=True)
 class KindLayout:
-    """What a mix of one kind holds, and what training reads of it."""
+    """A kind's ``data`` and prepared split, and what training reads: the first of
+    ``train_parts`` present, which must have ``train_columns``."""
 
     data: pa.Schema
-    """the ``data`` split: the normalized rows"""
     prepared_split: str
     prepared: pa.Schema
-    """the prepared split ``solar-ray data`` writes with a ``prepare:`` block"""
     train_parts: tuple[str, ...]
-    """the splits training reads, the first one present wins"""
     train_columns: tuple[str, ...]
-    """the columns training needs in them"""
 
 
 LAYOUT: dict[str, KindLayout] = {
+    # packed: every row exactly seq_len tokens, EOS after each document, positions restart
     "pretrain": KindLayout(
-        data=pa.schema([("text", _STR), _SOURCE]),
-        prepared_split="packed",
-        prepared=pa.schema([("input_ids", _I32), ("position_ids", _I32)]),
-        train_parts=("packed",),
-        train_columns=("input_ids",),
+        pa.schema([("text", _STR), _SOURCE]),
+        "packed", pa.schema([("input_ids", _I32), ("position_ids", _I32)]),
+        ("packed",), ("input_ids",),
     ),
+    # tokenized: assistant_masks 0/1, labels -100 off the assistant turns
     "sft": KindLayout(
-        data=pa.schema([("messages", pa.list_(MESSAGE_TYPE)), _SOURCE]),
-        prepared_split="tokenized",
-        prepared=pa.schema(
-            [("input_ids", _I32), ("assistant_masks", _I32), ("labels", _I32), _SOURCE]
-        ),
-        train_parts=("tokenized",),
-        train_columns=("input_ids", "labels"),
+        pa.schema([("messages", pa.list_(MESSAGE_TYPE)), _SOURCE]),
+        "tokenized", pa.schema([("input_ids", _I32), ("assistant_masks", _I32), ("labels", _I32), _SOURCE]),
+        ("tokenized",), ("input_ids", "labels"),
     ),
+    # tokenized: the prompt chat-templated (generation prompt included); data/ keeps it raw
     "preference": KindLayout(
-        data=pa.schema([("prompt", _STR), ("chosen", _STR), ("rejected", _STR), ("system", _STR),
-                        _SOURCE]),  # fmt: skip
-        prepared_split="tokenized",
-        prepared=pa.schema([("prompt", _STR), ("chosen", _STR), ("rejected", _STR), _SOURCE]),
-        # solar-ray data keeps the untemplated prompts in data/
-        train_parts=("tokenized", "data"),
-        train_columns=("prompt", "chosen", "rejected"),
+        pa.schema([("prompt", _STR), ("chosen", _STR), ("rejected", _STR), ("system", _STR), _SOURCE]),
+        "tokenized", pa.schema([("prompt", _STR), ("chosen", _STR), ("rejected", _STR), _SOURCE]),
+        ("tokenized", "data"), ("prompt", "chosen", "rejected"),
     ),
-}
+}  # fmt: skip
 
 
 class DataError(UserError):
@@ -159,14 +127,9 @@ def write_shard(table: pa.Table, directory: str | os.PathLike, name: str) -> str
 
 
 def write_mix(
-    mix_dir: str | os.PathLike,
-    kind: str,
-    splits: Mapping[str, pa.Table],
-    *,
-    rows_per_shard: int = 1 << 30,
-    **manifest: Any,
+    mix_dir: str | os.PathLike, kind: str, splits: Mapping[str, pa.Table], **manifest: Any
 ) -> Path:
-    """Write a small mix directly (no Ray): each split's table in the layout, manifest last.
+    """Write a small mix directly (no Ray): each split one shard in the layout, manifest last.
 
     For tests, benchmarks and smoke runs (:mod:`solar_ray.train.testing`); ``solar-ray
     data`` writes the real ones. ``splits`` maps ``data`` and the kind's prepared split to
@@ -174,15 +137,10 @@ def write_mix(
     """
     from solar_ray.checkpoint import write_json_atomic
 
-    mix_dir = Path(mix_dir)
-    layout = LAYOUT[kind]
+    mix_dir, layout = Path(mix_dir), LAYOUT[kind]
     for split, table in splits.items():
-        if split not in (TEXT_SPLIT, layout.prepared_split):
-            raise ValueError(f"a {kind} mix has no {split!r} split")
-        schema = layout.data if split == TEXT_SPLIT else layout.prepared
-        table = table.select(schema.names).cast(schema)
-        for start in range(0, max(table.num_rows, 1), rows_per_shard):
-            write_shard(table.slice(start, rows_per_shard), mix_dir / split, shard_name(start))
+        schema = {TEXT_SPLIT: layout.data, layout.prepared_split: layout.prepared}[split]
+        write_shard(table.select(schema.names).cast(schema), mix_dir / split, shard_name(0))
     write_json_atomic(mix_dir / DATA_MANIFEST, {"kind": kind, "name": mix_dir.name, **manifest})
     return mix_dir
 
@@ -300,10 +258,9 @@ def open_mix(
             meta = pq.ParquetFile(f)
             num_rows += meta.metadata.num_rows
             names = set(meta.schema_arrow.names)
-            missing = [c for c in layout.train_columns if c not in names]
-            if i == 0 and part is None and missing:
+            if i == 0 and part is None and (missing := set(layout.train_columns) - names):
                 raise DataError(
-                    f"{field}: {file} lacks column(s) {missing} of a prepared "
+                    f"{field}: {file} lacks column(s) {sorted(missing)} of a prepared "
                     f"{expected_kind} mix (has {sorted(names)})"
                 )
             size = f.size()

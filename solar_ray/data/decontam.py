@@ -112,8 +112,7 @@ class EvalIndex:
     num_texts: dict[str, int] = field(default_factory=dict)
     """each set's texts with at least one n-gram (the shorter ones are not checked)"""
     owners: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = field(default_factory=dict)
-    """with ``owners=True``: each set's (hash, text) pairs sorted by hash (the hashes, the
-    positions of their texts' ids) and the ids"""
+    """with ``owners=True``, per set: all hashes sorted, the index of each one's text, the ids"""
 
     @classmethod
     def build(
@@ -138,11 +137,6 @@ class EvalIndex:
                 order = np.argsort(flat, kind="stable")
                 index.owners[name] = (flat[order], which[order], ids)
         return index
-
-    @property
-    def num_ngrams(self) -> int:
-        """Total n-grams indexed."""
-        return int(sum(len(v) for v in self.sets.values()))
 
     def match(self, texts: Iterable[str]) -> str | None:
         """Name of the first eval set sharing an n-gram with any of ``texts``, else None."""

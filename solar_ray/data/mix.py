@@ -82,6 +82,7 @@ from solar_ray.data.normalize import (
     REJECT_REASONS,
     FilterOptions,
     normalize_file,
+    reject_table,
 )
 from solar_ray.data.sources import detect_file_type, expand_paths
 from solar_ray.errors import UserError
@@ -370,24 +371,10 @@ def _read_files(batch: pa.Table, job: list) -> Any:
 def _reject_table(
     batch: pa.Table, mask: np.ndarray, reasons: list, details: list, refs: dict
 ) -> pa.Table:
-    idx = np.nonzero(mask)[0]
-    pos = column_np(batch, "_pos", np.uint64)[idx]
-    raws = (
-        batch.column("_raw").take(pa.array(idx)).to_pylist()
-        if "_raw" in batch.column_names
-        else [None] * len(idx)
-    )
-    return pa.table(
-        {
-            "source": batch.column("source").take(pa.array(idx)),
-            "ref": [row_ref(p, refs["files"], refs["file_types"]) for p in pos],
-            "step": [REJECT_REASONS.get(r, "other") for r in reasons],
-            "reason": reasons,
-            "detail": details,
-            "raw": raws,
-        },
-        schema=REJECT_SCHEMA,
-    )
+    idx = pa.array(np.nonzero(mask)[0])
+    pos = column_np(batch, "_pos", np.uint64)[idx.to_numpy()]
+    raws = batch.column("_raw").take(idx).to_pylist() if "_raw" in batch.column_names else None
+    return reject_table(batch.column("source").take(idx), pos, reasons, details, refs, raws)
 
 
 def _select(batch: pa.Table, plan: list, reject_dir: str | None, keep: list[str]) -> pa.Table:
@@ -486,10 +473,8 @@ def _file_info(path: str) -> dict[str, Any]:
 class _Read:
     """What the read pass produced: the rows (on Ray) and where they came from."""
 
-    rows: Any
-    """every row read, normalized and filtered (a Ray Dataset of ``normalize.internal_schema``)"""
-    refs: dict[str, list[list[str]]]
-    """``files`` and ``file_types`` per source, for :func:`row_ref`"""
+    rows: Any  # every row read, normalized and filtered (a Ray Dataset)
+    refs: dict[str, list[list[str]]]  # ``files`` and ``file_types`` per source, for row_ref
     file_infos: dict[int, list[dict[str, Any]]]
     eval_index: EvalIndex | None
 
@@ -498,8 +483,7 @@ class _Read:
 class _Plan:
     """The driver's plan over the compact columns: counts, duplicates, quotas, selection."""
 
-    src: np.ndarray
-    """the source index of every row read"""
+    src: np.ndarray  # the source index of every row read
     fmt_codes: np.ndarray
     dup_pos: np.ndarray
     dup_of: np.ndarray

@@ -37,9 +37,9 @@ import numpy as np
 import pyarrow as pa
 
 from solar_ray.data.config import FORMATS_BY_KIND, Format
-from solar_ray.data.contract import data_schema
+from solar_ray.data.contract import REJECT_SCHEMA, data_schema
 from solar_ray.data.decontam import EvalIndex, deny_match
-from solar_ray.data.keys import MAX_RECORDS_PER_FILE, hash64, make_pos
+from solar_ray.data.keys import MAX_RECORDS_PER_FILE, hash64, make_pos, row_ref
 from solar_ray.data.sources import Record, iter_records
 
 __all__ = [
@@ -53,6 +53,7 @@ __all__ = [
     "internal_schema",
     "normalize_file",
     "normalize_record",
+    "reject_table",
     "row_texts",
 ]
 
@@ -109,6 +110,24 @@ _ROLE_MAP = {
 _CHUNK_ROWS = 4096
 _DETECT_ROWS = 100
 _WS = re.compile(r"\s+")
+
+
+def reject_table(
+    sources: Any, positions: Any, reasons: list, details: list, refs: dict, raws: Any = None
+) -> pa.Table:
+    """Rows of the ``rejects`` split: each row's source, where it came from (``row_ref`` of
+    its position), the step and reason it was quarantined for, and its raw preview."""
+    return pa.table(
+        {
+            "source": sources,
+            "ref": [row_ref(int(p), refs["files"], refs["file_types"]) for p in positions],
+            "step": [REJECT_REASONS.get(r, "other") for r in reasons],
+            "reason": reasons,
+            "detail": details,
+            "raw": pa.nulls(len(reasons), pa.string()) if raws is None else raws,
+        },
+        schema=REJECT_SCHEMA,
+    )
 
 
 def internal_schema(kind: str) -> pa.Schema:

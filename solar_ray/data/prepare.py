@@ -34,9 +34,8 @@ from solar_ray.data._ray import (
     write_split,
 )
 from solar_ray.data.config import MixConfig, PrepareConfig
-from solar_ray.data.contract import LAYOUT, REJECT_SCHEMA, write_shard
-from solar_ray.data.keys import row_ref
-from solar_ray.data.normalize import REJECT_REASONS, RowError
+from solar_ray.data.contract import LAYOUT, write_shard
+from solar_ray.data.normalize import RowError, reject_table
 from solar_ray.data.pack import Fragment, pack_span_flat, stitch_fragments
 from solar_ray.data.templates import ensure_chat_template, template_prompt, tokenize_sft
 from solar_ray.errors import UserError
@@ -112,17 +111,8 @@ def _write_rejects(
 ) -> None:
     if not rows or reject_dir is None:
         return
-    table = pa.table(
-        {
-            "source": [r[0] for r in rows],
-            "ref": [row_ref(r[1], refs["files"], refs["file_types"]) for r in rows],
-            "step": [REJECT_REASONS[r[2]] for r in rows],
-            "reason": [r[2] for r in rows],
-            "detail": [r[3] for r in rows],
-            "raw": pa.nulls(len(rows), pa.string()),
-        },
-        schema=REJECT_SCHEMA,
-    )
+    sources, positions, reasons, details = (list(col) for col in zip(*rows, strict=True))
+    table = reject_table(sources, positions, reasons, details, refs)
     write_shard(table, reject_dir, f"part-1-{first_rank:012d}.parquet")
 
 

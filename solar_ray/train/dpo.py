@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from solar_ray.config import ConfigError
-from solar_ray.data.contract import DataError, held_out_rows
+from solar_ray.data.contract import DataError
 from solar_ray.fs import arrow_filesystem, parquet_files
 from solar_ray.train.common import (
     StageInputs,
@@ -210,16 +210,10 @@ def _attach_ref_logps(dataset: Any, table: Any) -> Any:
 
 
 def _dpo_datasets(env: WorkerEnv) -> tuple[Any, Any]:
-    from solar_ray.train.hf import load_hf_dataset
+    from solar_ray.train.hf import load_hf_dataset, load_hf_split
 
     cfg: DPOConfig = env.cfg  # type: ignore[assignment]
-    columns = ["prompt", "chosen", "rejected"]
-    data = load_hf_dataset(env.data_files, cfg.data, columns)
-    val = load_hf_dataset(env.val_files, cfg.val_data, columns) if cfg.val_data else None
-    if cfg.val_fraction > 0:
-        mask = held_out_rows(data.data.table, cfg.val_fraction, require=True)
-        val = data.select(np.flatnonzero(mask).tolist())
-        data = data.select(np.flatnonzero(~mask).tolist())
+    data, val = load_hf_split(env, ["prompt", "chosen", "rejected"])
     ref_files = env.extra.get("ref_logps_files")
     if ref_files:
         table = load_hf_dataset(ref_files, cfg.resolved_storage_path).data.table

@@ -189,17 +189,26 @@ def _val_batches(
     return out
 
 
-def _load_split(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train ids, train positions, held-out ids, held-out positions) from the shards."""
+def _load_split(
+    env: WorkerEnv, with_train: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train ids, train positions, held-out ids, held-out positions) from the shards.
+
+    The held-out rows are ``val_data``'s, else the hashed ``val_fraction`` of ``data``'s.
+    ``with_train=False`` (streaming: the training rows come from Ray Data) reads ``data``
+    only for its held-out rows and leaves the training arrays empty.
+    """
     cfg = env.cfg
-    table = _read_packed(env.data_files, cfg.data)
-    ids, pos = _ids_and_positions(table, cfg.seq_len)
-    if cfg.val_data:
-        vtable = _read_packed(env.val_files, cfg.val_data)
-        vids, vpos = _ids_and_positions(vtable, cfg.seq_len)
-        return ids, pos, vids, vpos
-    mask = held_out_rows(table, cfg.val_fraction)
-    return ids[~mask], pos[~mask], ids[mask], pos[mask]
+    ids = pos = val_ids = val_pos = np.zeros((0, cfg.seq_len), dtype=np.int64)
+    if cfg.val_data and env.val_files:
+        val_ids, val_pos = _ids_and_positions(_read_packed(env.val_files, cfg.val_data), cfg.seq_len)
+    if env.data_files and (with_train or (not cfg.val_data and cfg.val_fraction > 0)):
+        table = _read_packed(env.data_files, cfg.data)
+        ids, pos = _ids_and_positions(table, cfg.seq_len)
+        if not cfg.val_data:
+            mask = held_out_rows(table, cfg.val_fraction)
+            ids, pos, val_ids, val_pos = ids[~mask], pos[~mask], ids[mask], pos[mask]
+    return ids, pos, val_ids, val_pos
 
 
 def total_steps_for(cfg: PretrainConfig, num_train_rows: int) -> int:
@@ -288,11 +297,8 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         shard = session.dataset_shard("train")
         if shard is None:
             raise DataError("streaming: no 'train' Ray Dataset was passed to the trainer")
-        num_train_rows = int(env.extra["num_train_rows"])
-        val_ids, val_pos = _stream_val(env)
-    else:
-        ids, pos, val_ids, val_pos = _load_split(env)
-        num_train_rows = len(ids)
+    ids, pos, val_ids, val_pos = _load_split(env, with_train=not cfg.streaming)
+    num_train_rows = int(env.extra["num_train_rows"]) if cfg.streaming else len(ids)
     total_steps = total_steps_for(cfg, num_train_rows)
     engine, scheduler, tokenizer = _build_engine(env, total_steps)
     state = _resume(engine, ckpt)
@@ -390,21 +396,6 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         final["initial_eval_loss"] = state["eval_history"][0][1]
         final["eval_history"] = state["eval_history"]
     finish_run(env, engine.module, tokenizer, final)
-
-
-def _stream_val(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out rows when streaming: ``val_data`` shards, or the hashed split of the data."""
-    cfg = env.cfg
-    files = env.val_files if cfg.val_data else env.data_files
-    if not files or (not cfg.val_data and cfg.val_fraction <= 0):
-        empty = np.zeros((0, cfg.seq_len), dtype=np.int64)
-        return empty, empty
-    table = _read_packed(files, cfg.val_data or cfg.data)
-    ids, pos = _ids_and_positions(table, cfg.seq_len)
-    if cfg.val_data:
-        return ids, pos
-    mask = held_out_rows(table, cfg.val_fraction)
-    return ids[mask], pos[mask]
 
 
 def _save_checkpoint(engine: Any, env: WorkerEnv, state: dict, metrics: dict) -> None:

@@ -13,10 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from solar_ray.config import ConfigError
-from solar_ray.data.contract import DataError, held_out_rows
+from solar_ray.data.contract import DataError
 from solar_ray.train.common import StageInputs, TrainResult, run_stage, validate_common
 from solar_ray.train.config import SFTConfig
 from solar_ray.train.worker import WorkerEnv, run_worker
@@ -26,20 +24,14 @@ __all__ = ["run_sft", "sft_worker", "validate_sft"]
 
 def _sft_datasets(env: WorkerEnv) -> tuple[Any, Any]:
     """(train, held-out or None) ``datasets.Dataset`` for the TRL trainer."""
-    from solar_ray.train.hf import load_hf_dataset
+    from solar_ray.train.hf import load_hf_split
 
     cfg: SFTConfig = env.cfg  # type: ignore[assignment]
     tokenized = env.extra.get("part", "tokenized") == "tokenized"
     columns = ["input_ids", "labels"] if tokenized else ["messages"]
     if tokenized and not cfg.assistant_only_loss:
         columns = ["input_ids"]  # no labels, no masks: TRL trains on every token
-    data = load_hf_dataset(env.data_files, cfg.data, columns)
-    if cfg.val_data:
-        return data, load_hf_dataset(env.val_files, cfg.val_data, columns)
-    if cfg.val_fraction > 0:
-        mask = held_out_rows(data.data.table, cfg.val_fraction, require=True)
-        return data.select(np.flatnonzero(~mask).tolist()), data.select(np.flatnonzero(mask).tolist())
-    return data, None
+    return load_hf_split(env, columns)
 
 
 def sft_worker(config: dict[str, Any]) -> None:

@@ -72,11 +72,7 @@ _SOURCE = "testing"
 
 
 def write_pretrain_mix(
-    mix_dir: str | Path,
-    tokenizer: Any,
-    documents: Iterable[str],
-    seq_len: int,
-    rows_per_shard: int = 1 << 30,
+    mix_dir: str | Path, tokenizer: Any, documents: Iterable[str], seq_len: int
 ) -> Path:
     """Tokenize, add EOS after each document and pack into rows of exactly ``seq_len``.
 
@@ -100,8 +96,8 @@ def write_pretrain_mix(
         "data": pa.table({"text": docs, "source": [_SOURCE] * len(docs)}),
         "packed": pa.table({"input_ids": rows_ids, "position_ids": rows_pos}),
     }
-    return write_mix(mix_dir, "pretrain", splits, rows_per_shard=rows_per_shard,
-                     seq_len=seq_len, num_rows=num_rows, num_tokens=num_rows * seq_len)  # fmt: skip
+    return write_mix(mix_dir, "pretrain", splits, seq_len=seq_len, num_rows=num_rows,
+                     num_tokens=num_rows * seq_len)  # fmt: skip
 
 
 def write_sft_mix(mix_dir: str | Path, tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> Path:
