@@ -7,7 +7,8 @@ Subcommands live in the modules that implement them and are imported only when i
 
 which adds the command's arguments to ``parser`` and returns the function to run. Every
 command gets ``--config FILE`` and repeatable ``--set dotted.key=value`` overrides from
-:func:`add_config_args`. A :class:`~solar_ray.errors.UserError` (bad config, model file,
+:func:`solar_ray.config.add_config_args`; each config field is a flag of its own
+(:func:`solar_ray.config.add_field_flags`). A :class:`~solar_ray.errors.UserError` (bad config, model file,
 data) is printed on one line and exits 2, and so is an OS error on a path (no space, no
 permission, a name too long); ``-v`` adds the traceback. SIGTERM and SIGINT stop the
 command the way an exception does (a partial output is removed) and exit 128 + signal
@@ -39,23 +40,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "contamination": ("solar_ray.contamination", "Min-K%% Prob and n-gram contamination checks"),
     "run": ("solar_ray.pipeline", "run a recipe: the whole stage graph into a run directory"),
     "sweep": ("solar_ray.tune", "Ray Tune sweep over m and data-mix choices"),
+    "score-plans": ("solar_ray.seam", "score every m of a model without training (seam predictors)"),
     "demo": ("solar_ray.pipeline", "run jobs/demo.yaml on the embedded SmolLM2-135M"),
 }
 
 ExitCode = int
-
-
-def add_config_args(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
-    """``--config FILE`` and ``--set dotted.key=value`` (repeatable), shared by all commands."""
-    parser.add_argument("--config", "-c", required=config_required, help="YAML config file")
-    parser.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a config field, e.g. --set m=5 --set sources.0.max_samples=100",
-    )
 
 
 class Interrupted(KeyboardInterrupt):

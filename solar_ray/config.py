@@ -13,7 +13,10 @@ dotted path of every bad field and what was wrong with it.
 
 from __future__ import annotations
 
+import argparse
 import copy
+import types
+import typing
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,6 +29,9 @@ from solar_ray.errors import UserError
 __all__ = [
     "ConfigError",
     "StageConfig",
+    "add_config_args",
+    "add_field_flags",
+    "flag_values",
     "apply_overrides",
     "load_config",
     "load_yaml",
@@ -233,3 +239,82 @@ def load_config(
         merged.update({k: v for k, v in data.items() if v is not None})
     merged = apply_overrides(merged, overrides)
     return validate(cls, merged, origin)
+
+
+# --------------------------------------------------------------------------- command-line flags
+
+
+def add_config_args(parser: argparse.ArgumentParser, config_required: bool = False) -> None:
+    """``--config FILE`` and ``--set dotted.key=value`` (repeatable), shared by all commands."""
+    parser.add_argument("--config", "-c", required=config_required, help="YAML config file")
+    parser.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config field, e.g. --set m=5 --set sources.0.max_samples=100",
+    )
+
+
+def _flag_kind(annotation: Any) -> tuple[str, Any] | None:
+    """How a field's type becomes a flag: (``bool``|``scalar``|``list``, type or choices)."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(args) == 1:
+            return _flag_kind(args[0])
+        return ("scalar", str) if str in args else None  # e.g. a path or a list: the path
+    if annotation is bool:
+        return "bool", None
+    if annotation in (int, float, str):
+        return "scalar", annotation
+    if origin is typing.Literal:
+        values = typing.get_args(annotation)
+        return ("choices", [str(v) for v in values]) if all(isinstance(v, str) for v in values) else None
+    if origin is list:
+        (item,) = typing.get_args(annotation) or (None,)
+        return ("list", item) if item in (int, float, str) else None
+    return None
+
+
+def add_field_flags(
+    parser: argparse.ArgumentParser, cls: type[BaseModel], *, skip: Iterable[str] = ()
+) -> list[str]:
+    """One ``--field-name`` flag per top-level field of ``cls`` that a flag can carry.
+
+    Built from the pydantic model, so a new config field is a new flag with no extra
+    code (as mergekit builds its options from its model): ``bool`` fields get
+    ``--x/--no-x``, numbers and strings a typed value, string ``Literal``s their choices,
+    lists of scalars several values. Fields of other types (mappings, nested configs) are
+    set with ``--set`` or the YAML. The field's description is the help. Returns the field
+    names that got a flag (:func:`flag_values` reads them back).
+    """
+    skip = set(skip)
+    names = []
+    for name, field in cls.model_fields.items():
+        kind = _flag_kind(field.annotation)
+        if name in skip or kind is None:
+            continue
+        flag = "--" + name.replace("_", "-")
+        help_ = field.description.replace("%", "%%") if field.description else None
+        what, arg = kind
+        if what == "bool":
+            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        elif what == "choices":
+            parser.add_argument(flag, dest=name, choices=arg, default=None, help=help_)
+        elif what == "list":
+            parser.add_argument(flag, dest=name, type=arg, nargs="+", default=None, help=help_)
+        else:
+            parser.add_argument(flag, dest=name, type=arg, default=None, help=help_)
+        names.append(name)
+    return names
+
+
+def flag_values(args: argparse.Namespace, cls: type[BaseModel]) -> dict[str, Any]:
+    """The config fields given as flags (those left unset are absent, so YAML values stay)."""
+    return {
+        name: getattr(args, name)
+        for name in cls.model_fields
+        if getattr(args, name, None) is not None
+    }

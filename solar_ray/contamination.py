@@ -369,40 +369,18 @@ def report_table(report: dict[str, Any]) -> str:
 
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``solar-ray contamination``: add the arguments to ``parser``; return the runner."""
-    from solar_ray.cli import add_config_args
+    """``solar-ray contamination``: one flag per :class:`ContaminationConfig` field."""
+    from solar_ray.config import add_config_args, add_field_flags
 
     add_config_args(parser)
-    parser.add_argument("--model", help="model scored with Min-K%% Prob")
-    parser.add_argument("--reference", help="reference model (e.g. the base)")
-    parser.add_argument("--eval-sets", nargs="+", help="offline | offline:TASK | file or directory")
-    parser.add_argument("--k", dest="k_percent", type=float, help="Min-K%%: percent of tokens (20)")
-    parser.add_argument("--max-items", type=int, help="at most N items per evaluation set")
-    parser.add_argument("--train", help="training mix: directory of Parquet, manifest.json or file")
-    parser.add_argument("--ngram", type=int, help="n of the n-gram overlap (13)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--device")
-    parser.add_argument("--out", help="report directory (contamination.json, .md)")
-    parser.add_argument("--overwrite", action="store_true", default=None)
+    add_field_flags(parser, ContaminationConfig)
     return _run_cli
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from solar_ray.config import load_config
+    from solar_ray.config import flag_values, load_config
 
-    flags = {
-        "model": args.model,
-        "reference": args.reference,
-        "eval_sets": args.eval_sets,
-        "k_percent": args.k_percent,
-        "max_items": args.max_items,
-        "train": args.train,
-        "ngram": args.ngram,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "out": args.out,
-        "overwrite": args.overwrite,
-    }
+    flags = flag_values(args, ContaminationConfig)
     cfg = load_config(ContaminationConfig, args.config, args.overrides, data=flags)
     report = run_contamination(cfg)
     print(report_table(report), end="")

@@ -9,7 +9,16 @@ No hub is needed: the text comes from the Python reference manual's prose
     ``heldout.jsonl`` (no document in both).
 ``python-docs-qa`` (instructions, Alpaca ``{"instruction", "input", "output"}`` JSONL)
     "What does X do in Python?" answered by X's documentation (first paragraphs), from the
-    same split so held-out answers are never trained on.
+    same split so held-out answers are never trained on. Its two halves are corpora too:
+    ``python-docs-qa-api`` (the stdlib questions) and ``python-docs-qa-lang`` ("Explain this
+    part of the Python language", answered by the reference manual), two instruction sources
+    for mix ablations.
+``arith-heldout`` (GSM8K ``{"question", "answer"}`` JSONL, ``heldout.jsonl`` only)
+    AI2's arithmetic questions with their answers ("Calculate 5 + 91 =" -> "96", the last
+    rows of the offline ``basic_arithmetic`` benchmark's scored split, so the first ones a
+    demo evaluation scores are not among them): a held-out yardstick of arithmetic from a
+    source, and in a form, that no training data shares (the synthetic math is word
+    problems from :mod:`solar_ray.data.synth_math`'s templates).
 
 ``solar-ray run`` recipes use them through a ``corpus`` stage::
 
@@ -33,7 +42,13 @@ from pydantic import Field
 from solar_ray.checkpoint import atomic_output_dir, write_json_atomic
 from solar_ray.config import StageConfig
 
-__all__ = ["CorpusConfig", "python_doc_sections", "run_corpus", "stdlib_docstrings"]
+__all__ = [
+    "CorpusConfig",
+    "python_doc_sections",
+    "python_docs_documents",
+    "run_corpus",
+    "stdlib_docstrings",
+]
 
 #: stdlib modules whose public functions/classes have substantial docstrings
 STDLIB_MODULES = (
@@ -84,6 +99,20 @@ def stdlib_docstrings(min_chars: int = 200) -> Iterator[tuple[str, str, str]]:
                     yield f"doc:{mod_name}.{name}", f"{mod_name}.{name}", doc
 
 
+def python_docs_documents(
+    split: str | None = None, heldout_fraction: float = 0.1
+) -> Iterator[tuple[str, str]]:
+    """(key, text) of the ``python-docs`` corpus: manual sections, then stdlib docstrings.
+
+    ``split`` (``train`` or ``heldout``) keeps the documents the corpus stage puts there.
+    """
+    docs = [*python_doc_sections()]
+    docs += [(key, f"{qual}\n\n{doc}") for key, qual, doc in stdlib_docstrings()]
+    for key, text in docs:
+        if split is None or _split(key, heldout_fraction) == split:
+            yield key, text
+
+
 def _first_paragraphs(text: str, max_chars: int = 1200) -> str:
     out: list[str] = []
     for para in re.split(r"\n\s*\n", text.strip()):
@@ -97,10 +126,16 @@ class CorpusConfig(StageConfig):
     """The ``corpus`` stage: write offline corpora as JSONL files into ``out``."""
 
     out: str
-    corpora: list[Literal["python-docs", "python-docs-qa"]] = Field(
+    corpora: list[
+        Literal[
+            "python-docs", "python-docs-qa", "python-docs-qa-api", "python-docs-qa-lang",
+            "arith-heldout",
+        ]
+    ] = Field(
         default_factory=lambda: ["python-docs", "python-docs-qa"], min_length=1
     )
     heldout_fraction: float = Field(default=0.1, gt=0, lt=1)
+    arith_heldout_items: int = Field(default=64, ge=1, description="rows of arith-heldout")
     overwrite: bool = False
 
 
@@ -111,21 +146,28 @@ def run_corpus(cfg: CorpusConfig) -> Path:
         for corpus in cfg.corpora:
             rows: dict[str, list[dict]] = {"train": [], "heldout": []}
             if corpus == "python-docs":
-                for key, text in python_doc_sections():
+                for key, text in python_docs_documents():
                     rows[_split(key, cfg.heldout_fraction)].append({"text": text, "id": key})
-                for key, qual, doc in stdlib_docstrings():
-                    rows[_split(key, cfg.heldout_fraction)].append(
-                        {"text": f"{qual}\n\n{doc}", "id": key}
+            elif corpus == "arith-heldout":
+                from solar_ray.evalsets.benchmarks import scored_rows
+
+                items = scored_rows("basic_arithmetic")[-cfg.arith_heldout_items :]
+                for item in items:
+                    answer = item["choices"]["text"][item["choices"]["label"].index(item["answerKey"])]
+                    rows["heldout"].append(
+                        {"question": item["question"], "answer": answer, "id": f"{corpus}/{item['id']}"}
                     )
             else:
-                for key, text in python_doc_sections():
+                lang = corpus in ("python-docs-qa", "python-docs-qa-lang")
+                api = corpus in ("python-docs-qa", "python-docs-qa-api")
+                for key, text in python_doc_sections() if lang else ():
                     title = text.splitlines()[0].strip().strip('"')
                     body = _first_paragraphs("\n".join(text.splitlines()[2:]))
                     rows[_split(key, cfg.heldout_fraction)].append(
                         {"instruction": f"Explain this part of the Python language: {title}.",
                          "input": "", "output": body, "id": key}
                     )
-                for key, qual, doc in stdlib_docstrings():
+                for key, qual, doc in stdlib_docstrings() if api else ():
                     rows[_split(key, cfg.heldout_fraction)].append(
                         {"instruction": f"What does `{qual}` do in Python?", "input": "",
                          "output": _first_paragraphs(doc), "id": key}

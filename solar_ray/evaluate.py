@@ -79,7 +79,7 @@ from solar_ray.checkpoint import (
 )
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
-from solar_ray.stats import Estimate, mean_se, paired_difference, ratio_se
+from solar_ray.stats import Estimate, mean_se, paired_mean_difference, ratio_estimate
 
 if TYPE_CHECKING:
     import torch
@@ -598,7 +598,7 @@ def perplexity(
     """Token-level perplexity over all texts, ``exp(total NLL / scored tokens)``, with its spread.
 
     ``stride`` as in :func:`token_logprobs`. The standard error of the NLL per token treats
-    windows as the units (:func:`solar_ray.stats.ratio_se`); ``ppl_low``/``ppl_high`` are
+    windows as the units (:func:`solar_ray.stats.ratio_estimate`); ``ppl_low``/``ppl_high`` are
     ``exp(nll -/+ 2 SE)``. ``windows`` lists ``[nll sum, tokens]`` per window, in a fixed
     order (texts, then windows), for paired comparisons between models that share a
     tokenizer.
@@ -610,7 +610,7 @@ def perplexity(
     num_tokens = sum(n for _, n in windows)
     if num_tokens == 0:
         raise EvalError("perplexity: the texts have no tokens to score (each needs two or more)")
-    est = ratio_se([s for s, _ in windows], [n for _, n in windows])
+    est = ratio_estimate([s for s, _ in windows], [n for _, n in windows])
     nll, se = est.value, est.se
     spread = 2 * se if math.isfinite(se) else math.nan
     return {
@@ -937,7 +937,7 @@ def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Estimat
             continue
         ia, ib = (ma.get("items") or {}).get(name), (mb.get("items") or {}).get(name)
         if ia and ib and len(ia) == len(ib):
-            out[name] = paired_difference(ia, ib)
+            out[name] = paired_mean_difference(ia, ib)
         else:
             sa, sb = ma["stderr"].get(name), mb["stderr"].get(name)
             se = math.sqrt(sa * sa + sb * sb) if sa is not None and sb is not None else math.nan
@@ -951,10 +951,10 @@ def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Estimat
     wa, wb = ma.get("ppl_windows"), mb.get("ppl_windows")
     if wa and wb:
         if len(wa) == len(wb) and all(x[1] == y[1] for x, y in zip(wa, wb, strict=True)):
-            out["nll"] = ratio_se([x[0] - y[0] for x, y in zip(wa, wb, strict=True)], [x[1] for x in wa])
+            out["nll"] = ratio_estimate([x[0] - y[0] for x, y in zip(wa, wb, strict=True)], [x[1] for x in wa])
         else:
-            ea = ratio_se([w[0] for w in wa], [w[1] for w in wa])
-            eb = ratio_se([w[0] for w in wb], [w[1] for w in wb])
+            ea = ratio_estimate([w[0] for w in wa], [w[1] for w in wa])
+            eb = ratio_estimate([w[0] for w in wb], [w[1] for w in wb])
             out["nll"] = Estimate(ea.value - eb.value, math.hypot(ea.se, eb.se), min(ea.n, eb.n))
     return out
 
@@ -972,7 +972,7 @@ def _diff_cell(e: Estimate | None, scale: float = 100.0, digits: int = 2) -> str
         return "–"
     sign = "+" if e.value >= 0 else "−"
     cell = f"{sign}{abs(scale * e.value):.{digits}f} ± {scale * e.se:.{digits}f}"
-    return f"~ {cell}" if e.within_noise else f"**{cell}**"
+    return f"~ {cell}" if e.within_noise() else f"**{cell}**"
 
 
 def results_table(results: dict[str, Any]) -> str:
@@ -1163,30 +1163,23 @@ def _version(package: str) -> str | None:
 
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``solar-ray eval``: add the arguments to ``parser``; return the runner."""
-    from solar_ray.cli import add_config_args
+    """``solar-ray eval``: one flag per :class:`EvalConfig` field; return the runner.
+
+    ``--models``, ``--suite`` and ``--num-fewshot`` take the command line's shorthands.
+    """
+    from solar_ray.config import add_config_args, add_field_flags
 
     add_config_args(parser)
     parser.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="models to evaluate")
     parser.add_argument("--suite", help="offline | h6 | none | comma-separated lm-eval task names")
-    parser.add_argument("--limit", type=int, help="score the first N items of each task")
     parser.add_argument("--num-fewshot", action="append", metavar="TASK=N", help="shot override")
-    parser.add_argument("--ppl-data", help="held-out text: file or directory")
-    parser.add_argument("--ppl-max-texts", type=int)
-    parser.add_argument("--ppl-seq-len", type=int)
-    parser.add_argument("--ppl-stride", type=int, help="window advance (default: half a window)")
-    parser.add_argument("--batch-size", type=int)
-    parser.add_argument("--device", help="auto | cpu | cuda")
-    parser.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"])
-    parser.add_argument("--apply-chat-template", action="store_true", default=None)
-    parser.add_argument("--out", help="results directory (results.json, results.md)")
-    parser.add_argument("--overwrite", action="store_true", default=None)
+    add_field_flags(parser, EvalConfig, skip=("models", "suite", "num_fewshot"))
     parser.add_argument("--dry-run", action="store_true", help="print the plan, evaluate nothing")
     return _run_cli
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from solar_ray.config import load_config
+    from solar_ray.config import flag_values, load_config
 
     suite: Any = args.suite
     if suite and suite not in ("offline", "h6", "none"):
@@ -1199,22 +1192,7 @@ def _run_cli(args: argparse.Namespace) -> int:
             if not sep or not n.strip().isdigit():
                 raise EvalError(f"--num-fewshot {item!r}: expected TASK=N")
             shots[task] = int(n)
-    flags = {
-        "models": args.models,
-        "suite": suite,
-        "limit": args.limit,
-        "num_fewshot": shots,
-        "ppl_data": args.ppl_data,
-        "ppl_max_texts": args.ppl_max_texts,
-        "ppl_seq_len": args.ppl_seq_len,
-        "ppl_stride": args.ppl_stride,
-        "batch_size": args.batch_size,
-        "device": args.device,
-        "dtype": args.dtype,
-        "apply_chat_template": args.apply_chat_template,
-        "out": args.out,
-        "overwrite": args.overwrite,
-    }
+    flags = {**flag_values(args, EvalConfig), "suite": suite, "num_fewshot": shots}
     cfg = load_config(EvalConfig, args.config, args.overrides, data=flags)
     specs = plan_tasks(cfg)
     if args.dry_run:

@@ -712,42 +712,18 @@ def _card_lines(cfg: MergeConfig, weights: Sequence[float] | None) -> list[str]:
 
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``solar-ray merge``: add the arguments to ``parser``; return the runner."""
-    from solar_ray.cli import add_config_args
+    """``solar-ray merge``: one flag per :class:`MergeConfig` field; return the runner."""
+    from solar_ray.config import add_config_args, add_field_flags
 
     add_config_args(parser)
-    parser.add_argument("--models", nargs="+", help="two or more model sources")
-    parser.add_argument("--weights", type=float, nargs="+", help="one weight per model")
-    parser.add_argument("--method", choices=list(NATIVE_METHODS) + list(MERGEKIT_METHODS))
-    parser.add_argument("--t", type=float, help="slerp factor: 0 -> first model, 1 -> second")
-    parser.add_argument("--base-model", help="base model for ties/dare/task_arithmetic/model_stock")
-    parser.add_argument("--density", type=float, help="ties/dare: fraction of deltas kept")
-    parser.add_argument("--out", help="output directory")
-    parser.add_argument("--out-dtype", choices=list(_OUT_DTYPES))
-    parser.add_argument("--no-normalize", dest="normalize", action="store_false", default=None)
-    parser.add_argument("--seed", type=int)
-    parser.add_argument("--max-shard-size-mb", type=int)
-    parser.add_argument("--overwrite", action="store_true", default=None)
+    add_field_flags(parser, MergeConfig)
     return _run_cli
 
 
 def _run_cli(args: argparse.Namespace) -> int:
-    from solar_ray.config import load_config
+    from solar_ray.config import flag_values, load_config
 
-    flags = {
-        "models": args.models,
-        "weights": args.weights,
-        "method": args.method,
-        "t": args.t,
-        "base_model": args.base_model,
-        "density": args.density,
-        "out": args.out,
-        "out_dtype": args.out_dtype,
-        "normalize": args.normalize,
-        "seed": args.seed,
-        "max_shard_size_mb": args.max_shard_size_mb,
-        "overwrite": args.overwrite,
-    }
+    flags = flag_values(args, MergeConfig)
     cfg = load_config(MergeConfig, args.config, args.overrides, data=flags)
     result = run_merge(cfg)
     print(f"merged {len(cfg.models)} models ({cfg.method}, {result.num_tensors} tensors) -> {result.out}")

@@ -541,7 +541,7 @@ def run_recipe(
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """``solar-ray run RECIPE`` and ``solar-ray demo``."""
-    from solar_ray.cli import add_config_args
+    from solar_ray.config import add_config_args
 
     if command == "run":
         parser.add_argument("recipe", help="recipe YAML (see jobs/)")

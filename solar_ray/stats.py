@@ -1,12 +1,25 @@
-"""Standard errors for reported numbers: means of items, ratios over windows, paired differences.
+"""Numbers with their error: item means, held-out losses over sequences, paired differences, ranks.
 
-Every score solar-ray reports is a mean over items (a benchmark's accuracy) or a ratio of
-sums over windows (held-out loss per token); a difference between two models on the same
-items is the mean of per-item differences, whose standard error is far smaller than the
-two scores' errors combined when the models agree on most items. lm-eval reports the same
-item-mean standard error (``acc_stderr``); these helpers add the paired difference and the
-ratio estimator, which lm-eval and numpy do not provide. A difference is *within noise*
-when its magnitude is below two standard errors (about a 95% two-sided interval).
+A benchmark score is a mean over items (:func:`mean_se`; lm-eval's ``acc_stderr``); two
+models scored on the same items are compared by the mean of per-item differences
+(:func:`paired_mean_difference`), whose SE is far smaller than the two SEs combined when
+the models agree on most items.
+
+A held-out loss is a mean over the tokens of ``n`` held-out sequences (rows). Tokens of one
+sequence are not independent, so the unit of sampling is the sequence: with per-row sums of
+negative log-likelihood ``nll_i`` over ``c_i`` scored tokens, the loss is the ratio
+``R = sum(nll) / sum(c)`` (the token-weighted mean the training stages always reported) and
+its standard error is the delta-method (ratio-estimator) one over rows::
+
+    SE(R) = sqrt( sum_i (nll_i - R c_i)^2 / (n (n - 1)) ) / mean(c)
+
+which is ``std(row means) / sqrt(n)`` when every row scores the same number of tokens (packed
+pretraining rows). Two models scored on the same rows are compared *paired*: the difference
+of their per-row sums has the same form, and its SE is far smaller than the two SEs combined
+because most of the spread between rows is shared.
+
+:func:`spearman` is scipy's rank correlation with an exact permutation p-value for the few
+trials a sweep has.
 """
 
 from __future__ import annotations
@@ -15,7 +28,20 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-__all__ = ["NOISE_SE", "Estimate", "mean_se", "paired_difference", "ratio_se", "within_noise"]
+import numpy as np
+
+__all__ = [
+    "NOISE_SE",
+    "Estimate",
+    "Rank",
+    "interpolate_rows",
+    "mean_se",
+    "paired_difference",
+    "paired_mean_difference",
+    "ratio_estimate",
+    "spearman",
+    "within_noise",
+]
 
 #: a difference smaller than this many standard errors is reported as within noise
 NOISE_SE = 2.0
@@ -23,23 +49,20 @@ NOISE_SE = 2.0
 
 @dataclass(frozen=True)
 class Estimate:
-    """A value with its standard error and the number of units it was computed from."""
+    """A mean with its standard error over ``n`` sampling units (held-out rows)."""
 
     value: float
     se: float
     n: int
 
-    @property
-    def within_noise(self) -> bool:
-        """For a difference: |value| < :data:`NOISE_SE` standard errors."""
-        return within_noise(self.value, self.se)
+    def within_noise(self, k: float = NOISE_SE) -> bool:
+        """For a difference: ``|value| < k * se``, or 0, or no finite SE (nothing resolved)."""
+        return within_noise(self.value, self.se, k)
 
 
-def within_noise(diff: float, se: float) -> bool:
+def within_noise(diff: float, se: float, k: float = NOISE_SE) -> bool:
     """Is ``diff`` indistinguishable from zero at about 95% (|diff| < 2 SE; no difference is)?"""
-    if not math.isfinite(se) or diff == 0:
-        return True
-    return abs(diff) < NOISE_SE * se
+    return diff == 0 or not (abs(diff) >= k * se)
 
 
 def mean_se(values: Sequence[float]) -> Estimate:
@@ -54,26 +77,102 @@ def mean_se(values: Sequence[float]) -> Estimate:
     return Estimate(mean, math.sqrt(var / n), n)
 
 
-def paired_difference(a: Sequence[float], b: Sequence[float]) -> Estimate:
+def paired_mean_difference(a: Sequence[float], b: Sequence[float]) -> Estimate:
     """``mean(a) - mean(b)`` over the same items, with the standard error of the paired mean."""
     if len(a) != len(b):
         raise ValueError(f"paired difference needs the same items ({len(a)} vs {len(b)})")
     return mean_se([x - y for x, y in zip(a, b, strict=True)])
 
 
-def ratio_se(sums: Sequence[float], counts: Sequence[float]) -> Estimate:
-    """``sum(sums) / sum(counts)`` with its cluster (ratio-estimator) standard error.
+def ratio_estimate(nll: Sequence[float] | np.ndarray, tokens: Sequence[float] | np.ndarray) -> Estimate:
+    """``sum(nll) / sum(tokens)`` with its ratio-estimator SE over rows (see the module doc)."""
+    num = np.asarray(nll, dtype=np.float64)
+    den = np.asarray(tokens, dtype=np.float64)
+    if num.shape != den.shape or num.ndim != 1:
+        raise ValueError(f"nll and tokens must be 1-D of one length, got {num.shape}, {den.shape}")
+    n = int(num.size)
+    total = float(den.sum())
+    if n == 0 or total <= 0:
+        return Estimate(math.nan, math.nan, n)
+    value = float(num.sum()) / total
+    if n < 2:
+        return Estimate(value, math.nan, n)
+    resid = num - value * den
+    se = math.sqrt(float((resid**2).sum()) / (n * (n - 1))) / (total / n)
+    return Estimate(value, se, n)
 
-    For a per-token mean over windows of different lengths (window ``i`` contributes
-    ``sums[i]`` over ``counts[i]`` tokens): tokens of one window are not independent, so
-    the windows are the units, ``n`` is their number.
+
+def paired_difference(
+    nll_a: Sequence[float] | np.ndarray,
+    nll_b: Sequence[float] | np.ndarray,
+    tokens: Sequence[float] | np.ndarray,
+) -> Estimate:
+    """Loss of ``a`` minus loss of ``b`` on the same rows, with its paired SE."""
+    a = np.asarray(nll_a, dtype=np.float64)
+    b = np.asarray(nll_b, dtype=np.float64)
+    if a.shape != b.shape:
+        raise ValueError(f"paired rows differ in number: {a.shape} vs {b.shape}")
+    return ratio_estimate(a - b, tokens)
+
+
+def interpolate_rows(
+    points: Sequence[tuple[float, np.ndarray]], x: float
+) -> np.ndarray | None:
+    """Per-row values at ``x``, linearly interpolated between the two points around it.
+
+    ``points`` are ``(x, per-row values)`` sorted or not; None when ``x`` is outside them
+    (never extrapolated). Interpolating every row linearly keeps the rows paired, and the
+    mean of the interpolated rows is the interpolated mean.
     """
-    k = len(sums)
-    total = math.fsum(counts)
-    if k == 0 or total == 0:
-        return Estimate(math.nan, math.nan, k)
-    r = math.fsum(sums) / total
-    if k == 1:
-        return Estimate(r, math.nan, 1)
-    resid = math.fsum((s - r * c) ** 2 for s, c in zip(sums, counts, strict=True))
-    return Estimate(r, math.sqrt(k / (k - 1) * resid) / total, k)
+    pts = sorted(points, key=lambda p: p[0])
+    if not pts:
+        return None
+    tol = 1e-9 * max(1.0, abs(x))
+    if x < pts[0][0] - tol or x > pts[-1][0] + tol:
+        return None
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
+        if x0 - tol <= x <= x1 + tol:
+            if x1 == x0:
+                return np.asarray(y1, dtype=np.float64)
+            w = min(max((x - x0) / (x1 - x0), 0.0), 1.0)
+            return (1 - w) * np.asarray(y0, dtype=np.float64) + w * np.asarray(y1, dtype=np.float64)
+    return np.asarray(pts[-1][1], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class Rank:
+    """A Spearman rank correlation over ``n`` pairs and its two-sided p-value."""
+
+    rho: float
+    p_value: float
+    n: int
+    exact: bool  #: the p-value enumerates every permutation (n <= 8)
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> Rank:
+    """Spearman's rho (``scipy.stats.spearmanr``, ties averaged) and its p-value.
+
+    For ``n <= 8`` the p-value is exact (``scipy.stats.permutation_test`` over all ``n!``
+    pairings; the t approximation scipy uses by default is poor for a handful of trials),
+    else scipy's. Fewer than three pairs, or a constant side, give NaN.
+    """
+    from scipy import stats
+
+    xs = np.asarray(x, dtype=np.float64)
+    ys = np.asarray(y, dtype=np.float64)
+    n = int(xs.size)
+    if n != ys.size:
+        raise ValueError(f"spearman: {n} x values but {ys.size} y values")
+    if n < 3 or np.ptp(xs) == 0 or np.ptp(ys) == 0:
+        return Rank(math.nan, math.nan, n, False)
+    rho = float(stats.spearmanr(xs, ys).statistic)
+    if n <= 8:
+        res = stats.permutation_test(
+            (xs,),
+            lambda a: stats.spearmanr(a, ys).statistic,
+            permutation_type="pairings",
+            n_resamples=math.inf,
+            alternative="two-sided",
+        )
+        return Rank(rho, float(res.pvalue), n, True)
+    return Rank(rho, float(stats.spearmanr(xs, ys).pvalue), n, False)

@@ -201,14 +201,14 @@ def test_paired_differences_and_noise_marks():
     assert d.value == pytest.approx(0.10)
     # by hand: the differences are 10 ones and 90 zeros; sd = sqrt(0.1*0.9*100/99)
     assert d.se == pytest.approx(math.sqrt(0.1 * 0.9 * 100 / 99) / 10)
-    assert not d.within_noise  # 0.10 > 2 * 0.0302
+    assert not d.within_noise()  # 0.10 > 2 * 0.0302
     # unpaired, the same two scores could not be told apart (2 SE ~ 0.14)
     unpaired = math.sqrt(0.4 * 0.6 / 99 + 0.5 * 0.5 / 99)
     assert 0.10 < 2 * unpaired
     # disagreeing on 20 items both ways: same scores' gap, now within noise
     c = [1.0] * 30 + [0.0] * 10 + [1.0] * 20 + [0.0] * 40
     assert sum(c) == 50
-    assert compare_models(_results(a, c), "b", "a")["t"].within_noise
+    assert compare_models(_results(a, c), "b", "a")["t"].within_noise()
     table = results_table(_results(a, b))
     assert "| b − a | **+10.00 ± 3.02** | **+10.00 ± 3.02** |" in table
     assert "| b − a | ~ " in results_table(_results(a, c))

@@ -2,8 +2,9 @@
 
 The integration tests run real ``Tuner``s whose trials upscale a 4-layer Llama, train it
 with a ``TorchTrainer`` (one gloo worker, DeepSpeed on CPU) on a small packed mix and
-report held-out loss: a 3-value grid, ASHA against a planted bad trial, and a sweep driver
-killed mid-way and rerun.
+report held-out loss: a 3-value grid, ASHA over a FLOPs budget against a planted bad trial,
+successive halving over steps and over a FLOPs budget (with the base reference and the seam
+predictors), a sweep driver killed mid-way and rerun, and an SFT mix sweep.
 """
 
 from __future__ import annotations
@@ -199,7 +200,9 @@ def test_config_mistakes_name_the_field(tmp_path, over, expect):
 def test_overrides_and_experiment_names():
     a = SweepConfig.model_validate(sweep_dict())
     b = SweepConfig.model_validate(sweep_dict(scheduler={"kind": "grid"}))
-    c = SweepConfig.model_validate(sweep_dict(max_concurrent_trials=1, description="x"))
+    c = SweepConfig.model_validate(
+        sweep_dict(max_concurrent_trials=1, description="x", seam=False, seam_sequences=4)
+    )
     assert experiment_name(a).startswith("t-asha-") and experiment_name(b).startswith("t-grid-")
     assert experiment_name(a) == experiment_name(c)  # operational fields do not fork a sweep
 
@@ -430,13 +433,14 @@ def tiny_sweep(base: str, mixes: dict[str, Path], **over) -> dict:
         "search": {"m": [1, 2, 3]},
         "train": train,
         "scheduler": {"kind": "grid"},
-        "baseline": False,
     }
     for key, value in over.items():
         if key == "train":
             cfg["train"] = {**train, **value}
         else:
             cfg[key] = value
+    if "budget" in cfg:  # the budget sets each trial's steps
+        cfg["train"].pop("steps", None)
     return cfg
 
 
@@ -453,34 +457,43 @@ def _assert_cpus_given_back(ray_module) -> None:
 
 
 @pytest.mark.slow
-def test_asha_stops_a_planted_bad_trial_but_not_the_reference(
+def test_asha_over_a_flops_budget_stops_a_planted_bad_trial_but_not_the_reference(
     tmp_path, tiny_llama_dir, tiny_mixes, ray_module
 ):
     from solar_ray.tune.sweep import run_sweep
 
     # two good trials run first (2 at a time) and set the rungs; the planted one diverges.
     # Two CPUs fit two trials: the later ones start only if the stopped ones free theirs.
+    # The budget is in FLOPs: 6-layer trials (m=1) get 24 steps of 128 tokens, the 4-layer
+    # ones (m=2, the base) 36; ASHA's rungs are at 1/8, 1/4, 1/2 of the budget's FLOPs.
+    budget = 24 * 128 * 1_627_008  # FLOPs per token of the 6-layer model (test_seam.py)
     raw = tiny_sweep(
         str(tiny_llama_dir),
         tiny_mixes,
         search=PLANTED_BAD,
-        train={"steps": 24},
-        baseline=True,
+        budget={"flops": budget},
         max_concurrent_trials=2,
-        scheduler={"kind": "asha", "grace_period_steps": 2, "reduction_factor": 2},
+        scheduler={"kind": "asha", "grace_period_fraction": 0.125, "reduction_factor": 2},
     )
     cfg = SweepConfig.model_validate(raw)
     result = run_sweep(cfg, tmp_path / "sw", echo=lambda s: None)
     rows = {r["trial"]: r for r in result.rows}
+    # 4-layer models: 24 x 1,627,008 / 1,084,800 = 35.996 steps of theirs fit
+    assert [rows[t]["max_steps"] for t in ("solar-m01", "solar-m02", "bad", "base")] == [
+        24, 35, 24, 35
+    ]
     assert rows["bad"]["stopped_early"] and rows["bad"]["steps"] < 24
     # stopping the trial stopped its training run: it never reached its final checkpoint
     run = tmp_path / "sw" / "ray_train" / f"{experiment_name(cfg)}-bad"
     assert run.is_dir() and not (run / "final").exists()
-    assert rows["base"]["status"] == "done" and rows["base"]["steps"] == 24
+    assert rows["base"]["status"] == "done" and rows["base"]["steps"] == 35
     assert result.best["trial"] in ("solar-m01", "solar-m02")
     summary = json.loads((tmp_path / "sw" / "summary.json").read_text())
     assert summary["num_stopped_early"] >= 1
-    assert summary["steps_spent"] < summary["steps_full_grid"] == 3 * 24
+    assert summary["budget_spent"] < summary["budget_full_grid"] == 3 * budget
+    for name in ("solar-m01", "solar-m02"):  # trained the budget, up to one step short
+        if rows[name]["status"] == "done":
+            assert budget - 128 * rows[name]["flops_per_token"] < rows[name]["flops"] <= budget
     # the stopped trials' workers were given back (the trials after them could start, and
     # nothing is held now): their placement groups do not outlive them
     _assert_cpus_given_back(ray_module)
@@ -534,6 +547,64 @@ def test_successive_halving_pauses_at_the_rung_and_resumes_from_its_checkpoint(
     summary = json.loads((out / "summary.json").read_text())
     assert summary["num_stopped_early"] == 2
     assert summary["steps_spent"] < summary["steps_full_grid"] == 3 * 6
+    assert rows["base"]["status"] == "done" and rows["base"]["steps"] == 6  # never waits
+    _assert_cpus_given_back(ray_module)
+
+
+@pytest.mark.slow
+def test_successive_halving_over_a_flops_budget_against_the_base_model(
+    tmp_path, tiny_llama_dir, tiny_mixes, ray_module
+):
+    """m = 0 (8 layers) and m = 1 (6) against the base (4) at equal FLOPs: each trial's steps
+    follow from its depth, the rungs are FLOPs, the base's held-out loss before training is
+    measured, and the report has every comparison with its error."""
+    import csv
+
+    from solar_ray.tune.sweep import run_sweep
+
+    # 1.4e9 FLOPs = 5 steps of m=0 (277,659,648 a step), 6 of m=1 (208,257,024) and 10 of
+    # the base (138,854,400); rungs at 1/4 and 1/2 of it, reports every step
+    raw = tiny_sweep(
+        str(tiny_llama_dir),
+        tiny_mixes,
+        search={"m": [0, 1]},
+        budget={"flops": 1.4e9},
+        train={"eval_every": 1, "log_every": 1},
+        scheduler={"kind": "sha", "grace_period_fraction": 0.25, "reduction_factor": 2},
+    )
+    cfg = SweepConfig.model_validate(raw)
+    out = tmp_path / "sw"
+    result = run_sweep(cfg, out, echo=lambda s: None)
+    rows = {r["trial"]: r for r in result.rows}
+    assert [rows[t]["max_steps"] for t in ("solar-m00", "solar-m01", "base")] == [5, 6, 10]
+    budgets = json.loads((out / "trials" / experiment_name(cfg) / "budgets.json").read_text())
+    # the first report at or past 3.5e8 and 7e8 FLOPs: steps 2 and 3 of m=0, 2 and 4 of m=1
+    assert budgets["solar-m00"]["rung_steps"] == [2, 3]
+    assert budgets["solar-m01"]["rung_steps"] == [2, 4]
+    assert budgets["base"]["rung_steps"] == []  # the reference never waits at a rung
+    # of two trials at the first rung one goes on; the base trains its whole budget, and its
+    # curve starts before training (step 0)
+    assert sorted(r["status"] for r in result.rows if not r["reference"]) == ["done", "stopped"]
+    base = rows["base"]
+    assert base["status"] == "done" and base["steps"] == 10 and base["curve"][0]["step"] == 0
+    assert base["curve"][0]["tokens_seen"] == 0 and base["curve"][0]["eval_n"] == 4
+    summary = json.loads((out / "summary.json").read_text())
+    start = summary["analysis"]["base_start"]
+    assert start["n"] == 4 and start["se"] > 0 and start["value"] > base["eval_loss"]
+    best = rows[result.best["trial"]]
+    assert math.isfinite(best["gain"]) and best["gain_se"] >= 0 and best["loss_eq_flops_n"] == 4
+    assert best["recover"] is not None and best["eval_n"] == 4 and best["eval_loss_se"] > 0
+    # the seam predictors of m = 0 and 1 were scored on the held-out rows before training
+    seam = json.loads((out / "trials" / experiment_name(cfg) / "seam.json").read_text())
+    assert [s["m"] for s in seam["scores"]] == [0, 1] and seam["num_sequences"] >= 2
+    assert all(math.isfinite(rows[t]["seam_angular"]) for t in ("solar-m00", "solar-m01"))
+    with open(result.files["results_csv"]) as f:
+        table = list(csv.DictReader(f))
+    assert {"budget_flops", "loss_eq_flops_se", "gain", "recover", "seam_bi"} <= set(table[0])
+    assert [r["trial"] for r in table] == ["solar-m00", "solar-m01", "base"]
+    for key in ("learning_curves", "metric_vs_choice"):
+        assert result.files[key].stat().st_size > 1000
+    assert "gain over base" in result.files["results_md"].read_text()
     _assert_cpus_given_back(ray_module)
 
 
@@ -604,7 +675,8 @@ def test_three_m_sweep_killed_and_rerun_resumes_and_writes_a_runnable_best_recip
     # the finished trials were not trained again; the interrupted one was
     assert [_attempts(trials / f"solar-m0{m}").count("train") for m in (1, 2, 3)] == [1, 1, 2]
 
-    rows = result.rows
+    assert result.rows[-1]["trial"] == "base" and result.rows[-1]["status"] == "done"
+    rows = result.rows[:-1]
     assert [r["m"] for r in rows] == [1, 2, 3]
     assert all(r["status"] == "done" and r["steps"] == 4 and not r["stopped_early"] for r in rows)
     assert all(math.isfinite(r["eval_loss"]) and r["eval_loss"] > 0 for r in rows)
@@ -612,7 +684,7 @@ def test_three_m_sweep_killed_and_rerun_resumes_and_writes_a_runnable_best_recip
     assert [r["num_layers"] for r in rows] == [6, 4, 2]
     assert rows[0]["flops"] > rows[1]["flops"] > rows[2]["flops"]
     with open(result.files["results_csv"]) as f:
-        assert len(f.read().strip().splitlines()) == 1 + 3
+        assert len(f.read().strip().splitlines()) == 1 + 4
     assert "| solar-m02 |" in result.files["results_md"].read_text()
     for key in ("learning_curves", "metric_vs_choice"):
         assert result.files[key].stat().st_size > 1000
@@ -640,3 +712,48 @@ def test_three_m_sweep_killed_and_rerun_resumes_and_writes_a_runnable_best_recip
         )
         == 0
     )
+
+
+@pytest.mark.slow
+def test_sft_mix_sweep_scores_every_mix_on_one_yardstick_with_its_error(
+    tmp_path, tiny_llama_dir, smollm2_tokenizer, ray_module
+):
+    """Two SFT mixes, both scored on a held-out yardstick neither trains on: every score has
+    n and SE, each mix is compared with the best (paired over the yardstick's rows), and
+    best.yaml is the SFT run on the best mix. No base-model reference: nothing is upscaled."""
+    from solar_ray.train.testing import arithmetic_pairs, write_sft_mix
+    from solar_ray.tune.sweep import run_sweep
+
+    pairs = [(q, a) for q, a, _ in arithmetic_pairs(40, seed=3)]
+    data = {
+        "a": write_sft_mix(tmp_path / "a", smollm2_tokenizer, pairs[:16]),
+        "b": write_sft_mix(tmp_path / "b", smollm2_tokenizer, [(q, "I am not sure.") for q, _ in pairs[16:32]]),
+        "yardstick": write_sft_mix(tmp_path / "y", smollm2_tokenizer, pairs[32:]),
+    }
+    raw = {
+        "name": "mix",
+        "base": str(tiny_llama_dir),
+        "search": {"method": "none", "mixes": [{"name": n, "data": str(data[n])} for n in "ab"]},
+        "train": {"kind": "sft", "val_data": str(data["yardstick"]), "num_workers": 1,
+                  "zero_stage": 0, "micro_batch_size": 2, "seq_len": 64, "steps": 4,
+                  "eval_every": 3, "log_every": 1, "lr": 1e-3, "warmup_steps": 0,
+                  "checkpoint_every": 100, "tensorboard": False, "max_failures": 0},
+        "scheduler": {"kind": "grid"},
+    }  # fmt: skip
+    cfg = SweepConfig.model_validate(raw)
+    result = run_sweep(cfg, tmp_path / "sw", echo=lambda s: None)
+    rows = {r["trial"]: r for r in result.rows}
+    assert sorted(rows) == ["mix-a", "mix-b"]  # no reference without an upscale
+    for r in rows.values():
+        assert r["status"] == "done" and r["eval_n"] == 8 and r["eval_loss_se"] > 0
+        assert [p["step"] for p in r["curve"]] == [3, 4]  # held-out at step 3 and the end
+        assert len(r["curve"][-1]["eval_row_nll"]) == 8
+    best = rows[result.best["trial"]]
+    assert best["vs_best"] == 0
+    other = rows["mix-b" if best["trial"] == "mix-a" else "mix-a"]
+    assert other["vs_best"] > 0 and other["vs_best_se"] > 0  # behind the best, with its error
+    assert "vs best" in result.files["results_md"].read_text()
+    recipe = yaml.safe_load(result.files["best_yaml"].read_text())
+    assert recipe["stages"]["cpt"]["data"] == str(data[best["mix"]])
+    assert result.files["learning_curves"].stat().st_size > 1000
+    _assert_cpus_given_back(ray_module)

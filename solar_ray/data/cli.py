@@ -5,27 +5,23 @@ from __future__ import annotations
 import argparse
 from collections.abc import Callable
 
-from solar_ray.cli import add_config_args
-from solar_ray.config import load_config
+from solar_ray.config import add_config_args, add_field_flags, flag_values, load_config
 
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """Add the data arguments to ``parser``; return the runner."""
+    """Add the data arguments (one per :class:`DataConfig` field) to ``parser``."""
+    from solar_ray.data.config import DataConfig
+
     add_config_args(parser, config_required=True)
-    parser.add_argument("--out", help="output directory (overrides the config's 'out')")
+    add_field_flags(parser, DataConfig)
     parser.add_argument("--only", nargs="+", metavar="MIX", help="build only these mixes")
-    parser.add_argument("--num-workers", type=int, help="Ray Data tasks per operator")
-    parser.add_argument(
-        "--overwrite", action="store_true", default=None, help="replace existing mix directories"
-    )
     return _run
 
 
 def _run(args: argparse.Namespace) -> int:
     from solar_ray.data.config import DataConfig
 
-    flags = {"out": args.out, "num_workers": args.num_workers, "overwrite": args.overwrite}
-    cfg = load_config(DataConfig, args.config, args.overrides, data=flags)
+    cfg = load_config(DataConfig, args.config, args.overrides, data=flag_values(args, DataConfig))
 
     from solar_ray.cluster import init_ray
     from solar_ray.data.mix import run_data

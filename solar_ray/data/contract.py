@@ -220,6 +220,10 @@ class MixInfo:
         """The ``pyarrow.fs`` filesystem ``files`` live on."""
         return arrow_filesystem(self.path)[0]
 
+    def read(self, columns: list[str] | None = None) -> pa.Table:
+        """All rows of the part as one Arrow table, in mix order."""
+        return read_files(list(self.files), self.path, columns)
+
     def lineage(self) -> dict[str, Any]:
         """What ``solar.json`` records about this input."""
         return {"kind": "data", "path": self.path, "mix_kind": self.kind, "sha256": self.fingerprint,

@@ -65,6 +65,7 @@ __all__ = [
     "data_location",
     "load_task",
     "offline_sets",
+    "scored_rows",
     "task_dir",
 ]
 
@@ -449,6 +450,19 @@ def item_texts(task: str, tasks: dict[str, Any] | None = None) -> list[tuple[str
     if tasks is None:
         return list(_item_texts(task))
     return _texts_of(task, tasks)
+
+
+def scored_rows(task: str) -> list[dict[str, Any]]:
+    """The raw rows of a task's scored split, in order (not for MMLU's subject groups)."""
+    import pyarrow.parquet as pq
+
+    bench = BENCHMARKS[task]
+    if bench.fewshot_pool == 0:
+        raise BenchmarkDataError(f"{task}: a group of subtasks; load it with load_task")
+    definition = bench.definition or task
+    scored, _ = _split_names(definition)
+    path = ensure_benchmarks() / "tasks" / task / _config_name(definition) / f"{scored}.parquet"
+    return pq.read_table(path).to_pylist()
 
 
 def offline_sets(spec: str) -> dict[str, list[tuple[str, str]]] | None:

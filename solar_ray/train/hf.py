@@ -40,6 +40,7 @@ from solar_ray.train.worker import WorkerEnv, finish_run
 
 __all__ = [
     "DeepSpeedCheckpointMixin",
+    "HeldOutRowsMixin",
     "MetricsCallback",
     "SaveAtSteps",
     "hf_training_kwargs",
@@ -130,6 +131,68 @@ class DeepSpeedCheckpointMixin:
         super().save_model(output_dir, _internal_call)  # type: ignore[misc]
 
 
+class HeldOutRowsMixin:
+    """Evaluation that keeps every held-out row's NLL and token count, for the error bar.
+
+    ``prediction_step`` computes the causal-LM loss per row from the model's logits
+    (:func:`solar_ray.train.pretrain.row_nll`, transformers' own loss kept per row) and
+    gathers the rows of all workers; ``evaluation_loop`` then reports ``eval_loss`` as their
+    token-weighted mean with ``eval_loss_se`` and ``eval_n`` over rows, and the rows
+    themselves (``eval_row_nll``, ``eval_row_tokens``) for paired comparisons. Evaluation
+    with ``compute_metrics`` (which needs the predictions) keeps the Trainer's own step.
+    """
+
+    _held_out_rows: list[Any] | None = None
+
+    def prediction_step(
+        self, model: Any, inputs: dict[str, Any], prediction_loss_only: bool,
+        ignore_keys: list[str] | None = None,
+    ) -> tuple[Any, Any, Any]:  # fmt: skip
+        if self._held_out_rows is None or not prediction_loss_only or "labels" not in inputs:
+            return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)  # type: ignore[misc]
+        import torch
+
+        from solar_ray.train.pretrain import row_nll
+
+        inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
+        forward = {k: v for k, v in inputs.items() if k != "labels"}
+        with torch.no_grad(), self.compute_loss_context_manager():  # type: ignore[attr-defined]
+            logits = model(**forward, use_cache=False).logits
+        nll, count = row_nll(logits, inputs["labels"])
+        rows = self.accelerator.gather_for_metrics(torch.stack([nll, count], dim=-1))  # type: ignore[attr-defined]
+        self._held_out_rows.append(rows.cpu())
+        return (nll.sum() / count.sum().clamp(min=1)).float(), None, None
+
+    def evaluation_loop(
+        self, dataloader: Any, description: str, prediction_loss_only: bool | None = None,
+        ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval",
+    ) -> Any:  # fmt: skip
+        import torch
+
+        from solar_ray.train.pretrain import eval_metrics
+
+        self._held_out_rows = []
+        try:
+            output = super().evaluation_loop(  # type: ignore[misc]
+                dataloader, description, prediction_loss_only, ignore_keys, metric_key_prefix
+            )
+            rows = self._held_out_rows
+        finally:
+            self._held_out_rows = None
+        if rows:
+            table = torch.cat(rows).double()
+            metrics = eval_metrics(table[:, 0].tolist(), table[:, 1].tolist())
+            metrics.pop("eval_ppl")
+            output.metrics.update(
+                {f"{metric_key_prefix}_{k.removeprefix('eval_')}": v for k, v in metrics.items()}
+            )
+        return output
+
+
+#: held-out keys that are lists (the rows), passed on beside the scalar metrics
+ROW_KEYS = ("eval_row_nll", "eval_row_tokens")
+
+
 #: written by rank 0 into every Trainer checkpoint: the run's history across restarts
 STATE_FILE = "solar_state.json"
 
@@ -165,6 +228,8 @@ class MetricsCallback(TrainerCallback):
         for key, value in logs.items():
             if isinstance(value, int | float) and not isinstance(value, bool):
                 metrics[key.replace("learning_rate", "lr")] = float(value)
+            elif key in ROW_KEYS:
+                metrics[key] = list(value)
         if "loss" in logs:
             # the Trainer counts the input tokens of all workers
             tokens = int(getattr(state, "num_input_tokens_seen", 0) or 0)
@@ -180,7 +245,7 @@ class MetricsCallback(TrainerCallback):
             metrics["eval_ppl"] = math.exp(min(float(logs["eval_loss"]), 50.0))
             self.eval_history.append([step, float(logs["eval_loss"])])
         if self.env.metrics is not None:
-            self.env.metrics.scalars(step, {k: v for k, v in metrics.items() if k != "step"})
+            self.env.metrics.scalars(step, {k: v for k, v in metrics.items() if k != "step"})  # lists skipped
         self.env.session.report(metrics)
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:
@@ -277,6 +342,9 @@ def train_with_hf(
             result = trainer.evaluate()
             final["eval_loss"] = float(result["eval_loss"])
             final["eval_ppl"] = math.exp(min(final["eval_loss"], 50.0))
+            for key in ("eval_loss_se", "eval_n", *ROW_KEYS):
+                if key in result:
+                    final[key] = result[key]
             final["eval_history"] = metrics_cb.eval_history
         if final_extra is not None:
             final.update(final_extra(trainer))

@@ -37,7 +37,13 @@ from solar_ray.train.common import (
 from solar_ray.train.config import PretrainConfig
 from solar_ray.train.worker import WorkerEnv, finish_run, run_worker
 
-__all__ = ["PackedBatches", "pretrain_worker", "run_pretrain", "validate_pretrain"]
+__all__ = [
+    "PackedBatches",
+    "ids_and_positions",
+    "pretrain_worker",
+    "run_pretrain",
+    "validate_pretrain",
+]
 
 STATE_FILE = "state.json"
 
@@ -62,7 +68,7 @@ def _positions_for(input_ids: np.ndarray) -> np.ndarray:
     return np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy()
 
 
-def _ids_and_positions(table: Any, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+def ids_and_positions(table: Any, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
     """A packed table's ``input_ids`` and ``position_ids`` (0..seq_len-1 when it has none)."""
     ids = _to_matrix(table.column("input_ids"), seq_len)
     if "position_ids" in table.column_names:
@@ -145,34 +151,76 @@ def _stream_batches(
 # --------------------------------------------------------------------------- worker
 
 
-def _evaluate(engine: Any, env: WorkerEnv, batches: list[tuple[np.ndarray, np.ndarray]]) -> dict:
-    """Mean held-out loss over all workers' batches, and its perplexity."""
+def row_nll(logits: Any, labels: Any) -> tuple[Any, Any]:
+    """Per-row summed next-token NLL and scored-token count (labels -100 are not scored).
+
+    The same loss as transformers' causal-LM loss (logits upcast to float32, labels shifted
+    by one), kept per row so that held-out scores carry their error (:mod:`solar_ray.stats`).
+    """
+    import torch
+
+    logits = logits[:, :-1].float()
+    target = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
+        reduction="none",
+    ).view(target.shape)  # fmt: skip
+    scored = target != -100
+    return (nll * scored).double().sum(-1), scored.double().sum(-1)
+
+
+def eval_metrics(nll: Any, tokens: Any) -> dict[str, Any]:
+    """Held-out metrics from per-row NLL sums and token counts (every row once).
+
+    ``eval_loss`` is the token-weighted mean, ``eval_loss_se`` its standard error over the
+    ``eval_n`` rows; ``eval_row_nll`` / ``eval_row_tokens`` keep the rows, in row order, for
+    paired comparisons between models scored on them.
+    """
+    from solar_ray.stats import ratio_estimate
+
+    nll = [float(x) for x in nll]
+    tokens = [float(x) for x in tokens]
+    est = ratio_estimate(nll, tokens)
+    return {
+        "eval_loss": est.value,
+        "eval_ppl": math.exp(min(est.value, 50.0)),
+        "eval_loss_se": est.se,
+        "eval_n": est.n,
+        "eval_row_nll": nll,
+        "eval_row_tokens": tokens,
+    }
+
+
+def _evaluate(
+    engine: Any, env: WorkerEnv, batches: list[tuple[np.ndarray, np.ndarray, np.ndarray]]
+) -> dict:
+    """Held-out loss over all workers' rows (each row once), with its error and the rows."""
     import torch
     import torch.distributed as dist
 
     engine.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=env.device)
+    local = []
     with torch.no_grad():
-        for ids, pos in batches:
+        for ids, pos, rows in batches:
             input_ids = torch.from_numpy(ids).to(env.device)
-            out = engine(
-                input_ids=input_ids,
-                position_ids=torch.from_numpy(pos).to(env.device),
-                labels=input_ids,
-            )
-            tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-            total[0] += out.loss.detach().double() * tokens
-            total[1] += tokens
-    dist.all_reduce(total)
+            out = engine(input_ids=input_ids, position_ids=torch.from_numpy(pos).to(env.device))
+            nll, count = row_nll(out.logits, input_ids)
+            index = torch.from_numpy(rows).to(env.device).double()
+            local.append(torch.stack([index, nll, count], dim=-1))
+    mine = torch.cat(local) if local else torch.zeros((0, 3), dtype=torch.float64)
+    gathered = [torch.zeros_like(mine) for _ in range(env.world_size)]
+    dist.all_gather(gathered, mine)  # every rank holds the same number of rows
     engine.train()
-    loss = (total[0] / total[1]).item()
-    return {"eval_loss": loss, "eval_ppl": math.exp(min(loss, 50.0))}
+    by_row = {int(r[0]): (float(r[1]), float(r[2])) for t in gathered for r in t.cpu().tolist()}
+    order = sorted(by_row)  # rows wrap around when ranks outnumber them: count each once
+    return eval_metrics([by_row[i][0] for i in order], [by_row[i][1] for i in order])
 
 
 def _val_batches(
     env: WorkerEnv, input_ids: np.ndarray, position_ids: np.ndarray
-) -> list[tuple[np.ndarray, np.ndarray]]:
-    """This rank's held-out micro-batches; every rank gets the same count (rows wrap around)."""
+) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """This rank's held-out micro-batches ``(ids, positions, row indices)``; every rank gets
+    the same count (rows wrap around)."""
     cfg = env.cfg
     n = len(input_ids)
     if n == 0:
@@ -185,7 +233,7 @@ def _val_batches(
     out = []
     for b in range(num_batches):
         idx = rows[b * cfg.micro_batch_size : (b + 1) * cfg.micro_batch_size]
-        out.append((input_ids[idx], position_ids[idx]))
+        out.append((input_ids[idx], position_ids[idx], np.asarray(idx, dtype=np.int64)))
     return out
 
 
@@ -201,10 +249,10 @@ def _load_split(
     cfg = env.cfg
     ids = pos = val_ids = val_pos = np.zeros((0, cfg.seq_len), dtype=np.int64)
     if cfg.val_data and env.val_files:
-        val_ids, val_pos = _ids_and_positions(_read_packed(env.val_files, cfg.val_data), cfg.seq_len)
+        val_ids, val_pos = ids_and_positions(_read_packed(env.val_files, cfg.val_data), cfg.seq_len)
     if env.data_files and (with_train or (not cfg.val_data and cfg.val_fraction > 0)):
         table = _read_packed(env.data_files, cfg.data)
-        ids, pos = _ids_and_positions(table, cfg.seq_len)
+        ids, pos = ids_and_positions(table, cfg.seq_len)
         if not cfg.val_data:
             mask = held_out_rows(table, cfg.val_fraction)
             ids, pos, val_ids, val_pos = ids[~mask], pos[~mask], ids[mask], pos[mask]
@@ -326,7 +374,8 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         return result
 
     if val_batches and state["step"] == 0:
-        log_eval(0)
+        # the starting point of the held-out curve (a sweep's "tokens to recover" needs it)
+        session.report({"step": 0, "tokens_seen": 0, **log_eval(0)})
 
     timer = Throughput()
     loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)

@@ -44,14 +44,20 @@ def _sft(env: WorkerEnv, ckpt: Path | None) -> None:
     from trl import SFTConfig as TrlSFTConfig
     from trl import SFTTrainer
 
-    from solar_ray.train.hf import DeepSpeedCheckpointMixin, hf_training_kwargs, train_with_hf
+    from solar_ray.train.hf import (
+        DeepSpeedCheckpointMixin,
+        HeldOutRowsMixin,
+        hf_training_kwargs,
+        train_with_hf,
+    )
 
     cfg: SFTConfig = env.cfg  # type: ignore[assignment]
     train_ds, eval_ds = _sft_datasets(env)
     tokenized = env.extra.get("part", "tokenized") == "tokenized"
 
-    class SolarSFTTrainer(DeepSpeedCheckpointMixin, SFTTrainer):
-        """SFTTrainer whose checkpoints hold DeepSpeed's sharded state only."""
+    class SolarSFTTrainer(HeldOutRowsMixin, DeepSpeedCheckpointMixin, SFTTrainer):
+        """SFTTrainer whose checkpoints hold DeepSpeed's sharded state only and whose
+        held-out loss carries its error (per-row losses)."""
 
     def make_trainer(output_dir: str, callbacks: list[Any]) -> Any:
         args = TrlSFTConfig(

@@ -46,7 +46,7 @@ def run_sweep(cfg: SweepConfig, out: str | Path | None = None, **kwargs: Any) ->
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """``solar-ray sweep RECIPE``: add the arguments; return the runner."""
-    from solar_ray.cli import add_config_args
+    from solar_ray.config import add_config_args
 
     parser.add_argument("recipe", nargs="?", help="sweep recipe YAML (see jobs/sweep-*.yaml)")
     add_config_args(parser)

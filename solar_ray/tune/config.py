@@ -17,7 +17,13 @@ A sweep recipe (``solar-ray sweep RECIPE.yaml``) is one :class:`SweepConfig`::
       steps: 40
       eval_every: 5
     scheduler: {kind: asha, grace_period_steps: 5, reduction_factor: 3}
-    baseline: true                     # also train the base model, same budget (reference)
+
+Instead of ``train.steps``, a ``budget`` gives every trial the same training tokens or the
+same estimated training FLOPs (``budget: {flops: 2.0e13}``); each trial's steps follow from
+its model's size (a deeper upscale gets fewer steps) and the rungs of early stopping are
+fractions of the budget (``scheduler.grace_period_fraction``). The base model trained with
+the same data and budget is the reference every searched trial is compared with; it always
+runs when the trials upscale.
 
 A search over SFT mixes names prepared mixes instead of ``m`` (``search.mixes``); every
 choice of the search space becomes one trial with a deterministic name (``solar-m07``,
@@ -38,6 +44,7 @@ from solar_ray.config import StageConfig
 
 __all__ = [
     "BestRecipeConfig",
+    "BudgetConfig",
     "MixChoice",
     "MRange",
     "SchedulerConfig",
@@ -191,8 +198,10 @@ class SearchSpace(StageConfig):
         return self.m.values() if isinstance(self.m, MRange) else list(self.m)
 
 
-def rung_milestones(grace_period: int, reduction_factor: float, max_t: int) -> list[int]:
-    """The steps trials are compared at: ``grace * rf**k`` below ``max_t`` (no duplicates)."""
+def rung_milestones(grace_period: float, reduction_factor: float, max_t: float) -> list[int]:
+    """Where trials are compared: ``grace * rf**k`` below ``max_t``, rounded (no duplicates).
+
+    In steps, or in a budget's tokens or FLOPs (large numbers, so rounding is harmless)."""
     out: list[int] = []
     r = float(grace_period)
     while round(r) < max_t:
@@ -200,6 +209,43 @@ def rung_milestones(grace_period: int, reduction_factor: float, max_t: int) -> l
             out.append(round(r))
         r *= reduction_factor
     return out
+
+
+class BudgetConfig(StageConfig):
+    """The training budget of every trial: ``{tokens: N}`` or ``{flops: X}`` (exactly one).
+
+    A trial's steps are the whole steps that fit: ``floor(tokens / tokens_per_step)`` or
+    ``floor(flops / (flops_per_token * tokens_per_step))`` with ``tokens_per_step = global
+    batch x seq_len`` and the training stages' own FLOPs-per-token estimate
+    (:func:`solar_ray.train.metrics.flops_per_token`, ``6N`` + attention) of the trial's
+    model. Equal FLOPs give a larger upscaled model fewer steps.
+    """
+
+    tokens: float | None = Field(default=None, gt=0, description="training tokens per trial")
+    flops: float | None = Field(
+        default=None, gt=0, description="estimated training FLOPs per trial"
+    )
+
+    @model_validator(mode="after")
+    def _one(self) -> BudgetConfig:
+        if (self.tokens is None) == (self.flops is None):
+            raise ValueError("give exactly one of 'tokens' or 'flops'")
+        return self
+
+    @property
+    def unit(self) -> str:
+        """``tokens`` or ``flops``."""
+        return "tokens" if self.tokens is not None else "flops"
+
+    @property
+    def amount(self) -> float:
+        """The budget in its unit."""
+        return float(self.tokens if self.tokens is not None else self.flops)  # type: ignore[arg-type]
+
+    @property
+    def result_key(self) -> str:
+        """The key of a trial's results that counts this unit (``tokens_seen``, ``flops``)."""
+        return "tokens_seen" if self.unit == "tokens" else "flops"
 
 
 class SchedulerConfig(StageConfig):
@@ -218,6 +264,13 @@ class SchedulerConfig(StageConfig):
     mode: Literal["min", "max"] = "min"
     grace_period_steps: int = Field(
         default=10, ge=1, description="steps every trial runs before it can be stopped"
+    )
+    grace_period_fraction: float | None = Field(
+        default=None,
+        gt=0,
+        lt=1,
+        description="with a budget: the first rung as a fraction of it (rungs at "
+        "fraction * reduction_factor**k of the budget, in its tokens or FLOPs)",
     )
     reduction_factor: float = Field(
         default=3.0, gt=1, description="keep the best 1/reduction_factor at each rung"
@@ -254,10 +307,21 @@ class SweepConfig(StageConfig):
     )
     search: SearchSpace
     train: dict[str, Any] = Field(description="the training stage: {kind: pretrain|sft, ...}")
+    budget: BudgetConfig | None = Field(
+        default=None, description="equal tokens or FLOPs per trial, instead of train.steps"
+    )
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig)
     baseline: bool = Field(
-        default=True, description="also train the base model with the same budget (reference)"
+        default=True,
+        description="the base model trained with the same data and budget, the reference "
+        "every upscaled trial is compared with: always on when trials upscale",
     )
+    seam: bool = Field(
+        default=True,
+        description="score each searched m with the zero-training seam predictors "
+        "(solar_ray.seam) on the held-out rows before the trials",
+    )
+    seam_sequences: int = Field(default=16, ge=2, description="held-out rows the seam scores use")
     max_concurrent_trials: int | None = Field(
         default=None, ge=1, description="default: as many trials as the cluster's resources fit"
     )
@@ -296,6 +360,18 @@ class SweepConfig(StageConfig):
                 "train.val_data: trials are scored on held-out data; set val_data (a prepared "
                 "held-out mix) or val_fraction"
             )
+        if self.budget is not None:
+            if train.get("steps") is not None or train.get("epochs") is not None:
+                key = "steps" if train.get("steps") is not None else "epochs"
+                raise ValueError(
+                    f"train.{key}: the budget sets every trial's steps; remove train.{key} "
+                    "or the budget"
+                )
+        if not self.baseline and any(t.method != "none" for t in plan_trials(self, True)):
+            raise ValueError(
+                "baseline: the base model trained with the same budget is the reference every "
+                "upscaled trial is compared with; it always runs (remove baseline: false)"
+            )
         if self.scheduler.kind in ("asha", "sha"):
             kind = self.scheduler.kind.upper()
             if not train.get("eval_every"):
@@ -303,14 +379,21 @@ class SweepConfig(StageConfig):
                     f"train.eval_every: {kind} compares trials on held-out reports during "
                     "training; set eval_every (<= scheduler.grace_period_steps)"
                 )
-            if train.get("steps") is None:
-                raise ValueError(f"train.steps: {kind} schedules over steps; set steps")
-            if self.scheduler.grace_period_steps > int(train["steps"]):
-                raise ValueError(
-                    f"scheduler.grace_period_steps: {self.scheduler.grace_period_steps} "
-                    f"exceeds train.steps ({train['steps']})"
-                )
-        if self.scheduler.kind == "sha":
+            if self.budget is not None:
+                if self.scheduler.grace_period_fraction is None:
+                    raise ValueError(
+                        f"scheduler.grace_period_fraction: with a budget, {kind}'s first rung "
+                        "is a fraction of it; set it (e.g. 0.125)"
+                    )
+            else:
+                if train.get("steps") is None:
+                    raise ValueError(f"train.steps: {kind} schedules over steps; set steps")
+                if self.scheduler.grace_period_steps > int(train["steps"]):
+                    raise ValueError(
+                        f"scheduler.grace_period_steps: {self.scheduler.grace_period_steps} "
+                        f"exceeds train.steps ({train['steps']})"
+                    )
+        if self.scheduler.kind == "sha" and self.budget is None:
             rungs = self.rungs()
             off = [r for r in rungs if r % int(train["eval_every"])]
             if off:
@@ -379,14 +462,27 @@ class SweepConfig(StageConfig):
         return stages
 
     def rungs(self) -> list[int]:
-        """The steps the early-stopping scheduler compares trials at (none for a grid)."""
+        """Where the early-stopping scheduler compares trials (none for a grid): steps, or
+        with a budget the amounts of its unit (tokens or FLOPs), see :attr:`time_attr`."""
         if self.scheduler.kind == "grid":
             return []
+        if self.budget is not None:
+            assert self.scheduler.grace_period_fraction is not None
+            return rung_milestones(
+                self.scheduler.grace_period_fraction * self.budget.amount,
+                self.scheduler.reduction_factor,
+                self.budget.amount,
+            )
         return rung_milestones(
             self.scheduler.grace_period_steps,
             self.scheduler.reduction_factor,
             int(self.train["steps"]),
         )
+
+    @property
+    def time_attr(self) -> str:
+        """The result key trials are scheduled over: ``step``, or the budget's unit."""
+        return self.budget.result_key if self.budget is not None else "step"
 
     def train_fields(self) -> dict[str, Any]:
         """The shared training config without its ``kind``."""
@@ -401,7 +497,8 @@ class SweepConfig(StageConfig):
         """
         data = self.model_dump(mode="json", exclude_defaults=True)
         for key in ("description", "out", "ray_address", "runtime_env", "max_concurrent_trials",
-                    "trial_max_failures", "best", "upscale_cache"):  # fmt: skip
+                    "trial_max_failures", "best", "upscale_cache", "seam",
+                    "seam_sequences"):  # fmt: skip
             data.pop(key, None)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
 
@@ -467,10 +564,11 @@ def _mix_data(cfg: SweepConfig, mix: MixChoice) -> str:
     return mix.data if mix.data is not None else f"@{cfg.search.mix_stage}/{mix.name}"
 
 
-def plan_trials(cfg: SweepConfig) -> list[TrialSpec]:
+def plan_trials(cfg: SweepConfig, searched_only: bool = False) -> list[TrialSpec]:
     """Every trial of the sweep, in the order they start: the grid of choices and the
     explicit trials (as listed, or shuffled with ``search.seed``), then the baseline (the
-    base model, same training, never stopped early) when trials upscale."""
+    base model, same data and budget, never stopped early) when trials upscale.
+    ``searched_only`` leaves the baseline out."""
     space = cfg.search
     upscales = (
         _upscale_choices(space) if (space.m_values() or "solar" not in space.methods()) else []
@@ -496,7 +594,7 @@ def plan_trials(cfg: SweepConfig) -> list[TrialSpec]:
         trials.append(TrialSpec(**t.model_dump(), reference=False))
     if space.order == "shuffle":
         random.Random(space.seed).shuffle(trials)
-    if cfg.baseline and any(t.method != "none" for t in trials):
+    if not searched_only and any(t.method != "none" for t in trials):
         mix = space.mixes[0] if space.mixes else None
         trials.append(
             TrialSpec(

@@ -24,6 +24,7 @@ __all__ = [
     "SweepReportCallback",
     "get_registry",
     "registry_name",
+    "score_at",
 ]
 
 log = logging.getLogger(__name__)
@@ -93,6 +94,23 @@ class ReferenceExemptASHA(AsyncHyperBandScheduler):
         super().on_trial_complete(tune_controller, trial, result)
 
 
+def score_at(
+    milestone: float, before: tuple[float, float] | None, after: tuple[float, float]
+) -> float:
+    """The score at ``milestone`` between the reports ``before`` it and ``after`` (x, score).
+
+    Linear between the two; ``after``'s own score without a report before the rung, or
+    when either score is not finite (a diverged run stays the worst).
+    """
+    x1, y1 = after
+    if before is None or not (math.isfinite(before[1]) and math.isfinite(y1)):
+        return y1
+    x0, y0 = before
+    if not x0 < milestone < x1:
+        return y1
+    return y0 + (y1 - y0) * (milestone - x0) / (x1 - x0)
+
+
 class SuccessiveHalving(FIFOScheduler):
     """Synchronous successive halving over training steps; the reference trials exempt.
 
@@ -112,6 +130,12 @@ class SuccessiveHalving(FIFOScheduler):
     Train run has the same name and continues from that checkpoint. A trial whose result
     at a rung has no checkpoint goes on training until one that has (or is stopped when the
     rung's cut goes against it).
+
+    A trial's score at a rung is its score *at* the rung: linearly interpolated between its
+    last report before the rung and the first at or past it. With rungs in steps the trials
+    report exactly there; with a budget in tokens or FLOPs (``time_attr``) each trial's
+    reports fall at its own multiples of its step size, and comparing the first reports past
+    the rung would favour the trials that overshoot it most.
 
     ``trials`` names every searched trial (``config["trial"]``), so a rung is complete only
     when each trial still in the race has reported there; a trial that fails for good
@@ -145,6 +169,7 @@ class SuccessiveHalving(FIFOScheduler):
         self._left: set[str] = set()  # searched trials that ended (done, failed, stopped)
         self._resume: set[str] = set()  # paused trials a cut promoted
         self._trials: dict[str, Trial] = {}
+        self._previous: dict[str, tuple[float, float]] = {}  # each trial's last (x, score)
         self._cutting = False
 
     # -- bookkeeping
@@ -167,10 +192,12 @@ class SuccessiveHalving(FIFOScheduler):
         score = self._score(result)
         if score is None:
             return
-        step = float(result[self._time_attr])
+        x = float(result[self._time_attr])
+        previous = self._previous.get(name)
         for k, milestone in enumerate(self.milestones):
-            if step >= milestone and name not in self._scores[k]:
-                self._scores[k][name] = score
+            if x >= milestone * (1 - 1e-9) and name not in self._scores[k]:
+                self._scores[k][name] = score_at(milestone, previous, (x, score))
+        self._previous[name] = (x, score)
 
     def _eligible(self, k: int) -> frozenset[str] | None:
         """The trials racing at rung ``k`` (None while rung ``k - 1`` is not cut yet)."""

@@ -21,6 +21,7 @@ the cluster's resources at the start (at least 1); a trial's driver itself holds
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 from collections.abc import Callable, Mapping
@@ -28,10 +29,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from solar_ray.checkpoint import write_json_atomic
 from solar_ray.config import ConfigError
+from solar_ray.tune.budget import TrialBudget, budgets_path, trial_budget
 from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials
 from solar_ray.tune.trial import (
+    ROW_KEYS,
     TRIALS_DIR,
+    model_stats,
     run_trial,
     train_config_for,
     train_stage,
@@ -127,14 +132,24 @@ def _resolved_trials(trials: list[TrialSpec], prepare: Path) -> list[TrialSpec]:
     return out
 
 
+def _placeholder_steps(train: Mapping[str, Any]) -> int:
+    """Steps to validate a budgeted trial's config with before its real steps are known
+    (no fewer than its warmup, which the config refuses to exceed)."""
+    return max(1, int(train.get("warmup_steps") or 0))
+
+
 def _check_up_front(cfg: SweepConfig, out: Path) -> None:
     """Fail before any compute: the training config validates and best.yaml will plan."""
     from solar_ray.tune.report import best_recipe, check_recipe
 
     trials = plan_trials(cfg)
+    train = cfg.train_fields()
+    if cfg.budget is not None:
+        # each trial's steps come from the budget when the models are known
+        train["steps"] = _placeholder_steps(train)
     ctx = {
         "train_kind": cfg.train_kind,
-        "train": cfg.train_fields(),
+        "train": train,
         "out": str(out),
         "storage_path": str(out / "ray_train"),
         "experiment": experiment_name(cfg),
@@ -145,7 +160,7 @@ def _check_up_front(cfg: SweepConfig, out: Path) -> None:
         raise ConfigError("train.streaming: not supported in sweeps yet (trials read the shards)")
     if cfg.stages:
         check_recipe(_prepare_recipe(cfg), out / "prepare")
-    check_recipe(best_recipe(cfg, trials[0]), out / "best-run")
+    check_recipe(best_recipe(cfg, trials[0], steps=_placeholder_steps(train)), out / "best-run")
 
 
 def run_sweep(
@@ -169,8 +184,13 @@ def run_sweep(
     _check_up_front(cfg, out)
     if dry_run:
         echo(f"sweep directory: {out}\nexperiment: {name} ({cfg.scheduler.kind})")
+        budgets = _dry_run_budgets(cfg, trials, out)
         for i, t in enumerate(trials, 1):
-            echo(f"{i:>3}. {t.name:<24} {t.label()}{' (reference)' if t.reference else ''}")
+            b = budgets.get(t.name)
+            echo(
+                f"{i:>3}. {t.name:<24} {t.label()}{' (reference)' if t.reference else ''}"
+                + (f"  {_budget_text(b)}" if b else "")
+            )
         return SweepResult(out, out / "tune" / name, [], None)
 
     import ray
@@ -195,18 +215,29 @@ def run_sweep(
         "metric": cfg.scheduler.metric,
         "mode": cfg.scheduler.mode,
         "experiment": name,
-        "trials": {t.name: t.to_dict() for t in resolved},
-        # successive halving pauses trials at its rungs: they must resume from there
-        "checkpoint_at": cfg.rungs() if cfg.scheduler.kind == "sha" else [],
+        # successive halving pauses trials at its rungs: they must resume from there (with a
+        # budget the rungs are amounts of it, and each trial's steps are its own)
+        "checkpoint_at": cfg.rungs() if cfg.scheduler.kind == "sha" and not cfg.budget else [],
     }
+    budgets = plan_budgets(cfg, resolved, base_dir, ctx)
+    if cfg.budget is not None:
+        resolved = [_with_budget(t, budgets[t.name]) for t in resolved]
+    ctx["trials"] = {t.name: t.to_dict() for t in resolved}
+    trials_root = Path(out) / TRIALS_DIR / name
+    trials_root.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(budgets_path(trials_root), {k: b.to_dict() for k, b in budgets.items()})
     # the inputs (model, tokenizer, data) are checked once here, not in every trial
     first = train_config_for(ctx, resolved[0], base_dir)
     train_stage(cfg.train_kind)[2](first)
+    if cfg.seam:
+        _score_seam(cfg, resolved, base_dir, first, trials_root, echo)
     per_trial = {k: v * first.num_workers for k, v in worker_resources(first).items()}
     concurrency = fit_concurrency(
         ray.cluster_resources(), per_trial, len(resolved), cfg.max_concurrent_trials
     )
     echo(f"sweep {name}: {len(resolved)} trials, {concurrency} at a time -> {out}")
+    for t in resolved:
+        echo(f"  {t.name:<14} {_budget_text(budgets[t.name])}")
 
     from solar_ray.tune.hooks import PlacementGroupReaper, get_registry
 
@@ -246,8 +277,100 @@ def run_sweep(
     finally:
         ray.kill(registry)
     rows = collect_rows(grid, resolved, cfg, out)
-    files, best = write_report(out, cfg, rows, trials, echo=echo)
+    files, best = write_report(out, cfg, rows, trials, echo=echo, seam=read_seam(out, name))
     return SweepResult(out, path, rows, best, files, concurrency)
+
+
+def plan_budgets(
+    cfg: SweepConfig, trials: list[TrialSpec], base_dir: Path, ctx: Mapping[str, Any]
+) -> dict[str, TrialBudget]:
+    """Every trial's budget: its steps (from ``budget``, else ``train.steps``), tokens,
+    estimated FLOPs and, under successive halving with a budget, its rung steps."""
+    from solar_ray.tune.config import BudgetConfig
+
+    out: dict[str, TrialBudget] = {}
+    stats_by_choice: dict[str, dict[str, Any]] = {}
+    for spec in trials:
+        train = {**ctx["train"]}
+        if cfg.budget is not None:
+            train["steps"] = _placeholder_steps(train)
+        tc = train_config_for({**ctx, "train": train}, spec, base_dir)
+        key = str(spec.upscale_args())
+        if key not in stats_by_choice:
+            stats_by_choice[key] = model_stats(base_dir, tc.seq_len, spec.upscale_args())
+        stats = stats_by_choice[key]
+        tokens_per_step = tc.effective_global_batch_size * tc.seq_len
+        if cfg.budget is not None:
+            sha = cfg.scheduler.kind == "sha"
+            out[spec.name] = trial_budget(
+                cfg.budget,
+                stats,
+                tokens_per_step,
+                milestones=cfg.rungs() if sha and not spec.reference else [],
+                eval_every=int(cfg.train.get("eval_every") or 0),
+                trial=spec.name,
+            )
+        else:
+            steps = int(spec.train.get("steps") or cfg.train.get("steps") or 0)
+            out[spec.name] = trial_budget(
+                BudgetConfig(tokens=max(1, steps) * tokens_per_step), stats, tokens_per_step
+            )
+    return out
+
+
+def _budget_text(b: TrialBudget) -> str:
+    return f"{b.num_layers:>3} layers  {b.steps:>5} steps  {b.tokens:.3g} tokens  {b.flops:.3g} FLOPs"
+
+
+def _dry_run_budgets(cfg: SweepConfig, trials: list[TrialSpec], out: Path) -> dict[str, TrialBudget]:
+    """The trials' budgets when the base model is on this machine already (a local
+    directory or .gguf file, or the embedded alias); a dry run never downloads a model."""
+    from solar_ray.models import EMBEDDED_ALIASES, resolve_model
+
+    if cfg.base not in EMBEDDED_ALIASES and not Path(cfg.base).exists():
+        return {}
+    ctx = {"train_kind": cfg.train_kind, "train": cfg.train_fields(), "out": str(out),
+           "storage_path": str(out / "ray_train"), "experiment": experiment_name(cfg)}  # fmt: skip
+    return plan_budgets(cfg, trials, resolve_model(cfg.base), ctx)
+
+
+def _with_budget(spec: TrialSpec, budget: TrialBudget) -> TrialSpec:
+    """The trial with its budget's steps (and rung checkpoints) as training overrides."""
+    train = {**spec.train, "steps": budget.steps}
+    if budget.rung_steps:
+        train["checkpoint_at"] = sorted({*train.get("checkpoint_at", []), *budget.rung_steps})
+    return spec.model_copy(update={"train": train})
+
+
+def _score_seam(
+    cfg: SweepConfig,
+    trials: list[TrialSpec],
+    base_dir: Path,
+    train_cfg: Any,
+    trials_root: Path,
+    echo: Callable[[str], None],
+) -> None:
+    """The seam predictors of every searched m, on the held-out rows, as one Ray task with
+    a training worker's resources (a GPU where the trials get one); ``seam.json``."""
+    import ray
+
+    from solar_ray.seam import seam_scores
+
+    ms = sorted({t.m for t in trials if t.method == "solar" and t.m is not None})
+    target = trials_root / "seam.json"
+    if not ms or target.is_file():
+        return
+    resources = worker_resources(train_cfg)
+    task = ray.remote(seam_scores).options(
+        num_cpus=resources.get("CPU", 1),
+        num_gpus=resources.get("GPU", 0),
+        resources={k: v for k, v in resources.items() if k not in ("CPU", "GPU")},
+    )
+    scores = ray.get(
+        task.remote(str(base_dir), ms, train_cfg.to_dict(), cfg.train_kind, cfg.seam_sequences)
+    )
+    write_json_atomic(target, scores)
+    echo(f"seam predictors of m in {ms} on {scores['num_sequences']} held-out rows")
 
 
 def _report_only(
@@ -266,12 +389,14 @@ def _report_only(
             raise ConfigError(f"--report-only: no experiment {name} in {out / 'tune'}")
         log.warning("reporting %s (this recipe now hashes to %s)", found[0].name, name)
         path = found[0]
-    rows = collect_rows(ResultGrid(ExperimentAnalysis(str(path))), trials, cfg, out)
-    files, best = write_report(out, cfg, rows, trials, echo=echo)
+    grid = ResultGrid(ExperimentAnalysis(str(path)))
+    rows = collect_rows(grid, trials, cfg, out, path.name)
+    files, best = write_report(out, cfg, rows, trials, echo=echo, seam=read_seam(out, path.name))
     return SweepResult(out, path, rows, best, files)
 
 
 def _scheduler(cfg: SweepConfig, trials: list[TrialSpec]) -> Any:
+    """The Tune scheduler of ``scheduler.kind``, over steps or the budget's unit."""
     from ray.tune.schedulers import FIFOScheduler
 
     from solar_ray.tune.hooks import ReferenceExemptASHA, SuccessiveHalving
@@ -285,41 +410,84 @@ def _scheduler(cfg: SweepConfig, trials: list[TrialSpec]) -> Any:
             reference=reference,
             metric=cfg.scheduler.metric,
             mode=cfg.scheduler.mode,
-            time_attr="step",
+            time_attr=cfg.time_attr,
             milestones=cfg.rungs(),
             reduction_factor=cfg.scheduler.reduction_factor,
         )
+    if cfg.budget is not None:
+        max_t: float = cfg.budget.amount
+        grace: float = float(cfg.scheduler.grace_period_fraction or 0) * max_t
+    else:
+        max_t, grace = int(cfg.train["steps"]), cfg.scheduler.grace_period_steps
     return ReferenceExemptASHA(
         reference=reference,
-        time_attr="step",
-        max_t=int(cfg.train["steps"]),
-        grace_period=cfg.scheduler.grace_period_steps,
+        time_attr=cfg.time_attr,
+        max_t=max_t,
+        grace_period=grace,
         reduction_factor=cfg.scheduler.reduction_factor,
         brackets=1,
     )
 
 
-def _curve(result: Any, metric: str) -> list[dict[str, float]]:
-    """The trial's held-out curve by step; a retried trial's later report of a step wins."""
-    df = result.metrics_dataframe
-    if df is None or "step" not in df or metric not in df:
-        return []
-    cols = [c for c in ("step", metric, "flops", "tokens_seen") if c in df]
-    by_step = {}
-    for r in df[cols].dropna(subset=["step"]).to_dict("records"):
-        by_step[int(r["step"])] = {k: float(v) for k, v in r.items()}
+#: what a learning-curve point keeps of a trial's result
+CURVE_KEYS = ("step", "tokens_seen", "flops", "eval_loss_se", "eval_n")
+
+
+def _curve(result: Any, metric: str) -> list[dict[str, Any]]:
+    """The trial's held-out curve by step (with each report's held-out rows); a retried
+    trial's later report of a step wins. Read from the trial's ``result.json`` (the rows are
+    lists, which the progress table does not keep), else from the metrics table."""
+    records: list[dict[str, Any]] = []
+    path = Path(str(getattr(result, "path", "") or "")) / "result.json"
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                records.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a crash
+    else:
+        df = result.metrics_dataframe
+        if df is not None:
+            records = df.to_dict("records")
+    by_step: dict[int, dict[str, Any]] = {}
+    for r in records:
+        if r.get("step") is None or r.get(metric) is None:
+            continue
+        point: dict[str, Any] = {
+            k: float(r[k]) for k in (*CURVE_KEYS, metric) if _is_number(r.get(k))
+        }
+        point.update({k: r[k] for k in ROW_KEYS if isinstance(r.get(k), list)})
+        by_step[int(r["step"])] = point
     return [by_step[k] for k in sorted(by_step)]
 
 
+def _is_number(x: Any) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool)
+
+
+def read_budgets(out: Path, experiment: str) -> dict[str, dict[str, Any]]:
+    """``budgets.json`` of the experiment (empty when the sweep never got that far)."""
+    path = budgets_path(out / TRIALS_DIR / experiment)
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+
+
+def read_seam(out: Path, experiment: str) -> dict[str, Any] | None:
+    """``seam.json`` of the experiment: the seam predictors of its m values, if scored."""
+    path = out / TRIALS_DIR / experiment / "seam.json"
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
+
+
 def collect_rows(
-    grid: Any, trials: list[TrialSpec], cfg: SweepConfig, out: Path
+    grid: Any, trials: list[TrialSpec], cfg: SweepConfig, out: Path, experiment: str | None = None
 ) -> list[dict[str, Any]]:
-    """One row per trial, in plan order, from a Tune ``ResultGrid``."""
+    """One row per trial, in plan order, from a Tune ``ResultGrid`` (of ``experiment``,
+    default the recipe's)."""
+    experiment = experiment or experiment_name(cfg)
     metric = cfg.scheduler.metric
     by_name: dict[str, Any] = {}
     for result in grid:
         by_name[result.config["trial"]] = result
-    max_steps = cfg.train.get("steps")
+    budgets = read_budgets(out, experiment)
     rows = []
     for spec in trials:
         result = by_name.get(spec.name)
@@ -327,6 +495,8 @@ def collect_rows(
         error = getattr(result, "error", None) if result is not None else None
         final = bool(last.get("final"))
         status = "error" if error else ("done" if final else ("stopped" if last else "not run"))
+        budget = budgets.get(spec.name, {})
+        max_steps = budget.get("steps") or spec.train.get("steps") or cfg.train.get("steps")
         rows.append(
             {
                 "trial": spec.name,
@@ -343,7 +513,12 @@ def collect_rows(
                 "status": status,
                 "diverged": bool(last.get("diverged")),
                 metric: last.get(metric),
+                "eval_loss_se": last.get("eval_loss_se"),
+                "eval_n": last.get("eval_n"),
                 "eval_ppl": last.get("eval_ppl"),
+                "budget_tokens": budget.get("tokens"),
+                "budget_flops": budget.get("flops"),
+                "flops_per_token": budget.get("flops_per_token"),
                 "tokens_seen": last.get("tokens_seen"),
                 "flops": last.get("flops"),
                 "train_runtime_s": last.get("train_runtime_s"),
@@ -351,7 +526,7 @@ def collect_rows(
                 "model_path": last.get("model_path"),
                 "error": str(error).splitlines()[0][:300] if error else None,
                 "curve": _curve(result, metric) if result is not None else [],
-                "trial_dir": str(out / TRIALS_DIR / experiment_name(cfg) / spec.name),
+                "trial_dir": str(out / TRIALS_DIR / experiment / spec.name),
             }
         )
     return rows

@@ -52,6 +52,9 @@ log = logging.getLogger(__name__)
 #: where each trial keeps its own small files under the sweep directory
 TRIALS_DIR = "trials"
 
+#: the per-row held-out losses a held-out report carries (solar_ray.train.pretrain.eval_metrics)
+ROW_KEYS = ("eval_row_nll", "eval_row_tokens")
+
 
 # --------------------------------------------------------------------------- upscale cache
 
@@ -89,24 +92,38 @@ def cached_upscale(base_dir: str | Path, args: Mapping[str, Any], cache_dir: str
     return out
 
 
-def model_stats(model_dir: str | Path, seq_len: int) -> dict[str, Any]:
-    """Layers, parameters and estimated training FLOPs per token of a model directory.
+def model_stats(
+    model_dir: str | Path, seq_len: int, upscale: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """Layers, parameters and estimated training FLOPs per token of a model directory, or of
+    its upscale with ``upscale`` (method and parameter) as planned, without writing it.
 
-    Parameters are counted from the safetensors headers (nothing is loaded); FLOPs per token
-    follow :func:`solar_ray.train.metrics.flops_per_token` (``6N`` + attention).
+    Parameters are counted from the safetensors headers (nothing is loaded; an upscale's
+    from the tensors the DUS writer would write, :func:`solar_ray.upscale.plan_tensors`);
+    FLOPs per token follow :func:`solar_ray.train.metrics.flops_per_token` (``6N`` +
+    attention), the estimate the training stages report MFU with.
     """
-    from solar_ray.models import read_config
+    from solar_ray.models import arch_for_config, read_config
     from solar_ray.train.metrics import flops_per_token
-    from solar_ray.upscale import read_model_tensors
+    from solar_ray.upscale import (
+        UpscaleConfig,
+        plan_layers,
+        plan_tensors,
+        read_model_tensors,
+        replan_config,
+    )
 
     config = read_config(model_dir)
+    refs = read_model_tensors(Path(model_dir))
+    shapes = [ref.shape for ref in refs.values()]
+    if upscale:
+        spec = arch_for_config(config)
+        n = int((config.get("text_config") or config)["num_hidden_layers"])
+        plan = plan_layers(UpscaleConfig(source=str(model_dir), **dict(upscale)), n)
+        shapes = [t.shape for t in plan_tensors(refs, spec, n, plan)]
+        config = replan_config(config, spec, plan)
     text = config.get("text_config") or config
-    num_params = 0
-    for ref in read_model_tensors(Path(model_dir)).values():
-        numel = 1
-        for d in ref.shape:
-            numel *= d
-        num_params += numel
+    num_params = sum(math.prod(shape) for shape in shapes)
     ns = SimpleNamespace(
         **{
             k: text.get(k)
@@ -221,9 +238,14 @@ def trial_metrics(
         "num_params": stats["num_params"],
         "final": False,
     }
-    for key in ("eval_loss", "eval_ppl", "loss"):
+    for key in ("eval_loss", "eval_ppl", "loss", "eval_loss_se"):
         if key in raw and key != metric:
             out[key] = float(raw[key])
+    if "eval_n" in raw:
+        out["eval_n"] = int(raw["eval_n"])
+    for key in ROW_KEYS:  # the held-out rows: paired comparisons and interpolated errors
+        if key in raw:
+            out[key] = [float(x) for x in raw[key]]
     return out
 
 

@@ -1,0 +1,388 @@
+"""Zero-training predictors of SOLAR's layer-removal count ``m``, from the base model alone.
+
+DUS of an ``n``-layer model with ``m`` keeps layers ``0..n-m-1`` (copy A) and ``m..n-1``
+(copy B) and joins them: the *seam* feeds the output of layer ``n-m-1`` into layer ``m``,
+which was trained on the output of layer ``m-1``. One forward pass of the base model over
+held-out text, with ``output_hidden_states=True``, scores every ``m`` at once. With
+``h[i]`` the hidden state entering layer ``i`` (``h[0]`` the embeddings, ``h[n]`` the raw
+output of the last layer, before the final norm):
+
+``seam_angular`` (after Gromov et al. 2024, arXiv 2403.17887)
+    the angular distance across the seam, ``arccos(cos(h[m], h[n-m])) / pi`` per token:
+    how far the representation layer ``m`` receives in the upscaled model is from the one it
+    was trained on. 0 means the seam is invisible; it grows as more layers are repeated.
+    Gromov et al. score the last token of each sequence; here every token is scored (more
+    samples from the same text), except each document's first token, whose hidden state is
+    dominated by the attention-sink activations and says little about the text.
+``seam_bi`` (after ShortGPT, Men et al. 2024, arXiv 2403.03853)
+    the block influence of the layers DUS removes. ShortGPT's ``BI_i = 1 - E[cos(h[i],
+    h[i+1])]`` is how much layer ``i`` changes its input. DUS removes the last ``m`` layers
+    of copy A (``n-m..n-1``) and the first ``m`` of copy B (``0..m-1``); ``seam_bi`` is the sum
+    of ``BI_i`` over both removed sets (a layer in both sets, when ``m > n/2``, counts twice:
+    it is missing from both copies). 0 means nothing the model uses is removed; it grows
+    with ``m``.
+
+Lower is better for both. Each is averaged over the scored tokens of a sequence, then over
+sequences; the error is the standard error across sequences (a sequence is the sampling
+unit, its tokens are not independent). ``m`` with ``2(n-m) > n`` grows the model; ``m = n/2``
+gives the base model back and larger ``m`` prunes.
+
+``solar-ray score-plans --source smollm2-135m`` prints the table (seconds on a CPU).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from pydantic import Field
+
+from solar_ray.config import StageConfig
+from solar_ray.errors import UserError
+from solar_ray.fs import is_uri
+
+__all__ = [
+    "PlanScore",
+    "ScorePlansConfig",
+    "angular_distance",
+    "cli",
+    "heldout_rows",
+    "removed_layers",
+    "run_score_plans",
+    "score_hidden_states",
+    "seam_scores",
+    "score_model",
+    "upscaling_m_values",
+]
+
+
+class SeamError(UserError):
+    """A bad ``m`` or held-out input for the seam predictors."""
+
+
+class ScorePlansConfig(StageConfig):
+    """``solar-ray score-plans``: the seam predictors of every ``m`` of a model."""
+
+    source: str = Field(description="model source: HF dir, hub id, .gguf or 'smollm2-135m'")
+    m: list[int] | None = Field(
+        default=None, description="the m values to score (default: every m with 2(n-m) > n)"
+    )
+    data: str | None = Field(
+        default=None,
+        description="held-out text: a prepared pretrain mix (packed rows), a .jsonl with a "
+        "'text' field, or a .txt file (default: the offline python-docs held-out documents)",
+    )
+    num_sequences: int = Field(default=16, ge=2, description="held-out sequences scored")
+    seq_len: int = Field(default=128, ge=8, description="tokens per sequence (text input)")
+    batch_size: int = Field(default=8, ge=1)
+    out: str | None = Field(default=None, description="also write the scores as JSON here")
+
+
+@dataclass(frozen=True)
+class PlanScore:
+    """The seam predictors of one ``m`` (mean and SE over ``num_sequences``)."""
+
+    m: int
+    num_layers: int  #: s = 2(n - m)
+    seam_angular: float
+    seam_angular_se: float
+    seam_bi: float
+    seam_bi_se: float
+    num_sequences: int
+    removed_a: tuple[int, ...]  #: layers copy A drops (its last m)
+    removed_b: tuple[int, ...]  #: layers copy B drops (its first m)
+
+
+def removed_layers(n: int, m: int) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """The source layers DUS with ``m`` drops from copy A (``n-m..n-1``) and B (``0..m-1``)."""
+    if not 0 <= m < n:
+        raise SeamError(f"m: {m} must be in 0..{n - 1} for a model of {n} layers")
+    return tuple(range(n - m, n)), tuple(range(m))
+
+
+def upscaling_m_values(n: int) -> list[int]:
+    """Every ``m`` whose DUS model is deeper than the base: ``2(n-m) > n``."""
+    return [m for m in range(n) if 2 * (n - m) > n]
+
+
+def _cosine(a: Any, b: Any) -> Any:
+    """Cosine similarity over the last axis, in float64."""
+    import torch
+
+    a, b = a.double(), b.double()
+    return torch.nn.functional.cosine_similarity(a, b, dim=-1, eps=1e-12).clamp(-1.0, 1.0)
+
+
+def angular_distance(a: Any, b: Any) -> Any:
+    """``arccos(cos(a, b)) / pi`` over the last axis: 0 for parallel, 1 for opposite."""
+    import torch
+
+    return torch.arccos(_cosine(a, b)) / math.pi
+
+
+def score_hidden_states(
+    hidden: Sequence[Any], mask: Any, ms: Iterable[int]
+) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """Per-sequence ``(seam_angular, seam_bi)`` of every ``m`` from one batch.
+
+    ``hidden`` holds ``n + 1`` tensors ``(batch, tokens, hidden)``: ``hidden[i]`` enters
+    layer ``i``, ``hidden[n]`` leaves the last layer. ``mask`` ``(batch, tokens)`` marks the
+    tokens scored. Returns, per ``m``, two arrays of one value per sequence.
+    """
+    import torch
+
+    n = len(hidden) - 1
+    weight = mask.double()
+    count = weight.sum(-1).clamp(min=1.0)
+
+    def per_sequence(token_values: Any) -> Any:
+        return (token_values * weight).sum(-1) / count
+
+    bi = torch.stack(
+        [per_sequence(1.0 - _cosine(hidden[i], hidden[i + 1])) for i in range(n)], dim=-1
+    )  # (batch, n): ShortGPT's BI of each layer, per sequence
+    out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for m in ms:
+        drop_a, drop_b = removed_layers(n, m)
+        angular = per_sequence(angular_distance(hidden[m], hidden[n - m]))
+        removed = bi[:, list(drop_a)].sum(-1) + bi[:, list(drop_b)].sum(-1)
+        out[m] = (angular.cpu().numpy(), removed.cpu().numpy())
+    return out
+
+
+def _layer_states(model: Any, input_ids: Any, position_ids: Any) -> list[Any]:
+    """``h[0..n]`` of one batch: ``output_hidden_states`` for the layers' inputs, and the
+    last layer's raw output from a hook (transformers returns it after the final norm).
+    Only the decoder runs: the LM head's logits are not needed."""
+    import torch
+
+    decoder = model.get_decoder()
+    layers = decoder.layers
+    captured: list[Any] = []
+
+    def keep(_module: Any, _args: Any, output: Any) -> None:
+        captured.append(output[0] if isinstance(output, tuple) else output)
+
+    handle = layers[-1].register_forward_hook(keep)
+    try:
+        with torch.no_grad():
+            out = decoder(
+                input_ids=input_ids, position_ids=position_ids, output_hidden_states=True
+            )
+    finally:
+        handle.remove()
+    n = len(layers)
+    return [*out.hidden_states[:n], captured[-1]]
+
+
+def score_model(
+    model: Any, input_ids: np.ndarray, position_ids: np.ndarray, ms: Iterable[int] | None = None,
+    batch_size: int = 8,
+) -> list[PlanScore]:
+    """The seam predictors of every ``m`` in ``ms`` (default: the upscaling ones) for a
+    loaded causal LM on held-out rows ``(num_sequences, tokens)``."""
+    import torch
+
+    n = int(model.config.get_text_config().num_hidden_layers)
+    ms = sorted(set(upscaling_m_values(n) if ms is None else ms))
+    for m in ms:
+        removed_layers(n, m)  # checks the range
+    if len(input_ids) < 2:
+        raise SeamError("data: at least 2 held-out sequences are needed for an error bar")
+    device = next(model.parameters()).device
+    model.eval()
+    parts: dict[int, tuple[list[np.ndarray], list[np.ndarray]]] = {m: ([], []) for m in ms}
+    for start in range(0, len(input_ids), batch_size):
+        ids = torch.as_tensor(input_ids[start : start + batch_size], device=device)
+        pos = torch.as_tensor(position_ids[start : start + batch_size], device=device)
+        hidden = _layer_states(model, ids, pos)
+        for m, (ang, bi) in score_hidden_states(hidden, pos > 0, ms).items():
+            parts[m][0].append(ang)
+            parts[m][1].append(bi)
+    scores = []
+    for m in ms:
+        ang, bi = np.concatenate(parts[m][0]), np.concatenate(parts[m][1])
+        drop_a, drop_b = removed_layers(n, m)
+        scores.append(
+            PlanScore(
+                m=m,
+                num_layers=2 * (n - m),
+                seam_angular=float(ang.mean()),
+                seam_angular_se=float(ang.std(ddof=1) / math.sqrt(ang.size)),
+                seam_bi=float(bi.mean()),
+                seam_bi_se=float(bi.std(ddof=1) / math.sqrt(bi.size)),
+                num_sequences=int(ang.size),
+                removed_a=drop_a,
+                removed_b=drop_b,
+            )
+        )
+    return scores
+
+
+# --------------------------------------------------------------------------- held-out rows
+
+
+def heldout_rows(
+    data: str | None, tokenizer: Any, num_sequences: int, seq_len: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, position_ids)`` of ``num_sequences`` held-out rows.
+
+    ``data`` is a prepared pretrain mix (its packed rows as they are), a ``.jsonl`` file
+    of ``{"text"}`` documents or a ``.txt`` file; None takes the offline python-docs
+    held-out documents (the documents the ``corpus`` stage holds out). Text is tokenized,
+    joined with EOS and cut into rows of ``seq_len`` tokens, positions restarting per
+    document (as the data stage packs).
+    """
+    if data is not None and (Path(data).is_dir() or is_uri(data)):
+        from solar_ray.data.contract import open_mix
+        from solar_ray.train.pretrain import ids_and_positions
+
+        mix = open_mix(data, "pretrain", "data")
+        table = mix.read(["input_ids", "position_ids"]).slice(0, num_sequences)
+        width = len(table.column("input_ids")[0])
+        return ids_and_positions(table, width)
+    if data is None:
+        from solar_ray.corpora import python_docs_documents
+
+        texts = [text for _, text in python_docs_documents("heldout")]
+    else:
+        path = Path(data)
+        if not path.is_file():
+            raise SeamError(f"data: {data} is neither a prepared mix nor a text file")
+        if path.suffix == ".jsonl":
+            texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+        else:
+            texts = [path.read_text(encoding="utf-8")]
+    ids: list[int] = []
+    pos: list[int] = []
+    eos = tokenizer.eos_token_id
+    for text in texts:
+        doc = tokenizer(text, add_special_tokens=False)["input_ids"]
+        doc = [*doc, eos] if eos is not None else doc
+        ids += doc
+        pos += list(range(len(doc)))
+        if len(ids) >= num_sequences * seq_len:
+            break
+    rows = min(num_sequences, len(ids) // seq_len)
+    if rows < 2:
+        raise SeamError(f"data: the held-out text fills {rows} row(s) of {seq_len} tokens; need 2")
+    shape = (rows, seq_len)
+    return (
+        np.asarray(ids[: rows * seq_len], dtype=np.int64).reshape(shape),
+        np.asarray(pos[: rows * seq_len], dtype=np.int64).reshape(shape),
+    )
+
+
+def _load(model_dir: str | Path) -> tuple[Any, Any]:
+    """(model, tokenizer): bf16 on a GPU when there is one, else fp32 on the CPU."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    cuda = torch.cuda.is_available()
+    model = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.bfloat16 if cuda else torch.float32
+    )
+    return (model.to("cuda") if cuda else model), AutoTokenizer.from_pretrained(model_dir)
+
+
+def seam_scores(
+    model_dir: str, ms: list[int], train: dict[str, Any], train_kind: str, num_sequences: int
+) -> dict[str, Any]:
+    """The seam predictors a sweep reports: ``ms`` scored on the trials' own held-out rows.
+
+    ``train`` is a trial's resolved training config: a pretrain stage's ``val_data`` rows
+    (or the rows its ``val_fraction`` holds out of ``data``); other stages, whose held-out
+    rows are not plain text, use the offline python-docs held-out documents.
+    """
+    from solar_ray.data.contract import held_out_rows, open_mix
+    from solar_ray.train.pretrain import ids_and_positions
+
+    model, tokenizer = _load(model_dir)
+    seq_len = int(train.get("seq_len") or 128)
+    if train_kind == "pretrain" and (train.get("val_data") or train.get("val_fraction")):
+        path = train.get("val_data") or train["data"]
+        table = open_mix(path, "pretrain", "val_data").read(["input_ids", "position_ids"])
+        if not train.get("val_data"):
+            table = table.filter(held_out_rows(table, train["val_fraction"]))
+        ids, pos = ids_and_positions(table.slice(0, num_sequences), seq_len)
+        held_out = f"{path} (the trials' held-out rows)"
+    else:
+        ids, pos = heldout_rows(None, tokenizer, num_sequences, seq_len)
+        held_out = "offline python-docs held-out documents"
+    scores = score_model(model, ids, pos, ms)
+    return {
+        "source": model_dir,
+        "held_out": held_out,
+        "num_sequences": int(len(ids)),
+        "tokens_per_sequence": int(ids.shape[1]),
+        "scores": [asdict(s) for s in scores],
+    }
+
+
+def run_score_plans(cfg: ScorePlansConfig) -> list[PlanScore]:
+    """Load ``cfg.source``, score its ``m`` values on held-out rows; write JSON if asked."""
+    from solar_ray.checkpoint import write_json_atomic
+    from solar_ray.models import resolve_model
+
+    model, tokenizer = _load(resolve_model(cfg.source))
+    ids, pos = heldout_rows(cfg.data, tokenizer, cfg.num_sequences, cfg.seq_len)
+    scores = score_model(model, ids, pos, cfg.m, cfg.batch_size)
+    if cfg.out:
+        write_json_atomic(
+            Path(cfg.out),
+            {"source": cfg.source, "config": cfg.to_dict(), "scores": [asdict(s) for s in scores]},
+        )
+    return scores
+
+
+def format_scores(scores: Sequence[PlanScore]) -> str:
+    """The scores as a Markdown table, with each predictor's rank (1 = lowest = best)."""
+    rank_a = {s.m: r for r, s in enumerate(sorted(scores, key=lambda s: s.seam_angular), 1)}
+    rank_b = {s.m: r for r, s in enumerate(sorted(scores, key=lambda s: s.seam_bi), 1)}
+    n = scores[0].num_sequences if scores else 0
+    lines = [
+        f"| m | layers | seam angular distance (± SE, n={n}) | rank "
+        "| block influence removed (± SE) | rank |",
+        "|---|---|---|---|---|---|",
+    ]
+    for s in scores:
+        lines.append(
+            f"| {s.m} | {s.num_layers} | {s.seam_angular:.4f} ± {s.seam_angular_se:.4f} "
+            f"| {rank_a[s.m]} | {s.seam_bi:.4f} ± {s.seam_bi_se:.4f} | {rank_b[s.m]} |"
+        )
+    return "\n".join(lines)
+
+
+def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``solar-ray score-plans``: add the arguments; return the runner."""
+    from solar_ray.config import add_config_args, add_field_flags
+
+    add_config_args(parser)
+    add_field_flags(parser, ScorePlansConfig)
+
+    def run(args: argparse.Namespace) -> int:
+        import time
+
+        from solar_ray.config import flag_values, load_config
+
+        cfg = load_config(ScorePlansConfig, args.config, args.overrides, data=flag_values(args, ScorePlansConfig))
+        started = time.perf_counter()
+        scores = run_score_plans(cfg)
+        print(format_scores(scores))
+        best_a = min(scores, key=lambda s: s.seam_angular)
+        best_b = min(scores, key=lambda s: s.seam_bi)
+        print(
+            f"\nlowest seam angular distance: m={best_a.m}; lowest block influence removed: "
+            f"m={best_b.m} ({time.perf_counter() - started:.1f} s)",
+            file=sys.stderr,
+        )
+        return 0
+
+    return run

@@ -1,0 +1,280 @@
+"""Zero-training seam predictors, budgets in tokens/FLOPs, errors and ranks: no Ray.
+
+The predictors are checked on a planted model whose hidden states are known by construction
+(identity layers around one layer that changes its input); budgets against numbers worked
+out by hand from the tiny Llama's shapes; the sweep analysis on curves written by hand.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from solar_ray.stats import interpolate_rows, paired_difference, ratio_estimate, spearman
+
+# --------------------------------------------------------------------------- seam
+
+
+@pytest.fixture(scope="module")
+def planted_model():
+    """A 6-layer Llama whose layers are the identity except layer 4, which is strong.
+
+    Zeroing a layer's ``o_proj`` and ``down_proj`` makes it add nothing to the residual
+    stream, so the hidden states are ``h[0] = ... = h[4] = e`` (the embeddings) and
+    ``h[5] = h[6] = e + f(e)``: every seam and every block influence is known up to ``f``.
+    """
+    import torch
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    cfg = LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(cfg).eval()
+    with torch.no_grad():
+        # a final norm that turns vectors (transformers' last hidden state is after it; the
+        # seam needs the raw output of the last layer)
+        model.model.norm.weight.copy_(torch.linspace(0.1, 3.0, 32))
+        for i, layer in enumerate(model.model.layers):
+            if i == 4:
+                layer.mlp.down_proj.weight.mul_(20.0)
+            else:
+                layer.self_attn.o_proj.weight.zero_()
+                layer.mlp.down_proj.weight.zero_()
+    return model
+
+
+def _planted_scores(model):
+    from solar_ray.seam import score_model
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(0, 64, size=(6, 16))
+    pos = np.broadcast_to(np.arange(16), ids.shape).copy()
+    return {s.m: s for s in score_model(model, ids, pos, ms=range(6), batch_size=4)}
+
+
+def test_seam_predictors_on_a_planted_model(planted_model):
+    scores = _planted_scores(planted_model)
+    angular = {m: s.seam_angular for m, s in scores.items()}
+    bi = {m: s.seam_bi for m, s in scores.items()}
+    # the seam compares h[m] with h[6 - m]: equal (distance 0) when both are the embeddings
+    # or the same state; e against e + f(e) otherwise (m = 0 needs the last layer's raw
+    # output, before the final norm: it must equal m = 1's, which does not use it)
+    for m in (2, 3, 4):
+        assert angular[m] == pytest.approx(0.0, abs=1e-6)
+    assert angular[0] > 0.05
+    assert angular[0] == pytest.approx(angular[1], rel=1e-9) == pytest.approx(angular[5], rel=1e-9)
+    # DUS drops layers 6-m..5 of copy A and 0..m-1 of copy B; only layer 4 has influence
+    bi4 = bi[2]
+    assert bi4 > 0.01
+    assert bi[0] == pytest.approx(0.0, abs=1e-9) and bi[1] == pytest.approx(0.0, abs=1e-9)
+    assert bi[3] == pytest.approx(bi4, rel=1e-9) and bi[4] == pytest.approx(bi4, rel=1e-9)
+    assert bi[5] == pytest.approx(2 * bi4, rel=1e-9)  # layer 4 is missing from both copies
+    assert all(s.num_sequences == 6 and s.num_layers == 2 * (6 - s.m) for s in scores.values())
+    assert scores[0].seam_angular_se > 0 and scores[3].seam_angular_se == pytest.approx(0, abs=1e-6)
+
+
+def test_removed_layers_and_the_default_m_range():
+    from solar_ray.seam import SeamError, removed_layers, upscaling_m_values
+
+    # SOLAR 10.7B: 32 layers, m = 8: copy A keeps 0..23 (drops 24..31), copy B keeps 8..31
+    assert removed_layers(32, 8) == (tuple(range(24, 32)), tuple(range(8)))
+    assert removed_layers(4, 0) == ((), ())
+    # every m whose model is deeper than the base: 2(n - m) > n
+    assert upscaling_m_values(30) == list(range(15))
+    assert upscaling_m_values(5) == [0, 1, 2]
+    with pytest.raises(SeamError, match="m: 6 must be in 0..5"):
+        removed_layers(6, 6)
+
+
+def test_score_plans_command_prints_every_m(tmp_path, tiny_llama_dir, capsys):
+    import json
+
+    from solar_ray.cli import main
+
+    text = tmp_path / "held.jsonl"
+    docs = [f"The value of item {i} is {i * 7} and it is stored in a list." * 4 for i in range(8)]
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    out = tmp_path / "scores.json"
+    argv = ["score-plans", "--source", str(tiny_llama_dir), "--data", str(text),
+            "--num-sequences", "4", "--seq-len", "32", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    table = capsys.readouterr().out
+    assert [line.split("|")[1].strip() for line in table.splitlines()[2:]] == ["0", "1"]
+    saved = json.loads(out.read_text())
+    assert [s["m"] for s in saved["scores"]] == [0, 1] and saved["scores"][0]["num_sequences"] == 4
+    # a bad m is one line and exit 2
+    assert main(["score-plans", "--source", str(tiny_llama_dir), "--m", "9"]) == 2
+    assert "m: 9 must be in 0..3" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- stats
+
+
+def test_errors_are_over_rows_and_paired_differences_share_them():
+    # three rows of one token each: the mean and SE of 2, 4, 6 (std 2 over sqrt 3)
+    est = ratio_estimate([2.0, 4.0, 6.0], [1.0, 1.0, 1.0])
+    assert (est.value, est.n) == (4.0, 3) and est.se == pytest.approx(2 / math.sqrt(3))
+    # unequal rows: token-weighted mean (2 + 4) / (1 + 3) = 1.5
+    assert ratio_estimate([2.0, 4.0], [1.0, 3.0]).value == pytest.approx(1.5)
+    # a paired difference: per-row differences 1, 0.5, 1 over 2 tokens each = 0.5, .25, .5
+    diff = paired_difference([10.0, 12.0, 14.0], [9.0, 11.5, 13.0], [2.0, 2.0, 2.0])
+    assert diff.value == pytest.approx(2.5 / 6)
+    assert diff.se == pytest.approx(np.std([0.5, 0.25, 0.5], ddof=1) / math.sqrt(3))
+    # far smaller than the two losses' own SEs (the spread between rows is shared)
+    assert diff.se < ratio_estimate([10.0, 12.0, 14.0], [2.0, 2.0, 2.0]).se / 5
+    assert diff.within_noise() is False and ratio_estimate([1, -1], [1, 1]).within_noise()
+    rows = interpolate_rows([(0.0, np.array([4.0, 2.0])), (10.0, np.array([2.0, 1.0]))], 2.5)
+    assert rows.tolist() == pytest.approx([3.5, 1.75])
+    assert interpolate_rows([(0.0, np.array([1.0]))], 1.0) is None  # never extrapolated
+
+
+def test_spearman_on_known_rankings():
+    same = spearman([1, 2, 3, 4, 5], [10, 20, 30, 40, 50])
+    assert same.rho == pytest.approx(1.0) and same.exact
+    # exact: 2 of the 120 orderings are as extreme (the identity and its reverse)
+    assert same.p_value == pytest.approx(2 / 120)
+    assert spearman([1, 2, 3, 4, 5], [5, 4, 3, 2, 1]).rho == pytest.approx(-1.0)
+    # two adjacent swaps: sum of d^2 = 4, rho = 1 - 6 * 4 / (5 * 24) = 0.8; as extreme in
+    # 8 orderings each way (sum d^2 <= 4: 1 + 4 single swaps + 3 double swaps): p = 16/120
+    two = spearman([1, 2, 3, 4, 5], [2, 1, 4, 3, 5])
+    assert two.rho == pytest.approx(0.8) and two.p_value == pytest.approx(16 / 120)
+    assert math.isnan(spearman([1, 2, 3], [7, 7, 7]).rho)  # a constant side
+    assert math.isnan(spearman([1, 2], [1, 2]).rho)  # too few pairs
+
+
+# --------------------------------------------------------------------------- budgets
+
+
+#: one layer of the tiny Llama (hidden 64, MLP 128, 4 heads of 16, 2 KV heads): q 64x64,
+#: k and v 64x32, o 64x64, gate/up/down 64x128 each, two norms of 64
+LAYER_PARAMS = 4096 + 2048 + 2048 + 4096 + 3 * 8192 + 2 * 64
+#: training FLOPs per token at seq_len 64 with L layers: 6 x (L layers + final norm) +
+#: 12 x L x 4 heads x 16 x 64 tokens (the tied embedding is not counted)
+FPT = {L: 6 * (L * LAYER_PARAMS + 64) + 12 * L * 4 * 16 * 64 for L in (2, 4, 6, 8)}
+
+
+def test_model_stats_of_a_planned_upscale_by_hand(tiny_llama_dir):
+    from solar_ray.tune.trial import model_stats
+
+    assert LAYER_PARAMS == 36992 and FPT[6] == 1_627_008 and FPT[4] == 1_084_800
+    vocab = 49152 * 64
+    for m, layers in ((0, 8), (1, 6), (2, 4)):
+        stats = model_stats(tiny_llama_dir, 64, {"method": "solar", "m": m})
+        assert stats == {
+            "num_layers": layers,
+            "num_params": vocab + layers * LAYER_PARAMS + 64,
+            "flops_per_token": FPT[layers],
+        }
+    assert model_stats(tiny_llama_dir, 64) == model_stats(tiny_llama_dir, 64, {"method": "solar", "m": 2})
+
+
+def test_budgets_convert_to_steps_by_hand():
+    from solar_ray.config import ConfigError
+    from solar_ray.tune.budget import rung_steps, steps_within, trial_budget
+    from solar_ray.tune.config import BudgetConfig
+
+    flops = BudgetConfig(flops=2.0e9)
+    # 2 rows x 64 tokens = 128 tokens a step; 2e9 / (128 x FLOPs per token), whole steps
+    assert steps_within(flops, 128, FPT[6]) == 9  # 2e9 / 208,257,024 = 9.60
+    assert steps_within(flops, 128, FPT[4]) == 14  # 2e9 / 138,854,400 = 14.40
+    assert steps_within(flops, 128, FPT[2]) == 28  # 2e9 / 69,451,776 = 28.80
+    assert steps_within(BudgetConfig(tokens=1000), 128, FPT[6]) == 7  # 1000 / 128 = 7.8
+    assert steps_within(BudgetConfig(tokens=1280), 128, FPT[6]) == 10  # exactly 10, not 9
+    with pytest.raises(ConfigError, match="budget.flops: 1e\\+08 is less than one training step"):
+        steps_within(BudgetConfig(flops=1e8), 128, FPT[6])
+    # rungs at 5e8 and 1e9 FLOPs, reports every 2 steps: 5e8 / 208,257,024 = 2.4 -> step 3,
+    # the first report at or past it is step 4; 1e9 -> 4.8 -> step 6
+    assert rung_steps([5e8, 1e9], 128 * FPT[6], 2, 9) == (4, 6)
+    assert rung_steps([5e8, 1e9], 128 * FPT[6], 2, 6) == (4,)  # never at the last step
+    b = trial_budget(flops, {"flops_per_token": FPT[6], "num_layers": 6, "num_params": 1},
+                     128, milestones=[5e8, 1e9], eval_every=2)  # fmt: skip
+    assert (b.steps, b.tokens, b.rung_steps) == (9, 9 * 128, (4, 6))
+    assert b.flops == 9 * 128 * FPT[6] <= 2.0e9
+
+
+def test_budget_recipe_mistakes_name_the_field():
+    from solar_ray.tune.config import SweepConfig
+
+    base = {
+        "name": "t", "base": "b", "search": {"m": [1, 2]},
+        "train": {"kind": "pretrain", "data": "/d", "val_data": "/v", "eval_every": 2,
+                  "log_every": 2},
+        "budget": {"flops": 1e12},
+        "scheduler": {"kind": "sha", "grace_period_fraction": 0.25, "reduction_factor": 2},
+    }  # fmt: skip
+    cfg = SweepConfig.model_validate(base)
+    assert cfg.rungs() == [250_000_000_000, 500_000_000_000] and cfg.time_attr == "flops"
+    cases = [
+        ({"budget": {"flops": 1e12, "tokens": 5}}, "exactly one of 'tokens' or 'flops'"),
+        ({"train": {**base["train"], "steps": 8}}, r"train\.steps: the budget sets"),
+        ({"scheduler": {"kind": "sha"}}, "scheduler.grace_period_fraction"),
+        ({"baseline": False}, "baseline: the base model .* always runs"),
+    ]
+    for over, match in cases:
+        with pytest.raises(ValueError, match=match):
+            SweepConfig.model_validate({**base, **over})
+
+
+# --------------------------------------------------------------------------- analysis
+
+
+def _point(tokens, fpt, losses, step):
+    """A curve point: 4 held-out rows of 10 tokens with the given per-row mean losses."""
+    nll = [10.0 * x for x in losses]
+    return {
+        "step": float(step), "tokens_seen": float(tokens), "flops": float(tokens * fpt),
+        "eval_loss": float(np.mean(losses)), "eval_row_nll": nll, "eval_row_tokens": [10.0] * 4,
+    }  # fmt: skip
+
+
+def _row(trial, curve, status="done", reference=False, m=None):
+    return {"trial": trial, "label": trial, "method": "none" if reference else "solar", "m": m,
+            "reference": reference, "status": status, "stopped_early": status == "stopped",
+            "curve": curve}  # fmt: skip
+
+
+def test_sweep_analysis_on_hand_written_curves():
+    from solar_ray.tune.analysis import analyse
+
+    spread = np.array([-0.1, 0.1, -0.05, 0.05])  # the same rows are easier/harder for all
+    base = _row("base", [_point(t, 10, y + spread, s) for s, t, y in
+                         ((0, 0, 3.0), (1, 100, 2.8), (2, 200, 2.6))], reference=True)  # fmt: skip
+    # A: twice the FLOPs per token, 100 tokens in its budget; comes back to the base model's
+    # starting loss (3.0) between 50 and 100 tokens: 50 + 50 * (3.2 - 3.0) / (3.2 - 2.9)
+    a = _row("a", [_point(t, 20, y + spread, s) for s, t, y in
+                   ((0, 0, 4.0), (1, 50, 3.2), (2, 100, 2.9))], m=1)  # fmt: skip
+    # B: never gets back to 3.0; C: stopped early, but starts below the base
+    b = _row("b", [_point(t, 20, y + spread, s) for s, t, y in
+                   ((0, 0, 4.0), (1, 50, 3.6), (2, 100, 3.4))], m=2)  # fmt: skip
+    c = _row("c", [_point(t, 20, y + spread, s) for s, t, y in ((0, 0, 2.95), (1, 50, 2.7))],
+             status="stopped", m=3)  # fmt: skip
+    seam = {"scores": [{"m": 1, "seam_angular": 0.2, "seam_bi": 1.0},
+                       {"m": 2, "seam_angular": 0.3, "seam_bi": 2.0},
+                       {"m": 3, "seam_angular": 0.1, "seam_bi": 3.0}]}  # fmt: skip
+    rows = [a, b, c, base]
+    summary = analyse(rows, seam=seam)
+    # equal tokens: the fewest any finisher reached (A, B: 100); equal FLOPs: 2000 for all
+    assert summary["equal_tokens"] == 100 and summary["equal_flops"] == 2000
+    assert summary["base_start"]["value"] == pytest.approx(3.0) and summary["base_start"]["n"] == 4
+    assert base["loss_eq_tokens"] == pytest.approx(2.8) and a["loss_eq_tokens"] == pytest.approx(2.9)
+    assert base["loss_eq_flops"] == pytest.approx(2.6) and a["loss_eq_flops"] == pytest.approx(2.9)
+    # gain over base at 2000 FLOPs: 2.6 - 2.9, paired: every row differs by exactly 0.3
+    assert a["gain"] == pytest.approx(-0.3) and a["gain_se"] == pytest.approx(0.0, abs=1e-12)
+    assert a["gain_tokens"] == pytest.approx(-0.1) and a["gain_within_noise"] is False
+    assert a["recover_tokens"] == pytest.approx(50 + 50 * 0.2 / 0.3)
+    assert a["recover_flops"] == pytest.approx(20 * (50 + 50 * 0.2 / 0.3))
+    assert b["recover"] == "not within budget" and b["recover_tokens"] is None
+    # C stopped at 1000 FLOPs: compared with the base at 1000 FLOPs (tokens 100: 2.8)
+    assert c["gain_at_flops"] == 1000 and c["gain"] == pytest.approx(2.8 - 2.7)
+    assert c["recover_tokens"] == 0 and c["loss_eq_flops"] is None
+    # every searched trial reached 1000 FLOPs: the predictors' outcome is the loss there
+    assert summary["all_trials_flops"] == 1000
+    assert [r["loss_all"] for r in (a, b, c)] == pytest.approx([3.2, 3.6, 2.7])
+    # loss order c < a < b; seam_bi order a < b < c (rho -0.5), angular c < a < b (rho 1)
+    assert summary["predictors"]["seam_angular"]["rho"] == pytest.approx(1.0)
+    assert summary["predictors"]["seam_bi"]["rho"] == pytest.approx(-0.5)
+    assert summary["predictors"]["seam_bi"]["n"] == 3 and base["gain"] is None
