@@ -33,7 +33,6 @@ gives the base model back and larger ``m`` prunes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -257,7 +256,9 @@ def heldout_rows(
         if not path.is_file():
             raise SeamError(f"data: {data} is neither a prepared mix nor a text file")
         if path.suffix == ".jsonl":
-            texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+            from solar_ray.evaluate import load_texts
+
+            texts = load_texts(path)
         else:
             texts = [path.read_text(encoding="utf-8")]
     ids: list[int] = []

@@ -40,7 +40,6 @@ __all__ = [
     "DataError",
     "KindLayout",
     "MixInfo",
-    "data_schema",
     "held_out_mask",
     "held_out_rows",
     "is_finished",
@@ -100,11 +99,6 @@ LAYOUT: dict[str, KindLayout] = {
 
 class DataError(UserError):
     """A mix is missing, unfinished, of the wrong kind or malformed; names the field and path."""
-
-
-def data_schema(kind: str) -> pa.Schema:
-    """The Arrow schema of a mix's ``data`` shards for ``kind``."""
-    return LAYOUT[kind].data
 
 
 # --------------------------------------------------------------------------- writing

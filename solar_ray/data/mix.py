@@ -68,9 +68,9 @@ from solar_ray.data.config import (
 )
 from solar_ray.data.contract import (
     DATA_MANIFEST,
+    LAYOUT,
     REJECT_SCHEMA,
     DataError,
-    data_schema,
     read_manifest,
     shard_files,
     write_shard,
@@ -588,7 +588,7 @@ def _select_pass(
             **read.refs,
         }
     )
-    keep_cols = [*data_schema(mix.kind).names, "_pos"]
+    keep_cols = [*LAYOUT[mix.kind].data.names, "_pos"]
     reject_dir = str(sink / "rejects") if sink is not None else None
     with ordered_context():
         selected = read.rows.map_batches(
@@ -617,7 +617,7 @@ def _write_pass(
     Returns ``(splits of the manifest, preparation entry or None, the output Dataset)``;
     the preparation's rejects are added to ``plan.rejects``.
     """
-    schema = data_schema(mix.kind)
+    schema = LAYOUT[mix.kind].data
     split_info: dict[str, Any] = {}
     if sink is not None:
         written = write_split(ordered, sink / "data", "_rank", schema, num_workers)
@@ -686,7 +686,7 @@ def _manifest(
         "config": mix.to_dict(),
         "config_hash": config_hash(mix),
         "num_rows": selection.num_rows,
-        "columns": data_schema(mix.kind).names,
+        "columns": LAYOUT[mix.kind].data.names,
         "splits": split_info,
         "steps": list(STEPS),
         "sources": source_entries,

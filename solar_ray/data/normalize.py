@@ -37,7 +37,7 @@ import numpy as np
 import pyarrow as pa
 
 from solar_ray.data.config import FORMATS_BY_KIND, Format
-from solar_ray.data.contract import REJECT_SCHEMA, data_schema
+from solar_ray.data.contract import LAYOUT, REJECT_SCHEMA
 from solar_ray.data.decontam import EvalIndex, deny_match
 from solar_ray.data.keys import MAX_RECORDS_PER_FILE, hash64, make_pos, row_ref
 from solar_ray.data.sources import Record, iter_records
@@ -131,8 +131,8 @@ def reject_table(
 
 
 def internal_schema(kind: str) -> pa.Schema:
-    """``data_schema`` plus the internal columns the pipeline carries between passes."""
-    return pa.schema([*data_schema(kind), *INTERNAL_FIELDS])
+    """The kind's ``data`` schema plus the internal columns carried between passes."""
+    return pa.schema([*LAYOUT[kind].data, *INTERNAL_FIELDS])
 
 
 class RowError(Exception):
@@ -455,7 +455,7 @@ def normalize_file(
     if task_field is None and fmt_used == "openorca":
         task_field = "id"  # OpenOrca ids read like "flan.2136716" / "niv.242" / "cot.85"
 
-    kind_cols = [name for name in data_schema(kind).names if name != "source"]
+    kind_cols = [name for name in LAYOUT[kind].data.names if name != "source"]
 
     def empty_cols() -> dict[str, list]:
         return {name: [] for name in schema.names}

@@ -44,7 +44,7 @@ from solar_ray.checkpoint import (
     write_json_atomic,
 )
 from solar_ray.data.config import SynthMathConfig, config_hash
-from solar_ray.data.contract import DATA_MANIFEST, data_schema, shard_name, write_shard
+from solar_ray.data.contract import DATA_MANIFEST, LAYOUT, shard_name, write_shard
 from solar_ray.data.keys import hash64
 
 __all__ = [
@@ -78,8 +78,8 @@ _REJECT_SCHEMA = pa.schema(
 )
 _SEED_FIELDS = [("seed_id", pa.string()), ("final_answer", pa.string())]
 #: the sft and preference ``data`` schemas (what a mix's source reads) with the seed
-_INSTRUCT_SCHEMA = pa.schema([*data_schema("sft"), *_SEED_FIELDS])
-_ALIGNMENT_SCHEMA = pa.schema([*data_schema("preference"), *_SEED_FIELDS])
+_INSTRUCT_SCHEMA = pa.schema([*LAYOUT["sft"].data, *_SEED_FIELDS])
+_ALIGNMENT_SCHEMA = pa.schema([*LAYOUT["preference"].data, *_SEED_FIELDS])
 
 
 @dataclass(frozen=True)
