@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from solar_ray.errors import UserError
+from solar_ray.fs import is_uri
 
 __all__ = [
     "MANIFEST_NAME",
@@ -166,7 +167,7 @@ def local_inputs(*sources: str | os.PathLike | None) -> list[Path]:
     """
     out = []
     for s in sources:
-        if s is None or "://" in str(s):
+        if s is None or is_uri(s):
             continue
         text = os.path.expanduser(str(s))
         if any(c in text for c in "*?["):

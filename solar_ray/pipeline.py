@@ -45,6 +45,7 @@ from pydantic import Field, model_validator
 
 from solar_ray import identity
 from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
+from solar_ray.cluster import init_ray
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
 from solar_ray.errors import UserError, user_os_error
 from solar_ray.stages import KINDS as STAGE_KINDS
@@ -147,8 +148,10 @@ def _model_done(out: Path) -> bool:
 
 
 def _data_done(out: Path) -> bool:
-    mixes = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
-    return bool(mixes) and all((p / "manifest.json").is_file() for p in mixes)
+    from solar_ray.data.contract import is_finished
+
+    outputs = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+    return bool(outputs) and all(is_finished(p) for p in outputs)
 
 
 def _file_done(name: str) -> Callable[[Path], bool]:
@@ -423,22 +426,6 @@ def _check_run_dir(run_dir: Path) -> None:
             f"run directory {run_dir} holds files and is not a solar-ray run directory (no "
             f"{MARKERS}/); choose a new or empty directory with --out"
         )
-
-
-def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
-    """Start or join Ray once, at the entry point: RAY_ADDRESS/``address`` joins a cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # the dashboard process serves the State API, which Ray Train V2's placement-group
-        # cleaner polls (without it, it logs a warning every few seconds); loopback only
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def run_recipe(

@@ -23,8 +23,8 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(DataConfig, args.config, args.overrides, data=flag_values(args, DataConfig))
 
+    from solar_ray.cluster import init_ray
     from solar_ray.data.mix import run_data
-    from solar_ray.pipeline import init_ray
 
     init_ray()  # joins the cluster RAY_ADDRESS names, else starts a local instance
     result = run_data(cfg, only=args.only)

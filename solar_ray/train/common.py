@@ -44,10 +44,11 @@ from solar_ray.checkpoint import (
     write_model_card,
 )
 from solar_ray.config import ConfigError
+from solar_ray.data.contract import MixInfo, open_mix
 from solar_ray.errors import UserError
+from solar_ray.fs import arrow_filesystem, is_uri
 from solar_ray.models import resolve_model
-from solar_ray.train.config import TrainConfig, is_uri
-from solar_ray.train.data import MixInfo, arrow_filesystem, open_mix
+from solar_ray.train.config import TrainConfig
 from solar_ray.train.launch import WorkerSpec, launch_ray, worker_spec
 from solar_ray.train.session import FINAL_MARKER, LocalSession
 

@@ -28,13 +28,13 @@ from typing import Any, ClassVar, Literal
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from solar_ray.config import StageConfig
+from solar_ray.fs import local_path
 
 __all__ = [
     "DPOConfig",
     "PretrainConfig",
     "SFTConfig",
     "TrainConfig",
-    "is_uri",
 ]
 
 #: fields that change how a run is operated but not what it computes; a run restarted with
@@ -55,11 +55,6 @@ OPERATIONAL_FIELDS = frozenset(
         "out",
     }
 )
-
-
-def is_uri(path: str) -> bool:
-    """True for ``scheme://...`` storage URIs (s3://, gs://, ...), False for local paths."""
-    return "://" in path and not path.startswith("file://")
 
 
 class TrainConfig(StageConfig):
@@ -225,11 +220,7 @@ class TrainConfig(StageConfig):
     def resolved_storage_path(self) -> str:
         """Where Ray Train keeps this run (an absolute local path or a URI)."""
         if self.storage_path:
-            return (
-                self.storage_path
-                if is_uri(self.storage_path)
-                else str(Path(self.storage_path).expanduser().absolute())
-            )
+            return local_path(self.storage_path) or self.storage_path  # file:// -> a local path
         return str(Path(self.out).expanduser().absolute().parent / "ray_train")
 
     @property

@@ -23,7 +23,10 @@ from typing import Any
 import numpy as np
 
 from solar_ray import identity
+from solar_ray.cluster import init_ray
 from solar_ray.config import ConfigError
+from solar_ray.data.contract import DataError
+from solar_ray.fs import arrow_filesystem, parquet_files
 from solar_ray.train.common import (
     StageInputs,
     TrainResult,
@@ -33,7 +36,6 @@ from solar_ray.train.common import (
     validate_model,
 )
 from solar_ray.train.config import DPOConfig
-from solar_ray.train.data import DataError, arrow_filesystem, held_out_mask
 from solar_ray.train.worker import WorkerEnv, run_worker
 
 __all__ = [
@@ -142,7 +144,6 @@ def precompute_ref_logps(
     Output: ``<storage>/<name>/ref_logps/`` with ``key``, ``ref_chosen_logps`` and
     ``ref_rejected_logps``, plus ``ref_logps.json`` recording what it was computed from.
     """
-    import pyarrow.fs as pafs
     import ray
     import ray.data
 
@@ -158,8 +159,7 @@ def precompute_ref_logps(
     except (FileNotFoundError, OSError, json.JSONDecodeError):
         done = None
     if done is None or done.get("fingerprint") != fingerprint:
-        if not ray.is_initialized():
-            ray.init()
+        init_ray()
         fs.delete_dir_contents(out_path, missing_dir_ok=True)
         files = list(inputs.data.files) + (list(inputs.val.files) if inputs.val else [])
         ds = ray.data.read_parquet(files, filesystem=inputs.data.filesystem).select_columns(
@@ -182,11 +182,7 @@ def precompute_ref_logps(
         ds.write_parquet(out_path, filesystem=fs)
         with fs.open_output_stream(marker_path) as f:
             f.write(json.dumps({"fingerprint": fingerprint, "ref_model": str(ref_dir)}).encode())
-    selector = pafs.FileSelector(out_path, recursive=True)
-    written = sorted(
-        i.path for i in fs.get_file_info(selector)
-        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-    )  # fmt: skip
+    written = parquet_files(fs, out_path)
     if not written:
         raise RuntimeError(f"the reference pass wrote no Parquet files into {out_uri}")
     return written, fingerprint
@@ -210,18 +206,10 @@ def _attach_ref_logps(dataset: Any, table: Any) -> Any:
 
 
 def _dpo_datasets(env: WorkerEnv) -> tuple[Any, Any]:
-    from solar_ray.train.hf import load_hf_dataset
+    from solar_ray.train.hf import load_hf_dataset, load_hf_split
 
     cfg: DPOConfig = env.cfg  # type: ignore[assignment]
-    columns = ["prompt", "chosen", "rejected"]
-    data = load_hf_dataset(env.data_files, cfg.data, columns)
-    val = load_hf_dataset(env.val_files, cfg.val_data, columns) if cfg.val_data else None
-    if cfg.val_fraction > 0:
-        mask = held_out_mask(data.data.table.column("prompt"), cfg.val_fraction)
-        if not mask.any():
-            raise DataError(f"val_fraction: {cfg.val_fraction} of {len(mask)} rows holds out none")
-        val = data.select(np.flatnonzero(mask).tolist())
-        data = data.select(np.flatnonzero(~mask).tolist())
+    data, val = load_hf_split(env, ["prompt", "chosen", "rejected"])
     ref_files = env.spec.ref_logps_files
     if ref_files:
         table = load_hf_dataset(ref_files, cfg.resolved_storage_path).data.table

@@ -27,11 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from solar_ray.data.contract import held_out_rows, read_files
 from solar_ray.train.config import TrainConfig
-from solar_ray.train.data import arrow_filesystem
 from solar_ray.train.ds_config import build_deepspeed_config
 from solar_ray.train.metrics import Throughput
 from solar_ray.train.session import LocalSession, read_run_state, write_run_state
@@ -44,6 +45,7 @@ __all__ = [
     "SaveAtSteps",
     "hf_training_kwargs",
     "load_hf_dataset",
+    "load_hf_split",
     "train_with_hf",
 ]
 
@@ -53,14 +55,22 @@ log = logging.getLogger(__name__)
 def load_hf_dataset(files: list[str], storage_hint: str, columns: list[str] | None = None) -> Any:
     """A ``datasets.Dataset`` over Parquet shards on a local path or URI."""
     import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from datasets.table import InMemoryTable
 
-    fs, _ = arrow_filesystem(storage_hint)
-    tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    return datasets.Dataset(InMemoryTable(table))
+    return datasets.Dataset(InMemoryTable(read_files(files, storage_hint, columns)))
+
+
+def load_hf_split(env: WorkerEnv, columns: list[str]) -> tuple[Any, Any]:
+    """(train, held-out or None) ``datasets.Dataset`` of a worker's data: ``val_data``, or
+    the hashed ``val_fraction`` of ``data``'s rows."""
+    cfg = env.cfg
+    data = load_hf_dataset(env.data_files, cfg.data, columns)
+    if cfg.val_data:
+        return data, load_hf_dataset(env.val_files, cfg.val_data, columns)
+    if cfg.val_fraction <= 0:
+        return data, None
+    mask = held_out_rows(data.data.table, cfg.val_fraction, require=True)
+    return data.select(np.flatnonzero(~mask).tolist()), data.select(np.flatnonzero(mask).tolist())
 
 
 def hf_training_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dict[str, Any]:

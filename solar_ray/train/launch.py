@@ -22,7 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from solar_ray.train.config import TrainConfig, is_uri
+from solar_ray.cluster import init_ray
+from solar_ray.fs import qualify
+from solar_ray.train.config import TrainConfig
 from solar_ray.train.session import FINAL_MARKER
 
 if TYPE_CHECKING:
@@ -86,9 +88,7 @@ def worker_resources(cfg: TrainConfig) -> dict[str, float]:
 
 def checkpoint_uri(storage_path: str, path: str) -> str:
     """A Ray Train checkpoint's location as a URI (``s3://...``) or a local path."""
-    if is_uri(storage_path):
-        return f"{storage_path.split('://')[0]}://{path}"
-    return path
+    return qualify(path, storage_path)
 
 
 def _warn_if_data_starved(cfg: TrainConfig, resources: dict[str, float]) -> None:
@@ -120,12 +120,10 @@ def launch_ray(
     launched again with the same name continues from its latest checkpoint. Ray is started
     (or joined, under ``RAY_ADDRESS``) when it is not running yet.
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts one
+    init_ray()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts one
     resources = worker_resources(cfg)
     if datasets:
         _warn_if_data_starved(cfg, resources)

@@ -196,8 +196,8 @@ def run_sweep(
     import ray
     from ray import tune
 
+    from solar_ray.cluster import init_ray
     from solar_ray.models import resolve_model
-    from solar_ray.pipeline import init_ray
     from solar_ray.tune.report import write_report
 
     init_ray(cfg.ray_address, cfg.runtime_env)
