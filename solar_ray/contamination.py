@@ -382,7 +382,9 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     flags = flag_values(args, ContaminationConfig)
     cfg = load_config(ContaminationConfig, args.config, args.overrides, data=flags)
-    report = run_contamination(cfg)
+    from solar_ray.remote import run_to_out
+
+    report = run_to_out(run_contamination, cfg)
     print(report_table(report), end="")
     if cfg.out:
         print(f"report -> {Path(cfg.out) / 'contamination.json'}")

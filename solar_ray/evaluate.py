@@ -1214,7 +1214,9 @@ def _run_cli(args: argparse.Namespace) -> int:
         if cfg.limit:
             print(f"  the first {cfg.limit} items of each task")
         return 0
-    results = run_eval(cfg)
+    from solar_ray.remote import run_to_out
+
+    results = run_to_out(run_eval, cfg)
     print(results_table(results), end="")
     if cfg.out:
         print(f"results -> {Path(cfg.out) / 'results.json'}")

@@ -27,6 +27,18 @@ identity, its dependents. ``RUN_DIR/.pipeline/<stage>.json`` logs each finished 
 their Ray Train state under ``RUN_DIR/.ray/<stage>`` and resume from it when a run is
 interrupted. A failed stage stops the run with the stage named; finished stages stay
 reusable.
+
+The run directory may be on object storage (``--out s3://bucket/runs/x``, or ``gs://``):
+then the stages write into a local mirror on the driver's node
+(:func:`solar_ray.remote.mirror_dir`) and each finished output is uploaded with its output
+marker last (:func:`solar_ray.remote.publish`), which also records the key and the
+artifact id; skip-if-done reads that marker from the bucket, so a job resubmitted on
+another node skips what is finished without downloading it. A stage's inputs are
+downloaded into the mirror only when it runs (and only when the copy there is not the
+same artifact); training stages read their model and mix from the bucket directly (each
+worker's node downloads the model once), and keep their Ray Train checkpoints under
+``RUN/.ray``, where a resubmitted job resumes from them. Keys are computed from the
+URIs, never from the mirror's path, so every node agrees on them.
 """
 
 from __future__ import annotations
@@ -43,13 +55,13 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
-from solar_ray import identity
+from solar_ray import identity, remote
 from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
 from solar_ray.cluster import init_ray
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
 from solar_ray.errors import UserError, user_os_error
 from solar_ray.stages import KINDS as STAGE_KINDS
-from solar_ray.stages import stage
+from solar_ray.stages import TRAINING_KINDS, stage
 
 __all__ = [
     "PipelineError",
@@ -79,7 +91,10 @@ class Recipe(StageConfig):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    out: str | None = Field(default=None, description="run directory (default runs/<name>)")
+    out: str | None = Field(
+        default=None,
+        description="run directory: a local or shared path, s3:// or gs:// (default runs/<name>)",
+    )
     ray_address: str | None = Field(
         default=None, description="Ray address; default: RAY_ADDRESS, else a local instance"
     )
@@ -101,8 +116,9 @@ class StageKind:
     """
 
     name: str
-    #: fill the runner-owned fields (out dir, Ray storage) into the stage's config data
-    inject: Callable[[dict[str, Any], Path, str, Path, str], dict[str, Any]]
+    #: fill the runner-owned fields (out dir, Ray storage) into the stage's config data:
+    #: ``inject(data, out, stage name, run location (a path or URI), key)``
+    inject: Callable[[dict[str, Any], Path, str, str, str], dict[str, Any]]
     #: is ``out`` a finished output of this kind
     done: Callable[[Path], bool]
     #: the paths inside ``out`` the stage will write (what ``@stage/sub`` may name), from
@@ -113,19 +129,20 @@ class StageKind:
     precheck: Callable[[Any], None] | None = None
 
 
-def _inject_out(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+def _inject_out(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
     # the runner owns RUN_DIR/<stage>: a stage it decided to rerun replaces its old output
     return {**data, "out": str(out), "overwrite": True}
 
 
-def _inject_train(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+def _inject_train(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
     # Ray Train state is per stage *and* key: an interrupted run of the same config resumes
     # from its checkpoints; a changed config never resumes from the old one's.
     from solar_ray.cluster import storage_path
 
     return {
         # on clusters, checkpoints go to the bucket that SOLAR_RAY_STORAGE_PATH names
-        "storage_path": storage_path(run_dir.name, "ray") or str(run_dir / ".ray"),
+        "storage_path": storage_path(root.rstrip("/").rsplit("/", 1)[-1], "ray")
+        or remote.join(root, ".ray"),
         "name": f"{stage}-{key[:12]}",
         **data,
         "out": str(out),
@@ -133,7 +150,7 @@ def _inject_train(data: dict, out: Path, stage: str, run_dir: Path, key: str) ->
     }
 
 
-def _inject_eval(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+def _inject_eval(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
     # models: ["@base", ...] is shorthand for [{name: base, path: RUN_DIR/base}, ...]
     data = {**data, "out": str(out), "overwrite": True}
     if isinstance(data.get("models"), list):
@@ -230,13 +247,13 @@ def _check_sub_paths(plans: list[StagePlan], configs: dict[str, Any]) -> None:
                 )
 
 
-def _substitute(value: Any, run_dir: Path) -> Any:
-    """Replace every ``@name[/sub]`` with ``RUN_DIR/name[/sub]``."""
+def _substitute(value: Any, run_dir: Path | str) -> Any:
+    """Replace every ``@name[/sub]`` with ``RUN_DIR/name[/sub]`` (a path or a URI)."""
     if isinstance(value, str):
         mt = REF.match(value)
         if not mt:
             return value
-        return str(run_dir / mt.group(1)) + (mt.group(2) or "")
+        return remote.join(str(run_dir), mt.group(1)) + (mt.group(2) or "")
     if isinstance(value, Mapping):
         return {k: _substitute(v, run_dir) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -255,13 +272,17 @@ class StagePlan:
     data: dict[str, Any]  # the stage's config data with references substituted
     run_dir: Path
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: the run directory on object storage (None: ``run_dir`` is the run directory)
+    uri: str | None = None
+    #: ``data`` with references to the run's location (what the stage's key hashes)
+    key_data: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def config(self, key: str = "0" * 64) -> StageConfig | None:
         """The validated stage config with the runner's fields (None for ``model`` stages)."""
         cls = stage(self.kind.name).config
         if cls is None:
             return None
-        data = self.kind.inject(self.data, self.out, self.name, self.run_dir, key)
+        data = self.kind.inject(self.data, self.out, self.name, self.uri or str(self.run_dir), key)
         return validate(cls, data, "recipe", prefix=f"stages.{self.name}")
 
 
@@ -286,8 +307,14 @@ def _toposort(deps: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) -> list[StagePlan]:
-    """Resolve the stage graph into run order; validate every stage config up front."""
+def plan_recipe(
+    recipe: Recipe, run_dir: Path, validate_configs: bool = True, uri: str | None = None
+) -> list[StagePlan]:
+    """Resolve the stage graph into run order; validate every stage config up front.
+
+    With ``uri`` (a run directory on object storage, ``run_dir`` its local mirror),
+    training stages read their inputs from ``uri`` and the others from the mirror.
+    """
     if not recipe.stages:
         raise ConfigError("stages: a recipe needs at least one stage")
     deps: dict[str, list[str]] = {}
@@ -316,8 +343,11 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
         raw = recipe.stages[name]
         kind = KINDS[raw["kind"]]
         out = run_dir / name
-        data = _substitute({k: v for k, v in raw.items() if k != "kind"}, run_dir)
-        plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw)
+        fields = {k: v for k, v in raw.items() if k != "kind"}
+        reads_from = uri if uri and kind.name in TRAINING_KINDS else run_dir
+        data = _substitute(fields, reads_from)
+        key_data = _substitute(fields, uri or run_dir)
+        plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw, uri, key_data)
         if validate_configs:
             if kind.name == "model":
                 validate(ModelStage, data, "recipe", prefix=f"stages.{name}")
@@ -341,10 +371,36 @@ def _stage_key(plan: StagePlan) -> str:
     """The key of what a stage would make now: its kind, its config and its inputs' identity.
 
     Inputs are the outputs of the stages it reads (:func:`solar_ray.identity.artifact_id`,
-    which changes whenever one is made again).
+    which changes whenever one is made again; on object storage, the id their uploaded
+    marker records).
     """
-    inputs = {d: identity.artifact_id(plan.run_dir / d) for d in plan.deps}
-    return identity.key(plan.kind.name, plan.data, inputs, length=64)
+    inputs = {d: _artifact(plan, d) for d in plan.deps}
+    return identity.key(plan.kind.name, plan.key_data, inputs, length=64)
+
+
+def _artifact(plan: StagePlan, name: str) -> str | None:
+    if plan.uri:
+        return (remote.read_marker(remote.join(plan.uri, name)) or {}).get("artifact")
+    return identity.artifact_id(plan.run_dir / name)
+
+
+def _is_done(plan: StagePlan) -> bool:
+    """The stage's output is finished and records the key the stage has now."""
+    if plan.uri:  # the uploaded marker is written last: it is there only when all is
+        marker = remote.read_marker(remote.join(plan.uri, plan.name)) or {}
+        return marker.get("input_key") == _stage_key(plan)
+    return identity.recorded_key(plan.out) == _stage_key(plan) and plan.kind.done(plan.out)
+
+
+def _fetch_inputs(plan: StagePlan) -> None:
+    """Bring the outputs a stage reads from the run's object storage into the mirror.
+
+    Training stages read theirs from object storage themselves; a copy already in the
+    mirror is kept when it is the same artifact.
+    """
+    if plan.uri and plan.kind.name not in TRAINING_KINDS:
+        for d in plan.deps:
+            remote.download(remote.join(plan.uri, d), plan.run_dir / d)
 
 
 class ModelStage(StageConfig):
@@ -396,10 +452,12 @@ def run_stage(plan: StagePlan, key: str) -> Any:
 class RunResult:
     """What a run did: the stages run and skipped, in order."""
 
-    run_dir: Path
+    run_dir: Path  #: the run directory, or its local mirror when ``uri`` is set
     ran: list[str]
     skipped: list[str]
     report: Path | None = None
+    #: the run directory on object storage, if that is where it is
+    uri: str | None = None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -428,6 +486,16 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
+def _check_remote_run_dir(uri: str) -> None:
+    """A run directory on object storage is empty or one a run made (it has ``.pipeline/``)."""
+    names = remote.list_files(uri)
+    if names and not any(n.startswith(MARKERS + "/") for n in names):
+        raise UserError(
+            f"run directory {uri} holds objects and is not a solar-ray run directory (no "
+            f"{MARKERS}/); choose a new or empty prefix with --out"
+        )
+
+
 def run_recipe(
     recipe: Recipe,
     run_dir: str | Path | None = None,
@@ -435,30 +503,35 @@ def run_recipe(
     echo: Callable[[str], None] = print,
 ) -> RunResult:
     """Run every stage of ``recipe`` that is not already done; see the module docstring."""
-    run_dir = resolve_run_dir(recipe, run_dir)
+    target = str(run_dir or recipe.out or Path("runs") / recipe.name)
+    remote.check_location(target, "out")
+    uri = target.rstrip("/") if remote.is_remote(target) else None
+    if uri:
+        _check_remote_run_dir(uri)
+        run_dir = remote.mirror_dir(uri)
+    else:
+        run_dir = resolve_run_dir(recipe, target)
     _check_run_dir(run_dir)
-    plans = plan_recipe(recipe, run_dir)
-
-    def is_done(p: StagePlan) -> bool:
-        # the output itself says what it was made from (identity.record below)
-        return identity.recorded_key(p.out) == _stage_key(p) and p.kind.done(p.out)
+    plans = plan_recipe(recipe, run_dir, uri=uri)
 
     if dry_run:
-        echo(f"run directory: {run_dir}")
+        echo(f"run directory: {uri or run_dir}")
         for i, p in enumerate(plans, 1):
-            status = "done (skip)" if is_done(p) else "run"
+            status = "done (skip)" if _is_done(p) else "run"
             deps = ", ".join(p.deps) or "-"
             echo(f"{i:>2}. {p.name:<16} {p.kind.name:<13} after: {deps:<28} {status}")
-        return RunResult(run_dir, [], [])
+        return RunResult(run_dir, [], [], uri=uri)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKERS).mkdir(exist_ok=True)
     write_json_atomic(run_dir / "recipe.json", recipe.to_dict())
+    if uri:  # what makes the prefix a run directory (object stores have no empty folders)
+        remote.upload_file(run_dir / "recipe.json", remote.join(uri, MARKERS, "recipe.json"))
     if any(p.kind.name in ("data", "pretrain", "sft", "dpo") for p in plans):
         init_ray(recipe.ray_address, recipe.runtime_env)
     ran, skipped = [], []
     for i, p in enumerate(plans, 1):
-        if is_done(p):
+        if _is_done(p):
             skipped.append(p.name)
             echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): done, skipped")
             continue
@@ -468,6 +541,7 @@ def run_recipe(
         t0 = time.perf_counter()
         key = _stage_key(p)
         try:
+            _fetch_inputs(p)
             run_stage(p, key)
         except UserError as e:
             raise UserError(f"stage {p.name!r}: {e}") from e
@@ -478,6 +552,8 @@ def run_recipe(
         except Exception as e:
             raise PipelineError(p.name, e) from e
         identity.record(p.out, key)
+        if uri:  # the marker last: from now on the stage is finished for every node
+            remote.publish(p.out, remote.join(uri, p.name), artifact=identity.artifact_id(p.out))
         marker = {
             "stage": p.name,
             "kind": p.kind.name,
@@ -488,15 +564,25 @@ def run_recipe(
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
         write_json_atomic(run_dir / MARKERS / f"{p.name}.json", marker)
+        if uri:
+            log_file = run_dir / MARKERS / f"{p.name}.json"
+            remote.upload_file(log_file, remote.join(uri, MARKERS, log_file.name))
         ran.append(p.name)
         echo(f"[{i}/{len(plans)}] {p.name}: finished in {marker['seconds']} s")
     report = None
     if recipe.report and any(p.kind.name == "eval" for p in plans):
         from solar_ray.report import write_report
 
+        for p in plans:  # finished elsewhere: the report reads their results here
+            if uri and p.kind.name == "eval":
+                remote.download(remote.join(uri, p.name), p.out)
         report = write_report(run_dir, plans)
-        echo(f"report: {report / 'index.html'}")
-    return RunResult(run_dir, ran, skipped, report)
+        where = report / "index.html"
+        if uri:
+            remote.publish(report, remote.join(uri, "report"))
+            where = remote.join(uri, "report", "index.html")
+        echo(f"report: {where}")
+    return RunResult(run_dir, ran, skipped, report, uri)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -522,8 +608,11 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
             print(f"solar-ray {command}: {e}; finished stages are kept, rerun to continue")
             return 1
         if not args.dry_run:
-            print(f"run directory: {result.run_dir} (ran {len(result.ran)}, skipped {len(result.skipped)})")
+            where = result.uri or result.run_dir
+            print(f"run directory: {where} (ran {len(result.ran)}, skipped {len(result.skipped)})")
             if result.report:
+                if result.uri:
+                    print(f"report: {remote.join(result.uri, 'report', 'index.html')}")
                 print(f"report: {result.report / 'index.html'}")
                 table = result.report / "results.md"
                 if table.is_file():

@@ -35,7 +35,9 @@ def _run(command: str, args: argparse.Namespace) -> int:
     entry = stage(command)
     cfg = load_config(entry.config, args.config, args.overrides, data=flag_values(args, entry.config))
     run = entry.run
-    result = run(cfg)  # type: ignore[arg-type]
+    from solar_ray.remote import run_to_out
+
+    result = run_to_out(run, cfg)  # type: ignore[arg-type]
     metrics = result.metrics
     summary = ", ".join(
         f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}"

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from solar_ray.cluster import init_ray
 from solar_ray.fs import qualify
+from solar_ray.remote import is_remote
 from solar_ray.train.config import TrainConfig
 from solar_ray.train.session import FINAL_MARKER
 
@@ -41,7 +42,7 @@ class WorkerSpec:
 
     stage: str  #: the training kind (``pretrain``, ``sft``, ``dpo``)
     cfg: dict[str, Any]  #: the stage config, resolved (``TrainConfig.to_dict()``)
-    model_dir: str
+    model_dir: str  #: the model, resolved on the driver's node
     data_files: list[str]
     val_files: list[str]
     storage_path: str
@@ -56,6 +57,9 @@ class WorkerSpec:
     ref_logps_files: list[str] = field(default_factory=list)
     #: dpo: a separate reference model (None: the policy's own initial weights)
     ref_model_dir: str | None = None
+    #: the model source when it is on object storage: a worker on a node without the
+    #: driver's copy downloads it into its own cache (:func:`solar_ray.remote.materialize`)
+    model_uri: str | None = None
 
     def config(self) -> dict[str, Any]:
         """``train_loop_config`` for Ray Train (a dict is what it passes on)."""
@@ -69,6 +73,7 @@ def worker_spec(cfg: TrainConfig, inputs: StageInputs, **stage_values: Any) -> W
         stage=cfg.stage,
         cfg=cfg.to_dict(),
         model_dir=str(inputs.model_dir),
+        model_uri=cfg.model if is_remote(cfg.model) else None,
         data_files=list(inputs.data.files),
         val_files=list(inputs.val.files) if inputs.val else [],
         storage_path=storage,

@@ -45,7 +45,15 @@ class WorkerEnv:
 
     @property
     def model_dir(self) -> str:
-        """The model the run starts from (a local HF directory)."""
+        """The model the run starts from (a local HF directory).
+
+        On a node without the driver's copy of a model from object storage, the copy in
+        this node's cache (downloaded once).
+        """
+        if self.spec.model_uri and not os.path.isdir(self.spec.model_dir):
+            from solar_ray.remote import materialize
+
+            return str(materialize(self.spec.model_uri))
         return self.spec.model_dir
 
     @property
