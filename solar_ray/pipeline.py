@@ -44,6 +44,7 @@ URIs, never from the mirror's path, so every node agrees on them.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import os
 import re
@@ -573,9 +574,13 @@ def run_recipe(
     if recipe.report and any(p.kind.name == "eval" for p in plans):
         from solar_ray.report import write_report
 
-        for p in plans:  # finished elsewhere: the report reads their results here
-            if uri and p.kind.name == "eval":
-                remote.download(remote.join(uri, p.name), p.out)
+        if uri:  # the report reads the stages' manifests and results: only those come
+            view = run_dir / ".report-inputs"
+            plans = [
+                dataclasses.replace(p, out=remote.download(
+                    remote.join(uri, p.name), view / p.name, names=identity.MANIFEST_NAMES))
+                for p in plans
+            ]  # fmt: skip
         report = write_report(run_dir, plans)
         where = report / "index.html"
         if uri:

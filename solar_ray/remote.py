@@ -30,7 +30,7 @@ import logging
 import os
 import shutil
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -196,8 +196,12 @@ def run_to_out(run: Callable[[C], R], cfg: C) -> R:
     return result
 
 
-def download(uri: str, dest: str | os.PathLike[str]) -> Path:
+def download(
+    uri: str, dest: str | os.PathLike[str], names: Collection[str] | None = None
+) -> Path:
     """Make ``dest`` a copy of the finished output at ``uri``, unless it already is one.
+
+    With ``names``, only the files of those names (manifests, for a report) are copied.
 
     "Already is" means the local marker carries the remote marker's write id. Otherwise the
     output is downloaded into a temporary sibling and swapped in; ``dest`` must be a
@@ -225,6 +229,8 @@ def download(uri: str, dest: str | os.PathLike[str]) -> Path:
             for path in _files(fs, root):
                 rel = path[len(root) + 1 :]
                 if rel in (OUTPUT_MARKER, UPLOAD_MARKER):
+                    continue
+                if names is not None and rel.rsplit("/", 1)[-1] not in names:
                     continue
                 (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
                 pafs.copy_files(path, str(tmp / rel), source_filesystem=fs,

@@ -87,3 +87,42 @@ def _registered_checkpoints(s3: dict[str, str], stage: str) -> list:
 def _kind(stage: str) -> str:
     return {"corpus": "corpus", "base": "model", "upscaled": "upscale", "data": "data",
             "cpt": "pretrain"}[stage]  # fmt: skip
+
+
+def test_a_sweep_into_s3_uploads_its_report(tmp_path, tiny_llama_dir, smollm2_tokenizer):
+    """Two SFT mixes searched with ``--out s3://...``: the report lands in the bucket."""
+    import ray
+
+    from solar_ray.train.testing import arithmetic_pairs, write_sft_mix
+    from solar_ray.tune import run_sweep
+    from solar_ray.tune.config import SweepConfig
+
+    pairs = [(q, a) for q, a, _ in arithmetic_pairs(24, seed=3)]
+    data = {
+        "a": write_sft_mix(tmp_path / "a", smollm2_tokenizer, pairs[:8]),
+        "b": write_sft_mix(tmp_path / "b", smollm2_tokenizer, pairs[8:16]),
+        "yardstick": write_sft_mix(tmp_path / "y", smollm2_tokenizer, pairs[16:]),
+    }
+    cfg = SweepConfig.model_validate({
+        "name": "mix-s3",
+        "base": str(tiny_llama_dir),
+        "search": {"method": "none", "mixes": [{"name": n, "data": str(data[n])} for n in "ab"]},
+        "train": {"kind": "sft", "val_data": str(data["yardstick"]), "num_workers": 1,
+                  "zero_stage": 0, "micro_batch_size": 2, "seq_len": 64, "steps": 2,
+                  "eval_every": 2, "log_every": 1, "lr": 1e-3, "warmup_steps": 0,
+                  "checkpoint_every": 100, "tensorboard": False, "max_failures": 0},
+        "scheduler": {"kind": "grid"},
+    })  # fmt: skip
+    with s3_server(BUCKET) as s3, pytest.MonkeyPatch.context() as mp:
+        for k, v in s3.items():
+            mp.setenv(k, v)
+        mp.setenv("SOLAR_RAY_CACHE", str(tmp_path / "cache"))
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        try:
+            result = run_sweep(cfg, f"s3://{BUCKET}/sweeps/mix", echo=lambda s: None)
+        finally:
+            ray.shutdown()
+        stored = objects(s3, BUCKET, "sweeps/mix/")
+    assert sorted(r["trial"] for r in result.rows) == ["mix-a", "mix-b"]
+    assert stored["sweeps/mix/results.md"] == result.files["results_md"].read_bytes()
+    assert {"sweeps/mix/results.csv", "sweeps/mix/best.yaml", "sweeps/mix/learning_curves.png"} <= set(stored)
