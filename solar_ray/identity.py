@@ -72,9 +72,14 @@ def dir_signature(path: str | Path, recursive: bool = False) -> str:
     """Names, sizes and mtimes of the weight, config, tokenizer and data files of ``path``.
 
     Cheap (nothing is read): a changed, added or removed file changes it. A file path is
-    signed alone; a missing path signs as missing.
+    signed alone; a missing path signs as missing. A copy of an output downloaded from
+    object storage (:mod:`solar_ray.remote`) signs as the artifact it copies, so every
+    node's copy of it has the same signature.
     """
     p = Path(path)
+    copy = _read(p / OUTPUT_MARKER) if p.is_dir() else {}
+    if copy.get("copy_of"):
+        return key("copy", copy.get("id"), copy.get("artifact"))
     if p.is_file():
         files = [p]
     elif p.is_dir():

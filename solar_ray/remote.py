@@ -236,7 +236,9 @@ def download(
                 pafs.copy_files(path, str(tmp / rel), source_filesystem=fs,
                                 destination_filesystem=pafs.LocalFileSystem())  # fmt: skip
             tmp.mkdir(parents=True, exist_ok=True)
-            write_json_atomic(tmp / OUTPUT_MARKER, marker)  # last: the copy is complete
+            # last: the copy is complete; "copy_of" makes it sign as the artifact it copies
+            # (identity.dir_signature), not by its local files' times
+            write_json_atomic(tmp / OUTPUT_MARKER, {**marker, "copy_of": uri})
             old = dest.parent / f".{dest.name}.old-{uuid.uuid4().hex[:8]}"
             if dest.exists() or dest.is_symlink():
                 os.rename(dest, old)
