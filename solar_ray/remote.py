@@ -47,6 +47,7 @@ __all__ = [
     "is_remote",
     "join",
     "list_files",
+    "local_copy",
     "materialize",
     "mirror_dir",
     "publish",
@@ -255,6 +256,17 @@ def materialize(uri: str) -> Path:
 
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "output"
     return download(uri, cache_dir() / "objects" / _digest(uri) / name)
+
+
+def local_copy(path: str, uri: str | None) -> str:
+    """``path`` when it exists on this node, else this node's copy of ``uri`` (if given).
+
+    A model resolved on the driver's node is a path in its cache; a worker or actor on
+    another node gets its own copy of the same artifact from object storage.
+    """
+    if uri and not os.path.isdir(path):
+        return str(materialize(uri))
+    return path
 
 
 def mirror_dir(uri: str) -> Path:

@@ -27,6 +27,7 @@ from solar_ray.cluster import init_ray
 from solar_ray.config import ConfigError
 from solar_ray.data.contract import DataError
 from solar_ray.fs import arrow_filesystem, parquet_files
+from solar_ray.remote import is_remote, local_copy
 from solar_ray.train.common import (
     StageInputs,
     TrainResult,
@@ -95,7 +96,10 @@ class RefLogpsPredictor:
     the values equal what ``DPOTrainer`` computes with a live reference model.
     """
 
-    def __init__(self, model_dir: str, max_length: int, use_gpu: bool, precision: str) -> None:
+    def __init__(
+        self, model_dir: str, max_length: int, use_gpu: bool, precision: str,
+        model_uri: str | None = None,
+    ) -> None:  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -103,6 +107,7 @@ class RefLogpsPredictor:
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu else "cpu")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        model_dir = local_copy(model_dir, model_uri)  # an actor on another node: its own copy
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -169,6 +174,7 @@ def precompute_ref_logps(
             RefLogpsPredictor,
             fn_constructor_kwargs={
                 "model_dir": str(ref_dir),
+                "model_uri": _remote_source(cfg.ref_model or cfg.model),
                 "max_length": cfg.seq_len,
                 "use_gpu": cfg.use_gpu,
                 "precision": cfg.precision_resolved,
@@ -234,7 +240,7 @@ def _dpo(env: WorkerEnv, ckpt: Path | None) -> None:
     cfg: DPOConfig = env.cfg  # type: ignore[assignment]
     train_ds, eval_ds = _dpo_datasets(env)
     precomputed = bool(env.spec.ref_logps_files)
-    ref_dir = env.spec.ref_model_dir
+    ref_dir = env.spec.ref_model_dir and local_copy(env.spec.ref_model_dir, env.spec.ref_model_uri)
 
     class SolarDPOTrainer(DeepSpeedCheckpointMixin, DPOTrainer):
         """DPOTrainer that takes reference log-probs already in the dataset as they are."""
@@ -294,6 +300,11 @@ def validate_dpo(cfg: DPOConfig) -> StageInputs:
     return inputs
 
 
+def _remote_source(source: str | None) -> str | None:
+    """``source`` when it is on object storage (workers elsewhere download it), else None."""
+    return source if source and is_remote(source) else None
+
+
 def run_dpo(cfg: DPOConfig) -> TrainResult:
     """DPO of ``cfg.model`` on the preference mix ``cfg.data`` into ``cfg.out``."""
     inputs = validate_dpo(cfg)
@@ -302,7 +313,8 @@ def run_dpo(cfg: DPOConfig) -> TrainResult:
         return done
     ref_dir = inputs.ref_model_dir or inputs.model_dir
     spec_values: dict[str, Any] = {
-        "ref_model_dir": str(inputs.ref_model_dir) if inputs.ref_model_dir else None
+        "ref_model_dir": str(inputs.ref_model_dir) if inputs.ref_model_dir else None,
+        "ref_model_uri": _remote_source(cfg.ref_model) if inputs.ref_model_dir else None,
     }
     if cfg.precompute_ref_logps:
         files, fingerprint = precompute_ref_logps(cfg, inputs, ref_dir)

@@ -60,6 +60,8 @@ class WorkerSpec:
     #: the model source when it is on object storage: a worker on a node without the
     #: driver's copy downloads it into its own cache (:func:`solar_ray.remote.materialize`)
     model_uri: str | None = None
+    #: dpo: the same for a separate reference model
+    ref_model_uri: str | None = None
 
     def config(self) -> dict[str, Any]:
         """``train_loop_config`` for Ray Train (a dict is what it passes on)."""

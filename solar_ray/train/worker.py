@@ -50,11 +50,9 @@ class WorkerEnv:
         On a node without the driver's copy of a model from object storage, the copy in
         this node's cache (downloaded once).
         """
-        if self.spec.model_uri and not os.path.isdir(self.spec.model_dir):
-            from solar_ray.remote import materialize
+        from solar_ray.remote import local_copy
 
-            return str(materialize(self.spec.model_uri))
-        return self.spec.model_dir
+        return local_copy(self.spec.model_dir, self.spec.model_uri)
 
     @property
     def data_files(self) -> list[str]:
