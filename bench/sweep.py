@@ -178,7 +178,7 @@ def run(recipe: str, out: Path, overrides: list[str], kinds: list[str]) -> dict:
     Timings of a scheduler not run now are kept from ``OUT/bench.json`` (``--only sha``
     reuses a finished grid and ASHA run).
     """
-    from solar_ray.pipeline import init_ray
+    from solar_ray.cluster import init_ray
     from solar_ray.tune import load_sweep, run_sweep
 
     init_ray()

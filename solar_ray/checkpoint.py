@@ -48,6 +48,7 @@ from pathlib import Path
 from typing import Any
 
 from solar_ray.errors import UserError
+from solar_ray.fs import is_uri
 
 __all__ = [
     "MANIFEST_NAME",
@@ -166,7 +167,7 @@ def local_inputs(*sources: str | os.PathLike | None) -> list[Path]:
     """
     out = []
     for s in sources:
-        if s is None or "://" in str(s):
+        if s is None or is_uri(s):
             continue
         text = os.path.expanduser(str(s))
         if any(c in text for c in "*?["):
@@ -467,7 +468,10 @@ def atomic_output_dir(
         check_output(out, overwrite, inputs)  # nothing appeared at out meanwhile
         write_json_atomic(
             tmp / OUTPUT_MARKER,
-            {"format": OUTPUT_MARKER_FORMAT, "written_by": f"solar-ray {_version()}"},
+            # "id" is new at every write: an output made again is a new artifact
+            # (solar_ray.identity.artifact_id), even when its bytes are the same
+            {"format": OUTPUT_MARKER_FORMAT, "written_by": f"solar-ray {_version()}",
+             "id": uuid.uuid4().hex},  # fmt: skip
         )
         _publish(tmp, out, prefix)
     except BaseException as e:

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import socket
 import subprocess
 import sys
@@ -33,10 +32,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from solar_ray.fs import is_uri
+
 __all__ = [
     "STORAGE_ENV",
     "NodeRun",
-    "is_uri",
+    "init_ray",
     "job_runtime_env",
     "main",
     "resolve_path",
@@ -60,13 +61,7 @@ PASSTHROUGH_ENV = (
 #: never uploaded with the working dir, even from a checkout whose .gitignore lacks them
 WORKING_DIR_EXCLUDES = (".git/", ".venv/", ".cache/", "runs/", "out/", "bench/_work/")
 
-_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 _OUTPUT_TAIL_CHARS = 4000
-
-
-def is_uri(path: str | os.PathLike[str]) -> bool:
-    """True for ``scheme://...`` (s3, gs, hf, file, https, ...), False for filesystem paths."""
-    return bool(_URI.match(os.fspath(path)))
 
 
 def resolve_path(path: str | os.PathLike[str], base: str | os.PathLike[str] | None = None) -> str:
@@ -95,6 +90,22 @@ def storage_path(*parts: str, env: Mapping[str, str] | None = None) -> str | Non
         return None
     root = root.rstrip("/") if is_uri(root) else resolve_path(root)
     return "/".join([root, *(p.strip("/") for p in parts if p.strip("/"))])
+
+
+def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
+    """Start or join Ray once, at an entry point: RAY_ADDRESS/``address`` joins a cluster."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    address = address or os.environ.get("RAY_ADDRESS")
+    kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": True}
+    if address:
+        ray.init(address=address, **kwargs)
+    else:
+        # the dashboard process serves the State API, which Ray Train V2's placement-group
+        # cleaner polls (without it, it logs a warning every few seconds); loopback only
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
 
 
 def job_runtime_env(
@@ -195,15 +206,13 @@ def run_on_each_node(
 
 
 def _each_node(args: argparse.Namespace) -> int:
-    import ray
-
     command = list(args.command)
     if command[:1] == ["--"]:
         command = command[1:]
     if not command:
         print("each-node: give the command after --", file=sys.stderr)
         return 2
-    ray.init()  # joins the cluster of the job (RAY_ADDRESS) or a local one
+    init_ray()  # joins the cluster of the job (RAY_ADDRESS) or starts a local one
     runs = run_on_each_node(
         command, resources=args.resource, num_cpus=args.num_cpus, timeout_s=args.timeout_s
     )

@@ -10,14 +10,15 @@ rest. Items whose difference is a robust outlier (``(diff - median) / (1.4826 * 
 outlier_z``) are listed.
 
 **N-gram overlap** (as in GPT-3 and lm-eval's decontamination): an evaluation item is
-contaminated when one of its word ``n``-grams (default 13) appears in a training text;
-words are those of the data stage's decontamination filter
-(:func:`solar_ray.data.decontam.words`: lower-cased ``\\w+`` runs). Items shorter than
-``n`` words are matched whole (they must appear contiguously; the data filter skips them);
-items shorter than ``min_words`` are not checked. Training data is a
-data-mix directory of Parquet shards (``text``, ``messages`` or ``prompt``/``chosen``
-columns), its ``manifest.json``, or any text file :func:`solar_ray.evaluate.iter_texts`
-reads; it is streamed, only the evaluation n-grams are held in memory.
+contaminated when one of its word ``n``-grams (default 13) appears in a training text. The
+n-grams, the index and the matching are the data stage's decontamination filter's
+(:class:`solar_ray.data.decontam.EvalIndex`: lower-cased ``\\w+`` words, items shorter
+than ``n`` words not checked), and a training row is checked as the filter checks it (a
+mix's rows field by field, n-grams never spanning two fields), so an item is reported
+exactly when the filter would drop the training row holding it. Training data is a
+data-mix directory (its ``data`` split), its ``manifest.json``, or any file
+:func:`solar_ray.evaluate.iter_rows` reads; it is streamed, only the evaluation n-grams
+are held in memory.
 
 Evaluation sets: ``offline`` (the offline suite: the real ARC-Challenge, HellaSwag, MMLU
 and Winogrande items of :mod:`solar_ray.evalsets.benchmarks`, item = prompt + correct
@@ -44,7 +45,7 @@ from solar_ray.checkpoint import (
     write_manifest,
 )
 from solar_ray.config import StageConfig
-from solar_ray.data.decontam import words
+from solar_ray.data.decontam import EvalIndex
 from solar_ray.errors import UserError
 
 __all__ = [
@@ -55,7 +56,6 @@ __all__ = [
     "min_k_scores",
     "ngram_overlap",
     "run_contamination",
-    "words",
 ]
 
 log = logging.getLogger(__name__)
@@ -77,8 +77,7 @@ class ContaminationConfig(StageConfig):
     outlier_z: float = Field(default=3.5, gt=0.0, description="robust z above which an item is flagged")
     max_items: int | None = Field(default=None, ge=1, description="per evaluation set")
     train: str | None = Field(default=None, description="training mix: directory, manifest or file")
-    ngram: int = Field(default=13, ge=1)
-    min_words: int = Field(default=8, ge=1, description="shorter items are not n-gram checked")
+    ngram: int = Field(default=13, ge=1, description="n of the n-gram overlap; shorter items are not checked")
     seq_len: int = Field(default=512, ge=8, le=1 << 20)
     batch_size: int = Field(default=8, ge=1)
     device: str = "auto"
@@ -184,57 +183,52 @@ def _robust_z(values: Sequence[float]) -> list[float]:
 
 def ngram_overlap(
     eval_sets: dict[str, list[tuple[str, str]]],
-    train_texts: Iterable[tuple[str, str]],
+    train_texts: Iterable[tuple[str, str | Sequence[str]]],
     *,
     n: int = 13,
-    min_words: int = 8,
 ) -> dict[str, Any]:
     """Which evaluation items share a word n-gram with a training text.
 
-    Returns ``{"num_train_texts", "num_train_texts_overlapping", "sets": {name: {"num_items",
-    "num_checked", "num_contaminated", "fraction", "items": {id: {"ngram", "train_ref"}}}}}``
-    where ``items`` lists the contaminated items with the first match found.
+    ``train_texts`` holds ``(ref, text)`` or ``(ref, [texts])``: n-grams never span two
+    texts of a row. Returns ``{"num_train_texts", "num_train_texts_overlapping", "sets":
+    {name: {"num_items", "num_checked", "num_contaminated", "fraction", "items": {id:
+    {"ngram", "train_ref"}}}}}`` where ``items`` lists the contaminated items with the first
+    match found.
     """
-    index: dict[int, dict[tuple[str, ...], list[tuple[str, str]]]] = {}
-    checked: dict[str, int] = {}
-    for set_name, items in eval_sets.items():
-        checked[set_name] = 0
-        for item_id, text in items:
-            ws = words(text)
-            if len(ws) < min_words:
-                continue
-            checked[set_name] += 1
-            size = min(n, len(ws))
-            grams = index.setdefault(size, {})
-            for i in range(len(ws) - size + 1):
-                grams.setdefault(tuple(ws[i : i + size]), []).append((set_name, item_id))
+    index = EvalIndex.build(eval_sets, n, owners=True)
     found: dict[str, dict[str, dict[str, str]]] = {name: {} for name in eval_sets}
     num_texts = num_overlapping = 0
-    for ref, text in train_texts:
+    for ref, texts in train_texts:
         num_texts += 1
-        ws = words(text)
         hit = False
-        for size, grams in index.items():
-            for i in range(len(ws) - size + 1):
-                owners = grams.get(tuple(ws[i : i + size]))
-                if not owners:
-                    continue
+        for text in [texts] if isinstance(texts, str) else texts:
+            for set_name, item_id, gram in index.find(text):
                 hit = True
-                for set_name, item_id in owners:
-                    found[set_name].setdefault(
-                        item_id, {"ngram": " ".join(ws[i : i + size]), "train_ref": ref}
-                    )
+                found[set_name].setdefault(item_id, {"ngram": gram, "train_ref": ref})
         num_overlapping += hit
     sets = {}
     for name, items in eval_sets.items():
+        checked = index.num_texts[name]
         sets[name] = {
             "num_items": len(items),
-            "num_checked": checked[name],
+            "num_checked": checked,
             "num_contaminated": len(found[name]),
-            "fraction": len(found[name]) / checked[name] if checked[name] else 0.0,
+            "fraction": len(found[name]) / checked if checked else 0.0,
             "items": found[name],
         }
     return {"num_train_texts": num_texts, "num_train_texts_overlapping": num_overlapping, "sets": sets}
+
+
+def train_rows(source: str) -> Iterator[tuple[str, list[str]]]:
+    """Every row of a training source with the texts the decontamination filter checks in
+    it: a mix's rows by their kind's fields, any other row every string it holds."""
+    from solar_ray.data.contract import LAYOUT
+    from solar_ray.data.decontam import iter_strings
+    from solar_ray.data.normalize import row_texts
+    from solar_ray.evaluate import iter_rows
+
+    for ref, row, kind in iter_rows(source):
+        yield ref, row_texts(kind, row) if kind in LAYOUT else list(iter_strings(row))
 
 
 # --------------------------------------------------------------------------- stage
@@ -251,7 +245,7 @@ def run_contamination(cfg: ContaminationConfig) -> dict[str, Any]:
     inputs = local_inputs(cfg.model, cfg.reference, cfg.train, *cfg.eval_sets)
     if cfg.out:  # before scoring, not after it
         check_output(cfg.out, cfg.overwrite, inputs)
-    with _text_errors("eval_sets", cfg.eval_sets):
+    with _text_errors("eval_sets"):
         sets = load_eval_sets(cfg.eval_sets, cfg.max_items)
     report: dict[str, Any] = {
         "k_percent": cfg.k_percent,
@@ -274,13 +268,9 @@ def run_contamination(cfg: ContaminationConfig) -> dict[str, Any]:
         scores["reference"] = min_k_scores(cfg.reference, texts, **kw)
     overlap = None
     if cfg.train:
-        from solar_ray.evaluate import iter_texts
-
         log.info("%d-gram overlap of %d items with %s", cfg.ngram, len(texts), cfg.train)
-        with _text_errors("train", cfg.train):
-            overlap = ngram_overlap(
-                sets, iter_texts(cfg.train), n=cfg.ngram, min_words=cfg.min_words
-            )
+        with _text_errors("train"):
+            overlap = ngram_overlap(sets, train_rows(cfg.train), n=cfg.ngram)
         report["train"] = {
             "source": cfg.train,
             "num_texts": overlap["num_train_texts"],
@@ -338,16 +328,14 @@ def run_contamination(cfg: ContaminationConfig) -> dict[str, Any]:
 
 
 @contextlib.contextmanager
-def _text_errors(field: str, source: Any) -> Iterator[None]:
-    """Text files that are not UTF-8 (or not readable) become one line naming the field."""
+def _text_errors(field: str) -> Iterator[None]:
+    """A text source that cannot be read (not UTF-8, not JSON) is one line naming the field."""
+    from solar_ray.evaluate import EvalError
+
     try:
         yield
-    except UnicodeDecodeError as e:
-        where = ", ".join(source) if isinstance(source, list | tuple) else source
-        raise ContaminationError(
-            f"{field}: {where} holds a file that is not UTF-8 text ({e.reason} at byte "
-            f"{e.start}); convert it to UTF-8"
-        ) from None
+    except EvalError as e:
+        raise ContaminationError(f"{field}: {e}") from None
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -394,7 +382,9 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     flags = flag_values(args, ContaminationConfig)
     cfg = load_config(ContaminationConfig, args.config, args.overrides, data=flags)
-    report = run_contamination(cfg)
+    from solar_ray.remote import run_to_out
+
+    report = run_to_out(run_contamination, cfg)
     print(report_table(report), end="")
     if cfg.out:
         print(f"report -> {Path(cfg.out) / 'contamination.json'}")

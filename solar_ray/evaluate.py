@@ -56,7 +56,6 @@ Scores are fractions in [0, 1]; the markdown table shows them as percentages lik
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import math
 import os
@@ -94,6 +93,7 @@ __all__ = [
     "TaskEntry",
     "cli",
     "compare_models",
+    "iter_rows",
     "iter_texts",
     "load_texts",
     "perplexity",
@@ -402,105 +402,84 @@ def _as_text(value: Any) -> str:
 
 
 _TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
-#: splits of a data-mix directory that hold no training text of their own
-_NOT_TEXT_SPLITS = ("rejects", "packed", "tokenized")
+#: columns :func:`row_text` reads
+_TEXT_COLUMNS = frozenset({"text", "messages", "conversations", "prompt", "chosen", "response",
+                           "completion", "question", "answer", "instruction", "input", "output",
+                           "sentence"})  # fmt: skip
+_READ_ERRORS = {"invalid_json": "not valid JSON", "undecodable_text": "not UTF-8 text",
+                "unreadable_file": "cannot be read", "malformed_csv_row": "a malformed CSV row"}  # fmt: skip
 
 
-def _data_files(path: Path) -> list[Path]:
-    """The files of a text source: a data mix's ``data`` split, or every text file."""
-    if path.is_dir() and (path / "manifest.json").is_file() and (path / "data").is_dir():
-        from solar_ray.data.shards import shard_files
+def _text_files(path: Path) -> tuple[list[Path], str | None]:
+    """The files of a text source and, for a data mix, its kind.
 
-        return [Path(f) for f in shard_files(path, "data")]
-    if path.is_dir():
-        return sorted(
-            p
-            for p in path.rglob("*")
-            if p.is_file()
-            and p.suffix in (".parquet", ".jsonl", ".txt")
-            and not any(
-                part.startswith(".") or part in _NOT_TEXT_SPLITS
-                for part in p.relative_to(path).parts
-            )
-        )
-    return [path]
-
-
-def iter_texts(source: str | os.PathLike | Sequence[str]) -> Iterator[tuple[str, str]]:
-    """``(reference, text)`` of every row of a text source.
-
-    A list of strings; a ``.txt``/``.md`` file (one text per blank-line-separated
-    paragraph); ``.jsonl``/``.json`` rows; ``.parquet`` (``text``, ``messages``, ``prompt``
-    ... columns, see :func:`row_text`); a data-mix directory written by ``solar-ray data``
-    (its ``data`` split; ``rejects``, ``packed`` and ``tokenized`` are not read) or its
-    ``manifest.json``; or any directory of such files. The reference is ``file:row``.
+    A data mix (``solar-ray data``) is its ``data`` split; a directory, every ``.parquet``,
+    ``.jsonl`` and ``.txt`` file in it but those of hidden directories and of the splits of a
+    mix that hold no training text of their own.
     """
-    if isinstance(source, list | tuple):
-        for i, text in enumerate(source):
-            yield f"<list>:{i}", str(text)
-        return
+    from solar_ray.data.contract import SPLITS, TEXT_SPLIT, is_finished, read_manifest, shard_files
+
+    if path.is_dir() and is_finished(path) and (path / TEXT_SPLIT).is_dir():
+        return [Path(f) for f in shard_files(path, TEXT_SPLIT)], read_manifest(path).get("kind")
+    if not path.is_dir():
+        return [path], None
+    skip = set(SPLITS) - {TEXT_SPLIT}
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.suffix in (".parquet", ".jsonl", ".txt")
+        and not any(part.startswith(".") or part in skip for part in p.relative_to(path).parts)
+    )  # fmt: skip
+    return files, None
+
+
+def iter_rows(source: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], str | None]]:
+    """``(reference, row, mix kind or None)`` of every row of a text source.
+
+    Read by the data package's readers (:func:`solar_ray.data.sources.iter_records`): a
+    ``.txt``/``.md`` file (a row ``{"text": paragraph}`` per blank-line-separated
+    paragraph); ``.jsonl``/``.json`` rows (a bare string is ``{"text": string}``);
+    ``.parquet``; a data-mix directory written by ``solar-ray data`` (its ``data`` split;
+    ``rejects``, ``packed`` and ``tokenized`` are not read) or its ``manifest.json``; or any
+    directory of such files. The reference is ``file:row``. A file that cannot be read or
+    parsed is an :class:`EvalError` naming it.
+    """
+    from solar_ray.data.contract import DATA_MANIFEST
+    from solar_ray.data.sources import iter_records
+
     path = Path(source).expanduser()
     if not path.exists():
         raise EvalError(f"text data not found: {path}")
-    if path.is_file() and path.suffix == ".json":
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict):  # a mix manifest: read the mix beside it
-            yield from iter_texts(path.parent)
-            return
-        for i, row in enumerate(data):
-            text = row if isinstance(row, str) else row_text(row)
-            if text:
-                yield f"{path}:{i}", text
-        return
-    files = _data_files(path)
+    if path.name == DATA_MANIFEST and path.is_file():  # a mix's manifest: read the mix
+        path = path.parent
+    files, kind = _text_files(path)
     if not files:
         raise EvalError(f"{path}: no .parquet, .jsonl or .txt files")
     for f in files:
         if f.suffix not in _TEXT_SUFFIXES:
             raise EvalError(f"{f}: unsupported text file type (use one of {_TEXT_SUFFIXES})")
-        yield from _iter_file(f)
+        file_type = "text" if f.suffix in (".txt", ".md") else "auto"
+        for i, rec in enumerate(iter_records(str(f), file_type, text_key="text")):
+            if rec.data is None:
+                where = f"{f}:{rec.index + 1}" if rec.index >= 0 else str(f)
+                raise EvalError(f"{where}: {_READ_ERRORS.get(rec.reason, rec.reason)} ({rec.detail})")
+            if i == 0 and f.suffix == ".parquet" and not _TEXT_COLUMNS & rec.data.keys():
+                raise EvalError(
+                    f"{f}: no text column (expected text, messages or prompt; has {sorted(rec.data)})"
+                )
+            yield f"{f}:{rec.index}", rec.data, kind
 
 
-def _iter_file(f: Path) -> Iterator[tuple[str, str]]:
-    if f.suffix in (".txt", ".md"):
-        paragraphs = [p.strip() for p in f.read_text(encoding="utf-8").split("\n\n")]
-        for i, p in enumerate(q for q in paragraphs if q):
-            yield f"{f}:{i}", p
-    elif f.suffix == ".jsonl":
-        with open(f, encoding="utf-8") as fh:
-            for i, line in enumerate(fh):
-                if not line.strip():
-                    continue
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise EvalError(f"{f}:{i + 1}: not valid JSON ({e})") from None
-                text = row if isinstance(row, str) else row_text(row)
-                if text:
-                    yield f"{f}:{i}", text
-    else:
-        import pyarrow.parquet as pq
-
-        pf = pq.ParquetFile(f)
-        names = set(pf.schema_arrow.names)
-        wanted = [
-            c
-            for c in ("text", "messages", "conversations", "prompt", "chosen", "response",
-                      "completion", "question", "answer", "instruction", "input", "output",
-                      "sentence")
-            if c in names
-        ]  # fmt: skip
-        if not wanted:
-            raise EvalError(
-                f"{f}: no text column (expected text, messages or prompt; has {sorted(names)})"
-            )
-        i = 0
-        for batch in pf.iter_batches(columns=wanted, batch_size=1024):
-            for row in batch.to_pylist():
-                text = row_text(row)
-                if text:
-                    yield f"{f}:{i}", text
-                i += 1
+def iter_texts(source: str | os.PathLike | Sequence[str]) -> Iterator[tuple[str, str]]:
+    """``(reference, text)`` of every row of a text source: a list of strings, or any source
+    :func:`iter_rows` reads, each row's text by :func:`row_text` (rows without one skipped)."""
+    if isinstance(source, list | tuple):
+        for i, text in enumerate(source):
+            yield f"<list>:{i}", str(text)
+        return
+    for ref, row, _ in iter_rows(source):
+        text = row_text(row)
+        if text:
+            yield ref, text
 
 
 def load_texts(source: str | os.PathLike | Sequence[str], max_texts: int | None = None) -> list[str]:
@@ -1235,7 +1214,9 @@ def _run_cli(args: argparse.Namespace) -> int:
         if cfg.limit:
             print(f"  the first {cfg.limit} items of each task")
         return 0
-    results = run_eval(cfg)
+    from solar_ray.remote import run_to_out
+
+    results = run_to_out(run_eval, cfg)
     print(results_table(results), end="")
     if cfg.out:
         print(f"results -> {Path(cfg.out) / 'results.json'}")

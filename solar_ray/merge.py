@@ -725,6 +725,8 @@ def _run_cli(args: argparse.Namespace) -> int:
 
     flags = flag_values(args, MergeConfig)
     cfg = load_config(MergeConfig, args.config, args.overrides, data=flags)
-    result = run_merge(cfg)
+    from solar_ray.remote import run_to_out
+
+    result = run_to_out(run_merge, cfg)
     print(f"merged {len(cfg.models)} models ({cfg.method}, {result.num_tensors} tensors) -> {result.out}")
     return 0

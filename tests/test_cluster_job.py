@@ -33,7 +33,6 @@ from tiny_recipe import MODEL_STAGES, SMALLER, TRAINING
 from solar_ray.cluster import (
     STORAGE_ENV,
     WORKING_DIR_EXCLUDES,
-    is_uri,
     job_runtime_env,
     resolve_path,
     storage_path,
@@ -202,8 +201,6 @@ def test_each_node_smoke_test_reaches_every_node(cluster: LocalRayCluster, tmp_p
 
 
 def test_resolve_path_keeps_uris_and_anchors_relative_paths(tmp_path: Path) -> None:
-    assert is_uri("s3://bucket/run") and is_uri("gs://b/x") and is_uri("hf://datasets/x")
-    assert not is_uri("jobs/tiny.yaml") and not is_uri("/abs/path") and not is_uri("C:x")
     assert resolve_path("s3://bucket/run/") == "s3://bucket/run/"
     assert resolve_path("jobs/tiny.yaml", base=tmp_path) == str(tmp_path / "jobs" / "tiny.yaml")
     assert resolve_path("/abs/x", base=tmp_path) == "/abs/x"

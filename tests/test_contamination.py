@@ -16,8 +16,9 @@ from solar_ray.contamination import (
     min_k_prob,
     ngram_overlap,
     run_contamination,
-    words,
+    train_rows,
 )
+from solar_ray.data.decontam import EvalIndex, build_eval_index, words
 from solar_ray.evalsets import item_texts
 
 EVAL_TEXTS = [
@@ -136,19 +137,74 @@ def test_ngram_overlap_finds_exactly_the_planted_item(tmp_path):
 
 def test_ngram_overlap_rules():
     sets = {"s": [("long", " ".join(f"w{i}" for i in range(20))), ("short", "only five words here now"),
-                  ("mid", "one two three four five six seven eight nine")]}  # fmt: skip
+                  ("mid", "one two three four five six seven eight nine ten eleven twelve thirteen")]}  # fmt: skip
     train = [("t:0", "prefix w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14 w15 suffix"),
-             ("t:1", "ONE two, three four five six seven eight nine!"),
+             ("t:1", "ONE two, three four five six seven eight nine ten eleven twelve thirteen!"),
              ("t:2", "only five words here now")]  # fmt: skip
-    out = ngram_overlap(sets, train, n=13, min_words=8)
+    out = ngram_overlap(sets, train, n=13)
     s = out["sets"]["s"]
-    assert s["num_checked"] == 2  # the 5-word item is too short to check
+    assert s["num_checked"] == 2  # the 5-word item is shorter than n: not checked
     assert sorted(s["items"]) == ["long", "mid"]  # case and punctuation do not matter
     assert s["items"]["mid"]["train_ref"] == "t:1"
+    assert s["items"]["long"]["ngram"] == " ".join(f"w{i}" for i in range(3, 16))
+    assert out["num_train_texts_overlapping"] == 2  # t:2 copies the short item: not a 13-gram
     # 12 shared words are not a 13-gram
     out = ngram_overlap(sets, [("t", "w3 w4 w5 w6 w7 w8 w9 w10 w11 w12 w13 w14")], n=13)
     assert out["sets"]["s"]["num_contaminated"] == 0
+    # n-grams never span two fields of a row
+    split = [("t", ["w3 w4 w5 w6 w7 w8 w9", "w10 w11 w12 w13 w14 w15"])]
+    assert ngram_overlap(sets, split, n=13)["sets"]["s"]["num_contaminated"] == 0
     assert words("Don't panic!") == ["don", "t", "panic"]
+
+
+def test_report_and_filter_agree_on_the_same_texts(tmp_path):
+    """The report flags an item exactly when the decontamination filter, given that item,
+    drops a training text holding it: same n-grams, same short-text rule, same fields."""
+    import random
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from solar_ray.data.normalize import FilterOptions, normalize_file
+
+    rng = random.Random(0)
+    vocab = [f"v{i}" for i in range(40)]
+    items = [(f"e{i}", " ".join(rng.choices(vocab, k=rng.choice([3, 7, 12, 13, 14, 30]))))
+             for i in range(40)]  # fmt: skip
+    train = []
+    for _ in range(200):
+        item = rng.choice(items)[1].split()
+        cut = rng.randint(0, len(item))  # a copy, a part of one, or one split across fields
+        fields = [" ".join(rng.choices(vocab, k=4) + item[:cut]), " ".join(item[cut:])]
+        train.append({"messages": [{"role": "user", "content": fields[0] or "hi"},
+                                   {"role": "assistant", "content": fields[1] or "ok"}]})  # fmt: skip
+    mix = tmp_path / "mix"
+    (mix / "data").mkdir(parents=True)
+    shard = mix / "data" / "part-000000000000.parquet"
+    pq.write_table(pa.Table.from_pylist(train), shard)
+    (mix / "manifest.json").write_text(json.dumps({"kind": "sft"}))
+    eval_file = tmp_path / "eval.jsonl"
+    eval_file.write_text("".join(json.dumps({"text": t}) + "\n" for _, t in items))
+
+    for n in (5, 13):
+        out = ngram_overlap({"e": items}, train_rows(str(mix)), n=n)
+        report = out["sets"]["e"]
+        # the filter, indexing the same items, drops exactly the rows the report finds
+        index = build_eval_index([str(eval_file)], n)
+        filtered = normalize_file(str(shard), kind="sft", source_idx=0, file_idx=0, source="s",
+                                  filters=FilterOptions(kind="sft", eval_index=index))  # fmt: skip
+        reasons = [r for t in filtered for r in t.column("_reason").to_pylist()]
+        dropped = {i for i, r in enumerate(reasons) if r == "contaminated"}
+        assert out["num_train_texts_overlapping"] == len(dropped) > 10, n
+        assert {int(hit["train_ref"].rsplit(":", 1)[1]) for hit in report["items"].values()} <= dropped
+        # an item is flagged iff the filter built on that item alone drops some row
+        for item_id, text in items:
+            alone = EvalIndex.build({"one": [(item_id, text)]}, n)
+            drops = any(alone.match(texts) for _, texts in train_rows(str(mix)))
+            assert (item_id in report["items"]) == drops, (n, item_id, text)
+        short = [i for i, t in items if len(t.split()) < n]
+        assert short and report["num_checked"] == len(items) - len(short)
+        assert not set(short) & set(report["items"])  # the short-text rule, on both sides
 
 
 def test_cli_ngram_only(tmp_path, capsys):

@@ -19,9 +19,9 @@ import yaml
 from solar_ray.cli import main
 from solar_ray.config import validate
 from solar_ray.data.config import MixConfig
+from solar_ray.data.contract import load_table
 from solar_ray.data.mix import build_mix, build_mix_result, read_prepared
 from solar_ray.data.pack import pack_documents
-from solar_ray.data.shards import load_table
 from solar_ray.data.templates import IGNORE_INDEX, template_prompt
 
 

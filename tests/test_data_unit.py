@@ -19,7 +19,8 @@ import pytest
 from solar_ray.config import ConfigError, load_config
 from solar_ray.data.config import DataConfig, SynthMathConfig
 from solar_ray.data.decontam import build_eval_index, deny_match, ngram_hashes
-from solar_ray.data.mix import SourcePlan, compute_quotas, plan_dedup, plan_selection, row_ref
+from solar_ray.data.keys import row_ref
+from solar_ray.data.mix import SourcePlan, compute_quotas, plan_dedup, plan_selection
 from solar_ray.data.normalize import FilterOptions, RowError, normalize_file, normalize_record
 from solar_ray.data.pack import pack_documents, pack_span, stitch_fragments
 from solar_ray.data.sources import SourceError, expand_paths, iter_records

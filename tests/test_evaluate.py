@@ -382,6 +382,18 @@ def test_iter_texts_reads_every_schema(tmp_path):
     pq.write_table(pa.table({"input_ids": [[1, 2]]}), tmp_path / "tok.parquet")
     with pytest.raises(EvalError, match="no text column"):
         list(iter_texts(tmp_path / "tok.parquet"))
+    # through the data package's readers: bare strings are texts; a bad file is one error naming it
+    (tmp_path / "s.jsonl").write_text('"a bare string"\n\n{"text": "a row"}\n')
+    assert list(iter_texts(tmp_path / "s.jsonl")) == [(f"{tmp_path}/s.jsonl:0", "a bare string"),
+                                                      (f"{tmp_path}/s.jsonl:2", "a row")]  # fmt: skip
+    (tmp_path / "l.json").write_text(json.dumps(["x", {"sentence": "y"}]))
+    assert [t for _, t in iter_texts(tmp_path / "l.json")] == ["x", "y"]
+    (tmp_path / "bad.txt").write_bytes(b"fine\n\n\xff\xfe")
+    with pytest.raises(EvalError, match=r"bad\.txt: not UTF-8 text \(file is not UTF-8 at byte 6\)"):
+        list(iter_texts(tmp_path / "bad.txt"))
+    (tmp_path / "broken.jsonl").write_text('{"text": "a"}\n{oops\n')
+    with pytest.raises(EvalError, match=r"broken\.jsonl:2: not valid JSON"):
+        list(iter_texts(tmp_path / "broken.jsonl"))
 
 
 def test_config_errors_name_the_field():

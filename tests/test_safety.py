@@ -562,7 +562,7 @@ def _corrupt(src: Path, how: str, tmp_path: Path) -> list[str]:
         ("mergekit-no-model", r"slices\.0\.sources\.0\.model: expected a model source"),
         ("eval-no-tokenizer", r"has no tokenizer \(none of tokenizer\.json"),
         ("eval-broken-config", r"config\.json: expected a JSON object, got list"),
-        ("contamination-not-utf8", r"train: .*t\.txt holds a file that is not UTF-8"),
+        ("contamination-not-utf8", r"train: .*t\.txt: not UTF-8 text \(file is not UTF-8 at byte 0\)"),
     ],
 )
 def test_bad_input_is_one_line_not_a_traceback(capsys, tmp_path, src, how, expect):

@@ -14,8 +14,8 @@ import pyarrow as pa
 import pytest
 
 from solar_ray.config import ConfigError, load_config
+from solar_ray.data.contract import DataError, held_out_mask
 from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
-from solar_ray.train.data import DataError, held_out_mask
 from solar_ray.train.ds_config import build_deepspeed_config
 from solar_ray.train.testing import (
     arithmetic_pairs,

@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from solar_ray.config import ConfigError
+from solar_ray.train.session import read_run_state
 from solar_ray.tune import load_sweep, plan_trials
 from solar_ray.tune.config import SweepConfig
 from solar_ray.tune.report import select_best, value_at
@@ -541,7 +542,7 @@ def test_successive_halving_pauses_at_the_rung_and_resumes_from_its_checkpoint(
             state = json.loads((run / "final" / FINAL_MARKER).read_text())
         else:
             last = sorted(run.glob("step_*"))[-1]
-            state = json.loads((last / "state.json").read_text())
+            state = read_run_state(last)
         assert state["resumed_from"] and set(state["resumed_from"]) <= {2, 3, 4}
         assert _attempts(trials / name).count("train") == 1 + len(state["resumed_from"])
     summary = json.loads((out / "summary.json").read_text())

@@ -51,7 +51,7 @@ _LAZY = {
     "build_mix_result": "solar_ray.data.mix",
     "read_prepared": "solar_ray.data.mix",
     "run_data": "solar_ray.data.mix",
-    "load_table": "solar_ray.data.shards",
+    "load_table": "solar_ray.data.contract",
     "pack_documents": "solar_ray.data.pack",
     "tokenize_sft": "solar_ray.data.templates",
     "run_synth_math": "solar_ray.data.synth_math",

@@ -1,13 +1,17 @@
-"""Small Ray Data helpers shared by the mix and preparation passes."""
+"""Small Ray Data helpers shared by the mix and preparation passes, and the split writer."""
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
+
+from solar_ray.data.contract import shard_name, write_shard
 
 _CACHE: dict[str, Any] = {}
 _CACHE_LIMIT = 16
@@ -104,3 +108,51 @@ def column_np(table: pa.Table, name: str, dtype: Any) -> np.ndarray:
     if col.num_chunks == 0:
         return np.empty(0, dtype=dtype)
     return col.to_numpy().astype(dtype, copy=False)
+
+
+def write_ranked(batch: pa.Table, directory: str, rank_col: str, columns: list[str]) -> pa.Table:
+    """Write a batch of ranked rows as one shard named by its first rank; return its stats."""
+    if batch.num_rows == 0:
+        return pa.table({"file": pa.array([], pa.string()), "num_rows": pa.array([], pa.int64())})
+    batch = batch.take(pc.sort_indices(batch, [(rank_col, "ascending")]))
+    name = shard_name(int(batch.column(rank_col)[0].as_py()))
+    write_shard(batch.select(columns), directory, name)
+    return pa.table({"file": [name], "num_rows": pa.array([batch.num_rows], pa.int64())})
+
+
+def write_split(
+    ds: Any, directory: Path, rank_col: str, schema: pa.Schema, num_workers: int | None
+) -> int:
+    """Write a dataset of ranked rows as the shards of one split; return the rows written.
+
+    Each block becomes a shard named by its first rank (blocks of a rank-sorted dataset hold
+    consecutive ranks), so the shards in name order hold the rows in rank order.
+    """
+    with ordered_context():
+        stats = execute(
+            ds.map_batches(
+                write_ranked,
+                batch_size=None,
+                batch_format="pyarrow",
+                fn_kwargs={
+                    "directory": str(directory),
+                    "rank_col": rank_col,
+                    "columns": schema.names,
+                },
+                compute=task_pool(num_workers),
+            )
+        )
+    finish_split(directory, schema)
+    return int(pc.sum(stats.column("num_rows")).as_py() or 0) if stats.num_rows else 0
+
+
+def num_files(directory: Path) -> int:
+    """The shards of a split written on this machine."""
+    return len(list(directory.glob("part-*.parquet")))
+
+
+def finish_split(directory: Path, schema: pa.Schema) -> None:
+    """Give an empty split one empty shard, so readers always find its schema."""
+    directory.mkdir(parents=True, exist_ok=True)
+    if not any(directory.glob("part-*.parquet")):
+        write_shard(schema.empty_table(), directory, shard_name(0))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 from collections.abc import Callable
 
 from solar_ray.config import add_config_args, add_field_flags, flag_values, load_config
@@ -23,11 +24,12 @@ def _run(args: argparse.Namespace) -> int:
 
     cfg = load_config(DataConfig, args.config, args.overrides, data=flag_values(args, DataConfig))
 
+    from solar_ray.cluster import init_ray
     from solar_ray.data.mix import run_data
-    from solar_ray.pipeline import init_ray
+    from solar_ray.remote import run_to_out
 
     init_ray()  # joins the cluster RAY_ADDRESS names, else starts a local instance
-    result = run_data(cfg, only=args.only)
+    result = run_to_out(functools.partial(run_data, only=args.only), cfg)
     if result.synth_math is not None:
         sm = result.synth_math
         state = "reused" if sm.reused else "built"

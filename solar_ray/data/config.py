@@ -24,8 +24,6 @@ Every field is documented on its class below and in ``docs/data.md``.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import re
 from typing import Literal
 
@@ -333,6 +331,7 @@ class DataConfig(StageConfig):
 
 
 def config_hash(cfg: StageConfig) -> str:
-    """A short sha256 of a config's resolved JSON (skip-if-done keys on it)."""
-    blob = json.dumps(cfg.to_dict(), sort_keys=True).encode()
-    return hashlib.sha256(blob).hexdigest()[:16]
+    """The key of a config's resolved JSON (skip-if-done keys on it; :mod:`solar_ray.identity`)."""
+    from solar_ray.identity import config_key
+
+    return config_key(cfg.to_dict())

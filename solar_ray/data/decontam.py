@@ -5,18 +5,21 @@ GPT-3's decontamination) with any text of a configured evaluation set. Words are
 lower-cased ``\\w+`` runs of the text, so punctuation, case and spacing do not hide a copy.
 Each word is hashed once (blake2b, 64 bits) and an n-gram's hash is a polynomial of its
 words' hashes computed with numpy, so a row costs one vectorised pass. N-grams never span
-two fields (a question and its answer are separate texts). Eval texts shorter than ``n``
-words contribute nothing.
+two fields (a question and its answer are separate texts). A text shorter than ``n`` words
+has no n-gram, so it is neither indexed nor checked: the one short-text rule, here only.
 
 The eval index is built on the driver (:func:`build_eval_index`), shipped to the Ray
-workers once through the object store, and queried with :meth:`EvalIndex.match`.
+workers once through the object store, and queried with :meth:`EvalIndex.match`. The
+contamination report (:func:`solar_ray.contamination.ngram_overlap`) builds the same index
+over its evaluation items with their ids kept and asks :meth:`EvalIndex.find` which items a
+training text shares an n-gram with, so the report and the filter agree by construction.
 """
 
 from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -65,18 +68,26 @@ class _WordHasher:
 _HASHER = _WordHasher()
 
 
-def ngram_hashes(text: str, n: int) -> np.ndarray:
-    """Sorted unique uint64 hashes of the text's word n-grams (empty when fewer than n words)."""
+def _windows(text: str, n: int) -> tuple[list[str], np.ndarray]:
+    """The text's words and the uint64 hash of each n-word window, in text order.
+
+    No window when the text has fewer than ``n`` words: the short-text rule.
+    """
     toks = words(text)
     if len(toks) < n:
-        return np.empty(0, dtype=np.uint64)
+        return toks, np.empty(0, dtype=np.uint64)
     h = _HASHER(toks)
     windows = np.lib.stride_tricks.sliding_window_view(h, n)
     powers = np.ones(n, dtype=np.uint64)
     with np.errstate(over="ignore"):
         for j in range(n - 2, -1, -1):
             powers[j] = powers[j + 1] * _BASE
-        return np.unique((windows * powers).sum(axis=1, dtype=np.uint64))
+        return toks, (windows * powers).sum(axis=1, dtype=np.uint64)
+
+
+def ngram_hashes(text: str, n: int) -> np.ndarray:
+    """Sorted unique uint64 hashes of the text's word n-grams (empty when fewer than n words)."""
+    return np.unique(_windows(text, n)[1])
 
 
 def iter_strings(obj: Any) -> Iterator[str]:
@@ -97,11 +108,35 @@ class EvalIndex:
 
     ngram: int
     sets: dict[str, np.ndarray] = field(default_factory=dict)
+    """each set's sorted unique n-gram hashes"""
+    num_texts: dict[str, int] = field(default_factory=dict)
+    """each set's texts with at least one n-gram (the shorter ones are not checked)"""
+    owners: dict[str, tuple[np.ndarray, np.ndarray, list[str]]] = field(default_factory=dict)
+    """with ``owners=True``, per set: all hashes sorted, the index of each one's text, the ids"""
 
-    @property
-    def num_ngrams(self) -> int:
-        """Total n-grams indexed."""
-        return int(sum(len(v) for v in self.sets.values()))
+    @classmethod
+    def build(
+        cls, sets: Mapping[str, Iterable[tuple[str, str]]], ngram: int, *, owners: bool = False
+    ) -> EvalIndex:
+        """Index ``{set name: [(text id, text), ...]}``; ``owners`` keeps which text has
+        which n-gram, for :meth:`find`."""
+        index = cls(ngram=ngram)
+        for name, texts in sets.items():
+            chunks: list[np.ndarray] = []
+            ids: list[str] = []
+            for text_id, text in texts:
+                h = ngram_hashes(text, ngram)
+                if len(h):
+                    chunks.append(h)
+                    ids.append(text_id)
+            flat = np.concatenate(chunks) if chunks else np.empty(0, np.uint64)
+            index.sets[name] = np.unique(flat)
+            index.num_texts[name] = len(ids)
+            if owners:
+                which = np.repeat(np.arange(len(ids)), [len(c) for c in chunks])
+                order = np.argsort(flat, kind="stable")
+                index.owners[name] = (flat[order], which[order], ids)
+        return index
 
     def match(self, texts: Iterable[str]) -> str | None:
         """Name of the first eval set sharing an n-gram with any of ``texts``, else None."""
@@ -119,44 +154,57 @@ class EvalIndex:
                     return name
         return None
 
+    def find(self, text: str) -> Iterator[tuple[str, str, str]]:
+        """``(set, text id, n-gram)`` for each indexed n-gram of ``text``, in text order.
+
+        Needs an index built with ``owners=True``; ``text`` has a hit exactly when
+        :meth:`match` finds one.
+        """
+        toks, h = _windows(text, self.ngram)
+        if not len(h):
+            return
+        for name, (keys, which, ids) in self.owners.items():
+            lo, hi = np.searchsorted(keys, h, "left"), np.searchsorted(keys, h, "right")
+            for i in np.flatnonzero(hi > lo):
+                gram = " ".join(toks[i : i + self.ngram])
+                for k in range(lo[i], hi[i]):
+                    yield name, ids[which[k]], gram
+
+
+def _record_strings(path: str) -> Iterator[tuple[str, str]]:
+    """Every string of every readable record of an eval file, each its own text."""
+    from solar_ray.data.sources import iter_records
+
+    for rec in iter_records(path):
+        if rec.data is not None:
+            yield from ((path, s) for s in iter_strings(rec.data))
+
 
 def build_eval_index(paths: list[str], ngram: int, field: str = "eval_sets") -> EvalIndex:
     """Read every eval set into an :class:`EvalIndex`.
 
-    A file in any readable format (globs allowed), or ``offline`` / ``offline:<task>``: the
-    real benchmark items of :mod:`solar_ray.evalsets.benchmarks` (prompt + correct answer),
-    so a mix can filter out exactly what the evaluation scores.
+    A file in any readable format (globs allowed; every string of each record is a text),
+    or ``offline`` / ``offline:<task>``: the real benchmark items of
+    :mod:`solar_ray.evalsets.benchmarks` (prompt + correct answer), so a mix can filter out
+    exactly what the evaluation scores.
     """
-    from solar_ray.data.sources import expand_paths, iter_records
+    from solar_ray.data.sources import expand_paths
     from solar_ray.errors import UserError
 
-    index = EvalIndex(ngram=ngram)
+    sets: dict[str, Iterable[tuple[str, str]]] = {}
     for i, pattern in enumerate(paths):
         if pattern == "offline" or pattern.startswith("offline:"):
             from solar_ray.evalsets.benchmarks import offline_sets
 
             try:
-                sets = offline_sets(pattern) or {}
+                offline = offline_sets(pattern) or {}
             except UserError as e:
                 raise UserError(f"{field}.{i}: {e}") from None
-            for name, items in sets.items():
-                hashes = [h for _, text in items if len(h := ngram_hashes(text, ngram))]
-                index.sets[f"offline:{name}"] = (
-                    np.unique(np.concatenate(hashes)) if hashes else np.empty(0, np.uint64)
-                )
+            sets.update((f"offline:{name}", items) for name, items in offline.items())
             continue
         for path in expand_paths([pattern], field=f"{field}.{i}"):
-            chunks: list[np.ndarray] = []
-            for rec in iter_records(path):
-                if rec.data is None:
-                    continue
-                for s in iter_strings(rec.data):
-                    h = ngram_hashes(s, ngram)
-                    if len(h):
-                        chunks.append(h)
-            arr = np.unique(np.concatenate(chunks)) if chunks else np.empty(0, np.uint64)
-            index.sets[path] = arr
-    return index
+            sets[path] = _record_strings(path)
+    return EvalIndex.build(sets, ngram)
 
 
 def deny_match(tag: str | None, patterns: list[str]) -> str | None:

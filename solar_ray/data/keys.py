@@ -19,6 +19,7 @@ __all__ = [
     "hash64",
     "make_pos",
     "mix64",
+    "row_ref",
     "split_pos",
 ]
 
@@ -61,3 +62,15 @@ def hash64(data: str | bytes) -> int:
     if isinstance(data, str):
         data = data.encode("utf-8", "surrogatepass")
     return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little")
+
+
+def row_ref(pos: int, files: list[list[str]], file_types: list[list[str]]) -> str:
+    """Where a row came from: ``path:LINE`` (1-based) for JSONL, ``path#INDEX`` (0-based
+    record) for JSON, Parquet and CSV, the path alone for a whole file."""
+    s, f, r = (int(x) for x in split_pos(pos))
+    path = files[s][f]
+    if r == MAX_RECORDS_PER_FILE - 1:
+        return path
+    if file_types[s][f] == "jsonl":
+        return f"{path}:{r + 1}"
+    return f"{path}#{r}"

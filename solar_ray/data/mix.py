@@ -47,15 +47,18 @@ from solar_ray.checkpoint import (
     sha256_file,
     write_json_atomic,
 )
+from solar_ray.data import prepare as prep
 from solar_ray.data._ray import (
     collect,
     column_np,
-    execute,
     fetch,
+    finish_split,
+    num_files,
     ordered_context,
     share,
     sort_by_rank,
     task_pool,
+    write_split,
 )
 from solar_ray.data.config import (
     SYNTH_MATH_DIR,
@@ -63,19 +66,27 @@ from solar_ray.data.config import (
     MixConfig,
     config_hash,
 )
-from solar_ray.data.decontam import build_eval_index
-from solar_ray.data.keys import MAX_FILES_PER_SOURCE, MAX_RECORDS_PER_FILE, mix64, split_pos
+from solar_ray.data.contract import (
+    DATA_MANIFEST,
+    LAYOUT,
+    REJECT_SCHEMA,
+    DataError,
+    read_manifest,
+    shard_files,
+    write_shard,
+)
+from solar_ray.data.decontam import EvalIndex, build_eval_index
+from solar_ray.data.keys import MAX_FILES_PER_SOURCE, mix64, row_ref
 from solar_ray.data.normalize import (
     FORMAT_CODES,
     REJECT_REASONS,
-    REJECT_SCHEMA,
     FilterOptions,
-    data_schema,
     normalize_file,
+    reject_table,
 )
-from solar_ray.data.shards import DATA_MANIFEST, DataOutputError, read_data_manifest, write_shard
-from solar_ray.data.sources import detect_file_type, expand_paths, filesystem_for
+from solar_ray.data.sources import detect_file_type, expand_paths
 from solar_ray.errors import UserError
+from solar_ray.fs import fsspec_filesystem, local_path
 
 __all__ = [
     "DataResult",
@@ -336,21 +347,6 @@ def plan_dedup(pos: np.ndarray, hashes: np.ndarray) -> tuple[np.ndarray, np.ndar
     return drop[o], kept[o]
 
 
-# ---------------------------------------------------------------- references
-
-
-def row_ref(pos: int, files: list[list[str]], file_types: list[list[str]]) -> str:
-    """Where a row came from: ``path:LINE`` (1-based) for JSONL, ``path#INDEX`` (0-based
-    record) for JSON, Parquet and CSV, the path alone for a whole file."""
-    s, f, r = (int(x) for x in split_pos(pos))
-    path = files[s][f]
-    if r == MAX_RECORDS_PER_FILE - 1:
-        return path
-    if file_types[s][f] == "jsonl":
-        return f"{path}:{r + 1}"
-    return f"{path}#{r}"
-
-
 # ---------------------------------------------------------------- Ray passes
 
 
@@ -375,24 +371,10 @@ def _read_files(batch: pa.Table, job: list) -> Any:
 def _reject_table(
     batch: pa.Table, mask: np.ndarray, reasons: list, details: list, refs: dict
 ) -> pa.Table:
-    idx = np.nonzero(mask)[0]
-    pos = column_np(batch, "_pos", np.uint64)[idx]
-    raws = (
-        batch.column("_raw").take(pa.array(idx)).to_pylist()
-        if "_raw" in batch.column_names
-        else [None] * len(idx)
-    )
-    return pa.table(
-        {
-            "source": batch.column("source").take(pa.array(idx)),
-            "ref": [row_ref(p, refs["files"], refs["file_types"]) for p in pos],
-            "step": [REJECT_REASONS.get(r, "other") for r in reasons],
-            "reason": reasons,
-            "detail": details,
-            "raw": raws,
-        },
-        schema=REJECT_SCHEMA,
-    )
+    idx = pa.array(np.nonzero(mask)[0])
+    pos = column_np(batch, "_pos", np.uint64)[idx.to_numpy()]
+    raws = batch.column("_raw").take(idx).to_pylist() if "_raw" in batch.column_names else None
+    return reject_table(batch.column("source").take(idx), pos, reasons, details, refs, raws)
 
 
 def _select(batch: pa.Table, plan: list, reject_dir: str | None, keep: list[str]) -> pa.Table:
@@ -439,54 +421,6 @@ def _select(batch: pa.Table, plan: list, reject_dir: str | None, keep: list[str]
     return out.append_column("_rank", pa.array(ranks, pa.int64()))
 
 
-def write_ranked(batch: pa.Table, directory: str, rank_col: str, columns: list[str]) -> pa.Table:
-    """Write a batch of ranked rows as one shard named by its first rank; return its stats."""
-    if batch.num_rows == 0:
-        return pa.table({"file": pa.array([], pa.string()), "num_rows": pa.array([], pa.int64())})
-    batch = batch.take(pc.sort_indices(batch, [(rank_col, "ascending")]))
-    first = int(batch.column(rank_col)[0].as_py())
-    name = f"part-{first:012d}.parquet"
-    write_shard(batch.select(columns), directory, name)
-    return pa.table({"file": [name], "num_rows": pa.array([batch.num_rows], pa.int64())})
-
-
-def write_split(
-    ds: Any, directory: Path, rank_col: str, schema: pa.Schema, num_workers: int | None
-) -> int:
-    """Write a dataset of ranked rows as the shards of one split; return the rows written.
-
-    Each block becomes a shard named by its first rank (blocks of a rank-sorted dataset hold
-    consecutive ranks), so the shards in name order hold the rows in rank order.
-    """
-    with ordered_context():
-        stats = execute(
-            ds.map_batches(
-                write_ranked,
-                batch_size=None,
-                batch_format="pyarrow",
-                fn_kwargs={
-                    "directory": str(directory),
-                    "rank_col": rank_col,
-                    "columns": schema.names,
-                },
-                compute=task_pool(num_workers),
-            )
-        )
-    finish_split(directory, schema)
-    return int(pc.sum(stats.column("num_rows")).as_py() or 0) if stats.num_rows else 0
-
-
-def _num_files(directory: Path) -> int:
-    return len(list(directory.glob("part-*.parquet")))
-
-
-def finish_split(directory: Path, schema: pa.Schema) -> None:
-    """Give an empty split one empty shard, so readers always find its schema."""
-    directory.mkdir(parents=True, exist_ok=True)
-    if not any(directory.glob("part-*.parquet")):
-        write_shard(schema.empty_table(), directory, "part-000000000000.parquet")
-
-
 # ---------------------------------------------------------------- counting
 
 
@@ -517,11 +451,11 @@ def _step_counts(
 
 
 def _file_info(path: str) -> dict[str, Any]:
-    if "://" not in path or path.startswith("file://"):
-        p = path.removeprefix("file://")
-        return {"path": path, "bytes": os.path.getsize(p), "sha256": sha256_file(p)}
+    local = local_path(path)
+    if local is not None:
+        return {"path": path, "bytes": os.path.getsize(local), "sha256": sha256_file(local)}
     try:
-        fs, inner = filesystem_for(path)
+        fs, inner = fsspec_filesystem(path)
         info = fs.info(inner)
         return {
             "path": path,
@@ -535,62 +469,71 @@ def _file_info(path: str) -> dict[str, Any]:
 # ---------------------------------------------------------------- the build
 
 
-def _build(
-    mix: MixConfig,
-    sink: Path | None,
-    synth_dir: str | os.PathLike | None,
-    num_workers: int | None,
-    prepared: bool,
-) -> MixResult:
+@dataclass
+class _Read:
+    """What the read pass produced: the rows (on Ray) and where they came from."""
+
+    rows: Any  # every row read, normalized and filtered (a Ray Dataset)
+    refs: dict[str, list[list[str]]]  # ``files`` and ``file_types`` per source, for row_ref
+    file_infos: dict[int, list[dict[str, Any]]]
+    eval_index: EvalIndex | None
+
+
+@dataclass
+class _Plan:
+    """The driver's plan over the compact columns: counts, duplicates, quotas, selection."""
+
+    src: np.ndarray  # the source index of every row read
+    fmt_codes: np.ndarray
+    dup_pos: np.ndarray
+    dup_of: np.ndarray
+    counts: dict[int, dict[str, int]]
+    rejects: dict[int, dict[str, int]]
+    available: dict[int, int]
+    quotas: dict[int, int]
+    warnings: list[str]
+    selection: Selection
+
+
+def _read_pass(mix: MixConfig, sources: list[SourcePlan], num_workers: int | None) -> _Read:
+    """1. read: one Ray task per file normalizes it and applies the per-row filters."""
     import ray.data
 
-    from solar_ray.data import prepare as prep
-
-    kind = mix.kind
-    sources = plan_sources(mix, synth_dir)
     decon = mix.decontaminate
     eval_index = None
     if decon is not None and decon.eval_sets:
         eval_index = build_eval_index(decon.eval_sets, decon.ngram, field="decontaminate.eval_sets")
     filters = FilterOptions(
-        kind=kind,
+        kind=mix.kind,
         max_chars=mix.max_chars,
         deny_tasks=list(decon.deny_tasks) if decon else [],
         eval_index=eval_index,
     )
+    keys = ("label", "fmt", "file_type", "text_field", "task_field")
     job = share(
         {
-            "kind": kind,
+            "kind": mix.kind,
             "filters": filters,
-            "sources": {
-                s.idx: {
-                    "label": s.label,
-                    "fmt": s.fmt,
-                    "file_type": s.file_type,
-                    "text_field": s.text_field,
-                    "task_field": s.task_field,
-                }
-                for s in sources
-            },
+            "sources": {s.idx: {k: getattr(s, k) for k in keys} for s in sources},
         }
     )
-    files_by_source = [s.files for s in sources]
-    types_by_source = [
-        [
-            s.file_type if s.file_type != "auto" else (detect_file_type(f) or "jsonl")
-            for f in s.files
-        ]
+    refs = {
+        "files": [s.files for s in sources],
+        "file_types": [
+            [s.file_type if s.file_type != "auto" else (detect_file_type(f) or "jsonl")
+             for f in s.files]
+            for s in sources
+        ],
+    }  # fmt: skip
+    items = [
+        {"source_idx": s.idx, "file_idx": j, "path": f}
         for s in sources
+        for j, f in enumerate(s.files)
     ]
     with concurrent.futures.ThreadPoolExecutor(max_workers=4) as pool:
         info_futures = {s.idx: [pool.submit(_file_info, f) for f in s.files] for s in sources}
-        items = [
-            {"source_idx": s.idx, "file_idx": j, "path": f}
-            for s in sources
-            for j, f in enumerate(s.files)
-        ]
         with ordered_context():
-            stage_a = (
+            rows = (
                 ray.data.from_items(items, override_num_blocks=len(items))
                 .map_batches(
                     _read_files,
@@ -602,22 +545,23 @@ def _build(
                 .materialize()
             )
         file_infos = {i: [f.result() for f in fs] for i, fs in info_futures.items()}
+    return _Read(rows, refs, file_infos, eval_index)
 
+
+def _plan(mix: MixConfig, sources: list[SourcePlan], rows: Any) -> _Plan:
+    """2. plan, on the driver: counts, exact duplicates, quotas and the selection."""
     compact = collect(
-        stage_a,
-        {"_pos": pa.uint64(), "_hash": pa.uint64(), "_fmt": pa.int8(), "_reason": pa.string()},
+        rows, {"_pos": pa.uint64(), "_hash": pa.uint64(), "_fmt": pa.int8(), "_reason": pa.string()}
     )
     pos = column_np(compact, "_pos", np.uint64)
-    hashes = column_np(compact, "_hash", np.uint64)
-    reasons = compact.column("_reason").to_pylist()
     valid = pc.is_null(compact.column("_reason")).to_numpy(zero_copy_only=False)
     src = (pos >> np.uint64(48)).astype(np.int64)
     if mix.dedup:
-        dup_pos, dup_of = plan_dedup(pos[valid], hashes[valid])
+        dup_pos, dup_of = plan_dedup(pos[valid], column_np(compact, "_hash", np.uint64)[valid])
     else:
         dup_pos, dup_of = np.empty(0, np.uint64), np.empty(0, np.uint64)
     dup_src = (dup_pos >> np.uint64(48)).astype(np.int64)
-    counts, rejects = _step_counts(src, reasons, sources, dup_src)
+    counts, rejects = _step_counts(src, compact.column("_reason").to_pylist(), sources, dup_src)
     available = {s.idx: counts[s.idx]["after_dedup"] for s in sources}
     quotas, warnings = compute_quotas(sources, available, mix.num_samples)
     check_selection_size(mix, sum(quotas.values()))
@@ -626,74 +570,95 @@ def _build(
         keep_pos = keep_pos[~np.isin(keep_pos, dup_pos)]
     selection = plan_selection(keep_pos, quotas, mix.seed)
     fmt_codes = column_np(compact, "_fmt", np.int64)
-    del compact, hashes, reasons
+    return _Plan(src, fmt_codes, dup_pos, dup_of, counts, rejects, available, quotas, warnings,
+                 selection)  # fmt: skip
 
-    plan = share(
+
+def _select_pass(
+    mix: MixConfig, read: _Read, plan: _Plan, sink: Path | None, num_workers: int | None
+) -> Any:
+    """3. select: keep the selected rows with their rank (quarantined ones to ``rejects/``)
+    and sort them into mix order; returns the ordered, materialized Dataset."""
+    shared = share(
         {
-            "dup_pos": dup_pos,
-            "dup_of": dup_of,
-            "sel_pos": selection.pos,
-            "sel_rank": selection.rank,
-            "files": files_by_source,
-            "file_types": types_by_source,
+            "dup_pos": plan.dup_pos,
+            "dup_of": plan.dup_of,
+            "sel_pos": plan.selection.pos,
+            "sel_rank": plan.selection.rank,
+            **read.refs,
         }
     )
-    keep_cols = [*data_schema(kind).names, "_pos"]
+    keep_cols = [*LAYOUT[mix.kind].data.names, "_pos"]
     reject_dir = str(sink / "rejects") if sink is not None else None
     with ordered_context():
-        selected = stage_a.map_batches(
+        selected = read.rows.map_batches(
             _select,
             batch_format="pyarrow",
-            fn_kwargs={"plan": plan, "reject_dir": reject_dir, "keep": keep_cols},
+            fn_kwargs={"plan": shared, "reject_dir": reject_dir, "keep": keep_cols},
             compute=task_pool(num_workers),
         )
-        ordered = sort_by_rank(
-            selected, "_rank", selection.num_rows, mix.rows_per_file
+        return sort_by_rank(
+            selected, "_rank", plan.selection.num_rows, mix.rows_per_file
         ).materialize()
-    del stage_a
 
-    data_cols = data_schema(kind).names
+
+def _write_pass(
+    mix: MixConfig,
+    ordered: Any,
+    plan: _Plan,
+    sources: list[SourcePlan],
+    sink: Path | None,
+    num_workers: int | None,
+    prepared: bool,
+    refs: dict[str, list[list[str]]],
+) -> tuple[dict[str, Any], dict[str, Any] | None, Any]:
+    """4. write ``data/`` and ``rejects/`` and prepare (into ``sink``, or as a Dataset).
+
+    Returns ``(splits of the manifest, preparation entry or None, the output Dataset)``;
+    the preparation's rejects are added to ``plan.rejects``.
+    """
+    schema = LAYOUT[mix.kind].data
     split_info: dict[str, Any] = {}
     if sink is not None:
-        written = write_split(ordered, sink / "data", "_rank", data_schema(kind), num_workers)
-        assert written == selection.num_rows, "written rows differ from the plan"
+        written = write_split(ordered, sink / "data", "_rank", schema, num_workers)
+        assert written == plan.selection.num_rows, "written rows differ from the plan"
         finish_split(sink / "rejects", REJECT_SCHEMA)
-        split_info["data"] = {"num_rows": written, "num_files": _num_files(sink / "data")}
+        split_info["data"] = {"num_rows": written, "num_files": num_files(sink / "data")}
+    out_ds = ordered.select_columns(schema.names)
+    if mix.prepare is None or (sink is None and not prepared):
+        return split_info, None, out_ds
+    prep_ds, prep_info = prep.prepare(ordered, mix, sink, num_workers, refs)
+    for reason, n in prep_info.get("rejects", {}).items():
+        for s_label, k in n.items():
+            idx = next(s.idx for s in sources if s.label == s_label)
+            plan.rejects[idx][reason] = plan.rejects[idx].get(reason, 0) + k
+    if sink is not None:
+        split = prep_info["split"]
+        split_info[split] = {"num_rows": prep_info["num_rows"], "num_files": num_files(sink / split)}
+    return split_info, prep_info, prep_ds if prepared else out_ds
 
-    prep_info = None
-    out_ds = ordered.select_columns(data_cols)
-    if mix.prepare is not None and (sink is not None or prepared):
-        prep_ds, prep_info = prep.prepare(
-            ordered,
-            mix,
-            sink,
-            num_workers,
-            {"files": files_by_source, "file_types": types_by_source},
-        )
-        for reason, n in prep_info.get("rejects", {}).items():
-            for s_label, k in n.items():
-                idx = next(s.idx for s in sources if s.label == s_label)
-                rejects[idx][reason] = rejects[idx].get(reason, 0) + k
-        if prepared:
-            out_ds = prep_ds
-        if sink is not None:
-            split = prep_info["split"]
-            split_info[split] = {
-                "num_rows": prep_info["num_rows"],
-                "num_files": _num_files(sink / split),
-            }
 
+def _manifest(
+    mix: MixConfig,
+    sources: list[SourcePlan],
+    read: _Read,
+    plan: _Plan,
+    split_info: dict[str, Any],
+    prep_info: dict[str, Any] | None,
+) -> dict[str, Any]:
+    """The mix's ``manifest.json``: counts per source after every step, rejects, tokens."""
+    selection, decon = plan.selection, mix.decontaminate
     sel_src = (selection.pos >> np.uint64(48)).astype(np.int64)
     selected_by_src = (
         dict(zip(*np.unique(sel_src, return_counts=True), strict=True)) if len(sel_src) else {}
     )
     by_reason: dict[str, int] = {}
-    for r in rejects.values():
+    for r in plan.rejects.values():
         for reason, n in r.items():
             by_reason[reason] = by_reason.get(reason, 0) + n
     source_entries = {}
     for s in sources:
-        codes = fmt_codes[src == s.idx]
+        codes = plan.fmt_codes[plan.src == s.idx]
         fmts = {
             FORMAT_CODES[c] if c >= 0 else "unknown": int(n)
             for c, n in zip(*np.unique(codes, return_counts=True), strict=True)
@@ -704,23 +669,24 @@ def _build(
             "detected_formats": fmts,
             "weight": s.weight,
             "max_samples": s.max_samples,
-            "files": file_infos[s.idx],
-            "counts": {**counts[s.idx], "selected": n_sel},
-            "quota": quotas.get(s.idx, 0),
-            "repeats": max(0, n_sel - available[s.idx]),
+            "files": read.file_infos[s.idx],
+            "counts": {**plan.counts[s.idx], "selected": n_sel},
+            "quota": plan.quotas.get(s.idx, 0),
+            "repeats": max(0, n_sel - plan.available[s.idx]),
             "share": n_sel / selection.num_rows if selection.num_rows else 0.0,
-            "rejects": dict(sorted(rejects[s.idx].items())),
+            "rejects": dict(sorted(plan.rejects[s.idx].items())),
         }
-    manifest = {
+    eval_sets = read.eval_index.sets.items() if read.eval_index else []
+    return {
         "format": MANIFEST_FORMAT,
         "stage": "data",
         "name": mix.name,
-        "kind": kind,
+        "kind": mix.kind,
         "created": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
         "config": mix.to_dict(),
         "config_hash": config_hash(mix),
         "num_rows": selection.num_rows,
-        "columns": data_cols,
+        "columns": LAYOUT[mix.kind].data.names,
         "splits": split_info,
         "steps": list(STEPS),
         "sources": source_entries,
@@ -733,20 +699,37 @@ def _build(
         else {
             "ngram": decon.ngram,
             "deny_tasks": decon.deny_tasks,
-            "eval_sets": {
-                k: int(len(v)) for k, v in (eval_index.sets.items() if eval_index else [])
-            },
+            "eval_sets": {k: int(len(v)) for k, v in eval_sets},
         },
         "tokens": None
         if prep_info is None
         else {"total": prep_info["num_tokens"], "by_source": prep_info["tokens_by_source"]},
         "prepare": prep_info,
-        "warnings": warnings,
+        "warnings": plan.warnings,
         "versions": library_versions(),
     }
-    if selection.num_rows == 0:
+
+
+def _build(
+    mix: MixConfig,
+    sink: Path | None,
+    synth_dir: str | os.PathLike | None,
+    num_workers: int | None,
+    prepared: bool,
+) -> MixResult:
+    """Build one mix in the four passes of the module docstring."""
+    sources = plan_sources(mix, synth_dir)
+    read = _read_pass(mix, sources, num_workers)
+    plan = _plan(mix, sources, read.rows)
+    ordered = _select_pass(mix, read, plan, sink, num_workers)
+    read.rows = None  # the read rows are in ``ordered`` now; free the object store
+    split_info, prep_info, out_ds = _write_pass(
+        mix, ordered, plan, sources, sink, num_workers, prepared, read.refs
+    )
+    manifest = _manifest(mix, sources, read, plan, split_info, prep_info)
+    if plan.selection.num_rows == 0:
         log.warning("mix %r is empty: every row was rejected or none was asked for", mix.name)
-    return MixResult(mix.name, kind, sink, selection.num_rows, manifest, out_ds)
+    return MixResult(mix.name, mix.kind, sink, plan.selection.num_rows, manifest, out_ds)
 
 
 def build_mix(
@@ -815,13 +798,11 @@ def read_prepared(path: str | os.PathLike, split: str = "auto") -> Any:
     """
     import ray.data
 
-    from solar_ray.data.shards import shard_files
-
-    manifest = read_data_manifest(path)
+    manifest = read_manifest(path)
     if split == "auto":
         split = (manifest.get("prepare") or {}).get("split", "data")
     if split not in manifest.get("splits", {}) and split != "rejects":
-        raise DataOutputError(
+        raise DataError(
             f"{path}: no {split!r} split (has {', '.join(manifest.get('splits', {}))})"
         )
     with ordered_context():

@@ -1,13 +1,8 @@
 """Normalizers: every source format into one of three schemas, bad rows into reasons.
 
-=========== ===============================================================================
-kind        columns of ``data/part-*.parquet``
-=========== ===============================================================================
-pretrain    ``text`` (string), ``source`` (string)
-sft         ``messages`` (list<struct<role: string, content: string>>), ``source``
-preference  ``prompt``, ``chosen``, ``rejected`` (strings), ``system`` (string, "" when
-            none), ``source``
-=========== ===============================================================================
+The rows land in the ``data`` split of :mod:`solar_ray.data.contract`'s layout (pretrain
+``text``; sft ``messages``; preference ``prompt``, ``chosen``, ``rejected``, ``system``;
+each with ``source``).
 
 Formats (``format:`` of a source; ``auto`` detects per file from its first records):
 
@@ -36,29 +31,29 @@ import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, get_args
 
 import numpy as np
 import pyarrow as pa
 
+from solar_ray.data.config import FORMATS_BY_KIND, Format
+from solar_ray.data.contract import LAYOUT, REJECT_SCHEMA
 from solar_ray.data.decontam import EvalIndex, deny_match
-from solar_ray.data.keys import MAX_RECORDS_PER_FILE, hash64, make_pos
+from solar_ray.data.keys import MAX_RECORDS_PER_FILE, hash64, make_pos, row_ref
 from solar_ray.data.sources import Record, iter_records
 
 __all__ = [
     "FORMAT_CODES",
     "INTERNAL_FIELDS",
-    "MESSAGE_TYPE",
     "REJECT_REASONS",
-    "REJECT_SCHEMA",
     "FilterOptions",
     "RowError",
     "content_hash",
-    "data_schema",
     "detect_format",
     "internal_schema",
     "normalize_file",
     "normalize_record",
+    "reject_table",
     "row_texts",
 ]
 
@@ -86,19 +81,6 @@ REJECT_REASONS: dict[str, str] = {
     "template_error": "prepare",
 }
 
-MESSAGE_TYPE = pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])
-
-_KIND_FIELDS: dict[str, list[pa.Field]] = {
-    "pretrain": [pa.field("text", pa.string())],
-    "sft": [pa.field("messages", pa.list_(MESSAGE_TYPE))],
-    "preference": [
-        pa.field("prompt", pa.string()),
-        pa.field("chosen", pa.string()),
-        pa.field("rejected", pa.string()),
-        pa.field("system", pa.string()),
-    ],
-}
-
 INTERNAL_FIELDS: list[pa.Field] = [
     pa.field("_pos", pa.uint64()),
     pa.field("_hash", pa.uint64()),
@@ -109,30 +91,8 @@ INTERNAL_FIELDS: list[pa.Field] = [
     pa.field("_raw", pa.string()),
 ]
 
-REJECT_SCHEMA = pa.schema(
-    [
-        pa.field("source", pa.string()),
-        pa.field("ref", pa.string()),
-        pa.field("step", pa.string()),
-        pa.field("reason", pa.string()),
-        pa.field("detail", pa.string()),
-        pa.field("raw", pa.string()),
-    ]
-)
-
 #: small integer codes of the formats (the ``_fmt`` column), for per-file format counts
-FORMAT_CODES: tuple[str, ...] = (
-    "text",
-    "alpaca",
-    "openorca",
-    "sharegpt",
-    "messages",
-    "gsm8k",
-    "math",
-    "preference",
-    "ultrafeedback",
-    "orca_dpo",
-)
+FORMAT_CODES: tuple[str, ...] = get_args(Format)[1:]  # all but "auto"
 
 _ROLE_MAP = {
     "system": "system",
@@ -152,14 +112,27 @@ _DETECT_ROWS = 100
 _WS = re.compile(r"\s+")
 
 
-def data_schema(kind: str) -> pa.Schema:
-    """The Arrow schema of a mix's ``data/`` shards for ``kind``."""
-    return pa.schema([*_KIND_FIELDS[kind], pa.field("source", pa.string())])
+def reject_table(
+    sources: Any, positions: Any, reasons: list, details: list, refs: dict, raws: Any = None
+) -> pa.Table:
+    """Rows of the ``rejects`` split: each row's source, where it came from (``row_ref`` of
+    its position), the step and reason it was quarantined for, and its raw preview."""
+    return pa.table(
+        {
+            "source": sources,
+            "ref": [row_ref(int(p), refs["files"], refs["file_types"]) for p in positions],
+            "step": [REJECT_REASONS.get(r, "other") for r in reasons],
+            "reason": reasons,
+            "detail": details,
+            "raw": pa.nulls(len(reasons), pa.string()) if raws is None else raws,
+        },
+        schema=REJECT_SCHEMA,
+    )
 
 
 def internal_schema(kind: str) -> pa.Schema:
-    """``data_schema`` plus the internal columns the pipeline carries between passes."""
-    return pa.schema([*data_schema(kind), *INTERNAL_FIELDS])
+    """The kind's ``data`` schema plus the internal columns carried between passes."""
+    return pa.schema([*LAYOUT[kind].data, *INTERNAL_FIELDS])
 
 
 class RowError(Exception):
@@ -468,8 +441,6 @@ def normalize_file(
     ``_nchars``; quarantined rows carry ``_reason``/``_detail``/``_raw`` and nulls. Plain
     Python: the Ray pipeline calls it once per file inside a task.
     """
-    from solar_ray.data.config import FORMATS_BY_KIND
-
     filters = filters or FilterOptions(kind=kind)
     schema = internal_schema(kind)
     allowed = FORMATS_BY_KIND[kind]
@@ -484,7 +455,7 @@ def normalize_file(
     if task_field is None and fmt_used == "openorca":
         task_field = "id"  # OpenOrca ids read like "flan.2136716" / "niv.242" / "cot.85"
 
-    kind_cols = [f.name for f in _KIND_FIELDS[kind]]
+    kind_cols = [name for name in LAYOUT[kind].data.names if name != "source"]
 
     def empty_cols() -> dict[str, list]:
         return {name: [] for name in schema.names}

@@ -1,15 +1,9 @@
 """Preparation for training, on Ray Data: pack (pretrain), tokenize (sft), template (preference).
 
-=========== ============ ==========================================================
-kind        split        columns
-=========== ============ ==========================================================
-pretrain    ``packed``    ``input_ids``, ``position_ids`` (list<int32>, exactly
-                         ``seq_len`` each; EOS after every document)
-sft         ``tokenized`` ``input_ids``, ``assistant_masks`` (0/1), ``labels`` (-100
-                         off the assistant turns), all list<int32>; ``source``
-preference  ``tokenized`` ``prompt`` (chat-templated, generation prompt included),
-                         ``chosen``, ``rejected`` (answer texts); ``source``
-=========== ============ ==========================================================
+Each kind's prepared split and its columns are :data:`solar_ray.data.contract.LAYOUT`'s:
+``packed`` (pretrain: ``input_ids``, ``position_ids``, exactly ``seq_len`` each, EOS after
+every document), ``tokenized`` (sft: ``input_ids``, ``assistant_masks``, ``labels``;
+preference: the chat-templated ``prompt``, ``chosen``, ``rejected``).
 
 The per-row work is the plain functions of :mod:`solar_ray.data.pack` and
 :mod:`solar_ray.data.templates`; this module runs them over Ray Data batches. The tokenizer
@@ -37,44 +31,19 @@ from solar_ray.data._ray import (
     share,
     sort_by_rank,
     task_pool,
+    write_split,
 )
 from solar_ray.data.config import MixConfig, PrepareConfig
-from solar_ray.data.mix import row_ref, write_split
-from solar_ray.data.normalize import REJECT_REASONS, REJECT_SCHEMA, RowError
+from solar_ray.data.contract import LAYOUT, write_shard
+from solar_ray.data.normalize import RowError, reject_table
 from solar_ray.data.pack import Fragment, pack_span_flat, stitch_fragments
-from solar_ray.data.shards import write_shard
 from solar_ray.data.templates import ensure_chat_template, template_prompt, tokenize_sft
 from solar_ray.errors import UserError
 
-__all__ = [
-    "PACKED_SCHEMA",
-    "PREFERENCE_SCHEMA",
-    "SFT_SCHEMA",
-    "load_tokenizer",
-    "pack_pretrain",
-    "prepare",
-]
+__all__ = ["load_tokenizer", "pack_pretrain", "prepare"]
 
 log = logging.getLogger(__name__)
 
-_I32 = pa.list_(pa.int32())
-PACKED_SCHEMA = pa.schema([pa.field("input_ids", _I32), pa.field("position_ids", _I32)])
-SFT_SCHEMA = pa.schema(
-    [
-        pa.field("input_ids", _I32),
-        pa.field("assistant_masks", _I32),
-        pa.field("labels", _I32),
-        pa.field("source", pa.string()),
-    ]
-)
-PREFERENCE_SCHEMA = pa.schema(
-    [
-        pa.field("prompt", pa.string()),
-        pa.field("chosen", pa.string()),
-        pa.field("rejected", pa.string()),
-        pa.field("source", pa.string()),
-    ]
-)
 #: tokens per packed shard (about 256 MiB of int32 ids + positions)
 PACKED_TOKENS_PER_FILE = 1 << 25
 
@@ -142,17 +111,8 @@ def _write_rejects(
 ) -> None:
     if not rows or reject_dir is None:
         return
-    table = pa.table(
-        {
-            "source": [r[0] for r in rows],
-            "ref": [row_ref(r[1], refs["files"], refs["file_types"]) for r in rows],
-            "step": [REJECT_REASONS[r[2]] for r in rows],
-            "reason": [r[2] for r in rows],
-            "detail": [r[3] for r in rows],
-            "raw": pa.nulls(len(rows), pa.string()),
-        },
-        schema=REJECT_SCHEMA,
-    )
+    sources, positions, reasons, details = (list(col) for col in zip(*rows, strict=True))
+    table = reject_table(sources, positions, reasons, details, refs)
     write_shard(table, reject_dir, f"part-1-{first_rank:012d}.parquet")
 
 
@@ -333,10 +293,11 @@ def pack_pretrain(
     full = pieces.map_batches(_only, batch_format="pyarrow", fn_kwargs={"frag": False})
     blocks_per_file = max(1, PACKED_TOKENS_PER_FILE // seq_len)
     packed = sort_by_rank(full.union(extra), "_block", num_blocks, blocks_per_file)
-    out = _write_or_keep(packed, sink, "packed", "_block", PACKED_SCHEMA, num_workers)
+    layout = LAYOUT["pretrain"]
+    out = _write_or_keep(packed, sink, layout.prepared_split, "_block", layout.prepared, num_workers)
     dropped = total - (num_blocks * seq_len - stitched.num_padding)
     info = {
-        "split": "packed",
+        "split": layout.prepared_split,
         "seq_len": seq_len,
         "eos_id": eos,
         "add_special_tokens": cfg.add_special_tokens,
@@ -457,11 +418,8 @@ def _prepare_rows(
 ) -> tuple[Any, dict]:
     cfg = mix.prepare
     assert cfg is not None
-    fn, schema = (
-        (_tokenize_sft_batch, SFT_SCHEMA)
-        if mix.kind == "sft"
-        else (_template_batch, PREFERENCE_SCHEMA)
-    )
+    layout = LAYOUT[mix.kind]
+    fn = _tokenize_sft_batch if mix.kind == "sft" else _template_batch
     with ordered_context():
         done = ordered.map_batches(
             fn,
@@ -484,7 +442,7 @@ def _prepare_rows(
     good = meta.filter(ok)
     ntok = column_np(good, "_ntok", np.int64)
     info: dict[str, Any] = {
-        "split": "tokenized",
+        "split": layout.prepared_split,
         "seq_len": cfg.seq_len,
         "overflow": cfg.overflow,
         "chat_template": cfg.chat_template or "tokenizer",
@@ -496,7 +454,7 @@ def _prepare_rows(
     if mix.kind == "sft":
         info["num_assistant_tokens"] = int(column_np(good, "_nasst", np.int64).sum())
     valid = done.map_batches(_keep_valid, batch_format="pyarrow")
-    out = _write_or_keep(valid, sink, "tokenized", "_rank", schema, num_workers)
+    out = _write_or_keep(valid, sink, layout.prepared_split, "_rank", layout.prepared, num_workers)
     return out, info
 
 

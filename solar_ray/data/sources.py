@@ -1,10 +1,11 @@
 """Readers: JSONL, JSON, Parquet and CSV from local paths and URIs, record by record.
 
-Paths go through fsspec, so ``s3://``, ``gs://``, ``hf://datasets/...`` (huggingface_hub's
-filesystem) and ``file://`` work wherever their filesystem package is installed; for s3/gs/
-hdfs without s3fs/gcsfs, pyarrow's own filesystems are used through fsspec's
-``ArrowFSWrapper``. Compressed files (``.gz``, ``.zst``, ``.bz2``, ``.xz``) are read through
-fsspec's ``compression="infer"``.
+Paths go through fsspec (:func:`solar_ray.fs.fsspec_filesystem`), so ``s3://``, ``gs://``,
+``hf://datasets/...`` (huggingface_hub's filesystem) and ``file://`` work wherever their
+filesystem package is installed (s3/gs/hdfs also without s3fs/gcsfs, through pyarrow).
+Compressed files (``.gz``, ``.zst``, ``.bz2``, ``.xz``) are read through fsspec's
+``compression="infer"``. Besides the data stage's file types, ``text`` reads a plain text
+file as one record per blank-line-separated paragraph (evaluation's ``.txt``/``.md``).
 
 :func:`iter_records` never raises on a bad *row*: it yields a :class:`Record` whose
 ``reason`` says why the row is unusable (``invalid_json``, ``undecodable_text``,
@@ -17,12 +18,12 @@ from __future__ import annotations
 import csv
 import io
 import json
-import os
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
 from solar_ray.errors import UserError
+from solar_ray.fs import fsspec_filesystem, qualify
 
 __all__ = [
     "FILE_TYPES",
@@ -30,7 +31,6 @@ __all__ = [
     "SourceError",
     "detect_file_type",
     "expand_paths",
-    "filesystem_for",
     "iter_records",
 ]
 
@@ -63,29 +63,6 @@ class Record:
     raw: str | None = None
 
 
-def filesystem_for(url: str) -> tuple[Any, str]:
-    """``(fsspec filesystem, path inside it)`` for a local path or a URI."""
-    import fsspec
-
-    try:
-        return fsspec.core.url_to_fs(url)
-    except ImportError as e:
-        protocol = url.split("://", 1)[0] if "://" in url else "file"
-        if protocol in ("s3", "s3a", "gs", "gcs", "hdfs", "viewfs"):
-            try:
-                import pyarrow.fs as pafs
-                from fsspec.implementations.arrow import ArrowFSWrapper
-
-                pa_fs, path = pafs.FileSystem.from_uri(url.replace("s3a://", "s3://"))
-                return ArrowFSWrapper(pa_fs), path
-            except Exception:  # fall through to the message naming the package
-                pass
-        raise SourceError(
-            f"cannot read {url!r}: the {protocol}:// filesystem needs a package that is not "
-            f"installed ({e})"
-        ) from None
-
-
 def _strip_compression(name: str) -> str:
     low = name.lower()
     for suffix in _COMPRESSION:
@@ -103,12 +80,6 @@ def detect_file_type(path: str) -> str | None:
     return None
 
 
-def _qualify(fs: Any, path: str, original: str) -> str:
-    if "://" in original and not original.startswith("file://"):
-        return fs.unstrip_protocol(path)
-    return os.path.abspath(path)
-
-
 def expand_paths(patterns: list[str], field: str = "path") -> list[str]:
     """Expand paths, globs and directories into a sorted list of files.
 
@@ -117,7 +88,7 @@ def expand_paths(patterns: list[str], field: str = "path") -> list[str]:
     """
     out: list[str] = []
     for pattern in patterns:
-        fs, path = filesystem_for(pattern)
+        fs, path = fsspec_filesystem(pattern)
         try:
             if any(c in path for c in _GLOB_CHARS):
                 found = sorted(p for p in fs.glob(path) if fs.isfile(p))
@@ -127,15 +98,13 @@ def expand_paths(patterns: list[str], field: str = "path") -> list[str]:
                 found = [path]
             else:
                 found = []
-        except SourceError:
-            raise
         except Exception as e:
             raise SourceError(
                 f"{field}: cannot list {pattern!r}: {type(e).__name__}: {e}"
             ) from None
         if not found:
             raise SourceError(f"{field}: {pattern!r} matches no files")
-        out.extend(_qualify(fs, p, pattern) for p in found)
+        out.extend(qualify(p, pattern) for p in found)
     seen: set[str] = set()
     return [p for p in out if not (p in seen or seen.add(p))]
 
@@ -146,19 +115,28 @@ def _preview(raw: bytes | str) -> str:
     return raw[:RAW_PREVIEW_CHARS]
 
 
-def _parse_object(text: str, index: int, raw: bytes | str) -> Record:
+def _record(index: int, obj: Any, text_key: str | None, raw: bytes | str | None = None) -> Record:
+    """A parsed JSON value as a record: an object, or a string under ``text_key`` when set."""
+    if isinstance(obj, dict):
+        return Record(index, obj)
+    if isinstance(obj, str) and text_key:
+        return Record(index, {text_key: obj})
+    if raw is None:
+        raw = json.dumps(obj, default=str)
+    return Record(
+        index, None, "invalid_json", f"a {type(obj).__name__}, not an object", _preview(raw)
+    )
+
+
+def _parse_object(text: str, index: int, raw: bytes | str, text_key: str | None) -> Record:
     try:
         obj = json.loads(text)
     except (json.JSONDecodeError, RecursionError) as e:
         return Record(index, None, "invalid_json", str(e)[:200], _preview(raw))
-    if not isinstance(obj, dict):
-        return Record(
-            index, None, "invalid_json", f"a {type(obj).__name__}, not an object", _preview(raw)
-        )
-    return Record(index, obj)
+    return _record(index, obj, text_key, raw)
 
 
-def _iter_jsonl(f: Any) -> Iterator[Record]:
+def _iter_jsonl(f: Any, text_key: str | None = None) -> Iterator[Record]:
     for index, line in enumerate(f):
         if not line.strip():
             continue
@@ -169,10 +147,10 @@ def _iter_jsonl(f: Any) -> Iterator[Record]:
                 index, None, "undecodable_text", f"not UTF-8 at byte {e.start}", _preview(line)
             )
             continue
-        yield _parse_object(text, index, line)
+        yield _parse_object(text, index, line, text_key)
 
 
-def _iter_json(f: Any) -> Iterator[Record]:
+def _iter_json(f: Any, text_key: str | None = None) -> Iterator[Record]:
     blob = f.read()
     try:
         text = blob.decode("utf-8-sig")
@@ -189,7 +167,7 @@ def _iter_json(f: Any) -> Iterator[Record]:
         obj = json.loads(text)
     except json.JSONDecodeError:
         # many ".json" files are JSON Lines
-        yield from _iter_jsonl(io.BytesIO(blob))
+        yield from _iter_jsonl(io.BytesIO(blob), text_key)
         return
     if isinstance(obj, dict):
         lists = [v for v in obj.values() if isinstance(v, list)]
@@ -203,19 +181,10 @@ def _iter_json(f: Any) -> Iterator[Record]:
         )
         return
     for index, item in enumerate(obj):
-        if isinstance(item, dict):
-            yield Record(index, item)
-        else:
-            yield Record(
-                index,
-                None,
-                "invalid_json",
-                f"a {type(item).__name__}, not an object",
-                _preview(json.dumps(item, default=str)),
-            )
+        yield _record(index, item, text_key)
 
 
-def _iter_parquet(f: Any) -> Iterator[Record]:
+def _iter_parquet(f: Any, text_key: str | None = None) -> Iterator[Record]:
     import pyarrow.parquet as pq
 
     index = 0
@@ -233,7 +202,7 @@ def _has_surrogates(s: str) -> bool:
     return False
 
 
-def _iter_csv(f: Any) -> Iterator[Record]:
+def _iter_csv(f: Any, text_key: str | None = None) -> Iterator[Record]:
     text = io.TextIOWrapper(f, encoding="utf-8-sig", errors="surrogateescape", newline="")
     reader = csv.DictReader(text)
     index = 0
@@ -268,19 +237,38 @@ def _iter_csv(f: Any) -> Iterator[Record]:
         index += 1
 
 
-_READERS = {"jsonl": _iter_jsonl, "json": _iter_json, "parquet": _iter_parquet, "csv": _iter_csv}
+def _iter_text(f: Any, text_key: str | None = None) -> Iterator[Record]:
+    """Plain text: one record ``{text_key: paragraph}`` per blank-line-separated paragraph."""
+    blob = f.read()
+    try:
+        text = blob.decode("utf-8")
+    except UnicodeDecodeError as e:
+        yield Record(-1, None, "undecodable_text", f"file is not UTF-8 at byte {e.start}",
+                     _preview(blob[:200]))  # fmt: skip
+        return
+    paragraphs = (p.strip() for p in text.replace("\r\n", "\n").replace("\r", "\n").split("\n\n"))
+    for index, paragraph in enumerate(p for p in paragraphs if p):
+        yield Record(index, {text_key or "text": paragraph})
 
 
-def iter_records(path: str, file_type: str = "auto") -> Iterator[Record]:
-    """Yield every record of one file; bad rows and unreadable files become reasons, not errors."""
+_READERS = {"jsonl": _iter_jsonl, "json": _iter_json, "parquet": _iter_parquet, "csv": _iter_csv,
+            "text": _iter_text}  # fmt: skip
+
+
+def iter_records(path: str, file_type: str = "auto", text_key: str | None = None) -> Iterator[Record]:
+    """Yield every record of one file; bad rows and unreadable files become reasons, not errors.
+
+    ``file_type`` is one of :data:`FILE_TYPES` or ``text`` (paragraphs); ``auto`` tells it
+    from the extension. ``text_key``: a JSON string where a record is expected becomes the
+    record ``{text_key: string}`` (evaluation's text lists) instead of an ``invalid_json`` row.
+    """
     if file_type == "auto":
         file_type = detect_file_type(path) or "jsonl"
     reader = _READERS[file_type]
     try:
-        import fsspec
-
+        fs, inner = fsspec_filesystem(path)
         compression = None if file_type == "parquet" else "infer"
-        with fsspec.open(path, "rb", compression=compression) as f:
-            yield from reader(f)
+        with fs.open(inner, "rb", compression=compression) as f:
+            yield from reader(f, text_key)
     except Exception as e:  # a corrupt or vanished file: one quarantined record, the job goes on
         yield Record(-1, None, "unreadable_file", f"{type(e).__name__}: {str(e)[:200]}")

@@ -44,8 +44,8 @@ from solar_ray.checkpoint import (
     write_json_atomic,
 )
 from solar_ray.data.config import SynthMathConfig, config_hash
+from solar_ray.data.contract import DATA_MANIFEST, LAYOUT, shard_name, write_shard
 from solar_ray.data.keys import hash64
-from solar_ray.data.shards import DATA_MANIFEST, write_shard
 
 __all__ = [
     "MathSeed",
@@ -76,28 +76,10 @@ _REJECT_SCHEMA = pa.schema(
         pa.field("rephrased_answer", pa.string()),
     ]
 )
-_INSTRUCT_SCHEMA = pa.schema(
-    [
-        pa.field(
-            "messages",
-            pa.list_(pa.struct([pa.field("role", pa.string()), pa.field("content", pa.string())])),
-        ),
-        pa.field("source", pa.string()),
-        pa.field("seed_id", pa.string()),
-        pa.field("final_answer", pa.string()),
-    ]
-)
-_ALIGNMENT_SCHEMA = pa.schema(
-    [
-        pa.field("prompt", pa.string()),
-        pa.field("chosen", pa.string()),
-        pa.field("rejected", pa.string()),
-        pa.field("system", pa.string()),
-        pa.field("source", pa.string()),
-        pa.field("seed_id", pa.string()),
-        pa.field("final_answer", pa.string()),
-    ]
-)
+_SEED_FIELDS = [("seed_id", pa.string()), ("final_answer", pa.string())]
+#: the sft and preference ``data`` schemas (what a mix's source reads) with the seed
+_INSTRUCT_SCHEMA = pa.schema([*LAYOUT["sft"].data, *_SEED_FIELDS])
+_ALIGNMENT_SCHEMA = pa.schema([*LAYOUT["preference"].data, *_SEED_FIELDS])
 
 
 @dataclass(frozen=True)
@@ -709,7 +691,7 @@ def run_synth_math(
             ("alignment", result.alignment),
             ("rejects", result.rejects),
         ):
-            write_shard(table, Path(tmp) / split, "part-000000000000.parquet")
+            write_shard(table, Path(tmp) / split, shard_name(0))
         result.manifest["path"] = str(out)
         write_json_atomic(Path(tmp) / DATA_MANIFEST, result.manifest)
     result.out = out

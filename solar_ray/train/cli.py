@@ -16,16 +16,12 @@ from collections.abc import Callable
 from solar_ray.config import add_config_args, add_field_flags, flag_values, load_config
 
 
-def _config_class(command: str) -> type:
-    from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
-
-    return {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}[command]
-
-
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     """Add the stage's arguments (one per config field) to ``parser``; return the runner."""
+    from solar_ray.stages import stage
+
     add_config_args(parser)
-    add_field_flags(parser, _config_class(command))
+    add_field_flags(parser, stage(command).config)
 
     def run(args: argparse.Namespace) -> int:
         return _run(command, args)
@@ -34,15 +30,14 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
 
 
 def _run(command: str, args: argparse.Namespace) -> int:
-    cls = _config_class(command)
-    cfg = load_config(cls, args.config, args.overrides, data=flag_values(args, cls))
-    if command == "pretrain":
-        from solar_ray.train.pretrain import run_pretrain as run
-    elif command == "sft":
-        from solar_ray.train.sft import run_sft as run
-    else:
-        from solar_ray.train.dpo import run_dpo as run
-    result = run(cfg)  # type: ignore[arg-type]
+    from solar_ray.stages import stage
+
+    entry = stage(command)
+    cfg = load_config(entry.config, args.config, args.overrides, data=flag_values(args, entry.config))
+    run = entry.run
+    from solar_ray.remote import run_to_out
+
+    result = run_to_out(run, cfg)  # type: ignore[arg-type]
     metrics = result.metrics
     summary = ", ".join(
         f"{k}={metrics[k]:.4g}" if isinstance(metrics.get(k), float) else f"{k}={metrics.get(k)}"

@@ -10,22 +10,18 @@
 3. the run's storage (``storage_path``/``name``) remembers which config started it; a
    re-run continues from its latest checkpoint (Ray Train restores it), a different config
    under the same name is refused;
-4. a ``TorchTrainer`` (Ray Train V2) runs the per-worker loop with ``ScalingConfig``,
-   ``RunConfig(storage_path, name)``, ``FailureConfig`` and ``CheckpointConfig`` from the
-   config; a replaced worker resumes from the latest checkpoint. With ``local: true`` the
-   loop runs in this process instead (world size 1, no Ray);
+4. :func:`solar_ray.train.launch.launch_ray` (the one launcher, shared with Tune trials)
+   runs the per-worker loop on Ray Train; a replaced worker resumes from the latest
+   checkpoint. With ``local: true`` the loop runs in this process instead (world size 1,
+   no Ray);
 5. the final checkpoint's ``export/`` (a consolidated HF model) becomes ``out``
    atomically, with a model card and ``solar.json`` lineage: parent model and data with
    content hashes, the resolved config, the final metrics and the run's storage.
-
-``ray.init()`` is called only when Ray is not initialised yet; with ``RAY_ADDRESS`` set (as
-under ``ray job submit``) it joins that cluster.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import os
@@ -36,6 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from solar_ray import identity
 from solar_ray.checkpoint import (
     OutputExistsError,
     atomic_output_dir,
@@ -47,10 +44,12 @@ from solar_ray.checkpoint import (
     write_model_card,
 )
 from solar_ray.config import ConfigError
+from solar_ray.data.contract import MixInfo, open_mix
 from solar_ray.errors import UserError
+from solar_ray.fs import arrow_filesystem, is_uri
 from solar_ray.models import resolve_model
-from solar_ray.train.config import TrainConfig, is_uri
-from solar_ray.train.data import MixInfo, arrow_filesystem, open_mix
+from solar_ray.train.config import TrainConfig
+from solar_ray.train.launch import WorkerSpec, launch_ray, worker_spec
 from solar_ray.train.session import FINAL_MARKER, LocalSession
 
 __all__ = [
@@ -94,19 +93,12 @@ class StageInputs:
     extra_parents: list[dict[str, Any]] = field(default_factory=list)
 
     def signature(self) -> str:
-        """A cheap identity of the inputs (file names, sizes, mtimes; data fingerprints)."""
-        h = hashlib.sha256()
-        for d in (self.model_dir, self.ref_model_dir):
-            if d is None:
-                continue
-            for p in sorted(d.iterdir()):
-                if p.suffix == ".safetensors" or p.name in ("config.json", "tokenizer.json"):
-                    st = p.stat()
-                    h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-        for mix in (self.data, self.val):
-            if mix is not None:
-                h.update(mix.fingerprint.encode())
-        return h.hexdigest()[:16]
+        """A cheap identity of the inputs: the models' directory signatures and the mixes'
+        fingerprints (:mod:`solar_ray.identity`)."""
+        return identity.key(
+            [identity.dir_signature(d) for d in (self.model_dir, self.ref_model_dir) if d is not None],
+            [mix.fingerprint for mix in (self.data, self.val) if mix is not None],
+        )
 
 
 # --------------------------------------------------------------------------- validation
@@ -173,9 +165,7 @@ def validate_common(cfg: TrainConfig, data_kind: str, data_part: str | None = No
 
 
 def _run_fingerprint(cfg: TrainConfig, inputs: StageInputs) -> str:
-    return hashlib.sha256(
-        f"{cfg.stage}:{cfg.result_fingerprint()}:{inputs.signature()}".encode()
-    ).hexdigest()[:16]
+    return identity.key(cfg.stage, cfg.result_fingerprint(), inputs.signature())
 
 
 def finished_result(cfg: TrainConfig, inputs: StageInputs) -> TrainResult | None:
@@ -254,91 +244,14 @@ def _guard_run(cfg: TrainConfig, fingerprint: str, local_dir: str | None) -> Non
 # --------------------------------------------------------------------------- launch
 
 
-def worker_config(
-    cfg: TrainConfig, inputs: StageInputs, extra: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """The plain dict every worker loop receives (``train_loop_config``)."""
-    storage = cfg.resolved_storage_path
-    return {
-        "stage": cfg.stage,
-        "cfg": cfg.to_dict(),
-        "model_dir": str(inputs.model_dir),
-        "data_files": list(inputs.data.files),
-        "val_files": list(inputs.val.files) if inputs.val else [],
-        "storage_path": storage,
-        "run_name": cfg.run_name,
-        "local_run_dir": str(Path(storage) / cfg.run_name / "local") if cfg.local else None,
-        "extra": dict(extra or {}),
-    }
-
-
 @contextlib.contextmanager
-def _launch_local(
-    worker_fn: Callable[[dict], None], wcfg: dict[str, Any]
-) -> Iterator[tuple[Path, str]]:
-    worker_fn(wcfg)
-    final = LocalSession(wcfg["local_run_dir"]).latest_checkpoint_path
+def _launch_local(worker_fn: Callable[[dict], None], spec: WorkerSpec) -> Iterator[tuple[Path, str]]:
+    assert spec.local_run_dir is not None
+    worker_fn(spec.config())
+    final = LocalSession(spec.local_run_dir).latest_checkpoint_path
     if final is None or not (final / FINAL_MARKER).is_file():
         raise RuntimeError("the local training run ended without a final checkpoint")
     yield final, str(final)
-
-
-@contextlib.contextmanager
-def _launch_ray(
-    cfg: TrainConfig,
-    worker_fn: Callable[[dict], None],
-    wcfg: dict[str, Any],
-    datasets: dict[str, Any] | None,
-) -> Iterator[tuple[Path, str]]:
-    import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    if not ray.is_initialized():
-        ray.init()  # joins the cluster in RAY_ADDRESS (ray job submit), else starts one
-    resources = cfg.resources_per_worker or {"CPU": cfg.cpus_per_worker}
-    if cfg.use_gpu and cfg.resources_per_worker is None:
-        resources = {**resources, "GPU": 1}
-    if datasets:
-        spare = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * resources.get("CPU", 1)
-        if spare < 1:
-            log.warning(
-                "streaming: the workers take all %s CPUs of the cluster, so Ray Data has none "
-                "to read with and training will wait until the cluster grows; lower "
-                "cpus_per_worker or add CPU nodes",
-                ray.cluster_resources().get("CPU", 0),
-            )
-    trainer = TorchTrainer(
-        worker_fn,
-        train_loop_config=wcfg,
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=cfg.resolved_storage_path,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
-            # Ray Train sends print() to its logger, including prints into a redirected
-            # sys.stdout: dill's disassembly while datasets fingerprints TRL's map functions
-            # would flood the logs
-            worker_runtime_env={"env_vars": {"RAY_TRAIN_ENABLE_PRINT_PATCH": "0"}},
-        ),
-        datasets=datasets,
-    )
-    result = trainer.fit()
-    checkpoint = result.checkpoint
-    if checkpoint is None:
-        raise RuntimeError(f"the run {cfg.run_name!r} ended without a checkpoint")
-    with checkpoint.as_directory() as d:
-        if not (Path(d) / FINAL_MARKER).is_file():
-            raise RuntimeError(
-                f"the run {cfg.run_name!r} ended before its final export ({checkpoint.path})"
-            )
-        uri = checkpoint.path
-        if is_uri(cfg.resolved_storage_path):
-            uri = f"{cfg.resolved_storage_path.split('://')[0]}://{checkpoint.path}"
-        yield Path(d), uri
 
 
 class _Hasher:
@@ -385,24 +298,27 @@ def run_stage(
     worker_fn: Callable[[dict], None],
     inputs: StageInputs,
     *,
-    extra: dict[str, Any] | None = None,
+    spec_values: dict[str, Any] | None = None,
     datasets: dict[str, Any] | None = None,
     card_lines: list[str] | None = None,
 ) -> TrainResult:
-    """Skip if done, launch (Ray or local), export into ``cfg.out`` with lineage."""
+    """Skip if done, launch (Ray or local), export into ``cfg.out`` with lineage.
+
+    ``spec_values`` are the stage-specific fields of the workers' :class:`WorkerSpec`.
+    """
     done = finished_result(cfg, inputs)
     if done is not None:
         log.info("%s: %s is already this run's result; not training again", cfg.stage, done.out)
         return done
     fingerprint = _run_fingerprint(cfg, inputs)
-    wcfg = worker_config(cfg, inputs, extra)
-    _guard_run(cfg, fingerprint, wcfg["local_run_dir"])
+    spec = worker_spec(cfg, inputs, **(spec_values or {}))
+    _guard_run(cfg, fingerprint, spec.local_run_dir)
     parents_to_hash = [("model", inputs.model_dir, cfg.model)]
     if inputs.ref_model_dir is not None:
         parents_to_hash.append(("ref_model", inputs.ref_model_dir, getattr(cfg, "ref_model", "")))
     hasher = _Hasher(parents_to_hash)
     launch = (
-        _launch_local(worker_fn, wcfg) if cfg.local else _launch_ray(cfg, worker_fn, wcfg, datasets)
+        _launch_local(worker_fn, spec) if cfg.local else launch_ray(cfg, worker_fn, spec, datasets=datasets)
     )
     with launch as (final_dir, checkpoint_uri):
         metrics = json.loads((final_dir / FINAL_MARKER).read_text(encoding="utf-8"))

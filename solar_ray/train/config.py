@@ -22,21 +22,19 @@ wrong kind) fail in :func:`solar_ray.train.common.validate_inputs` before any wo
 
 from __future__ import annotations
 
-import hashlib
-import json
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from solar_ray.config import StageConfig
+from solar_ray.fs import local_path
 
 __all__ = [
     "DPOConfig",
     "PretrainConfig",
     "SFTConfig",
     "TrainConfig",
-    "is_uri",
 ]
 
 #: fields that change how a run is operated but not what it computes; a run restarted with
@@ -57,11 +55,6 @@ OPERATIONAL_FIELDS = frozenset(
         "out",
     }
 )
-
-
-def is_uri(path: str) -> bool:
-    """True for ``scheme://...`` storage URIs (s3://, gs://, ...), False for local paths."""
-    return "://" in path and not path.startswith("file://")
 
 
 class TrainConfig(StageConfig):
@@ -227,11 +220,7 @@ class TrainConfig(StageConfig):
     def resolved_storage_path(self) -> str:
         """Where Ray Train keeps this run (an absolute local path or a URI)."""
         if self.storage_path:
-            return (
-                self.storage_path
-                if is_uri(self.storage_path)
-                else str(Path(self.storage_path).expanduser().absolute())
-            )
+            return local_path(self.storage_path) or self.storage_path  # file:// -> a local path
         return str(Path(self.out).expanduser().absolute().parent / "ray_train")
 
     @property
@@ -255,8 +244,9 @@ class TrainConfig(StageConfig):
 
         A run in storage started with another fingerprint is refused rather than resumed.
         """
-        data = {k: v for k, v in self.to_dict().items() if k not in OPERATIONAL_FIELDS}
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:16]
+        from solar_ray.identity import config_key
+
+        return config_key(self.to_dict(), ignore=OPERATIONAL_FIELDS)
 
 
 class PretrainConfig(TrainConfig):

@@ -22,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
+from solar_ray import identity
+from solar_ray.cluster import init_ray
 from solar_ray.config import ConfigError
+from solar_ray.data.contract import DataError
+from solar_ray.fs import arrow_filesystem, parquet_files
+from solar_ray.remote import is_remote, local_copy
 from solar_ray.train.common import (
     StageInputs,
     TrainResult,
@@ -32,7 +37,6 @@ from solar_ray.train.common import (
     validate_model,
 )
 from solar_ray.train.config import DPOConfig
-from solar_ray.train.data import DataError, arrow_filesystem, held_out_mask
 from solar_ray.train.worker import WorkerEnv, run_worker
 
 __all__ = [
@@ -92,7 +96,10 @@ class RefLogpsPredictor:
     the values equal what ``DPOTrainer`` computes with a live reference model.
     """
 
-    def __init__(self, model_dir: str, max_length: int, use_gpu: bool, precision: str) -> None:
+    def __init__(
+        self, model_dir: str, max_length: int, use_gpu: bool, precision: str,
+        model_uri: str | None = None,
+    ) -> None:  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
         from trl.trainer.dpo_trainer import DataCollatorForPreference
@@ -100,6 +107,7 @@ class RefLogpsPredictor:
         self.torch = torch
         self.device = torch.device("cuda" if use_gpu else "cpu")
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+        model_dir = local_copy(model_dir, model_uri)  # an actor on another node: its own copy
         self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
@@ -141,19 +149,13 @@ def precompute_ref_logps(
     Output: ``<storage>/<name>/ref_logps/`` with ``key``, ``ref_chosen_logps`` and
     ``ref_rejected_logps``, plus ``ref_logps.json`` recording what it was computed from.
     """
-    import pyarrow.fs as pafs
     import ray
     import ray.data
 
     storage = cfg.resolved_storage_path.rstrip("/")
     out_uri = f"{storage}/{cfg.run_name}/{REF_DIR}"
     marker_uri = f"{storage}/{cfg.run_name}/{REF_MARKER}"
-    fingerprint = hashlib.sha256(
-        json.dumps(
-            [inputs.signature(), str(ref_dir), cfg.seq_len, cfg.precision_resolved],
-            sort_keys=True,
-        ).encode()
-    ).hexdigest()[:16]
+    fingerprint = identity.key(inputs.signature(), str(ref_dir), cfg.seq_len, cfg.precision_resolved)
     fs, marker_path = arrow_filesystem(marker_uri)
     _, out_path = arrow_filesystem(out_uri)
     try:
@@ -162,8 +164,7 @@ def precompute_ref_logps(
     except (FileNotFoundError, OSError, json.JSONDecodeError):
         done = None
     if done is None or done.get("fingerprint") != fingerprint:
-        if not ray.is_initialized():
-            ray.init()
+        init_ray()
         fs.delete_dir_contents(out_path, missing_dir_ok=True)
         files = list(inputs.data.files) + (list(inputs.val.files) if inputs.val else [])
         ds = ray.data.read_parquet(files, filesystem=inputs.data.filesystem).select_columns(
@@ -173,6 +174,7 @@ def precompute_ref_logps(
             RefLogpsPredictor,
             fn_constructor_kwargs={
                 "model_dir": str(ref_dir),
+                "model_uri": _remote_source(cfg.ref_model or cfg.model),
                 "max_length": cfg.seq_len,
                 "use_gpu": cfg.use_gpu,
                 "precision": cfg.precision_resolved,
@@ -186,11 +188,7 @@ def precompute_ref_logps(
         ds.write_parquet(out_path, filesystem=fs)
         with fs.open_output_stream(marker_path) as f:
             f.write(json.dumps({"fingerprint": fingerprint, "ref_model": str(ref_dir)}).encode())
-    selector = pafs.FileSelector(out_path, recursive=True)
-    written = sorted(
-        i.path for i in fs.get_file_info(selector)
-        if i.type == pafs.FileType.File and i.path.endswith(".parquet")
-    )  # fmt: skip
+    written = parquet_files(fs, out_path)
     if not written:
         raise RuntimeError(f"the reference pass wrote no Parquet files into {out_uri}")
     return written, fingerprint
@@ -214,19 +212,11 @@ def _attach_ref_logps(dataset: Any, table: Any) -> Any:
 
 
 def _dpo_datasets(env: WorkerEnv) -> tuple[Any, Any]:
-    from solar_ray.train.hf import load_hf_dataset
+    from solar_ray.train.hf import load_hf_dataset, load_hf_split
 
     cfg: DPOConfig = env.cfg  # type: ignore[assignment]
-    columns = ["prompt", "chosen", "rejected"]
-    data = load_hf_dataset(env.data_files, cfg.data, columns)
-    val = load_hf_dataset(env.val_files, cfg.val_data, columns) if cfg.val_data else None
-    if cfg.val_fraction > 0:
-        mask = held_out_mask(data.data.table.column("prompt"), cfg.val_fraction)
-        if not mask.any():
-            raise DataError(f"val_fraction: {cfg.val_fraction} of {len(mask)} rows holds out none")
-        val = data.select(np.flatnonzero(mask).tolist())
-        data = data.select(np.flatnonzero(~mask).tolist())
-    ref_files = env.extra.get("ref_logps_files")
+    data, val = load_hf_split(env, ["prompt", "chosen", "rejected"])
+    ref_files = env.spec.ref_logps_files
     if ref_files:
         table = load_hf_dataset(ref_files, cfg.resolved_storage_path).data.table
         data = _attach_ref_logps(data, table)
@@ -249,8 +239,8 @@ def _dpo(env: WorkerEnv, ckpt: Path | None) -> None:
 
     cfg: DPOConfig = env.cfg  # type: ignore[assignment]
     train_ds, eval_ds = _dpo_datasets(env)
-    precomputed = bool(env.extra.get("ref_logps_files"))
-    ref_dir = env.extra.get("ref_model_dir")
+    precomputed = bool(env.spec.ref_logps_files)
+    ref_dir = env.spec.ref_model_dir and local_copy(env.spec.ref_model_dir, env.spec.ref_model_uri)
 
     class SolarDPOTrainer(DeepSpeedCheckpointMixin, DPOTrainer):
         """DPOTrainer that takes reference log-probs already in the dataset as they are."""
@@ -310,6 +300,11 @@ def validate_dpo(cfg: DPOConfig) -> StageInputs:
     return inputs
 
 
+def _remote_source(source: str | None) -> str | None:
+    """``source`` when it is on object storage (workers elsewhere download it), else None."""
+    return source if source and is_remote(source) else None
+
+
 def run_dpo(cfg: DPOConfig) -> TrainResult:
     """DPO of ``cfg.model`` on the preference mix ``cfg.data`` into ``cfg.out``."""
     inputs = validate_dpo(cfg)
@@ -317,14 +312,17 @@ def run_dpo(cfg: DPOConfig) -> TrainResult:
     if done is not None:
         return done
     ref_dir = inputs.ref_model_dir or inputs.model_dir
-    extra: dict[str, Any] = {"ref_model_dir": str(inputs.ref_model_dir or "") or None}
+    spec_values: dict[str, Any] = {
+        "ref_model_dir": str(inputs.ref_model_dir) if inputs.ref_model_dir else None,
+        "ref_model_uri": _remote_source(cfg.ref_model) if inputs.ref_model_dir else None,
+    }
     if cfg.precompute_ref_logps:
         files, fingerprint = precompute_ref_logps(cfg, inputs, ref_dir)
-        extra["ref_logps_files"] = files
+        spec_values["ref_logps_files"] = files
         inputs.extra_parents.append(
             {"kind": "ref_logps", "role": "ref_logps", "sha256": fingerprint,
              "path": f"{cfg.resolved_storage_path.rstrip('/')}/{cfg.run_name}/{REF_DIR}"}
         )  # fmt: skip
     lines = [f"DPO: beta={cfg.beta}, loss_type={cfg.loss_type}, reference "
              f"{'precomputed (Ray Data)' if cfg.precompute_ref_logps else 'live'}."]  # fmt: skip
-    return run_stage(cfg, dpo_worker, inputs, extra=extra, card_lines=lines)
+    return run_stage(cfg, dpo_worker, inputs, spec_values=spec_values, card_lines=lines)

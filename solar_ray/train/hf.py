@@ -27,14 +27,15 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback
 
+from solar_ray.data.contract import held_out_rows, read_files
 from solar_ray.train.config import TrainConfig
-from solar_ray.train.data import arrow_filesystem
 from solar_ray.train.ds_config import build_deepspeed_config
 from solar_ray.train.metrics import Throughput
-from solar_ray.train.session import LocalSession
+from solar_ray.train.session import LocalSession, read_run_state, write_run_state
 from solar_ray.train.worker import WorkerEnv, finish_run
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "SaveAtSteps",
     "hf_training_kwargs",
     "load_hf_dataset",
+    "load_hf_split",
     "train_with_hf",
 ]
 
@@ -53,14 +55,22 @@ log = logging.getLogger(__name__)
 def load_hf_dataset(files: list[str], storage_hint: str, columns: list[str] | None = None) -> Any:
     """A ``datasets.Dataset`` over Parquet shards on a local path or URI."""
     import datasets
-    import pyarrow as pa
-    import pyarrow.parquet as pq
     from datasets.table import InMemoryTable
 
-    fs, _ = arrow_filesystem(storage_hint)
-    tables = [pq.read_table(f, columns=columns, filesystem=fs) for f in files]
-    table = pa.concat_tables(tables) if len(tables) > 1 else tables[0]
-    return datasets.Dataset(InMemoryTable(table))
+    return datasets.Dataset(InMemoryTable(read_files(files, storage_hint, columns)))
+
+
+def load_hf_split(env: WorkerEnv, columns: list[str]) -> tuple[Any, Any]:
+    """(train, held-out or None) ``datasets.Dataset`` of a worker's data: ``val_data``, or
+    the hashed ``val_fraction`` of ``data``'s rows."""
+    cfg = env.cfg
+    data = load_hf_dataset(env.data_files, cfg.data, columns)
+    if cfg.val_data:
+        return data, load_hf_dataset(env.val_files, cfg.val_data, columns)
+    if cfg.val_fraction <= 0:
+        return data, None
+    mask = held_out_rows(data.data.table, cfg.val_fraction, require=True)
+    return data.select(np.flatnonzero(~mask).tolist()), data.select(np.flatnonzero(mask).tolist())
 
 
 def hf_training_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dict[str, Any]:
@@ -183,23 +193,20 @@ class HeldOutRowsMixin:
 ROW_KEYS = ("eval_row_nll", "eval_row_tokens")
 
 
-#: written by rank 0 into every Trainer checkpoint: the run's history across restarts
-STATE_FILE = "solar_state.json"
-
-
 class MetricsCallback(TrainerCallback):
     """Loss, lr, grad norm, tokens/s to Ray Train and TensorBoard at every logging step.
 
-    Also keeps the loss history and the steps the run resumed from in ``solar_state.json``
-    inside each checkpoint (it runs before ``RayTrainReportCallback`` copies it).
+    Also keeps the run state (:func:`~solar_ray.train.session.write_run_state`: the loss
+    history and the steps the run resumed from) inside each checkpoint (it runs before
+    ``RayTrainReportCallback`` copies it).
     """
 
     def __init__(self, env: WorkerEnv, resumed_from: str | None) -> None:
         super().__init__()
         self.env = env
         previous: dict[str, Any] = {}
-        if resumed_from and (Path(resumed_from) / STATE_FILE).is_file():
-            previous = json.loads((Path(resumed_from) / STATE_FILE).read_text())
+        if resumed_from:
+            previous = read_run_state(Path(resumed_from)) or {}
         self.loss_history: list[list[float]] = previous.get("loss_history", [])
         self.eval_history: list[list[float]] = previous.get("eval_history", [])
         self.resumed_from: list[int] = previous.get("resumed_from", [])
@@ -243,14 +250,15 @@ class MetricsCallback(TrainerCallback):
 
         last = get_last_checkpoint(args.output_dir)
         if self.env.is_rank0 and last is not None:
-            (Path(last) / STATE_FILE).write_text(
-                json.dumps(
-                    {
-                        "loss_history": self.loss_history,
-                        "eval_history": self.eval_history,
-                        "resumed_from": self.resumed_from,
-                    }
-                )
+            write_run_state(
+                Path(last),
+                {
+                    "step": int(state.global_step),
+                    "tokens_seen": int(getattr(state, "num_input_tokens_seen", 0) or 0),
+                    "loss_history": self.loss_history,
+                    "eval_history": self.eval_history,
+                    "resumed_from": self.resumed_from,
+                },
             )
         if self.env.metrics is not None:
             self.env.metrics.sync()

@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from solar_ray.train.config import is_uri
+from solar_ray.fs import is_uri
 
 __all__ = [
     "MetricsWriter",

@@ -17,7 +17,6 @@ the shards (``streaming: false``) or its Ray Data shard (``streaming: true``).
 
 from __future__ import annotations
 
-import json
 import math
 import tempfile
 import time
@@ -27,6 +26,8 @@ from typing import Any
 
 import numpy as np
 
+from solar_ray.config import ConfigError
+from solar_ray.data.contract import DataError, held_out_rows, read_files
 from solar_ray.train.common import (
     StageInputs,
     TrainResult,
@@ -34,7 +35,7 @@ from solar_ray.train.common import (
     validate_common,
 )
 from solar_ray.train.config import PretrainConfig
-from solar_ray.train.data import DataError, arrow_filesystem, held_out_mask
+from solar_ray.train.session import STATE_FILE, read_run_state, write_run_state
 from solar_ray.train.worker import WorkerEnv, finish_run, run_worker
 
 __all__ = [
@@ -45,23 +46,14 @@ __all__ = [
     "validate_pretrain",
 ]
 
-STATE_FILE = "state.json"
 
 
 # --------------------------------------------------------------------------- data
 
 
 def _read_packed(files: list[str], storage_hint: str) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    fs, _ = arrow_filesystem(storage_hint)
-    tables = []
-    for f in files:
-        table = pq.read_table(f, filesystem=fs, memory_map=True)
-        cols = ["input_ids"] + (["position_ids"] if "position_ids" in table.column_names else [])
-        tables.append(table.select(cols))
-    return pa.concat_tables(tables) if len(tables) > 1 else tables[0]
+    table = read_files(files, storage_hint)
+    return table.select([c for c in ("input_ids", "position_ids") if c in table.column_names])
 
 
 def _to_matrix(column: Any, seq_len: int) -> np.ndarray:
@@ -245,17 +237,26 @@ def _val_batches(
     return out
 
 
-def _load_split(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """(train ids, train positions, held-out ids, held-out positions) from the shards."""
+def _load_split(
+    env: WorkerEnv, with_train: bool = True
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(train ids, train positions, held-out ids, held-out positions) from the shards.
+
+    The held-out rows are ``val_data``'s, else the hashed ``val_fraction`` of ``data``'s.
+    ``with_train=False`` (streaming: the training rows come from Ray Data) reads ``data``
+    only for its held-out rows and leaves the training arrays empty.
+    """
     cfg = env.cfg
-    table = _read_packed(env.data_files, cfg.data)
-    ids, pos = ids_and_positions(table, cfg.seq_len)
-    if cfg.val_data:
-        vtable = _read_packed(env.val_files, cfg.val_data)
-        vids, vpos = ids_and_positions(vtable, cfg.seq_len)
-        return ids, pos, vids, vpos
-    mask = held_out_mask(table.column("input_ids"), cfg.val_fraction)
-    return ids[~mask], pos[~mask], ids[mask], pos[mask]
+    ids = pos = val_ids = val_pos = np.zeros((0, cfg.seq_len), dtype=np.int64)
+    if cfg.val_data and env.val_files:
+        val_ids, val_pos = ids_and_positions(_read_packed(env.val_files, cfg.val_data), cfg.seq_len)
+    if env.data_files and (with_train or (not cfg.val_data and cfg.val_fraction > 0)):
+        table = _read_packed(env.data_files, cfg.data)
+        ids, pos = ids_and_positions(table, cfg.seq_len)
+        if not cfg.val_data:
+            mask = held_out_rows(table, cfg.val_fraction)
+            ids, pos, val_ids, val_pos = ids[~mask], pos[~mask], ids[mask], pos[mask]
+    return ids, pos, val_ids, val_pos
 
 
 def total_steps_for(cfg: PretrainConfig, num_train_rows: int) -> int:
@@ -323,7 +324,9 @@ def _resume(engine: Any, ckpt: Path | None) -> dict[str, Any]:
     }
     if ckpt is None:
         return state
-    saved = json.loads((ckpt / STATE_FILE).read_text())
+    saved = read_run_state(ckpt)
+    if saved is None or "tag" not in saved:
+        raise RuntimeError(f"{ckpt} holds no DeepSpeed run state ({STATE_FILE})")
     load_path, _ = engine.load_checkpoint(str(ckpt), tag=saved["tag"])
     if load_path is None:
         raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt}")
@@ -344,11 +347,8 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         shard = session.dataset_shard("train")
         if shard is None:
             raise DataError("streaming: no 'train' Ray Dataset was passed to the trainer")
-        num_train_rows = int(env.extra["num_train_rows"])
-        val_ids, val_pos = _stream_val(env)
-    else:
-        ids, pos, val_ids, val_pos = _load_split(env)
-        num_train_rows = len(ids)
+    ids, pos, val_ids, val_pos = _load_split(env, with_train=not cfg.streaming)
+    num_train_rows = int(env.spec.num_train_rows or 0) if cfg.streaming else len(ids)
     total_steps = total_steps_for(cfg, num_train_rows)
     engine, scheduler, tokenizer = _build_engine(env, total_steps)
     state = _resume(engine, ckpt)
@@ -449,28 +449,13 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
     finish_run(env, engine.module, tokenizer, final)
 
 
-def _stream_val(env: WorkerEnv) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out rows when streaming: ``val_data`` shards, or the hashed split of the data."""
-    cfg = env.cfg
-    files = env.val_files if cfg.val_data else env.data_files
-    if not files or (not cfg.val_data and cfg.val_fraction <= 0):
-        empty = np.zeros((0, cfg.seq_len), dtype=np.int64)
-        return empty, empty
-    table = _read_packed(files, cfg.val_data or cfg.data)
-    ids, pos = ids_and_positions(table, cfg.seq_len)
-    if cfg.val_data:
-        return ids, pos
-    mask = held_out_mask(table.column("input_ids"), cfg.val_fraction)
-    return ids[mask], pos[mask]
-
-
 def _save_checkpoint(engine: Any, env: WorkerEnv, state: dict, metrics: dict) -> None:
-    """DeepSpeed's sharded state (each rank its part) + ``state.json``, reported to Ray."""
+    """DeepSpeed's sharded state (each rank its part) + the run state, reported to Ray."""
     tag = f"step_{state['step']:08d}"
     with tempfile.TemporaryDirectory(prefix="solar-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=tag, client_state={"solar_step": state["step"]})
         if env.is_rank0:
-            (Path(tmp) / STATE_FILE).write_text(json.dumps({**state, "tag": tag}) + "\n")
+            write_run_state(Path(tmp), {**state, "tag": tag})
         if env.metrics:
             env.metrics.sync()
         env.session.report(metrics, checkpoint_dir=Path(tmp), name=tag)
@@ -513,6 +498,17 @@ def _check_packed(mix: Any, cfg: PretrainConfig, field: str, vocab_size: int) ->
         )
 
 
+def prepare_pretrain(cfg: PretrainConfig) -> tuple[StageInputs, dict[str, Any]]:
+    """The checked inputs and the workers' spec values of a run that reads its mix itself.
+
+    What a Tune trial launches the pretrain loop with (:mod:`solar_ray.stages`); a run
+    that streams from Ray Data (``streaming: true``) is launched by :func:`run_pretrain`.
+    """
+    if cfg.streaming:
+        raise ConfigError("streaming: a sweep trial reads the prepared mix in each worker; set streaming: false")
+    return validate_pretrain(cfg), {}
+
+
 def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """Continued pretraining of ``cfg.model`` on ``cfg.data`` into ``cfg.out``.
 
@@ -520,10 +516,10 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     """
     inputs = validate_pretrain(cfg)
     datasets = None
-    extra: dict[str, Any] = {}
+    spec_values: dict[str, Any] = {}
     if cfg.streaming:
-        datasets, extra = _streaming_datasets(cfg, inputs)
-    return run_stage(cfg, pretrain_worker, inputs, extra=extra, datasets=datasets)
+        datasets, spec_values = _streaming_datasets(cfg, inputs)
+    return run_stage(cfg, pretrain_worker, inputs, spec_values=spec_values, datasets=datasets)
 
 
 def _streaming_datasets(cfg: PretrainConfig, inputs: StageInputs) -> tuple[dict, dict]:
@@ -538,7 +534,7 @@ def _streaming_datasets(cfg: PretrainConfig, inputs: StageInputs) -> tuple[dict,
         fraction = cfg.val_fraction
 
         def drop_held_out(batch: Any) -> Any:
-            return batch.filter(~held_out_mask(batch.column("input_ids"), fraction))
+            return batch.filter(~held_out_rows(batch, fraction))
 
         ds = ds.map_batches(drop_held_out, batch_format="pyarrow")
         if cfg.epochs is not None:  # the schedule needs the exact count of training rows

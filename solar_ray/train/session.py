@@ -25,16 +25,38 @@ from typing import Any, Protocol
 
 __all__ = [
     "FINAL_MARKER",
+    "STATE_FILE",
     "LocalSession",
     "RaySession",
     "ReportCoalescer",
     "WorkerSession",
     "current_session",
     "init_local_process_group",
+    "read_run_state",
+    "write_run_state",
 ]
 
 #: file in the final checkpoint that marks a finished run (holds the final metrics)
 FINAL_MARKER = "final.json"
+#: written by rank 0 into every checkpoint: the run's state across restarts (steps, tokens,
+#: loss and held-out history, the steps it resumed from; a DeepSpeed run also its ``tag``)
+STATE_FILE = "solar_state.json"
+#: the pretrain loop's name for it before the two training loops shared one file
+_LEGACY_STATE_FILE = "state.json"
+
+
+def read_run_state(checkpoint_dir: Path) -> dict[str, Any] | None:
+    """The run state saved in a checkpoint (None when it has none)."""
+    for name in (STATE_FILE, _LEGACY_STATE_FILE):
+        path = Path(checkpoint_dir) / name
+        if path.is_file():
+            return json.loads(path.read_text(encoding="utf-8"))
+    return None
+
+
+def write_run_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
+    """Save the run state into a checkpoint being written (rank 0 only)."""
+    (Path(checkpoint_dir) / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
 
 
 class WorkerSession(Protocol):

@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from solar_ray.config import ConfigError
+from solar_ray.data.contract import DataError
 from solar_ray.train.common import StageInputs, TrainResult, run_stage, validate_common
 from solar_ray.train.config import SFTConfig
-from solar_ray.train.data import DataError, held_out_mask
 from solar_ray.train.worker import WorkerEnv, run_worker
 
 __all__ = ["run_sft", "sft_worker", "validate_sft"]
@@ -24,30 +24,14 @@ __all__ = ["run_sft", "sft_worker", "validate_sft"]
 
 def _sft_datasets(env: WorkerEnv) -> tuple[Any, Any]:
     """(train, held-out or None) ``datasets.Dataset`` for the TRL trainer."""
-    from solar_ray.train.hf import load_hf_dataset
+    from solar_ray.train.hf import load_hf_split
 
     cfg: SFTConfig = env.cfg  # type: ignore[assignment]
-    tokenized = env.extra.get("part", "tokenized") == "tokenized"
+    tokenized = env.spec.part == "tokenized"
     columns = ["input_ids", "labels"] if tokenized else ["messages"]
     if tokenized and not cfg.assistant_only_loss:
         columns = ["input_ids"]  # no labels, no masks: TRL trains on every token
-    data = load_hf_dataset(env.data_files, cfg.data, columns)
-    if cfg.val_data:
-        return data, load_hf_dataset(env.val_files, cfg.val_data, columns)
-    if cfg.val_fraction > 0:
-        key = "input_ids" if tokenized else "messages"
-        column = data.data.table.column(key)
-        if not tokenized:
-            import pyarrow as pa
-
-            column = pa.array([str(m) for m in column.to_pylist()])
-        mask = held_out_mask(column, cfg.val_fraction)
-        val_idx = [i for i, m in enumerate(mask) if m]
-        train_idx = [i for i, m in enumerate(mask) if not m]
-        if not val_idx:
-            raise DataError(f"val_fraction: {cfg.val_fraction} of {len(mask)} rows holds out none")
-        return data.select(train_idx), data.select(val_idx)
-    return data, None
+    return load_hf_split(env, columns)
 
 
 def sft_worker(config: dict[str, Any]) -> None:
@@ -69,7 +53,7 @@ def _sft(env: WorkerEnv, ckpt: Path | None) -> None:
 
     cfg: SFTConfig = env.cfg  # type: ignore[assignment]
     train_ds, eval_ds = _sft_datasets(env)
-    tokenized = env.extra.get("part", "tokenized") == "tokenized"
+    tokenized = env.spec.part == "tokenized"
 
     class SolarSFTTrainer(HeldOutRowsMixin, DeepSpeedCheckpointMixin, SFTTrainer):
         """SFTTrainer whose checkpoints hold DeepSpeed's sharded state only and whose
@@ -146,7 +130,13 @@ def _check_token_ids(mix: Any, vocab_size: int, field: str) -> None:
         )
 
 
+def prepare_sft(cfg: SFTConfig) -> tuple[StageInputs, dict[str, Any]]:
+    """The checked inputs and the workers' spec values (which part of the mix to read)."""
+    inputs, part = validate_sft(cfg)
+    return inputs, {"part": part}
+
+
 def run_sft(cfg: SFTConfig) -> TrainResult:
     """Supervised fine-tuning of ``cfg.model`` on the SFT mix ``cfg.data`` into ``cfg.out``."""
-    inputs, part = validate_sft(cfg)
-    return run_stage(cfg, sft_worker, inputs, extra={"part": part})
+    inputs, spec_values = prepare_sft(cfg)
+    return run_stage(cfg, sft_worker, inputs, spec_values=spec_values)

@@ -1,20 +1,20 @@
 """Small prepared mixes in the data contract's format, for tests, benchmarks and smoke runs.
 
-``solar-ray data`` makes the real mixes; these writers make tiny ones directly with pyarrow
-(the same layout and columns, see :mod:`solar_ray.train.data`) from a tokenizer and a few
-synthetic or offline texts, so a training stage can be exercised without the data stage.
+``solar-ray data`` makes the real mixes; these writers make tiny ones directly with
+:func:`solar_ray.data.contract.write_mix` (the same layout and columns) from a tokenizer and a
+few synthetic or offline texts, so a training stage can be exercised without the data stage.
 """
 
 from __future__ import annotations
 
-import json
 import random
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
-import pyarrow.parquet as pq
+
+from solar_ray.data.contract import write_mix
 
 __all__ = [
     "arithmetic_pairs",
@@ -68,30 +68,17 @@ def arithmetic_pairs(
     return out
 
 
-def _write(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    pq.write_table(table, path)
-
-
-def _manifest(mix_dir: Path, kind: str, **fields: Any) -> None:
-    (mix_dir / "manifest.json").write_text(
-        json.dumps({"kind": kind, "name": mix_dir.name, **fields}, indent=2) + "\n"
-    )
+_SOURCE = "testing"
 
 
 def write_pretrain_mix(
-    mix_dir: str | Path,
-    tokenizer: Any,
-    documents: Iterable[str],
-    seq_len: int,
-    rows_per_shard: int = 1 << 30,
+    mix_dir: str | Path, tokenizer: Any, documents: Iterable[str], seq_len: int
 ) -> Path:
     """Tokenize, add EOS after each document and pack into rows of exactly ``seq_len``.
 
     ``position_ids`` restart at 0 at each document start; the tail that does not fill a
     row is dropped.
     """
-    mix_dir = Path(mix_dir)
     docs = list(documents)
     eos = tokenizer.eos_token_id
     ids: list[int] = []
@@ -105,21 +92,12 @@ def write_pretrain_mix(
         raise ValueError(f"{len(ids)} tokens do not fill one row of {seq_len}")
     rows_ids = [ids[i * seq_len : (i + 1) * seq_len] for i in range(num_rows)]
     rows_pos = [pos[i * seq_len : (i + 1) * seq_len] for i in range(num_rows)]
-    list_type = pa.list_(pa.int32())
-    for shard, start in enumerate(range(0, num_rows, rows_per_shard)):
-        end = min(start + rows_per_shard, num_rows)
-        table = pa.table(
-            {
-                "input_ids": pa.array(rows_ids[start:end], type=list_type),
-                "position_ids": pa.array(rows_pos[start:end], type=list_type),
-            }
-        )
-        _write(table, mix_dir / "packed" / f"part-{shard:05d}.parquet")
-    _write(pa.table({"text": docs}), mix_dir / "data" / "part-00000.parquet")
-    _manifest(
-        mix_dir, "pretrain", seq_len=seq_len, num_rows=num_rows, num_tokens=num_rows * seq_len
-    )
-    return mix_dir
+    splits = {
+        "data": pa.table({"text": docs, "source": [_SOURCE] * len(docs)}),
+        "packed": pa.table({"input_ids": rows_ids, "position_ids": rows_pos}),
+    }
+    return write_mix(mix_dir, "pretrain", splits, seq_len=seq_len, num_rows=num_rows,
+                     num_tokens=num_rows * seq_len)  # fmt: skip
 
 
 def write_sft_mix(mix_dir: str | Path, tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> Path:
@@ -128,7 +106,6 @@ def write_sft_mix(mix_dir: str | Path, tokenizer: Any, pairs: Sequence[tuple[str
     The assistant mask covers the tokens after the templated prompt (the generation prompt
     included in the prompt), i.e. the answer and its end-of-turn tokens.
     """
-    mix_dir = Path(mix_dir)
     messages, input_ids, masks, labels = [], [], [], []
     for question, answer in pairs:
         conv = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
@@ -144,39 +121,37 @@ def write_sft_mix(mix_dir: str | Path, tokenizer: Any, pairs: Sequence[tuple[str
         input_ids.append(ids)
         masks.append(mask)
         labels.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
-    _write(pa.table({"messages": messages}), mix_dir / "data" / "part-00000.parquet")
-    _write(
-        pa.table(
-            {
-                "input_ids": pa.array(input_ids, type=pa.list_(pa.int32())),
-                "assistant_masks": pa.array(masks, type=pa.list_(pa.int8())),
-                "labels": pa.array(labels, type=pa.list_(pa.int32())),
-            }
+    source = [_SOURCE] * len(pairs)
+    splits = {
+        "data": pa.table({"messages": messages, "source": source}),
+        "tokenized": pa.table(
+            {"input_ids": input_ids, "assistant_masks": masks, "labels": labels, "source": source}
         ),
-        mix_dir / "tokenized" / "part-00000.parquet",
-    )
-    _manifest(mix_dir, "sft", num_rows=len(pairs))
-    return mix_dir
+    }
+    return write_mix(mix_dir, "sft", splits, num_rows=len(pairs))
 
 
 def write_preference_mix(
     mix_dir: str | Path, tokenizer: Any, triples: Sequence[tuple[str, str, str]]
 ) -> Path:
-    """``prompt`` (chat-templated with the generation prompt), ``chosen``, ``rejected``."""
-    mix_dir = Path(mix_dir)
+    """``prompt`` (chat-templated with the generation prompt), ``chosen``, ``rejected``.
+
+    Like ``solar-ray data``, ``data/`` keeps the question untemplated and ``tokenized/``
+    holds the templated prompts training reads.
+    """
+    chosen, rejected = [c for _, c, _ in triples], [r for _, _, r in triples]
     prompts = [
         tokenizer.apply_chat_template(
             [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
         )
         for q, _, _ in triples
     ]
-    table = pa.table(
-        {
-            "prompt": prompts,
-            "chosen": [c for _, c, _ in triples],
-            "rejected": [r for _, _, r in triples],
-        }
-    )
-    _write(table, mix_dir / "data" / "part-00000.parquet")
-    _manifest(mix_dir, "preference", num_rows=len(triples))
-    return mix_dir
+    source = [_SOURCE] * len(triples)
+    splits = {
+        "data": pa.table({"prompt": [q for q, _, _ in triples], "chosen": chosen,
+                          "rejected": rejected, "system": [""] * len(triples), "source": source}),
+        "tokenized": pa.table(
+            {"prompt": prompts, "chosen": chosen, "rejected": rejected, "source": source}
+        ),
+    }  # fmt: skip
+    return write_mix(mix_dir, "preference", splits, num_rows=len(triples))

@@ -1,9 +1,10 @@
 """Pieces every per-worker training loop shares: setup, resume detection, the final report.
 
-A worker loop receives one plain ``config`` dict (``TorchTrainer``'s ``train_loop_config``)
-made by :func:`solar_ray.train.common.worker_config`: the stage config, the resolved model
-and data paths and the run's storage. :func:`setup_worker` turns it back into typed values,
-joins (or, without Ray, creates) the process group and returns a :class:`WorkerEnv`.
+A worker loop receives ``{"spec": WorkerSpec}`` (``TorchTrainer``'s ``train_loop_config``,
+made by :func:`solar_ray.train.launch.worker_spec`): the stage config, the resolved model
+and data paths, the run's storage and the stage's own values. :func:`setup_worker`
+validates the config with the stage's class (from :mod:`solar_ray.stages`), joins (or,
+without Ray, creates) the process group and returns a :class:`WorkerEnv`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,12 @@ import os
 import random
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig, TrainConfig
+from solar_ray.train.config import TrainConfig
+from solar_ray.train.launch import WorkerSpec
 from solar_ray.train.metrics import MetricsWriter
 from solar_ray.train.session import (
     FINAL_MARKER,
@@ -32,26 +34,45 @@ __all__ = ["WorkerEnv", "finish_run", "run_worker", "setup_worker"]
 
 log = logging.getLogger(__name__)
 
-CONFIG_CLASSES: dict[str, type[TrainConfig]] = {
-    "pretrain": PretrainConfig,
-    "sft": SFTConfig,
-    "dpo": DPOConfig,
-}
-
-
 @dataclass
 class WorkerEnv:
     """What a worker loop knows about itself and its run."""
 
     cfg: TrainConfig
     session: WorkerSession
-    model_dir: str
-    data_files: list[str]
-    val_files: list[str]
-    storage_path: str
-    run_name: str
-    extra: dict[str, Any] = field(default_factory=dict)
+    spec: WorkerSpec
     metrics: MetricsWriter | None = None
+
+    @property
+    def model_dir(self) -> str:
+        """The model the run starts from (a local HF directory).
+
+        On a node without the driver's copy of a model from object storage, the copy in
+        this node's cache (downloaded once).
+        """
+        from solar_ray.remote import local_copy
+
+        return local_copy(self.spec.model_dir, self.spec.model_uri)
+
+    @property
+    def data_files(self) -> list[str]:
+        """The training mix's files."""
+        return self.spec.data_files
+
+    @property
+    def val_files(self) -> list[str]:
+        """The held-out mix's files (empty without ``val_data``)."""
+        return self.spec.val_files
+
+    @property
+    def storage_path(self) -> str:
+        """The run's Ray Train storage (local path or URI)."""
+        return self.spec.storage_path
+
+    @property
+    def run_name(self) -> str:
+        """The run's name in its storage."""
+        return self.spec.run_name
 
     @property
     def rank(self) -> int:
@@ -87,14 +108,16 @@ def _quiet_libraries() -> None:
 
 
 def setup_worker(config: dict[str, Any]) -> WorkerEnv:
-    """Typed worker state from the trainer's config dict; joins or creates the process group."""
-    cfg_cls = CONFIG_CLASSES[config["stage"]]
-    cfg = cfg_cls.model_validate(config["cfg"])
+    """Typed worker state from ``{"spec": WorkerSpec}``; joins or creates the process group."""
+    from solar_ray.stages import stage
+
+    spec: WorkerSpec = config["spec"]
+    cfg = stage(spec.stage).config.model_validate(spec.cfg)
     if not cfg.use_gpu:
         # DeepSpeed picks its accelerator at import: CPU workers on a GPU node stay on CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     _quiet_libraries()
-    session = current_session(Path(config["local_run_dir"]) if cfg.local else None)
+    session = current_session(Path(spec.local_run_dir) if cfg.local and spec.local_run_dir else None)
     if isinstance(session, LocalSession):
         init_local_process_group()
     import torch
@@ -103,16 +126,7 @@ def setup_worker(config: dict[str, Any]) -> WorkerEnv:
         torch.cuda.set_device(session.local_rank)
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
-    env = WorkerEnv(
-        cfg=cfg,
-        session=session,
-        model_dir=config["model_dir"],
-        data_files=list(config["data_files"]),
-        val_files=list(config.get("val_files") or []),
-        storage_path=config["storage_path"],
-        run_name=config["run_name"],
-        extra=dict(config.get("extra") or {}),
-    )
+    env = WorkerEnv(cfg=cfg, session=session, spec=spec)
     env.metrics = MetricsWriter(
         env.storage_path, env.run_name, enabled=cfg.tensorboard and env.is_rank0
     )

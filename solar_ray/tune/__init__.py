@@ -38,10 +38,28 @@ def load_sweep(path: str | Path, overrides: Iterable[str] = ()) -> SweepConfig:
 
 
 def run_sweep(cfg: SweepConfig, out: str | Path | None = None, **kwargs: Any) -> SweepResult:
-    """Run (or resume) a sweep; see :func:`solar_ray.tune.sweep.run_sweep`."""
+    """Run (or resume) a sweep; see :func:`solar_ray.tune.sweep.run_sweep`.
+
+    With ``out`` on object storage (``s3://``, ``gs://``) the sweep runs in this node's
+    mirror of it (:func:`solar_ray.remote.mirror_dir`: Tune's and the trials' state stay
+    there, so a sweep resumes on the same node) and its report files (results, curves,
+    plots, ``best.yaml``) are uploaded to ``out`` when it ends.
+    """
+    from solar_ray import remote
     from solar_ray.tune.sweep import run_sweep as _run_sweep
 
-    return _run_sweep(cfg, out, **kwargs)
+    target = out if out is not None else cfg.out
+    if target is None or not remote.is_remote(target):
+        if target is not None:
+            remote.check_location(target)
+        return _run_sweep(cfg, out, **kwargs)
+    uri = str(target).rstrip("/")
+    local = remote.mirror_dir(uri)
+    result = _run_sweep(cfg, local, **kwargs)
+    for path in sorted(local.iterdir()):  # the report: results, curves, plots, best.*
+        if path.is_file():
+            remote.upload_file(path, remote.join(uri, path.name))
+    return result
 
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:

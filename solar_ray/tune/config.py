@@ -32,8 +32,6 @@ choice of the search space becomes one trial with a deterministic name (``solar-
 
 from __future__ import annotations
 
-import hashlib
-import json
 import random
 import re
 from typing import Any, Literal
@@ -495,12 +493,11 @@ class SweepConfig(StageConfig):
         new one beside it instead of mixing results. Values left at their defaults are not
         hashed, so a field added to the schema later does not orphan existing sweeps.
         """
-        data = self.model_dump(mode="json", exclude_defaults=True)
-        for key in ("description", "out", "ray_address", "runtime_env", "max_concurrent_trials",
-                    "trial_max_failures", "best", "upscale_cache", "seam",
-                    "seam_sequences"):  # fmt: skip
-            data.pop(key, None)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:8]
+        from solar_ray.identity import config_key
+
+        operational = ("description", "out", "ray_address", "runtime_env", "max_concurrent_trials",
+                       "trial_max_failures", "best", "upscale_cache", "seam", "seam_sequences")  # fmt: skip
+        return config_key(self.model_dump(mode="json", exclude_defaults=True), operational, length=8)
 
 
 class TrialSpec(StageConfig):

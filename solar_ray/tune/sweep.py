@@ -31,6 +31,7 @@ from typing import Any
 
 from solar_ray.checkpoint import write_json_atomic
 from solar_ray.config import ConfigError
+from solar_ray.train.launch import worker_resources
 from solar_ray.tune.budget import TrialBudget, budgets_path, trial_budget
 from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials
 from solar_ray.tune.trial import (
@@ -40,7 +41,6 @@ from solar_ray.tune.trial import (
     run_trial,
     train_config_for,
     train_stage,
-    worker_resources,
 )
 
 __all__ = ["SweepResult", "experiment_name", "fit_concurrency", "run_sweep", "sweep_dir"]
@@ -196,8 +196,8 @@ def run_sweep(
     import ray
     from ray import tune
 
+    from solar_ray.cluster import init_ray
     from solar_ray.models import resolve_model
-    from solar_ray.pipeline import init_ray
     from solar_ray.tune.report import write_report
 
     init_ray(cfg.ray_address, cfg.runtime_env)
@@ -228,7 +228,9 @@ def run_sweep(
     write_json_atomic(budgets_path(trials_root), {k: b.to_dict() for k, b in budgets.items()})
     # the inputs (model, tokenizer, data) are checked once here, not in every trial
     first = train_config_for(ctx, resolved[0], base_dir)
-    train_stage(cfg.train_kind)[2](first)
+    prepare = train_stage(cfg.train_kind).prepare
+    assert prepare is not None
+    prepare(first)
     if cfg.seam:
         _score_seam(cfg, resolved, base_dir, first, trials_root, echo)
     per_trial = {k: v * first.num_workers for k, v in worker_resources(first).items()}

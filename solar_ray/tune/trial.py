@@ -3,8 +3,9 @@
 Ray Train V2 runs under Tune as a *driver function*: :func:`run_trial` is the Tune trainable.
 It takes its upscale from the cache (one upscale per (source, method, m), shared by every
 trial and every sweep that uses the cache), builds the trial's training config from the
-sweep's shared one, and launches a ``TorchTrainer`` running the training stage's own
-per-worker loop (:func:`solar_ray.train.pretrain.pretrain_worker`). The trainer's
+sweep's shared one, and launches the training stage's own per-worker loop
+(:func:`solar_ray.train.pretrain.pretrain_worker`) through the one launcher every training
+run uses (:func:`solar_ray.train.launch.launch_ray`). The trainer's
 :class:`SweepReportCallback` forwards every held-out report of rank 0 to Tune while the
 workers train, so the scheduler can stop (or pause) a trial at a rung; when training ends
 the driver reports the final metrics (read from the run's final checkpoint) with the
@@ -17,7 +18,6 @@ from its latest training checkpoint instead of starting over.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import math
@@ -28,11 +28,15 @@ from collections.abc import Callable, Mapping
 from functools import partial
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from solar_ray import identity
 from solar_ray.checkpoint import OutputExistsError, read_manifest, write_json_atomic
 from solar_ray.config import ConfigError, StageConfig, validate
 from solar_ray.tune.config import TrialSpec
+
+if TYPE_CHECKING:
+    from solar_ray.stages import Stage
 
 __all__ = [
     "cached_upscale",
@@ -44,7 +48,6 @@ __all__ = [
     "train_config_for",
     "train_stage",
     "trial_metrics",
-    "worker_resources",
 ]
 
 log = logging.getLogger(__name__)
@@ -59,15 +62,6 @@ ROW_KEYS = ("eval_row_nll", "eval_row_tokens")
 # --------------------------------------------------------------------------- upscale cache
 
 
-def _source_key(model_dir: Path) -> str:
-    """A cheap identity of a model directory: config.json's bytes and the weights' sizes."""
-    h = hashlib.sha256((model_dir / "config.json").read_bytes())
-    for p in sorted(model_dir.glob("*.safetensors")):
-        st = p.stat()
-        h.update(f"{p.name}:{st.st_size}:{st.st_mtime_ns}\n".encode())
-    return h.hexdigest()[:10]
-
-
 def cached_upscale(base_dir: str | Path, args: Mapping[str, Any], cache_dir: str | Path) -> Path:
     """The upscale of ``base_dir`` with ``args`` (method and its parameter), made once.
 
@@ -80,7 +74,7 @@ def cached_upscale(base_dir: str | Path, args: Mapping[str, Any], cache_dir: str
     base_dir = Path(base_dir)
     method = args["method"]
     params = "".join(f"-{k.replace('_', '')}{v}" for k, v in sorted(args.items()) if k != "method")
-    out = Path(cache_dir) / f"{method}{params}-{_source_key(base_dir)}"
+    out = Path(cache_dir) / f"{method}{params}-{identity.dir_signature(base_dir)[:10]}"
     if read_manifest(out) is not None:
         return out
     cfg = UpscaleConfig(source=str(base_dir), out=str(out), overwrite=True, **dict(args))
@@ -146,45 +140,21 @@ def model_stats(
 # --------------------------------------------------------------------------- train config
 
 
-def _validate_pretrain(cfg: Any) -> tuple[Any, dict[str, Any]]:
-    from solar_ray.train.pretrain import validate_pretrain
+def train_stage(kind: str) -> Stage:
+    """The registry entry of a training kind a sweep can train (pretrain or sft)."""
+    from solar_ray.stages import stage
 
-    return validate_pretrain(cfg), {}
-
-
-def _validate_sft(cfg: Any) -> tuple[Any, dict[str, Any]]:
-    from solar_ray.train.sft import validate_sft
-
-    inputs, part = validate_sft(cfg)
-    return inputs, {"part": part}
-
-
-def train_stage(
-    kind: str,
-) -> tuple[type[StageConfig], Callable[[dict], None], Callable[[Any], tuple[Any, dict[str, Any]]]]:
-    """(config class, per-worker loop, input check) of a training kind.
-
-    The input check returns the stage's validated inputs and the ``extra`` its workers
-    need (as the stage's own ``run_<kind>`` passes them).
-    """
-    if kind == "pretrain":
-        from solar_ray.train.config import PretrainConfig
-        from solar_ray.train.pretrain import pretrain_worker
-
-        return PretrainConfig, pretrain_worker, _validate_pretrain
-    if kind == "sft":
-        try:
-            from solar_ray.train.config import SFTConfig
-            from solar_ray.train.sft import sft_worker
-        except ImportError as e:
-            raise ConfigError(f"train.kind: the sft stage is not available ({e})") from None
-        return SFTConfig, sft_worker, _validate_sft
-    raise ConfigError(f"train.kind: expected pretrain or sft, got {kind!r}")
+    if kind not in ("pretrain", "sft"):
+        raise ConfigError(f"train.kind: expected pretrain or sft, got {kind!r}")
+    try:
+        return stage(kind)
+    except ImportError as e:
+        raise ConfigError(f"train.kind: the {kind} stage is not available ({e})") from None
 
 
 def train_config_for(ctx: Mapping[str, Any], spec: TrialSpec, model_dir: str | Path) -> StageConfig:
     """The validated training config of one trial: shared fields, its data and overrides."""
-    cls, _, _ = train_stage(ctx["train_kind"])
+    cls = train_stage(ctx["train_kind"]).config
     data = {**ctx["train"], **spec.train}
     if spec.data:
         data["data"] = spec.data
@@ -201,14 +171,6 @@ def train_config_for(ctx: Mapping[str, Any], spec: TrialSpec, model_dir: str | P
         overwrite=True,
     )
     return validate(cls, data, "sweep recipe", prefix="train")
-
-
-def worker_resources(cfg: Any) -> dict[str, float]:
-    """Ray resources of one training worker (as the training stage requests them)."""
-    resources = dict(cfg.resources_per_worker or {"CPU": cfg.cpus_per_worker})
-    if cfg.use_gpu and cfg.resources_per_worker is None:
-        resources["GPU"] = 1
-    return resources
 
 
 # --------------------------------------------------------------------------- reporting
@@ -297,14 +259,6 @@ def traced_worker(
     worker_fn(config)
 
 
-def _checkpoint_uri(storage_path: str, path: str) -> str:
-    from solar_ray.train.config import is_uri
-
-    if is_uri(storage_path):
-        return f"{storage_path.split('://')[0]}://{path}"
-    return path
-
-
 # --------------------------------------------------------------------------- the trainable
 
 
@@ -326,10 +280,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     every trial's :class:`TrialSpec` (see :func:`solar_ray.tune.sweep.run_sweep`).
     """
     import ray.tune
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
-    from solar_ray.train.common import worker_config
+    from solar_ray.train.launch import launch_ray, worker_spec
     from solar_ray.train.session import FINAL_MARKER
     from solar_ray.tune.hooks import SweepReportCallback
 
@@ -338,10 +290,14 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
     trial_dir = trial_path(ctx, spec.name)
     trial_dir.mkdir(parents=True, exist_ok=True)
     done = trial_dir / "result.json"
-    if done.is_file():
+    trial_key = identity.key(
+        ctx["train_kind"], ctx["train"], spec.to_dict(), identity.dir_signature(ctx["base_dir"])
+    )
+    previous = json.loads(done.read_text(encoding="utf-8")) if done.is_file() else None
+    if previous is not None and previous.get("key") == trial_key:
         # finished before the sweep was interrupted (and before Tune saved that): report it
         _log_attempt(trial_dir, "finished-before")
-        ray.tune.report(json.loads(done.read_text(encoding="utf-8")))
+        ray.tune.report(previous)
         return
     _log_attempt(trial_dir, "train")
 
@@ -352,8 +308,9 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         else Path(ctx["base_dir"])
     )
     cfg = train_config_for(ctx, spec, model_dir)
-    _, worker_fn, validate_inputs = train_stage(ctx["train_kind"])
-    inputs, extra = validate_inputs(cfg)
+    entry = train_stage(ctx["train_kind"])
+    assert entry.prepare is not None and entry.worker is not None
+    inputs, spec_values = entry.prepare(cfg)
     stats = model_stats(model_dir, cfg.seq_len)
     tokens_per_step = cfg.effective_global_batch_size * cfg.seq_len
     metric, mode = ctx["metric"], ctx["mode"]
@@ -368,44 +325,26 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         },
     )
 
-    trainer = TorchTrainer(
-        partial(
-            traced_worker,
-            worker_fn=worker_fn,
-            experiment=ctx["experiment"],
-            trial=spec.name,
-            attempt=uuid.uuid4().hex,
-        ),
-        train_loop_config=worker_config(cfg, inputs, extra),
-        scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers,
-            use_gpu=cfg.use_gpu,
-            resources_per_worker=worker_resources(cfg),
-        ),
-        run_config=RunConfig(
-            name=cfg.run_name,
-            storage_path=cfg.resolved_storage_path,
-            callbacks=[
-                SweepReportCallback(
-                    partial(
-                        forwarded_metrics,
-                        metric=metric,
-                        mode=mode,
-                        stats=stats,
-                        tokens_per_step=tokens_per_step,
-                        last_step=cfg.steps,
-                    )
-                )
-            ],
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
-        ),
+    worker = partial(
+        traced_worker,
+        worker_fn=entry.worker,
+        experiment=ctx["experiment"],
+        trial=spec.name,
+        attempt=uuid.uuid4().hex,
     )
-    result = trainer.fit()
-    if result.checkpoint is None:
-        raise RuntimeError(f"trial {spec.name}: the training run ended without a checkpoint")
-    with result.checkpoint.as_directory() as d:
-        final = json.loads((Path(d) / FINAL_MARKER).read_text(encoding="utf-8"))
+    forward = partial(
+        forwarded_metrics,
+        metric=metric,
+        mode=mode,
+        stats=stats,
+        tokens_per_step=tokens_per_step,
+        last_step=cfg.steps,
+    )
+    launch = launch_ray(
+        cfg, worker, worker_spec(cfg, inputs, **spec_values), callbacks=[SweepReportCallback(forward)]
+    )
+    with launch as (final_dir, checkpoint):
+        final = json.loads((final_dir / FINAL_MARKER).read_text(encoding="utf-8"))
     if metric not in final:
         raise ConfigError(
             f"scheduler.metric: the {ctx['train_kind']} stage did not report {metric!r} "
@@ -418,8 +357,8 @@ def run_trial(config: dict[str, Any], ctx: dict[str, Any]) -> None:
         stats,
         tokens_per_step,
     )
-    checkpoint = _checkpoint_uri(cfg.resolved_storage_path, result.checkpoint.path)
     report.update(
+        key=trial_key,
         final=True,
         checkpoint_path=checkpoint,
         model_path=f"{checkpoint.rstrip('/')}/export",

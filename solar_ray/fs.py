@@ -1,0 +1,118 @@
+"""Local paths and storage URIs: the one place that tells them apart and opens them.
+
+:func:`is_uri` is True for ``scheme://...`` (``s3://``, ``gs://``, ``hf://``, ``https://``,
+and ``file://``, a local path in URI form); :func:`local_path` gives the local path a plain
+path or a ``file://`` URI names, None for remote storage. Data files open through fsspec
+(:func:`fsspec_filesystem`: ``hf://``, ``http(s)://``, compression), Parquet shards, run
+markers and what Ray reads through pyarrow (:func:`arrow_filesystem`); each falls back on
+the other for schemes it lacks, so both open every location either can.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+from solar_ray.errors import UserError
+
+__all__ = [
+    "StorageError",
+    "arrow_filesystem",
+    "fsspec_filesystem",
+    "is_uri",
+    "local_path",
+    "parquet_files",
+    "qualify",
+]
+
+_URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
+#: schemes pyarrow opens natively, used when fsspec lacks the package for them
+_ARROW_SCHEMES = ("s3", "s3a", "gs", "gcs", "hdfs", "viewfs")
+
+
+class StorageError(UserError):
+    """A location cannot be opened (unknown scheme, missing filesystem package)."""
+
+
+def is_uri(path: str | os.PathLike[str]) -> bool:
+    """True for ``scheme://...`` (s3, gs, hf, https, file, ...), False for plain paths."""
+    return bool(_URI.match(os.fspath(path)))
+
+
+def local_path(path: str | os.PathLike[str]) -> str | None:
+    """The absolute local path a plain path or ``file://`` URI names; None for other URIs."""
+    text = os.fspath(path)
+    if is_uri(text):
+        if not text.lower().startswith("file://"):
+            return None
+        text = text[len("file://") :]
+    return str(Path(text).expanduser().absolute())
+
+
+def qualify(path: str, like: str) -> str:
+    """A path listed inside the filesystem of ``like``, named as the caller names ``like``.
+
+    Remote paths get ``like``'s scheme back (``bucket/key`` -> ``s3://bucket/key``); local
+    ones stay absolute paths.
+    """
+    if is_uri(path):  # filesystems of URLs (http) list full URLs
+        return path
+    if local_path(like) is not None:
+        return os.path.abspath(path)
+    return f"{like.split('://', 1)[0]}://{path}"
+
+
+def fsspec_filesystem(url: str) -> tuple[Any, str]:
+    """``(fsspec filesystem, path inside it)`` for a local path or a URI."""
+    import fsspec
+
+    try:
+        return fsspec.core.url_to_fs(url)
+    except ImportError as e:
+        protocol = url.split("://", 1)[0]
+        if protocol in _ARROW_SCHEMES:  # s3/gs/hdfs without s3fs/gcsfs: pyarrow's own
+            from fsspec.implementations.arrow import ArrowFSWrapper
+
+            fs, path = arrow_filesystem(url)
+            return ArrowFSWrapper(fs), path
+        raise StorageError(
+            f"cannot read {url!r}: the {protocol}:// filesystem needs a package that is not "
+            f"installed ({e})"
+        ) from None
+    except ValueError as e:  # an unknown protocol
+        raise StorageError(f"cannot open {url!r}: {e}") from None
+
+
+def arrow_filesystem(url: str) -> tuple[Any, str]:
+    """``(pyarrow.fs.FileSystem, path inside it)`` for a local path or a URI.
+
+    Schemes pyarrow lacks (``hf://``, ``https://``) go through fsspec wrapped for pyarrow.
+    """
+    import pyarrow as pa
+    import pyarrow.fs as pafs
+
+    local = local_path(url)
+    if local is not None:
+        return pafs.LocalFileSystem(), local
+    try:
+        return pafs.FileSystem.from_uri(url.replace("s3a://", "s3://", 1))
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:
+        if isinstance(e, OSError) or url.split("://", 1)[0] in _ARROW_SCHEMES:
+            raise StorageError(f"cannot open {url!r}: {e}") from None
+    fs, path = fsspec_filesystem(url)
+    return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
+
+
+def parquet_files(fs: Any, root: str) -> list[str]:
+    """The Parquet files under ``root`` of a pyarrow filesystem (recursively, hidden ones
+    left out; none when ``root`` does not exist), in name order."""
+    import pyarrow.fs as pafs
+
+    selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
+    return sorted(
+        fi.path for fi in fs.get_file_info(selector)
+        if fi.type == pafs.FileType.File and fi.path.endswith(".parquet")
+        and not fi.base_name.startswith(".")
+    )  # fmt: skip

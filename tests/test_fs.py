@@ -1,0 +1,41 @@
+"""solar_ray.fs: one meaning of "URI", one way to open a location with either library."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow.fs as pafs
+import pytest
+
+from solar_ray.fs import (
+    StorageError,
+    arrow_filesystem,
+    fsspec_filesystem,
+    is_uri,
+    local_path,
+    qualify,
+)
+
+
+def test_is_uri_and_local_path(tmp_path: Path) -> None:
+    assert is_uri("s3://bucket/run") and is_uri("gs://b/x") and is_uri("hf://datasets/x")
+    assert is_uri("file:///abs/x") and is_uri("https://example.com/a.jsonl")
+    assert not is_uri("jobs/tiny.yaml") and not is_uri("/abs/path") and not is_uri("C:x")
+    assert local_path("file:///abs/x") == "/abs/x"
+    assert local_path("~/x") == str(Path.home() / "x")
+    assert local_path("rel") == str(Path("rel").absolute())
+    assert local_path("s3://bucket/run") is None and local_path("hf://datasets/x") is None
+
+
+def test_both_libraries_open_the_same_locations(tmp_path: Path) -> None:
+    (tmp_path / "a.txt").write_text("hi")
+    for where in (str(tmp_path), f"file://{tmp_path}"):
+        fs, root = arrow_filesystem(where)
+        assert isinstance(fs, pafs.LocalFileSystem) and root == str(tmp_path)
+        ffs, froot = fsspec_filesystem(where)
+        assert ffs.cat_file(f"{froot}/a.txt") == b"hi"
+        assert qualify(f"{root}/a.txt", where) == str(tmp_path / "a.txt")
+    assert qualify("bucket/key/a.parquet", "s3://bucket/key") == "s3://bucket/key/a.parquet"
+    assert qualify("https://h/a.jsonl", "https://h/a.jsonl") == "https://h/a.jsonl"
+    with pytest.raises(StorageError, match="cannot open 'nope://x'"):
+        arrow_filesystem("nope://x")
