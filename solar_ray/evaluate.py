@@ -910,10 +910,6 @@ def _ppl_seq_len(cfg: EvalConfig, model: Any) -> int:
 # --------------------------------------------------------------------------- results
 
 
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{100 * x:.2f}"
-
-
 def _pm(x: float | None, se: float | None) -> str:
     if x is None:
         return "–"

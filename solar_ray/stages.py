@@ -41,11 +41,6 @@ class Stage:
     #: training stages: ``prepare(cfg) -> (inputs, WorkerSpec fields)`` without launching
     prepare: Callable[[Any], tuple[StageInputs, dict[str, Any]]] | None = None
 
-    @property
-    def is_training(self) -> bool:
-        """True for the stages that train on Ray Train workers."""
-        return self.worker is not None
-
 
 class UnknownStageError(KeyError):
     """No stage of that kind."""
