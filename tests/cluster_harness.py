@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import secrets
 import shlex
 import shutil
@@ -84,30 +85,39 @@ class JobResult:
     logs: str
 
 
-def _free_port() -> int:
+#: ports this process handed out (two clusters, or two picks, never get the same one)
+_HANDED_OUT: set[int] = set()
+#: picked below the kernel's ephemeral range, so no outgoing connection can take a port
+#: between its pick and ``ray start`` binding it
+_PORTS = (20000, 30000)
+_WORKER_PORTS = (10000, 20000)
+#: what a node's logs say when a port was taken after all; ``start`` then retries
+_BIND_FAILURE = re.compile(r"(?i)address already in use|already occupied|failed to bind|bind failed|port \d+ is (already )?in use")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
-def _free_port_range(size: int, low: int = 30000, high: int = 45000) -> tuple[int, int]:
-    """A run of ``size`` ports that are all free now (worker ports off Ray's default range)."""
+def _free_port_range(size: int, low: int, high: int) -> tuple[int, int]:
+    """A run of ``size`` ports, free now and never handed out by this process before."""
     rng = secrets.SystemRandom()
     for _ in range(200):
         start = rng.randrange(low, high - size)
-        try:
-            socks = []
-            for port in range(start, start + size):
-                s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-                socks.append(s)
-                s.bind(("127.0.0.1", port))
-        except OSError:
-            continue
-        finally:
-            for s in socks:
-                s.close()
-        return start, start + size - 1
+        ports = range(start, start + size)
+        if _HANDED_OUT.isdisjoint(ports) and all(_bindable(p) for p in ports):
+            _HANDED_OUT.update(ports)
+            return start, start + size - 1
     raise ClusterError(f"no run of {size} free ports in {low}..{high}")
+
+
+def _free_port() -> int:
+    return _free_port_range(1, *_PORTS)[0]
 
 
 def _die_with_parent() -> None:
@@ -155,10 +165,7 @@ class LocalRayCluster:
         fd = os.open(self.token_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(self.token)
-        self.gcs_port = _free_port()
-        self.dashboard_port = _free_port()
-        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
-        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+        self._pick_head_ports()
         base = {k: v for k, v in os.environ.items() if k not in _SCRUBBED_ENV}
         self.env: dict[str, str] = {
             **base,
@@ -179,8 +186,14 @@ class LocalRayCluster:
     def __exit__(self, *exc: object) -> None:
         self.stop()
 
+    def _pick_head_ports(self) -> None:
+        self.gcs_port = _free_port()
+        self.dashboard_port = _free_port()
+        self.dashboard_url = f"http://127.0.0.1:{self.dashboard_port}"
+        self.gcs_address = f"127.0.0.1:{self.gcs_port}"
+
     def _node_args(self, index: int, spec: NodeSpec) -> list[str]:
-        low, high = _free_port_range(64)
+        low, high = _free_port_range(64, *_WORKER_PORTS)
         args = [
             self.ray,
             "start",
@@ -246,17 +259,50 @@ class LocalRayCluster:
                     + _tail(self.root / f"node-{i}.log")
                 )
 
-    def start(self) -> None:
-        """Start the head, wait for its Jobs API, then the workers; wait until all are alive."""
-        try:
-            self._spawn(0, self.nodes[0])
-            self._wait(lambda: self._http("GET", "/api/jobs/") is not None, "the head's Jobs API")
-            for i, spec in enumerate(self.nodes[1:], start=1):
-                self._spawn(i, spec)
-            self._wait(lambda: len(self.alive_nodes()) == len(self.nodes), "all nodes alive")
-        except BaseException:
-            self.stop()
-            raise
+    def start(self, attempts: int = 3) -> None:
+        """Start the head, wait for its Jobs API, then the workers; wait until all are alive.
+
+        Two failures are retried, each by stopping what started and starting again on other
+        ports: a port picked free but taken before ``ray start`` bound it (a node's logs
+        say so), and a raylet that missed ``ray start``'s fixed 30 s registration wait
+        (hard-coded in ``ray._private.node``; a loaded 2-core machine sometimes needs more).
+        """
+        for attempt in range(1, attempts + 1):
+            try:
+                self._spawn(0, self.nodes[0])
+                self._wait(lambda: self._http("GET", "/api/jobs/") is not None, "the head's Jobs API")
+                for i, spec in enumerate(self.nodes[1:], start=1):
+                    self._spawn(i, spec)
+                self._wait(lambda: len(self.alive_nodes()) == len(self.nodes), "all nodes alive")
+                return
+            except ClusterError as e:
+                self._stop_processes()
+                retry = "timed out during startup" in str(e) or self._bind_failed()
+                if attempt == attempts or not retry:
+                    self.stop()
+                    raise
+                # keep the failed attempt's files for a later failure message, out of the way
+                kept = self.root / f"failed-{attempt}"
+                kept.mkdir()
+                for path in list(self.root.iterdir()):
+                    if path != self.token_path and not path.name.startswith("failed-"):
+                        path.rename(kept / path.name)
+                self._pick_head_ports()
+            except BaseException:
+                self.stop()
+                raise
+
+    def _bind_failed(self) -> bool:
+        """Whether a node's log (or a log of its Ray processes) reports a port taken."""
+        for log in self.root.rglob("*"):
+            if (
+                log.is_file()
+                and log.suffix in (".log", ".out", ".err")
+                and not log.relative_to(self.root).parts[0].startswith("failed-")
+                and _BIND_FAILURE.search(log.read_text(errors="replace"))
+            ):
+                return True
+        return False
 
     def _wait(self, ready: Any, what: str) -> None:
         deadline = time.monotonic() + self.startup_timeout_s
@@ -300,6 +346,13 @@ class LocalRayCluster:
 
     def stop(self, grace_s: float = 20.0) -> None:
         """Stop every process this cluster started (and nothing else); remove its files."""
+        self._stop_processes(grace_s)
+        if os.environ.get("SOLAR_RAY_KEEP_CLUSTER_LOGS"):
+            print(f"cluster logs kept in {self.root}", file=sys.stderr)
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
+
+    def _stop_processes(self, grace_s: float = 20.0) -> None:
         tracked = {p.pid: p for p in self._descendants()}
         for proc in reversed(self._procs):  # workers first, the head last
             if proc.poll() is None:
@@ -323,10 +376,6 @@ class LocalRayCluster:
         psutil.wait_procs(alive, timeout=5)
         self._procs.clear()
         self._trees.clear()
-        if os.environ.get("SOLAR_RAY_KEEP_CLUSTER_LOGS"):
-            print(f"cluster logs kept in {self.root}", file=sys.stderr)
-        else:
-            shutil.rmtree(self.root, ignore_errors=True)
 
     def running_pids(self) -> list[int]:
         """Pids of this cluster's processes still running (empty after :meth:`stop`)."""

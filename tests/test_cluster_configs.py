@@ -394,11 +394,19 @@ def test_rayjob_cluster_is_the_raycluster() -> None:
     assert manifests["RayJob"]["spec"]["rayClusterSpec"] == manifests["RayCluster"]["spec"]
 
 
-def test_rayjob_recipe_exists() -> None:
-    recipe = REPO / "jobs" / "solar-10.7b.yaml"
-    if not recipe.is_file():
-        pytest.skip("jobs/solar-10.7b.yaml is not written yet")
-    assert recipe.stat().st_size > 0
+def test_rayjob_recipe_plans_for_the_clusters_gpus() -> None:
+    """The recipe the RayJob runs exists, plans (every stage config valid), and trains on
+    the GPU workers the cluster provides."""
+    from solar_ray.pipeline import load_recipe, plan_recipe
+    from solar_ray.stages import TRAINING_KINDS
+
+    argv = _manifests()["RayJob"]["spec"]["entrypoint"].split()
+    recipe = load_recipe(REPO / argv[2])
+    plans = plan_recipe(recipe, Path(argv[argv.index("--out") + 1]))
+    training = [p for p in plans if p.kind in TRAINING_KINDS]
+    assert training, f"{argv[2]} trains nothing"
+    for plan in training:
+        assert plan.config().use_gpu, f"{argv[2]}: stage {plan.name} trains on CPU"
 
 
 # =========================================================================== every file

@@ -26,8 +26,9 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import cluster_harness
 import pytest
-from cluster_harness import ClusterError, LocalRayCluster, NodeSpec
+from cluster_harness import LocalRayCluster, NodeSpec
 from tiny_recipe import MODEL_STAGES, SMALLER, TRAINING
 
 from solar_ray.cluster import (
@@ -78,24 +79,6 @@ def _wait_for(path: Path, cluster: LocalRayCluster, submission_id: str, timeout_
 # --------------------------------------------------------------------------- fixtures
 
 
-def start_cluster(nodes: list[NodeSpec], env: dict[str, str], attempts: int = 3) -> LocalRayCluster:
-    """A started cluster; a node start that hits Ray's fixed 30 s raylet wait is retried.
-
-    ``ray start`` gives a raylet 30 s to register (hard-coded in ``ray._private.node``);
-    on a loaded 2-core machine that is sometimes not enough. A failed start has already
-    stopped what it started, so a fresh cluster is tried, a bounded number of times.
-    """
-    for attempt in range(1, attempts + 1):
-        c = LocalRayCluster(nodes, env=env)
-        try:
-            c.start()
-            return c
-        except ClusterError as e:
-            if "timed out during startup" not in str(e) or attempt == attempts:
-                raise
-    raise AssertionError("unreachable")
-
-
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRayCluster]:
     """A two-node token-auth cluster; stopped (by its own pids) however the tests end."""
@@ -111,7 +94,8 @@ def cluster() -> Iterator[LocalRayCluster]:
         NodeSpec(resources={HEAD_RESOURCE: 1, NODE_RESOURCE: 1}, num_cpus=2),
         NodeSpec(resources={WORKER_RESOURCE: 1, NODE_RESOURCE: 1}, num_cpus=2),
     ]
-    c = start_cluster(nodes, env)
+    c = LocalRayCluster(nodes, env=env)
+    c.start()  # retried on a port taken meanwhile or a slow raylet
     try:
         yield c
     finally:
@@ -138,6 +122,7 @@ def test_cluster_requires_the_token(cluster: LocalRayCluster) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(1800)  # its own waits allow 600 s + 900 s for the two jobs
 def test_recipe_job_stopped_and_resubmitted_continues_on_both_nodes(
     cluster: LocalRayCluster, tmp_path: Path
 ) -> None:
@@ -195,6 +180,30 @@ def test_each_node_smoke_test_reaches_every_node(cluster: LocalRayCluster, tmp_p
     runs = json.loads(summary.read_text())
     assert {r["node_id"] for r in runs} == {n["node_id"] for n in cluster.alive_nodes()}
     assert all(r["returncode"] == 0 and "--source" in r["output_tail"] for r in runs), runs
+
+
+@pytest.mark.slow
+def test_a_port_taken_after_it_was_picked_is_retried_on_others(monkeypatch) -> None:
+    """The dashboard port is taken between its pick and ``ray start``: the start fails on
+    the bind, and the harness starts the node again on other ports instead of failing."""
+    import socket
+
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    real = cluster_harness._free_port
+    picks = iter([real(), taken.getsockname()[1]])  # the first gcs and dashboard ports
+    monkeypatch.setattr(cluster_harness, "_free_port", lambda: next(picks, None) or real())
+    c = LocalRayCluster([NodeSpec(num_cpus=1)], env={"PATH": os.environ.get("PATH", "")})
+    try:
+        c.start()
+        assert c.dashboard_port != taken.getsockname()[1]
+        assert list(c.root.glob("failed-1/node-0.log")), "the first start did not fail"
+        assert len(c.alive_nodes()) == 1
+    finally:
+        c.stop()
+        taken.close()
+    assert c.running_pids() == []
 
 
 # --------------------------------------------------------------------------- helpers (fast)

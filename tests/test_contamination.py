@@ -87,9 +87,27 @@ def test_min_k_flags_the_planted_item(tmp_path, tiny_llama_dir, contaminated_mod
     assert entry["min_k"]["diff_mean"] == pytest.approx(sum(diffs) / len(diffs))
     for r in items:
         assert r["diff"] == pytest.approx(r["model"] - r["reference"])
+    # the planted item's scores, recomputed here from the models' logits: one plain forward
+    # pass, log-softmax, the token's log-prob, the lowest 20 % (1 of the 5 .. 9 first) averaged
+    for source, key in ((contaminated_model, "model"), (tiny_llama_dir, "reference")):
+        assert items[PLANTED][key] == pytest.approx(_min_k_by_hand(source, EVAL_TEXTS[PLANTED]), abs=1e-5)
     saved = json.loads((tmp_path / "report" / "contamination.json").read_text())
     assert saved["sets"]["evalset"]["min_k"]["outliers"] == entry["min_k"]["outliers"]
     assert (tmp_path / "report" / "contamination.md").read_text().startswith("| Eval set |")
+
+
+def _min_k_by_hand(model_dir: Path, text: str, k_percent: float = 20.0) -> float:
+    """Min-K% Prob of ``text`` without the project's scoring code."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    ids = torch.tensor([tok(text)["input_ids"]])
+    with torch.no_grad():
+        logits = model(ids).logits[0, :-1].double()
+    token_lps = logits.log_softmax(-1).gather(1, ids[0, 1:, None])[:, 0].tolist()
+    lowest = sorted(token_lps)[: max(1, int(len(token_lps) * k_percent / 100))]
+    return sum(lowest) / len(lowest)
 
 
 def _write_mix(mix: Path, planted: str | None) -> Path:

@@ -181,6 +181,24 @@ def test_eval_cli_reports_items_and_errors_deterministically(tiny_llama_dir: Pat
     assert run["models"][0]["items"] == a["items"]
 
 
+def test_suite_none_is_perplexity_only(tiny_llama_dir: Path, tmp_path, capsys):
+    """``--suite none``: no benchmark is loaded or scored, the perplexity is."""
+    from solar_ray.cli import main
+
+    texts = tmp_path / "heldout.jsonl"
+    texts.write_text("\n".join(json.dumps({"text": f"Sentence {i} about depth up-scaling. " * 5}) for i in range(4)))
+    out = tmp_path / "eval"
+    argv = ["eval", "--models", f"a={tiny_llama_dir}", "--suite", "none", "--ppl-data", str(texts),
+            "--ppl-seq-len", "16", "--out", str(out), "--set", "hash_models=false"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    data = json.loads((out / "results.json").read_text())
+    assert data["tasks"] == []
+    (model,) = data["models"]
+    assert model["scores"] == {} and model["num_items"] == {}
+    assert math.isfinite(model["ppl"]) and model["ppl_low"] < model["ppl"] < model["ppl_high"]
+    assert (out / "results.md").read_text().splitlines()[0] == "| Model | PPL |"
+
+
 def _results(items_a: list[float], items_b: list[float], ppl_a=None, ppl_b=None) -> dict:
     def model(name, items, windows):
         n = len(items)

@@ -259,24 +259,94 @@ def test_config_errors_name_the_field(data, field):
 # --------------------------------------------------------------------------- mergekit
 
 
-def test_ties_is_delegated_to_mergekit(tmp_path, model_a, model_b, model_c):
+def _mergekit(out: Path, spec: dict, seed: int = 0) -> dict[str, torch.Tensor]:
+    """mergekit itself, run on a YAML written by hand: the reference for a delegated merge."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge as mergekit_run_merge
+    from mergekit.options import MergeOptions
+
+    mergekit_run_merge(
+        MergeConfiguration.model_validate(spec), str(out),
+        MergeOptions(random_seed=seed, copy_tokenizer=False, quiet=True),
+    )  # fmt: skip
+    return _weights(out)
+
+
+#: (our CLI flags after the models, the mergekit YAML's per-model parameters, its global
+#: parameters, dtype, seed): one case per delegated method, and each merge option in use
+MERGEKIT_CASES = {
+    "ties": (
+        ["--weights", "0.7", "0.3", "--density", "0.5"],
+        [{"weight": 0.7, "density": 0.5}, {"weight": 0.3, "density": 0.5}],
+        {"normalize": True}, "float32", 0,
+    ),
+    "dare_ties": (
+        ["--density", "0.6", "--seed", "7"],
+        [{"weight": 1.0, "density": 0.6}, {"weight": 1.0, "density": 0.6}],
+        {"normalize": True}, "float32", 7,
+    ),
+    "dare_linear": (
+        ["--weights", "0.5", "0.25", "--density", "0.4", "--no-normalize", "--seed", "3"],
+        [{"weight": 0.5, "density": 0.4}, {"weight": 0.25, "density": 0.4}],
+        {"normalize": False}, "float32", 3,
+    ),
+    "task_arithmetic": (
+        ["--weights", "0.6", "0.9", "--no-normalize", "--out-dtype", "bfloat16"],
+        [{"weight": 0.6}, {"weight": 0.9}],
+        {"normalize": False}, "bfloat16", 0,
+    ),
+    "model_stock": ([], [None, None], None, "float32", 0),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("method", sorted(MERGEKIT_CASES))
+def test_delegated_method_equals_mergekit_tensor_for_tensor(tmp_path, model_a, model_b, model_c, method, capsys):
+    """``solar-ray merge --method M --base-model ...`` is mergekit's merge of the same YAML,
+    bit for bit (the same seed where the method drops deltas at random)."""
     from transformers import AutoModelForCausalLM
 
-    out = _merge(
-        tmp_path,
-        models=[str(model_b), str(model_c)],
-        base_model=str(model_a),
-        method="ties",
-        density=0.5,
-        weights=[0.5, 0.5],
-    )
+    from solar_ray.cli import main
+
+    flags, params, global_params, dtype, seed = MERGEKIT_CASES[method]
+    out = tmp_path / "ours"
+    argv = ["merge", "--models", str(model_b), str(model_c), "--base-model", str(model_a),
+            "--method", method, *flags, "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    spec = {
+        "merge_method": method,
+        "base_model": str(model_a),
+        "models": [
+            {"model": str(m), **({"parameters": p} if p else {})}
+            for m, p in zip((model_b, model_c), params, strict=True)
+        ],
+        "dtype": dtype,
+        **({"parameters": global_params} if global_params else {}),
+    }
+    reference = _mergekit(tmp_path / "mergekit", spec, seed)
+    merged, base = _weights(out), _weights(model_a)
+    _assert_bitwise(merged, reference)
+    name = "model.layers.1.mlp.down_proj.weight"
+    assert merged[name].dtype == getattr(torch, dtype)
+    assert not torch.equal(merged[name].float(), base[name].float())  # the merge did something
+
     manifest = read_manifest(out)
-    assert manifest["stage"] == "merge" and manifest["method"] == "ties"
-    assert manifest["mergekit_config"]["merge_method"] == "ties"
+    assert manifest["stage"] == "merge" and manifest["method"] == method
     assert [p["role"] for p in manifest["parents"]] == ["base", "model", "model"]
     assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
-    merged, base = _weights(out), _weights(model_a)
-    assert set(merged) == set(base)
-    name = "model.layers.1.mlp.down_proj.weight"
-    assert not torch.equal(merged[name], base[name])
     AutoModelForCausalLM.from_pretrained(out)
+
+
+def test_cli_linear_weights_unnormalized_in_bfloat16(tmp_path, model_a, model_b, capsys):
+    """``--weights 0.5 0.25 --no-normalize --out-dtype bfloat16``: 0.5 a + 0.25 b (no division
+    by 0.75), rounded once to bf16. Powers of two make the float32 sum exact before the cast."""
+    from solar_ray.cli import main
+
+    out = tmp_path / "m"
+    argv = ["merge", "--models", str(model_a), str(model_b), "--weights", "0.5", "0.25",
+            "--no-normalize", "--out-dtype", "bfloat16", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    wa, wb = _weights(model_a), _weights(model_b)
+    expected = {k: (0.5 * wa[k].float() + 0.25 * wb[k].float()).to(torch.bfloat16) for k in wa}
+    _assert_bitwise(_weights(out), expected)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert read_manifest(out)["weights"] == [0.5, 0.25]

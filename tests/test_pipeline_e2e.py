@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from tiny_recipe import ALL, MODEL_STAGES, SMALLER
+from tiny_recipe import ALL, KINDS, MODEL_STAGES, SMALLER
 
 from solar_ray import pipeline
 from solar_ray.pipeline import PipelineError, load_recipe, run_recipe
@@ -34,7 +34,7 @@ def test_every_stage_runs_and_reports(tiny_run):
     assert sorted(result.ran) == sorted(ALL) and result.skipped == []
     for stage in MODEL_STAGES:
         manifest = json.loads((run_dir / stage / "solar.json").read_text())
-        assert manifest["stage"] in ("upscale", "pretrain", "sft", "dpo", "merge")
+        assert manifest["stage"] == KINDS[stage], stage
     plan = json.loads((run_dir / "upscaled" / "solar.json").read_text())["plan"]
     assert plan == [0, 1, 2, 1, 2, 3]
     report = json.loads((run_dir / "report" / "results.json").read_text())
@@ -64,20 +64,48 @@ def test_every_stage_runs_and_reports(tiny_run):
     assert "<th>Difference</th>" in html and "± " in html
     # continued pretraining recovers from the upscale: held-out perplexity goes down
     assert rows["cpt"]["ppl"] < rows["upscaled"]["ppl"]
-    for f in (
-        "index.html",
-        "results.md",
-        "plan_upscaled.png",
-        "training_curves.png",
-        "perplexity.png",
-        "evaluation.png",
-    ):
-        assert (run_dir / "report" / f).stat().st_size > 1000, f
+    # the stages table: every stage with its kind; every plot shown, and a real picture
+    for stage, kind in KINDS.items():
+        assert f"<tr><td>{stage}</td><td>{kind}</td>" in html, stage
+    for name in ("plan_upscaled.png", "training_curves.png", "perplexity.png", "evaluation.png"):
+        assert f'<img src="{name}"' in html, name
+        _assert_plot(run_dir / "report" / name)
+
+
+def _assert_plot(path: Path) -> None:
+    """A PNG of a real figure: its signature, a plausible size, more than one colour."""
+    import matplotlib.image
+    import numpy as np
+
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path.name
+    pixels = matplotlib.image.imread(path)
+    height, width = pixels.shape[:2]
+    assert width >= 400 and height >= 250, (path.name, width, height)
+    colours = np.unique(pixels.reshape(-1, pixels.shape[-1]), axis=0)
+    assert len(colours) > 16, path.name  # axes, labels and lines, not a blank canvas
 
 
 @pytest.mark.slow
-def test_second_run_skips_and_deleted_stage_reruns_with_dependents(tiny_run, monkeypatch):
-    recipe, run_dir, _ = tiny_run
+def test_contamination_stage_scores_the_final_model(tiny_run):
+    _, run_dir, _ = tiny_run
+    report = json.loads((run_dir / "contamination" / "contamination.json").read_text())
+    entry = report["sets"]["offline:arc_easy"]
+    assert entry["num_items"] == len(entry["items"]) == 8
+    for item in entry["items"]:
+        assert math.isfinite(item["model"]) and math.isfinite(item["reference"])
+        assert item["diff"] == pytest.approx(item["model"] - item["reference"])
+    assert report["model"].endswith("/final") and report["reference"].endswith("/sft_merged")
+    # Python-docs answers and arithmetic share no 13-gram with ARC-Easy's science questions
+    assert entry["ngram"]["num_checked"] > 0 and entry["ngram"]["contaminated"] == []
+
+
+@pytest.mark.slow
+def test_second_run_skips_and_deleted_stage_reruns_with_dependents(tiny_run, tmp_path, monkeypatch):
+    recipe, shared_run_dir, _ = tiny_run
+    # a copy: the shared run stays whole for any test that runs after this one (and a run
+    # directory that moved is still recognised as done)
+    run_dir = tmp_path / "run"
+    shutil.copytree(shared_run_dir, run_dir, symlinks=True)
     again = run_recipe(recipe, run_dir, echo=lambda s: None)
     assert again.ran == [] and sorted(again.skipped) == sorted(ALL)
 

@@ -51,3 +51,31 @@ def test_recipe_validates(path, tmp_path):
         cls = _stage_class(path.name)
         assert cls is not None, f"no loader for {path.name}: name it <stage>-*.yaml"
         load_config(cls, path)
+
+
+def test_demo_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
+    """``solar-ray demo --dry-run``: jobs/demo.yaml's stages in order with their kinds, every
+    stage to run, nothing written and no Ray started."""
+    import re
+
+    import ray
+
+    from solar_ray.cli import main
+
+    out = tmp_path / "demo"
+    capsys.readouterr()
+    assert main(["demo", "--dry-run", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"run directory: {out}"
+    plan = [re.match(r"^\s*(\d+)\. (\S+)\s+(\S+)\s+after: (.*?)\s+(run|done \(skip\))$", line)
+            for line in printed[1:]]  # fmt: skip
+    assert all(plan), printed
+    assert [(m[2], m[3], m[5]) for m in plan] == [
+        ("corpus", "corpus", "run"), ("base", "model", "run"), ("upscaled", "upscale", "run"),
+        ("data", "data", "run"), ("cpt", "pretrain", "run"), ("sft_v1", "sft", "run"),
+        ("sft_v4", "sft", "run"), ("sft_merged", "merge", "run"), ("dpo", "dpo", "run"),
+        ("final", "merge", "run"), ("eval", "eval", "run"),
+    ]  # fmt: skip
+    deps = {m[2]: m[4].strip() for m in plan}
+    assert deps["upscaled"] == "base" and deps["final"] == "sft_merged, dpo"
+    assert not out.exists() and not ray.is_initialized()

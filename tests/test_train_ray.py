@@ -32,13 +32,24 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
-def ray_module():
-    """One private local Ray for the module (never joins another cluster)."""
+def hold_dir(tmp_path_factory) -> Path:
+    """The directory of the workers' hold-at-checkpoint hook (see ``_run_killing_a_worker``)."""
+    return tmp_path_factory.mktemp("hold")
+
+
+@pytest.fixture(scope="module")
+def ray_module(hold_dir):
+    """One private local Ray for the module (never joins another cluster); its workers
+    inherit the hold-at-checkpoint hook's directory from this process's environment."""
     import ray
 
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield ray
-    ray.shutdown()
+    from solar_ray.train.session import HOLD_ENV
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(HOLD_ENV, str(hold_dir))
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        yield ray
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
@@ -120,9 +131,18 @@ def pretrain_zero3(ray_module, work):
     return run_pretrain(_pretrain_cfg(work, "pre_z3", zero_stage=3))
 
 
-def _run_killing_a_worker(run, cfg):
-    """Run a stage in a thread; SIGKILL one Ray Train worker once a checkpoint is registered."""
+def _run_killing_a_worker(run, cfg, hold_dir: Path):
+    """Run a stage in a thread; SIGKILL one Ray Train worker at its first checkpoint.
+
+    The workers are held right after reporting it (``solar_ray.train.session.HOLD_ENV``):
+    the kill lands once both wait there and Ray Train has registered the checkpoint, so
+    the run resumes from exactly that checkpoint, however fast or slow the machine is.
+    """
     snapshot = Path(cfg.resolved_storage_path) / cfg.run_name / "checkpoint_manager_snapshot.json"
+    hold = hold_dir / "hold"
+    for old in hold_dir.glob("held-*"):
+        old.unlink()
+    hold.touch()
     outcome: dict = {}
 
     def target() -> None:
@@ -139,14 +159,19 @@ def _run_killing_a_worker(run, cfg):
 
     thread = threading.Thread(target=target)
     thread.start()
-    deadline = time.monotonic() + 600
-    while registered() == 0:
-        assert thread.is_alive(), f"run ended before its first checkpoint: {outcome}"
-        assert time.monotonic() < deadline, "no checkpoint within 600 s"
-        time.sleep(0.05)
-    workers = _ray_worker_pids()
-    assert len(workers) == 2
-    workers[-1].send_signal(signal.SIGKILL)
+    try:
+        deadline = time.monotonic() + 600
+        while len(list(hold_dir.glob("held-*"))) < 2 or registered() == 0:
+            assert thread.is_alive(), f"run ended before its first checkpoint: {outcome}"
+            assert time.monotonic() < deadline, "no held checkpoint within 600 s"
+            time.sleep(0.05)
+        assert registered() == 1  # held at the first checkpoint: no second one can exist
+        workers = _ray_worker_pids()
+        assert len(workers) == 2
+        workers[-1].send_signal(signal.SIGKILL)
+        workers[-1].wait(timeout=60)
+    finally:
+        hold.unlink()  # the replacement workers (and a failed test's) run on
     thread.join()
     if "error" in outcome:
         raise outcome["error"]
@@ -154,12 +179,12 @@ def _run_killing_a_worker(run, cfg):
 
 
 @pytest.fixture(scope="module")
-def pretrain_zero2_killed(ray_module, work):
-    """The same run under ZeRO-2; one worker process is SIGKILLed after the first checkpoint."""
+def pretrain_zero2_killed(ray_module, work, hold_dir):
+    """The same run under ZeRO-2; one worker process is SIGKILLed at the first checkpoint."""
     from solar_ray.train.pretrain import run_pretrain
 
     cfg = _pretrain_cfg(work, "pre_z2", zero_stage=2)
-    return cfg, _run_killing_a_worker(run_pretrain, cfg)
+    return cfg, _run_killing_a_worker(run_pretrain, cfg, hold_dir)
 
 
 def test_pretrain_zero3_loss_decreases_and_export_matches(pretrain_zero3, work):
@@ -202,8 +227,8 @@ def test_killed_worker_resumes_from_checkpoint_on_the_same_curve(
     cfg, result = pretrain_zero2_killed
     metrics = result.metrics
     assert metrics["steps"] == 24
-    # the replaced worker group started from a reported checkpoint (every 8 steps)
-    assert len(metrics["resumed_from"]) == 1 and metrics["resumed_from"][0] in (8, 16)
+    # the replaced worker group started from the checkpoint the kill was held at (step 8)
+    assert metrics["resumed_from"] == [8]
     # ... and continued the same data order and optimizer state: the loss curve is the one
     # of the uninterrupted ZeRO-3 run, step for step
     assert [s for s, _ in metrics["loss_history"]] == [4, 8, 12, 16, 20, 24]
@@ -280,11 +305,12 @@ def sft_zero3(ray_module, work):
 
 
 @pytest.fixture(scope="module")
-def sft_zero2_killed(ray_module, work):
-    """The same SFT run under ZeRO-2, one worker killed after the Trainer's first checkpoint."""
+def sft_zero2_killed(ray_module, work, hold_dir):
+    """The same SFT run under ZeRO-2, one worker killed at the Trainer's first checkpoint."""
     from solar_ray.train.sft import run_sft
 
-    return _run_killing_a_worker(run_sft, _sft_cfg(work, "sft_z2", zero_stage=2, max_failures=1))
+    cfg = _sft_cfg(work, "sft_z2", zero_stage=2, max_failures=1)
+    return _run_killing_a_worker(run_sft, cfg, hold_dir)
 
 
 @pytest.mark.parametrize("run", ["sft_zero3", "sft_zero2_killed"])
@@ -353,3 +379,35 @@ def test_dpo_loss_decreases_and_export_loads(run, request):
     assert sum(losses[-4:]) / 4 < 0.8 * sum(losses[:4]) / 4, losses
     assert json.loads((result.out / "solar.json").read_text())["stage"] == "dpo"
     _assert_export_reproduces_probe(result.out)
+
+
+# --------------------------------------------------------------------------- the CLI
+
+
+@pytest.mark.parametrize("command", ["pretrain", "sft", "dpo"])
+def test_cli_trains_exports_and_then_skips(command, ray_module, work, capsys):
+    """``solar-ray pretrain|sft|dpo`` with flags only: trains, exports a model that loads,
+    prints one summary line; the same command again finds the output done."""
+    from transformers import AutoModelForCausalLM
+
+    from solar_ray.cli import main
+
+    out = work["root"] / f"cli_{command}"
+    data = {"pretrain": work["pretrain"], "sft": work["sft"], "dpo": work["pref"]}[command]
+    argv = [command, "--model", str(work["model"]), "--data", str(data), "--out", str(out),
+            "--num-workers", "1", "--steps", "2", "--micro-batch-size", "2",
+            "--seq-len", "64" if command == "pretrain" else "128", "--log-every", "1",
+            "--checkpoint-every", "2", "--no-tensorboard"]  # fmt: skip
+    if command == "dpo":
+        argv += ["--ref-model", str(work["ref_model"])]
+    capsys.readouterr()
+    assert main(argv) == 0, capsys.readouterr().err
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert printed[-1].startswith(f"{command}: trained -> {out} (steps=2, final_loss="), printed
+    manifest = json.loads((out / "solar.json").read_text())
+    assert manifest["stage"] == command
+    assert manifest["config"]["steps"] == 2 and manifest["config"]["num_workers"] == 1
+    assert [s for s, _ in manifest["metrics"]["loss_history"]] == [1, 2]
+    AutoModelForCausalLM.from_pretrained(out)
+    assert main(argv) == 0
+    assert capsys.readouterr().out.strip().startswith(f"{command}: already done, not retrained -> {out}")

@@ -282,14 +282,31 @@ def test_cli_reports_a_bad_config_on_one_line(tmp_path, capsys):
     assert len(err) == 1 and "global_batch_size: 8 is not divisible" in err[0]
 
 
-def test_train_recipes_in_jobs_validate():
-    recipes = sorted((REPO / "jobs").glob("pretrain-*.yaml"))
-    recipes += sorted((REPO / "jobs").glob("sft-*.yaml")) + sorted((REPO / "jobs").glob("dpo-*.yaml"))
-    assert recipes, "no training recipes in jobs/"
-    classes = {"pretrain": PretrainConfig, "sft": SFTConfig, "dpo": DPOConfig}
-    for path in recipes:
-        cfg = load_config(classes[path.name.split("-")[0]], path)
-        assert cfg.steps or cfg.epochs
+@pytest.mark.parametrize("family", ["demo", "solar-10.7b"])
+def test_train_recipes_in_jobs_chain_their_inputs(family):
+    """Each family's recipes fit together: every training stage reads a mix of its kind that
+    ``jobs/data-<family>.yaml`` writes, SFT starts from the pretrain output, and the
+    hardware is the one the family promises (demo: CPU; SOLAR 10.7B: GPUs, bf16, 4K context).
+    """
+    from solar_ray.data.config import DataConfig
+
+    jobs = REPO / "jobs"
+    data = load_config(DataConfig, jobs / f"data-{family}.yaml")
+    mixes = {f"{data.out.rstrip('/')}/{m.name}": m.kind for m in data.mixes}
+    stages = {
+        "pretrain": load_config(PretrainConfig, jobs / f"pretrain-{family}.yaml"),
+        "sft": load_config(SFTConfig, jobs / f"sft-{family}.yaml"),
+        "dpo": load_config(DPOConfig, jobs / f"dpo-{family}.yaml"),
+    }
+    needs = {"pretrain": "pretrain", "sft": "sft", "dpo": "preference"}
+    for kind, cfg in stages.items():
+        assert mixes.get(cfg.data) == needs[kind], f"{kind}-{family}.yaml: data {cfg.data} not in {mixes}"
+        assert cfg.use_gpu is (family != "demo"), f"{kind}-{family}.yaml"
+        if family != "demo":
+            assert cfg.precision_resolved == "bf16" and cfg.zero_stage == 3
+    assert stages["sft"].model == stages["pretrain"].out
+    if family != "demo":
+        assert stages["pretrain"].seq_len == stages["sft"].seq_len == 4096
 
 
 # --------------------------------------------------------------------------- metrics
@@ -298,26 +315,63 @@ def test_train_recipes_in_jobs_validate():
 def test_mfu_estimate_and_throughput_summary():
     from types import SimpleNamespace
 
-    from solar_ray.train.metrics import Throughput, device_peak_flops, flops_per_token, mfu
+    from solar_ray.train.metrics import Throughput, flops_per_token, mfu
 
     config = SimpleNamespace(hidden_size=4096, num_hidden_layers=32, num_attention_heads=32,
                              vocab_size=32000, head_dim=None)  # fmt: skip
-    params = 7_000_000_000
-    per_token = flops_per_token(config, params, seq_len=4096)
-    # 6 x non-embedding params + 12 L H Q T (PaLM appendix B)
-    assert per_token == 6 * (params - 32000 * 4096) + 12 * 32 * 32 * 128 * 4096
-    assert mfu(3000.0, per_token, 989e12) == pytest.approx(3000 * per_token / 989e12)
-    assert mfu(3000.0, per_token, None) is None
-    import torch
-
-    if not torch.cuda.is_available():
-        assert device_peak_flops() is None  # MFU is not reported on CPU
+    per_token = flops_per_token(config, 7_000_000_000, seq_len=4096)
+    # worked by hand (PaLM appendix B): 6 x (7e9 - 32000 x 4096 embedding) = 41,213,568,000
+    # plus attention 12 x 32 layers x 32 heads x 128 head dim x 4096 tokens = 6,442,450,944
+    assert per_token == 47_656_018_944
+    # 3000 tokens/s on one H100 (989 TFLOP/s dense bf16): 1.4297e14 / 9.89e14
+    assert mfu(3000.0, per_token, 989e12) == pytest.approx(0.144558, abs=1e-6)
+    assert mfu(3000.0, per_token, None) is None and mfu(0.0, per_token, 989e12) is None
+    # head_dim given explicitly (Gemma-style, not hidden / heads): 12 x 2 x 4 x 32 x 8 = 6144
+    small = SimpleNamespace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            vocab_size=100, head_dim=32)  # fmt: skip
+    assert flops_per_token(small, 10_000, seq_len=8) == 6 * 3_600 + 6_144
 
     timer = Throughput()
     for seconds, tokens, steps in [(5.0, 100, 1), (1.0, 100, 2), (2.0, 100, 2), (1.0, 100, 2)]:
         timer.intervals.append((seconds, tokens, steps))
     summary = timer.summary()  # the first (warm-up) interval is left out
     assert summary == {"tokens_per_s_per_worker": 100.0, "step_time_s": 0.5}
+
+
+@pytest.mark.parametrize(
+    ("device_name", "peak"),
+    [
+        ("NVIDIA H100 80GB HBM3", 989e12),  # SXM
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),  # datasheet: 1,671 TFLOP/s with sparsity
+        ("NVIDIA H200", 989e12),
+        ("NVIDIA A100-SXM4-80GB", 312e12),
+        ("NVIDIA L4", 121e12),
+        ("NVIDIA GeForce RTX 4090", None),  # not in the table: no MFU rather than a wrong one
+    ],
+)
+def test_device_peak_flops_by_device_name(monkeypatch, device_name, peak):
+    import torch
+
+    from solar_ray.train.metrics import device_peak_flops
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a, **k: device_name)
+    assert device_peak_flops() == peak
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_peak_flops() is None  # MFU is not reported on CPU
+
+
+@pytest.mark.gpu
+def test_device_peak_flops_of_this_gpu():
+    """The GPUs this project runs on report an MFU: their name is in the peak table."""
+    import torch
+
+    from solar_ray.train.metrics import device_peak_flops
+
+    name = torch.cuda.get_device_name()
+    peak = device_peak_flops()
+    assert peak is not None and peak >= 100e12, f"{name!r}: add its dense bf16 peak to PEAK_BF16_FLOPS"
 
 
 def test_metric_reports_are_coalesced_so_ray_train_never_blocks_the_loop():

@@ -367,7 +367,9 @@ def test_sha_config_needs_evaluations_at_the_rungs():
 
 
 @pytest.mark.parametrize("job", JOBS, ids=lambda p: p.name)
-def test_sweep_jobs_validate(job, tmp_path):
+def test_sweep_jobs_validate(job, tmp_path, capsys):
+    import re
+
     from solar_ray.cli import main as cli_main
     from solar_ray.tune.sweep import run_sweep
 
@@ -375,10 +377,13 @@ def test_sweep_jobs_validate(job, tmp_path):
     trials = plan_trials(cfg)
     assert len({t.name for t in trials}) == len(trials) >= 2
     run_sweep(cfg, tmp_path, dry_run=True, echo=lambda s: None)  # best.yaml plans too
-    assert (
-        cli_main(["sweep", str(job), "--out", str(tmp_path), "--dry-run", "--scheduler", "grid"])
-        == 0
-    )
+    # --scheduler replaces the recipe's: the experiment runs (and is named) with the flag's
+    other = "sha" if cfg.scheduler.kind == "grid" else "grid"
+    capsys.readouterr()
+    argv = ["sweep", str(job), "--out", str(tmp_path), "--dry-run", "--scheduler", other]
+    assert cli_main(argv) == 0
+    printed = capsys.readouterr().out
+    assert re.search(rf"^experiment: {re.escape(cfg.name)}-{other}-\S+ \({other}\)$", printed, re.M), printed
     if job.name == "sweep-m.yaml":
         assert cfg.base == "smollm2-135m" and cfg.search.m_values() == [3, 5, 7, 9, 11]
 

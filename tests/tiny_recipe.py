@@ -16,7 +16,13 @@ SMALLER = (
 
 #: every stage of jobs/tiny.yaml
 ALL = ("corpus", "base", "upscaled", "data", "cpt", "sft_v1", "sft_v2", "sft_merged", "dpo",
-       "final", "eval")  # fmt: skip
+       "final", "eval", "contamination")  # fmt: skip
+
+#: the kind of every stage of jobs/tiny.yaml, written out (not read from the recipe)
+KINDS = {"corpus": "corpus", "base": "model", "upscaled": "upscale", "data": "data",
+         "cpt": "pretrain", "sft_v1": "sft", "sft_v2": "sft", "sft_merged": "merge",
+         "dpo": "dpo", "final": "merge", "eval": "eval",
+         "contamination": "contamination"}  # fmt: skip
 
 #: the stages that train on Ray Train workers
 TRAINING = ("cpt", "sft_v1", "sft_v2", "dpo")

@@ -3,8 +3,8 @@
 Paths go through fsspec (:func:`solar_ray.fs.fsspec_filesystem`), so ``s3://``, ``gs://``,
 ``hf://datasets/...`` (huggingface_hub's filesystem) and ``file://`` work wherever their
 filesystem package is installed (s3/gs/hdfs also without s3fs/gcsfs, through pyarrow).
-Compressed files (``.gz``, ``.zst``, ``.bz2``, ``.xz``) are read through fsspec's
-``compression="infer"``. Besides the data stage's file types, ``text`` reads a plain text
+Compressed files (``.gz``, ``.bz2``, ``.xz``) are read through fsspec's
+``compression="infer"``, ``.zst`` (every frame) through ``zstandard`` directly. Besides the data stage's file types, ``text`` reads a plain text
 file as one record per blank-line-separated paragraph (evaluation's ``.txt``/``.md``).
 
 :func:`iter_records` never raises on a bad *row*: it yields a :class:`Record` whose
@@ -255,6 +255,20 @@ _READERS = {"jsonl": _iter_jsonl, "json": _iter_json, "parquet": _iter_parquet, 
             "text": _iter_text}  # fmt: skip
 
 
+def _open(fs: Any, inner: str, file_type: str) -> Any:
+    """A binary file object of ``inner``, decompressed by its suffix (parquet: as is)."""
+    if file_type != "parquet" and inner.lower().endswith(".zst"):
+        # fsspec's zstandard reader cannot iterate lines and stops after the first frame
+        # (``zstd`` writes one per block in streaming mode): decompress every frame, buffered
+        import zstandard
+
+        reader = zstandard.ZstdDecompressor().stream_reader(
+            fs.open(inner, "rb"), read_across_frames=True, closefd=True
+        )
+        return io.BufferedReader(reader)
+    return fs.open(inner, "rb", compression=None if file_type == "parquet" else "infer")
+
+
 def iter_records(path: str, file_type: str = "auto", text_key: str | None = None) -> Iterator[Record]:
     """Yield every record of one file; bad rows and unreadable files become reasons, not errors.
 
@@ -267,8 +281,7 @@ def iter_records(path: str, file_type: str = "auto", text_key: str | None = None
     reader = _READERS[file_type]
     try:
         fs, inner = fsspec_filesystem(path)
-        compression = None if file_type == "parquet" else "infer"
-        with fs.open(inner, "rb", compression=compression) as f:
+        with _open(fs, inner, file_type) as f:
             yield from reader(f, text_key)
     except Exception as e:  # a corrupt or vanished file: one quarantined record, the job goes on
         yield Record(-1, None, "unreadable_file", f"{type(e).__name__}: {str(e)[:200]}")

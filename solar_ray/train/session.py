@@ -25,12 +25,14 @@ from typing import Any, Protocol
 
 __all__ = [
     "FINAL_MARKER",
+    "HOLD_ENV",
     "STATE_FILE",
     "LocalSession",
     "RaySession",
     "ReportCoalescer",
     "WorkerSession",
     "current_session",
+    "hold_after_checkpoint",
     "init_local_process_group",
     "read_run_state",
     "write_run_state",
@@ -57,6 +59,25 @@ def read_run_state(checkpoint_dir: Path) -> dict[str, Any] | None:
 def write_run_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
     """Save the run state into a checkpoint being written (rank 0 only)."""
     (Path(checkpoint_dir) / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
+
+
+#: for tests: a directory. While ``<dir>/hold`` exists, a Ray Train worker that has just
+#: reported a checkpoint writes ``<dir>/held-<rank>`` and waits, so that a test can kill a
+#: worker at a known step instead of racing the training loop
+HOLD_ENV = "SOLAR_RAY_TEST_HOLD_AT_CHECKPOINT"
+
+
+def hold_after_checkpoint(rank: int) -> None:
+    """Wait while the test hook of :data:`HOLD_ENV` asks to (a no-op without it)."""
+    hold_dir = os.environ.get(HOLD_ENV)
+    if not hold_dir:
+        return
+    hold = Path(hold_dir) / "hold"
+    if not hold.exists():
+        return
+    (Path(hold_dir) / f"held-{rank}").touch()
+    while hold.exists():
+        time.sleep(0.05)
 
 
 class WorkerSession(Protocol):
@@ -191,6 +212,8 @@ class RaySession:
         ray.train.report(
             metrics, checkpoint=checkpoint, checkpoint_dir_name=name if checkpoint else None
         )
+        if checkpoint_dir is not None or name is not None:
+            hold_after_checkpoint(self.world_rank)
 
     def dataset_shard(self, name: str) -> Any | None:
         import ray.train
