@@ -192,7 +192,7 @@ def stage_run(
         model=paths["model"], data=paths[stage], out=str(out), steps=steps,
         micro_batch_size=MICRO_BATCH[stage], seq_len=SEQ_LEN[stage], lr=1e-4,
         checkpoint_every=10_000, log_every=1 if stage == "dpo" else 5, zero_stage=zero,
-        local=workers == 0, num_workers=max(workers, 1), max_failures=0, tensorboard=True,
+        local=workers == 0, num_workers=max(workers, 1), max_failures=0, tracking=["tensorboard"],
     )  # fmt: skip
     if stage == "pretrain":
         from solar_ray.train.pretrain import run_pretrain

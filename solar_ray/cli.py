@@ -42,6 +42,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sweep": ("solar_ray.tune", "Ray Tune sweep over m and data-mix choices"),
     "score-plans": ("solar_ray.seam", "score every m of a model without training (seam predictors)"),
     "demo": ("solar_ray.pipeline", "run jobs/demo.yaml on the embedded SmolLM2-135M"),
+    "push": ("solar_ray.hub", "upload a finished model to the Hugging Face Hub"),
 }
 
 ExitCode = int

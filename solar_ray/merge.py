@@ -56,6 +56,7 @@ from solar_ray.checkpoint import (
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
 from solar_ray.models import check_tensor_shapes, read_config, resolve_model
+from solar_ray.progress import Progress
 from solar_ray.upscale import (
     AUX_FILES,
     OutTensor,
@@ -461,6 +462,7 @@ def _write_merged_shards(
     reader = _Reader()
     weight_map: dict[str, str] = {}
     done = 0
+    shown = Progress("merge", len(planned), "tensors")
     try:
         for shard in shards:
             with open(out_dir / shard.name, "wb") as f:
@@ -483,12 +485,14 @@ def _write_merged_shards(
                     else:
                         _write_float_tensor(f, reader, cfg, refs, numel, out_dtype, coefs, chunk_elems)
                     done += 1
+                    shown.update()
                     if progress:
                         progress(done, len(planned))
                 f.flush()
                 os.fsync(f.fileno())
     finally:
         reader.close()
+        shown.close()
     return weight_map, sum(t.nbytes for t in planned)
 
 

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 import os
 import re
@@ -61,8 +62,10 @@ from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
 from solar_ray.cluster import init_ray
 from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
 from solar_ray.errors import UserError, user_os_error
+from solar_ray.hub import MODEL_KINDS, PushToHub, push_model
 from solar_ray.stages import KINDS as STAGE_KINDS
 from solar_ray.stages import TRAINING_KINDS, stage
+from solar_ray.tracking import Backends
 
 __all__ = [
     "PipelineError",
@@ -102,7 +105,20 @@ class Recipe(StageConfig):
     runtime_env: dict[str, Any] = Field(default_factory=dict)
     max_parallel_stages: int = Field(default=1, ge=1)
     report: bool = True
+    tracking: Backends | None = Field(
+        default=None,
+        description="the training stages' tracking backends unless a stage sets its own "
+        "(tensorboard, wandb, mlflow, none)",
+    )
     stages: dict[str, dict[str, Any]]
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tokens(cls, data: Any) -> Any:
+        from solar_ray.hub import refuse_tokens
+
+        refuse_tokens(data)
+        return data
 
 
 # --------------------------------------------------------------------------- stage kinds
@@ -277,13 +293,18 @@ class StagePlan:
     uri: str | None = None
     #: ``data`` with references to the run's location (what the stage's key hashes)
     key_data: dict[str, Any] = field(repr=False, default_factory=dict)
+    #: recipe-level defaults of fields that do not change what the stage makes (tracking):
+    #: under the stage's own values, and outside its key
+    defaults: dict[str, Any] = field(default_factory=dict)
+    #: where the finished output is published (``push_to_hub:``; not part of the key)
+    push: PushToHub | None = None
 
     def config(self, key: str = "0" * 64) -> StageConfig | None:
         """The validated stage config with the runner's fields (None for ``model`` stages)."""
         cls = stage(self.kind.name).config
         if cls is None:
             return None
-        data = self.kind.inject(self.data, self.out, self.name, self.uri or str(self.run_dir), key)
+        data = {**self.defaults, **self.kind.inject(self.data, self.out, self.name, self.uri or str(self.run_dir), key)}
         return validate(cls, data, "recipe", prefix=f"stages.{self.name}")
 
 
@@ -306,6 +327,25 @@ def _toposort(deps: dict[str, list[str]]) -> list[str]:
     for node in deps:  # recipe order breaks ties
         visit(node, [])
     return order
+
+
+def _push_target(raw: dict[str, Any], name: str) -> PushToHub | None:
+    if raw.get("push_to_hub") is None:
+        return None
+    if raw["kind"] not in MODEL_KINDS:
+        raise ConfigError(
+            f"stages.{name}.push_to_hub: a {raw['kind']} stage makes no model to push "
+            f"(only {', '.join(sorted(MODEL_KINDS))})"
+        )
+    return validate(PushToHub, raw["push_to_hub"], "recipe", prefix=f"stages.{name}.push_to_hub")
+
+
+def _defaults(recipe: Recipe, name: str) -> dict[str, Any]:
+    """What a training stage takes from its recipe: its tracking backends and names."""
+    if recipe.stages[name].get("kind") not in TRAINING_KINDS:
+        return {}
+    tracked = {"tracking_project": recipe.name, "tracking_name": f"{recipe.name}-{name}"}
+    return tracked | ({"tracking": recipe.tracking} if recipe.tracking is not None else {})
 
 
 def plan_recipe(
@@ -344,11 +384,12 @@ def plan_recipe(
         raw = recipe.stages[name]
         kind = KINDS[raw["kind"]]
         out = run_dir / name
-        fields = {k: v for k, v in raw.items() if k != "kind"}
+        fields = {k: v for k, v in raw.items() if k not in ("kind", "push_to_hub")}
         reads_from = uri if uri and kind.name in TRAINING_KINDS else run_dir
         data = _substitute(fields, reads_from)
         key_data = _substitute(fields, uri or run_dir)
-        plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw, uri, key_data)
+        plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw, uri=uri, key_data=key_data,
+                         defaults=_defaults(recipe, name), push=_push_target(raw, name))  # fmt: skip
         if validate_configs:
             if kind.name == "model":
                 validate(ModelStage, data, "recipe", prefix=f"stages.{name}")
@@ -449,6 +490,29 @@ def run_stage(plan: StagePlan, key: str) -> Any:
     return run(plan.config(key))
 
 
+def _push_if_asked(p: StagePlan, run_dir: Path, echo: Callable[[str], None]) -> None:
+    """Publish a finished output its stage asks to publish, unless this very output already
+    went to that repository (``.pipeline/<stage>.pushed.json``)."""
+    if p.push is None:
+        return
+    if p.uri:  # finished in the bucket: this node pushes its copy of that artifact
+        remote.download(remote.join(p.uri, p.name), p.out)
+    marker = run_dir / MARKERS / f"{p.name}.pushed.json"
+    pushed = {"repo_id": p.push.repo_id, "artifact": identity.artifact_id(p.out)}
+    try:
+        previous = json.loads(marker.read_text(encoding="utf-8"))
+    except (FileNotFoundError, json.JSONDecodeError):
+        previous = None
+    if previous is not None and {k: previous.get(k) for k in pushed} == pushed:
+        return
+    try:
+        url = push_model(p.out, p.push.repo_id, p.push.private)
+    except UserError as e:
+        raise UserError(f"stage {p.name!r}: push_to_hub: {e}") from e
+    write_json_atomic(marker, {**pushed, "url": url})
+    echo(f"  {p.name}: pushed to {p.push.repo_id}")
+
+
 @dataclass
 class RunResult:
     """What a run did: the stages run and skipped, in order."""
@@ -535,6 +599,7 @@ def run_recipe(
         if _is_done(p):
             skipped.append(p.name)
             echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): done, skipped")
+            _push_if_asked(p, run_dir, echo)
             continue
         echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): running -> {p.out}")
         # a stale log line must not survive a failed rerun
@@ -570,6 +635,7 @@ def run_recipe(
             remote.upload_file(log_file, remote.join(uri, MARKERS, log_file.name))
         ran.append(p.name)
         echo(f"[{i}/{len(plans)}] {p.name}: finished in {marker['seconds']} s")
+        _push_if_asked(p, run_dir, echo)
     report = None
     if recipe.report and any(p.kind.name == "eval" for p in plans):
         from solar_ray.report import write_report

@@ -58,6 +58,7 @@ from solar_ray.checkpoint import (
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
 from solar_ray.models import ArchSpec, ModelSourceError, arch_for_config, read_config
+from solar_ray.progress import Progress
 
 __all__ = [
     "MAX_LAYERS",
@@ -577,10 +578,12 @@ def write_shards(shards: list[OutShard], out_dir: Path, fsync: bool = False) -> 
     """Write the planned shards into ``out_dir``; return the index's weight map.
 
     ``fsync`` flushes every shard to disk before returning (power-loss durability; the
-    atomic rename already covers a crashed process).
+    atomic rename already covers a crashed process). Shows its progress in bytes.
     """
     weight_map: dict[str, str] = {}
     src_fds: dict[Path, int] = {}
+    total = sum(t.nbytes for shard in shards for t in shard.tensors)
+    progress = Progress("upscale", total, "B")
     try:
         for shard in shards:
             fd = os.open(out_dir / shard.name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
@@ -592,10 +595,12 @@ def write_shards(shards: list[OutShard], out_dir: Path, fsync: bool = False) -> 
                         left = t.nbytes
                         while left:
                             left -= os.write(fd, _ZEROS[: min(left, len(_ZEROS))])
+                        progress.update(t.nbytes)
                         continue
                     if t.src.file not in src_fds:
                         src_fds[t.src.file] = os.open(t.src.file, os.O_RDONLY)
                     _copy_range(src_fds[t.src.file], fd, t.src.offset, t.nbytes)
+                    progress.update(t.nbytes)
                 if fsync:
                     os.fsync(fd)
             finally:
@@ -603,6 +608,7 @@ def write_shards(shards: list[OutShard], out_dir: Path, fsync: bool = False) -> 
     finally:
         for sfd in src_fds.values():
             os.close(sfd)
+        progress.close()
     return weight_map
 
 

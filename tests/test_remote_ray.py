@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 from s3_server import objects, s3_server
-from tiny_recipe import ALL, SMALLER
+from tiny_recipe import ALL, KINDS, SMALLER
+
+from solar_ray.train.session import HOLD_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -38,41 +40,44 @@ def test_tiny_recipe_on_s3_stops_and_resumes_from_the_bucket(tmp_path):
     with s3_server(BUCKET) as s3:
         env = {**os.environ, **s3}
         log = tmp_path / "first.log"
+        # cpt's workers wait right after their first checkpoint report (step 4 of 8) until
+        # the job is stopped: the stop lands at a known step, never after cpt finished
+        hold = tmp_path / "hold"
+        hold.mkdir()
+        (hold / "hold").touch()
         with log.open("w") as out:
-            proc = subprocess.Popen(_cmd(uri), env=env, stdout=out, stderr=subprocess.STDOUT,
-                                    start_new_session=True)  # fmt: skip
+            proc = subprocess.Popen(_cmd(uri), env={**env, HOLD_ENV: str(hold)}, stdout=out,
+                                    stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
             deadline = time.monotonic() + 900
-            # stop the job once Ray Train has registered a checkpoint of cpt in the bucket
-            # (it checkpoints every 4 of its 8 steps)
+            # stop the job once Ray Train has registered that checkpoint in the bucket
             while time.monotonic() < deadline and proc.poll() is None:
-                if _registered_checkpoints(s3, "cpt"):
+                if (hold / "held-0").exists() and _registered_checkpoints(s3, "cpt"):
                     break
                 time.sleep(1)
             assert proc.poll() is None, log.read_text()[-5000:]
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=300)
+            (hold / "hold").unlink()
         first = log.read_text()
         assert proc.returncode != 0 and "cpt (pretrain): running" in first, first[-5000:]
         stored = objects(s3, BUCKET, "runs/tiny/")
         assert "runs/tiny/cpt/.solar-ray-output" not in stored  # never taken as finished
         finished = {k.split("/")[2] for k in stored if k.endswith("/.solar-ray-output")}
-        assert {"corpus", "base", "upscaled", "data"} <= finished <= {"corpus", "base", "upscaled", "data", "cpt"}
+        assert finished == {"corpus", "base", "upscaled", "data"}
 
         # resubmitted on a node with an empty cache (another mirror, nothing downloaded yet)
         env["SOLAR_RAY_CACHE"] = str(tmp_path / "other-node")
         second = subprocess.run(_cmd(uri), env=env, capture_output=True, text=True, timeout=1800)
         assert second.returncode == 0, second.stdout[-5000:] + second.stderr[-5000:]
         for stage in finished:
-            assert f"{stage} (" in second.stdout and f"{stage} ({_kind(stage)}): done, skipped" in second.stdout
+            assert f"{stage} ({KINDS[stage]}): done, skipped" in second.stdout
         assert f"(ran {len(ALL) - len(finished)}, skipped {len(finished)})" in second.stdout
         stored = objects(s3, BUCKET, "runs/tiny/")
         for stage in ALL:
             assert f"runs/tiny/{stage}/.solar-ray-output" in stored, stage
         cpt = json.loads(stored["runs/tiny/cpt/solar.json"])
-        if "cpt" not in finished:
-            # the stopped run's checkpoint was read back from the bucket
-            assert cpt["metrics"]["resumed_from"] in ([4],), cpt["metrics"]
-        assert cpt["metrics"]["steps"] == 8
+        # the stopped run's checkpoint (step 4) was read back from the bucket
+        assert cpt["metrics"]["resumed_from"] == [4] and cpt["metrics"]["steps"] == 8
         assert "runs/tiny/report/index.html" in stored and "runs/tiny/report/results.md" in stored
 
 
@@ -82,11 +87,6 @@ def _registered_checkpoints(s3: dict[str, str], stage: str) -> list:
         if f"/{stage}-" in key and key.endswith("checkpoint_manager_snapshot.json"):
             return json.loads(body).get("checkpoint_results") or []
     return []
-
-
-def _kind(stage: str) -> str:
-    return {"corpus": "corpus", "base": "model", "upscaled": "upscale", "data": "data",
-            "cpt": "pretrain"}[stage]  # fmt: skip
 
 
 def test_a_sweep_into_s3_uploads_its_report(tmp_path, tiny_llama_dir, smollm2_tokenizer):
@@ -110,7 +110,7 @@ def test_a_sweep_into_s3_uploads_its_report(tmp_path, tiny_llama_dir, smollm2_to
         "train": {"kind": "sft", "val_data": str(data["yardstick"]), "num_workers": 1,
                   "zero_stage": 0, "micro_batch_size": 2, "seq_len": 64, "steps": 2,
                   "eval_every": 2, "log_every": 1, "lr": 1e-3, "warmup_steps": 0,
-                  "checkpoint_every": 100, "tensorboard": False, "max_failures": 0},
+                  "checkpoint_every": 100, "tracking": "none", "max_failures": 0},
         "scheduler": {"kind": "grid"},
     })  # fmt: skip
     with s3_server(BUCKET) as s3, pytest.MonkeyPatch.context() as mp:

@@ -428,3 +428,42 @@ def test_checkpoint_at_steps_besides_every_n():
     assert cfg.result_fingerprint() == plain.result_fingerprint()  # operational
     with pytest.raises(ValueError, match="checkpoint_at"):
         PretrainConfig(model="m", data="d", out="o", steps=8, checkpoint_at=[0])
+
+
+# --------------------------------------------------------------------------- attention kernels
+
+
+def test_attention_kernels_compute_the_same_logits(tmp_path, tiny_llama_dir):
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.randint(0, 1000, (2, 48), generator=torch.Generator().manual_seed(0))
+    logits = {}
+    for kernel in ("sdpa", "eager"):
+        cfg = load_config(SFTConfig, data=_base(tmp_path, attn_implementation=kernel))
+        model = AutoModelForCausalLM.from_pretrained(tiny_llama_dir, **cfg.model_kwargs()).eval()
+        assert model.config._attn_implementation == kernel
+        with torch.no_grad():
+            logits[kernel] = model(input_ids=ids).logits
+    torch.testing.assert_close(logits["sdpa"], logits["eager"], rtol=1e-5, atol=1e-5)
+
+
+def test_flash_attention_is_refused_on_cpu_and_without_flash_attn(tmp_path, capsys):
+    from solar_ray.cli import main
+    from solar_ray.errors import MissingDependencyError
+    from solar_ray.train.common import validate_common
+
+    with pytest.raises(ConfigError, match="attn_implementation: flash_attention_2 runs on CUDA"):
+        load_config(PretrainConfig, data=_base(tmp_path, attn_implementation="flash_attention_2"))
+    code = main(["pretrain", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"),
+                 "--steps", "1", "--attn-implementation", "flash_attention_2"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1 and "attn_implementation" in err
+    gpu = load_config(
+        PretrainConfig, data=_base(tmp_path, attn_implementation="flash_attention_2", use_gpu=True)
+    )
+    import importlib.util
+
+    if importlib.util.find_spec("flash_attn") is None:
+        with pytest.raises(MissingDependencyError, match=r"solar-ray\[flash\]"):
+            validate_common(gpu, data_kind="pretrain")

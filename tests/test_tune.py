@@ -430,7 +430,7 @@ def tiny_sweep(base: str, mixes: dict[str, Path], **over) -> dict:
         "lr": 1e-3,
         "warmup_steps": 0,
         "checkpoint_every": 100,
-        "tensorboard": False,
+        "tracking": "none",
         "max_failures": 0,
     }
     cfg = {
@@ -743,7 +743,7 @@ def test_sft_mix_sweep_scores_every_mix_on_one_yardstick_with_its_error(
         "train": {"kind": "sft", "val_data": str(data["yardstick"]), "num_workers": 1,
                   "zero_stage": 0, "micro_batch_size": 2, "seq_len": 64, "steps": 4,
                   "eval_every": 3, "log_every": 1, "lr": 1e-3, "warmup_steps": 0,
-                  "checkpoint_every": 100, "tensorboard": False, "max_failures": 0},
+                  "checkpoint_every": 100, "tracking": "none", "max_failures": 0},
         "scheduler": {"kind": "grid"},
     }  # fmt: skip
     cfg = SweepConfig.model_validate(raw)

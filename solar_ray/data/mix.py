@@ -31,6 +31,7 @@ import datetime as _dt
 import logging
 import math
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,7 @@ from solar_ray.data.normalize import (
 from solar_ray.data.sources import detect_file_type, expand_paths
 from solar_ray.errors import UserError
 from solar_ray.fs import fsspec_filesystem, local_path
+from solar_ray.progress import Progress
 
 __all__ = [
     "DataResult",
@@ -833,6 +835,12 @@ def run_data(cfg: DataConfig, only: list[str] | None = None) -> DataResult:
     if needs_synth:
         assert cfg.synth_math is not None
         result.synth_math = run_synth_math(cfg.synth_math, synth_dir)
+    # Ray Data draws its own per-operator row bars in a terminal; elsewhere they would
+    # flood the log, so each mix's row count is logged as it finishes
+    import ray.data
+
+    ray.data.DataContext.get_current().enable_progress_bars = sys.stderr.isatty()
+    shown = Progress("data", None, "rows", terminal=False, interval_s=0)
     for i, mix in enumerate(cfg.mixes):
         if only and mix.name not in only:
             continue
@@ -848,4 +856,6 @@ def run_data(cfg: DataConfig, only: list[str] | None = None) -> DataResult:
             raise type(e)(f"mixes.{i} ({mix.name}): {e}") from None
         result.mixes[mix.name] = res
         log.info("mix %s: %d rows -> %s", mix.name, res.num_rows, res.out)
+        shown.update(res.num_rows)
+    shown.close()
     return result

@@ -527,6 +527,10 @@ class SynthMathResult:
 
 
 def _pick_backend(requested: str) -> str:
+    if requested == "vllm":
+        from solar_ray.errors import require
+
+        require("vllm", "synth_math.backend: vllm", extra="vllm")  # fail on the driver, not in an actor
     if requested != "auto":
         return requested
     import ray

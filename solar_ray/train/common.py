@@ -45,9 +45,10 @@ from solar_ray.checkpoint import (
 )
 from solar_ray.config import ConfigError
 from solar_ray.data.contract import MixInfo, open_mix
-from solar_ray.errors import UserError
+from solar_ray.errors import UserError, require
 from solar_ray.fs import arrow_filesystem, is_uri
 from solar_ray.models import resolve_model
+from solar_ray.tracking import check_backends
 from solar_ray.train.config import TrainConfig
 from solar_ray.train.launch import WorkerSpec, launch_ray, worker_spec
 from solar_ray.train.session import FINAL_MARKER, LocalSession
@@ -155,6 +156,12 @@ def validate_common(cfg: TrainConfig, data_kind: str, data_part: str | None = No
 
         if not torch.cuda.is_available():
             raise ConfigError("use_gpu: no CUDA device is visible to this process")
+    if cfg.attn_implementation == "flash_attention_2":
+        require("flash_attn", "attn_implementation: flash_attention_2", extra="flash")
+    check_backends(cfg.tracking)
+    peft = getattr(cfg, "peft", None)
+    if peft is not None and peft.load_in_4bit:
+        require("bitsandbytes", "peft.load_in_4bit", extra="qlora")
     model_dir, config, vocab_size = validate_model(cfg.model, "model", cfg.seq_len)
     data = open_mix(cfg.data, data_kind, "data", part=data_part)
     val = open_mix(cfg.val_data, data_kind, "val_data", part=data_part) if cfg.val_data else None
@@ -293,6 +300,19 @@ def _link_or_copy_tree(src: Path, dst: Path) -> None:
             shutil.copy2(p, target)
 
 
+def _lora_card_lines(cfg: TrainConfig) -> list[str]:
+    peft = getattr(cfg, "peft", None)
+    if peft is None:
+        return []
+    modules = peft.target_modules if isinstance(peft.target_modules, str) else ", ".join(peft.target_modules)
+    return [
+        f"Trained as LoRA adapters (r={peft.r}, alpha={peft.alpha:g}, modules: {modules}"
+        f"{', 4-bit base' if peft.load_in_4bit else ''}), merged into the weights"
+        f"{'; the adapter is kept in adapter/' if peft.keep_adapter else ''}.",
+        "",
+    ]
+
+
 def run_stage(
     cfg: TrainConfig,
     worker_fn: Callable[[dict], None],
@@ -338,6 +358,7 @@ def run_stage(
                     f"{metrics.get('steps')} steps, {cfg.num_workers if not cfg.local else 1} "
                     f"worker(s), ZeRO-{cfg.zero_stage}.",
                     "",
+                    *_lora_card_lines(cfg),
                     *(card_lines or []),
                     *[
                         f"- {k}: {v:.4g}" if isinstance(v, float) else f"- {k}: {v}"

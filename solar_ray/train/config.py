@@ -23,15 +23,20 @@ wrong kind) fail in :func:`solar_ray.train.common.validate_inputs` before any wo
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, ClassVar, Literal
+from typing import TYPE_CHECKING, Any, ClassVar, Literal
 
 from pydantic import Field, PositiveInt, field_validator, model_validator
 
 from solar_ray.config import StageConfig
 from solar_ray.fs import local_path
+from solar_ray.tracking import Backends
+
+if TYPE_CHECKING:
+    from solar_ray.tracking import TrackedRun
 
 __all__ = [
     "DPOConfig",
+    "LoraSettings",
     "PretrainConfig",
     "SFTConfig",
     "TrainConfig",
@@ -46,7 +51,9 @@ OPERATIONAL_FIELDS = frozenset(
         "num_checkpoints_to_keep",
         "checkpoint_at",
         "log_every",
-        "tensorboard",
+        "tracking",
+        "tracking_project",
+        "tracking_name",
         "cpus_per_worker",
         "resources_per_worker",
         "local",
@@ -111,6 +118,11 @@ class TrainConfig(StageConfig):
         default="auto", description="auto: bf16 on GPU, fp32 on CPU"
     )
     gradient_checkpointing: bool = Field(default=False, description="activation checkpointing")
+    attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = Field(
+        default="sdpa",
+        description="attention kernel: sdpa (PyTorch's fused attention), eager (plain "
+        "matmuls), flash_attention_2 (GPU, needs flash-attn: pip install 'solar-ray[flash]')",
+    )
     max_grad_norm: float = Field(default=1.0, ge=0.0, description="gradient clipping (0: off)")
     deepspeed: dict[str, Any] | str | None = Field(
         default=None,
@@ -147,7 +159,19 @@ class TrainConfig(StageConfig):
     eval_batches: int | None = Field(
         default=None, ge=1, description="cap on held-out batches per worker per evaluation"
     )
-    tensorboard: bool = True
+    tracking: Backends = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="where rank 0 logs the metrics: tensorboard, wandb, mlflow (one or "
+        "several), or none",
+    )
+    tracking_project: str | None = Field(
+        default=None,
+        description="W&B project / MLflow experiment (default: the recipe's name, else "
+        "solar-ray)",
+    )
+    tracking_name: str | None = Field(
+        default=None, description="the run's name in W&B / MLflow (default: recipe-stage)"
+    )
     export_dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto", description="auto: the training precision (bf16 on GPU, fp32 on CPU)"
     )
@@ -187,6 +211,11 @@ class TrainConfig(StageConfig):
             raise ValueError("val_data / val_fraction: set at most one of them")
         if self.local and self.num_workers != 1:
             raise ValueError("num_workers: local runs use exactly one worker (set num_workers: 1)")
+        if self.attn_implementation == "flash_attention_2" and not self.use_gpu:
+            raise ValueError(
+                "attn_implementation: flash_attention_2 runs on CUDA GPUs only (set use_gpu: "
+                "true, or attn_implementation: sdpa on CPU)"
+            )
         if self.precision in ("bf16", "fp16") and not self.use_gpu:
             raise ValueError(
                 f"precision: {self.precision} needs use_gpu: true (CPU trains in fp32)"
@@ -239,6 +268,27 @@ class TrainConfig(StageConfig):
             ]
         return self.export_dtype
 
+    def tracked_run(self, run_id: str) -> TrackedRun:
+        """How W&B and MLflow name and describe this run."""
+        from solar_ray.tracking import TrackedRun
+
+        return TrackedRun(
+            project=self.tracking_project or "solar-ray",
+            name=self.tracking_name or self.run_name,
+            run_id=run_id,
+            config={"stage": self.stage, **self.to_dict()},
+        )
+
+    def model_kwargs(self) -> dict[str, Any]:
+        """``from_pretrained`` keyword arguments of the model being trained: the training
+        dtype and the attention kernel."""
+        import torch
+
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
+            self.precision_resolved, torch.float32
+        )
+        return {"dtype": dtype, "attn_implementation": self.attn_implementation}
+
     def result_fingerprint(self) -> str:
         """Hash of every field that changes what the run computes (not how it is operated).
 
@@ -255,7 +305,54 @@ class PretrainConfig(TrainConfig):
     stage: ClassVar[str] = "pretrain"
 
 
-class SFTConfig(TrainConfig):
+class LoraSettings(StageConfig):
+    """LoRA adapters (QLoRA with ``load_in_4bit``) instead of training every weight.
+
+    The stage's output is still a full model: the adapters are merged into the base weights
+    at the end (``merge_and_unload``), so later stages take it unchanged.
+    """
+
+    r: int = Field(default=16, ge=1, description="adapter rank")
+    alpha: float = Field(default=32.0, gt=0, description="LoRA scaling numerator (alpha / r)")
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        default="all-linear",
+        description="module names to adapt (e.g. [q_proj, v_proj]); all-linear: every "
+        "linear layer but the output head",
+    )
+    load_in_4bit: bool = Field(
+        default=False, description="QLoRA: a 4-bit NF4 base (GPU, needs bitsandbytes)"
+    )
+    keep_adapter: bool = Field(
+        default=False, description="also write the adapter (PEFT format) into out/adapter"
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_modules(cls, v: list[str] | str) -> list[str] | str:
+        if isinstance(v, list) and not v:
+            raise ValueError("name at least one module, or all-linear")
+        return v
+
+
+class TRLTrainConfig(TrainConfig):
+    """The stages trained by a TRL trainer (SFT, DPO): these may train LoRA adapters."""
+
+    peft: LoraSettings | None = Field(
+        default=None, description="train LoRA adapters, merged into the model at the end"
+    )
+
+    @model_validator(mode="after")
+    def _check_peft(self) -> TRLTrainConfig:
+        if self.peft is not None and self.peft.load_in_4bit and not self.use_gpu:
+            raise ValueError(
+                "peft.load_in_4bit: a 4-bit (QLoRA) base needs use_gpu: true and bitsandbytes; "
+                "on CPU train plain LoRA (load_in_4bit: false)"
+            )
+        return self
+
+
+class SFTConfig(TRLTrainConfig):
     """Supervised fine-tuning with TRL's SFTTrainer inside the Ray Train workers."""
 
     stage: ClassVar[str] = "sft"
@@ -267,11 +364,12 @@ class SFTConfig(TrainConfig):
     )
 
 
-class DPOConfig(TrainConfig):
+class DPOConfig(TRLTrainConfig):
     """Direct preference optimisation with TRL's DPOTrainer inside the Ray Train workers.
 
     The reference model is ``ref_model`` (default: the policy's starting model). By default
-    it lives in the workers, sharded like the policy under ZeRO-3; with
+    it lives in the workers, sharded like the policy under ZeRO-3; a LoRA policy (``peft``)
+    without a ``ref_model`` is its own reference with the adapters disabled; with
     ``precompute_ref_logps`` its log-probabilities are computed once by a Ray Data
     batch-inference pass and the workers never hold it.
     """

@@ -99,6 +99,7 @@ class RefLogpsPredictor:
     def __init__(
         self, model_dir: str, max_length: int, use_gpu: bool, precision: str,
         model_uri: str | None = None,
+        attn_implementation: str = "sdpa",
     ) -> None:  # fmt: skip
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -112,7 +113,7 @@ class RefLogpsPredictor:
         if self.tokenizer.pad_token is None:
             self.tokenizer.pad_token = self.tokenizer.eos_token
         self.model = AutoModelForCausalLM.from_pretrained(
-            model_dir, dtype=dtype, attn_implementation="sdpa"
+            model_dir, dtype=dtype, attn_implementation=attn_implementation
         ).to(self.device)
         self.model.eval()
         self.collator = DataCollatorForPreference(
@@ -178,6 +179,7 @@ def precompute_ref_logps(
                 "max_length": cfg.seq_len,
                 "use_gpu": cfg.use_gpu,
                 "precision": cfg.precision_resolved,
+                "attn_implementation": cfg.attn_implementation,
             },
             batch_size=cfg.ref_batch_size,
             batch_format="numpy",
@@ -236,6 +238,7 @@ def _dpo(env: WorkerEnv, ckpt: Path | None) -> None:
     from trl import DPOTrainer
 
     from solar_ray.train.hf import DeepSpeedCheckpointMixin, hf_training_kwargs, train_with_hf
+    from solar_ray.train.lora import peft_config, quantization_config
 
     cfg: DPOConfig = env.cfg  # type: ignore[assignment]
     train_ds, eval_ds = _dpo_datasets(env)
@@ -267,9 +270,13 @@ def _dpo(env: WorkerEnv, ckpt: Path | None) -> None:
             # built after the args, so under ZeRO-3 it is partitioned as it loads
             ref_model = create_model_from_path(ref_dir, **kwargs["model_init_kwargs"])
         tokenizer = AutoTokenizer.from_pretrained(env.model_dir)
+        # a LoRA policy without ref_model: TRL's reference is the policy with its adapters
+        # disabled (ref_model=None), never a second copy
         return SolarDPOTrainer(
             model=env.model_dir,
             ref_model=ref_model,
+            peft_config=peft_config(cfg.peft) if cfg.peft else None,
+            quantization_config=quantization_config(cfg),
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,
@@ -325,4 +332,6 @@ def run_dpo(cfg: DPOConfig) -> TrainResult:
         )  # fmt: skip
     lines = [f"DPO: beta={cfg.beta}, loss_type={cfg.loss_type}, reference "
              f"{'precomputed (Ray Data)' if cfg.precompute_ref_logps else 'live'}."]  # fmt: skip
+    if cfg.peft is not None and cfg.ref_model is None and not cfg.precompute_ref_logps:
+        lines[0] += " The reference is the LoRA policy with its adapters disabled."
     return run_stage(cfg, dpo_worker, inputs, spec_values=spec_values, card_lines=lines)

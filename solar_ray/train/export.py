@@ -22,7 +22,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-__all__ = ["export_hf_model", "torch_dtype"]
+__all__ = ["export_hf_model", "is_zero3_param", "torch_dtype"]
 
 
 def torch_dtype(name: str) -> Any:
@@ -32,7 +32,8 @@ def torch_dtype(name: str) -> Any:
     return {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[name]
 
 
-def _is_zero3_param(p: Any) -> bool:
+def is_zero3_param(p: Any) -> bool:
+    """True for a parameter that DeepSpeed ZeRO-3 partitions over the ranks."""
     return hasattr(p, "ds_id")
 
 
@@ -120,7 +121,7 @@ def export_hf_model(
         if not params and not buffers:
             continue
         seen.update(id(p) for _, p in params)
-        to_gather = [p for _, p in params if _is_zero3_param(p)]
+        to_gather = [p for _, p in params if is_zero3_param(p)]
         gather: contextlib.AbstractContextManager = contextlib.nullcontext()
         if to_gather:
             import deepspeed

@@ -80,10 +80,7 @@ def load_hf_split(env: WorkerEnv, columns: list[str]) -> tuple[Any, Any]:
 
 def hf_training_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dict[str, Any]:
     """``TrainingArguments`` fields every TRL stage shares, from the stage config."""
-    import torch
-
     precision = cfg.precision_resolved
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     eval_every = cfg.eval_every
     kwargs: dict[str, Any] = {
         "output_dir": output_dir,
@@ -117,7 +114,7 @@ def hf_training_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dic
         "include_num_input_tokens_seen": "all",
         "dataloader_num_workers": 0,
         "disable_tqdm": True,
-        "model_init_kwargs": {"dtype": dtype, "attn_implementation": "sdpa"},
+        "model_init_kwargs": cfg.model_kwargs(),
     }
     return kwargs
 

@@ -98,6 +98,34 @@ def checkpoint_uri(storage_path: str, path: str) -> str:
     return qualify(path, storage_path)
 
 
+def step_progress(cfg: TrainConfig) -> Any:
+    """A Ray Train callback that logs the run's steps, rate and ETA as workers report.
+
+    It runs in the Train controller (an actor), whose log lines reach the driver's output,
+    so it writes plain periodic lines rather than a bar.
+    """
+    from ray.train import UserCallback
+
+    from solar_ray.progress import Progress
+
+    class StepProgress(UserCallback):
+        def __init__(self) -> None:
+            self.progress: Progress | None = None
+
+        def after_report(self, run_context: Any, metrics: list[dict], checkpoint: Any) -> None:
+            step = metrics[0].get("step") if metrics else None
+            if step is None:
+                return
+            if self.progress is None:  # created here: the callback is pickled to the controller
+                self.progress = Progress(
+                    f"{cfg.stage} {cfg.run_name}", cfg.steps, "steps", terminal=False,
+                    initial=int(step), emit=lambda text: print(text, flush=True),
+                )  # the controller's stdout reaches the driver; its log level may not
+            self.progress.set(int(step))
+
+    return StepProgress()
+
+
 def _warn_if_data_starved(cfg: TrainConfig, resources: dict[str, float]) -> None:
     import ray
 
@@ -134,6 +162,7 @@ def launch_ray(
     resources = worker_resources(cfg)
     if datasets:
         _warn_if_data_starved(cfg, resources)
+    callbacks = [*callbacks, step_progress(cfg)]
     trainer = TorchTrainer(
         worker_fn,
         train_loop_config=spec.config(),
@@ -143,7 +172,7 @@ def launch_ray(
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.resolved_storage_path,
-            callbacks=list(callbacks) or None,
+            callbacks=callbacks,
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
             # Ray Train sends print() to its logger, including prints into a redirected

@@ -1,7 +1,7 @@
-"""Training metrics: throughput, MFU and TensorBoard logs in the run directory.
+"""Training metrics: throughput, MFU, and the logs in the run's tracking backends.
 
-Every stage reports the same names to Ray Train (``ray.train.report``) and writes them as
-TensorBoard scalars: ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` (all workers),
+Every stage reports the same names to Ray Train (``ray.train.report``) and logs them to
+its ``tracking`` backends (TensorBoard scalars by default; W&B, MLflow): ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` (all workers),
 ``tokens_per_s_per_worker``, ``mfu`` (GPU only) and, where there is a held-out split,
 ``eval_loss`` / ``eval_ppl``.
 
@@ -22,10 +22,14 @@ import math
 import statistics
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from solar_ray.fs import is_uri
+
+if TYPE_CHECKING:
+    from solar_ray.tracking import TrackedRun
 
 __all__ = [
     "MetricsWriter",
@@ -135,22 +139,54 @@ def tensorboard_dir(storage_path: str, run_name: str) -> tuple[Path, str | None]
 
 
 class MetricsWriter:
-    """TensorBoard scalars written by rank 0 (a no-op elsewhere or when disabled)."""
+    """The run's metrics into its tracking backends, from rank 0 (a no-op elsewhere).
 
-    def __init__(self, storage_path: str, run_name: str, enabled: bool) -> None:
-        self.enabled = enabled
+    TensorBoard scalars go under ``train/`` and ``eval/``; W&B and MLflow
+    (:mod:`solar_ray.tracking`) get the same numbers under the names the stage's own
+    history uses (``loss``, ``lr``, ``eval_loss``, ...). Backends are opened on first use,
+    so a finished run never imports them.
+    """
+
+    def __init__(
+        self,
+        storage_path: str,
+        run_name: str,
+        enabled: bool,
+        backends: Sequence[str] = ("tensorboard",),
+        run: TrackedRun | None = None,
+    ) -> None:
+        self.enabled = enabled and bool(backends)
+        self.backends = list(backends)
+        self.run = run
         self._writer: Any = None
+        self._trackers: list[Any] | None = None
         self.local_dir, self.remote = tensorboard_dir(storage_path, run_name)
+
+    def _open(self) -> None:
+        from solar_ray.tracking import open_tracker
+
+        self._trackers = []
+        if "tensorboard" in self.backends:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.local_dir.mkdir(parents=True, exist_ok=True)
+            self._writer = SummaryWriter(log_dir=str(self.local_dir))
+        for backend in self.backends:
+            if backend != "tensorboard":
+                assert self.run is not None, "W&B and MLflow need the run's name and config"
+                self._trackers.append(open_tracker(backend, self.run, self.local_dir.parent))
 
     def scalars(self, step: int, metrics: dict[str, Any], prefix: str = "train/") -> None:
         """Write every finite numeric value of ``metrics`` at ``step``."""
         if not self.enabled:
             return
-        if self._writer is None:  # created on first use: a finished run never imports it
-            from torch.utils.tensorboard import SummaryWriter
+        if self._trackers is None:
+            self._open()
+        from solar_ray.tracking import log_scalars
 
-            self.local_dir.mkdir(parents=True, exist_ok=True)
-            self._writer = SummaryWriter(log_dir=str(self.local_dir))
+        log_scalars(self._trackers or [], step, metrics)
+        if self._writer is None:
+            return
         for key, value in metrics.items():
             if isinstance(value, bool) or not isinstance(value, int | float):
                 continue
@@ -161,6 +197,8 @@ class MetricsWriter:
 
     def sync(self) -> None:
         """Flush, and copy the event files to remote storage when the run lives there."""
+        for tracker in self._trackers or []:
+            tracker.flush()
         if self._writer is None:
             return
         self._writer.flush()
@@ -174,8 +212,15 @@ class MetricsWriter:
 
     def close(self) -> None:
         """Flush, sync and close."""
-        if self._writer is None:
+        if self._trackers is None:
             return
         self.sync()
-        self._writer.close()
-        self._writer = None
+        for tracker in self._trackers:
+            try:
+                tracker.close()
+            except Exception as e:  # metrics must never kill a training run
+                log.warning("could not close the %s run: %s", type(tracker).__name__, e)
+        self._trackers = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None

@@ -285,15 +285,10 @@ def _build_engine(env: WorkerEnv, total_steps: int) -> tuple[Any, Any, Any]:
 
     cfg = env.cfg
     ds_config = build_deepspeed_config(cfg)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(
-        cfg.precision_resolved, torch.float32
-    )
     # Under ZeRO-3 the weights are partitioned while they load (deepspeed.zero.Init), which
     # transformers does while an HfDeepSpeedConfig object is alive.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage_of(ds_config) == 3 else None
-    model = AutoModelForCausalLM.from_pretrained(
-        env.model_dir, dtype=dtype, attn_implementation="sdpa"
-    )
+    model = AutoModelForCausalLM.from_pretrained(env.model_dir, **cfg.model_kwargs())
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
@@ -368,10 +363,11 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
     flops_token = flops_per_token(engine.module.config, num_params, cfg.seq_len)
     peak = device_peak_flops() if cfg.use_gpu else None
 
-    def log_eval(step: int) -> dict:
+    def log_eval(step: int, alone: bool = True) -> dict:
+        """Held-out metrics at ``step``; logged here unless the caller logs them with others."""
         result = _evaluate(engine, env, val_batches)
         state["eval_history"].append([step, result["eval_loss"]])
-        if env.metrics:
+        if env.metrics and alone:
             env.metrics.scalars(step, result)
         return result
 
@@ -425,7 +421,7 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
             state["loss_history"].append([step, metrics["loss"]])
             loss_sum.zero_()
         if val_batches and cfg.eval_every and step % cfg.eval_every == 0 and not last:
-            metrics.update(log_eval(step))
+            metrics.update(log_eval(step, alone=False))
         if metrics and env.metrics:
             env.metrics.scalars(step, metrics)
         if (step % cfg.checkpoint_every == 0 or step in checkpoint_at) and not last:

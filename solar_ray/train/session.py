@@ -235,6 +235,8 @@ class LocalSession:
         self.run_dir = Path(run_dir)
         self.checkpoint_root = self.run_dir / "checkpoints"
         self.reports: list[dict[str, Any]] = []
+        #: shows the steps reported (this process is the driver: a bar in a terminal)
+        self.progress: Any = None
 
     def _checkpoints(self) -> list[Path]:
         if not self.checkpoint_root.is_dir():
@@ -250,6 +252,10 @@ class LocalSession:
         self, metrics: dict[str, Any], checkpoint_dir: Path | None = None, name: str | None = None
     ) -> None:
         self.reports.append(dict(metrics))
+        if self.progress is not None and "step" in metrics:
+            self.progress.set(int(metrics["step"]))
+        if self.progress is not None and name == "final":
+            self.progress.close()
         if checkpoint_dir is None:
             return
         # a sequence prefix keeps the directories in report order ("final" sorts last)

@@ -50,6 +50,7 @@ def _sft(env: WorkerEnv, ckpt: Path | None) -> None:
         hf_training_kwargs,
         train_with_hf,
     )
+    from solar_ray.train.lora import peft_config, quantization_config
 
     cfg: SFTConfig = env.cfg  # type: ignore[assignment]
     train_ds, eval_ds = _sft_datasets(env)
@@ -71,6 +72,8 @@ def _sft(env: WorkerEnv, ckpt: Path | None) -> None:
         tokenizer = AutoTokenizer.from_pretrained(env.model_dir)
         return SolarSFTTrainer(
             model=env.model_dir,
+            peft_config=peft_config(cfg.peft) if cfg.peft else None,
+            quantization_config=quantization_config(cfg),
             args=args,
             train_dataset=train_ds,
             eval_dataset=eval_ds,

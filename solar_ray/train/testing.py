@@ -18,6 +18,7 @@ from solar_ray.data.contract import write_mix
 
 __all__ = [
     "arithmetic_pairs",
+    "export_matches_probe",
     "offline_prose",
     "pattern_documents",
     "write_preference_mix",
@@ -155,3 +156,27 @@ def write_preference_mix(
         ),
     }  # fmt: skip
     return write_mix(mix_dir, "preference", splits, num_rows=len(triples))
+
+
+def export_matches_probe(out: str | Path, atol: float = 1e-4) -> list[str]:
+    """What differs between a stage output and the probe its training recorded (``[]``: none).
+
+    The output must load with ``AutoModelForCausalLM`` and compute, on the probe text,
+    the next-token statistics the trained model computed (``solar.json``'s ``export_probe``).
+    """
+    import json
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from solar_ray.train.export import probe_model
+
+    out = Path(out)
+    expected = json.loads((out / "solar.json").read_text(encoding="utf-8"))["export_probe"]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    got = probe_model(model, AutoTokenizer.from_pretrained(out))
+    wrong = [k for k in ("input_ids", "argmax") if got[k] != expected[k]]
+    for key in ("next_token_logps", "logsumexp"):
+        if not torch.allclose(torch.tensor(got[key]), torch.tensor(expected[key]), atol=atol):
+            wrong.append(key)
+    return wrong

@@ -119,7 +119,10 @@ def setup_worker(config: dict[str, Any]) -> WorkerEnv:
     _quiet_libraries()
     session = current_session(Path(spec.local_run_dir) if cfg.local and spec.local_run_dir else None)
     if isinstance(session, LocalSession):
+        from solar_ray.progress import Progress
+
         init_local_process_group()
+        session.progress = Progress(cfg.stage, cfg.steps, "steps")
     import torch
 
     if cfg.use_gpu:
@@ -127,9 +130,13 @@ def setup_worker(config: dict[str, Any]) -> WorkerEnv:
     random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)
     env = WorkerEnv(cfg=cfg, session=session, spec=spec)
+    from solar_ray.tracking import TrackedRun
+
+    run_id = TrackedRun.stable_id(env.storage_path, env.run_name, cfg.result_fingerprint())
     env.metrics = MetricsWriter(
-        env.storage_path, env.run_name, enabled=cfg.tensorboard and env.is_rank0
-    )
+        env.storage_path, env.run_name, enabled=env.is_rank0, backends=cfg.tracking,
+        run=cfg.tracked_run(run_id),
+    )  # fmt: skip
     return env
 
 
@@ -151,14 +158,19 @@ def finish_run(env: WorkerEnv, model: Any, tokenizer: Any, final_metrics: dict[s
     final_metrics = {**final_metrics, "probe": probe_model(model, tokenizer, env.device)}
     with tempfile.TemporaryDirectory(prefix="solar-final-") as tmp:
         export_dir = Path(tmp) / "export" if env.is_rank0 else None
-        export_hf_model(
-            model,
-            export_dir,
-            tokenizer=tokenizer,
-            dtype=cfg.export_dtype_resolved,
-            max_shard_bytes=cfg.max_shard_size_mb << 20,
-            is_writer=env.is_rank0,
-        )
+        options = {
+            "tokenizer": tokenizer,
+            "dtype": cfg.export_dtype_resolved,
+            "max_shard_bytes": cfg.max_shard_size_mb << 20,
+            "is_writer": env.is_rank0,
+        }
+        peft = getattr(cfg, "peft", None)
+        if peft is not None:
+            from solar_ray.train.lora import export_merged
+
+            export_merged(model, export_dir, base_dir=env.model_dir, keep_adapter=peft.keep_adapter, **options)
+        else:
+            export_hf_model(model, export_dir, **options)
         if env.is_rank0:
             (Path(tmp) / FINAL_MARKER).write_text(
                 json.dumps(final_metrics, indent=2, default=float) + "\n", encoding="utf-8"

@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from solar_ray.config import StageConfig
+from solar_ray.tracking import Backends
 
 __all__ = [
     "BestRecipeConfig",
@@ -328,6 +329,18 @@ class SweepConfig(StageConfig):
         default=None, description="where upscaled models are cached (default OUT/upscales)"
     )
     best: BestRecipeConfig = Field(default_factory=BestRecipeConfig)
+    tracking: Backends = Field(
+        default_factory=list,
+        description="wandb / mlflow: Ray Tune's logger callbacks, one tracked run per trial "
+        "(a trial's own training logs follow train.tracking)",
+    )
+
+    @field_validator("tracking")
+    @classmethod
+    def _no_tensorboard(cls, v: list[str]) -> list[str]:
+        if "tensorboard" in v:
+            raise ValueError("tensorboard: Tune writes TensorBoard logs of every trial already")
+        return v
 
     @field_validator("train")
     @classmethod

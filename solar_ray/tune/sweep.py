@@ -241,6 +241,7 @@ def run_sweep(
     for t in resolved:
         echo(f"  {t.name:<14} {_budget_text(budgets[t.name])}")
 
+    from solar_ray.tracking import tune_callbacks
     from solar_ray.tune.hooks import PlacementGroupReaper, get_registry
 
     registry = get_registry(name, create=True)
@@ -270,7 +271,7 @@ def run_sweep(
                 name=name,
                 storage_path=str(out / "tune"),
                 failure_config=tune.FailureConfig(max_failures=cfg.trial_max_failures),
-                callbacks=[PlacementGroupReaper(name)],
+                callbacks=[PlacementGroupReaper(name), *tune_callbacks(cfg.tracking, name)],
                 verbose=1,
             ),
         )

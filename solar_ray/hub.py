@@ -1,0 +1,103 @@
+"""Publishing a finished model to the Hugging Face Hub: ``push_to_hub:`` and ``solar-ray push``.
+
+A recipe's model stage (``upscale``, ``pretrain``, ``sft``, ``dpo``, ``merge``) may say::
+
+    push_to_hub: {repo_id: me/solar-mini-sft, private: true}
+
+and the runner uploads its output once it is finished; ``solar-ray push MODEL_DIR REPO_ID``
+does the same for any finished output. What goes up is the one model format as it is:
+weights, config, tokenizer, the model card (``README.md``) and ``solar.json`` (lineage).
+
+The token comes only from the environment (``HF_TOKEN``) or the hub's own login
+(``hf auth login``), which :class:`huggingface_hub.HfApi` reads itself; a recipe that holds
+a token is refused (:func:`refuse_tokens`), so a secret never lands in a run directory's
+``recipe.json`` or a lineage manifest.
+"""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field
+
+from solar_ray.config import ConfigError, StageConfig
+from solar_ray.errors import UserError
+
+__all__ = ["MODEL_KINDS", "PushToHub", "push_model", "refuse_tokens"]
+
+#: the stage kinds whose output is a model that can be pushed
+MODEL_KINDS = frozenset({"upscale", "pretrain", "sft", "dpo", "merge"})
+#: keys that would hold a secret: never in a recipe
+TOKEN_KEYS = frozenset({"token", "hf_token", "hub_token", "api_token", "access_token"})
+
+
+class PushToHub(StageConfig):
+    """Where a finished model stage is published."""
+
+    repo_id: str = Field(
+        pattern=r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", description="the Hub repository, owner/name"
+    )
+    private: bool = Field(default=False, description="create the repository private")
+
+
+def refuse_tokens(data: Any, where: str = "") -> None:
+    """Refuse a token anywhere in a recipe's data: it names the field and where tokens go."""
+    if isinstance(data, Mapping):
+        for key, value in data.items():
+            path = f"{where}.{key}" if where else str(key)
+            if str(key).lower() in TOKEN_KEYS:
+                raise ConfigError(
+                    f"{path}: a recipe never holds a token; set HF_TOKEN in the environment "
+                    "or run `hf auth login`"
+                )
+            refuse_tokens(value, path)
+    elif isinstance(data, list):
+        for i, value in enumerate(data):
+            refuse_tokens(value, f"{where}.{i}")
+
+
+def push_model(model_dir: str | Path, repo_id: str, private: bool = False) -> str:
+    """Upload a finished stage output to ``repo_id``; returns the commit URL.
+
+    The directory must be a finished output (its ``solar.json`` is written last).
+    """
+    from huggingface_hub import HfApi
+
+    from solar_ray.checkpoint import read_manifest
+
+    model_dir = Path(model_dir).expanduser().absolute()
+    if not model_dir.is_dir() or read_manifest(model_dir) is None:
+        raise UserError(
+            f"{model_dir}: not a finished solar-ray model (no solar.json); push a stage's output"
+        )
+    api = HfApi()  # the token: HF_TOKEN, else the hub's login
+    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+    stage = read_manifest(model_dir).get("stage", "model")  # type: ignore[union-attr]
+    commit = api.upload_folder(
+        folder_path=str(model_dir),
+        repo_id=repo_id,
+        repo_type="model",
+        commit_message=f"solar-ray: {stage} output {model_dir.name}",
+        ignore_patterns=[".*"],
+    )
+    return str(getattr(commit, "commit_url", commit))
+
+
+def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    """``solar-ray push MODEL_DIR REPO_ID [--private]``."""
+    parser.add_argument("model_dir", help="a finished stage output (has solar.json)")
+    parser.add_argument("repo_id", help="Hub repository, owner/name")
+    parser.add_argument("--private", action="store_true", help="create the repository private")
+
+    def run(args: argparse.Namespace) -> int:
+        from solar_ray.config import validate
+
+        target = validate(PushToHub, {"repo_id": args.repo_id, "private": args.private}, "<args>")
+        url = push_model(args.model_dir, target.repo_id, target.private)
+        print(f"pushed {args.model_dir} -> {url}")
+        return 0
+
+    return run

@@ -1,0 +1,125 @@
+"""Progress of long work: a tqdm bar in a terminal, plain periodic log lines otherwise.
+
+One helper for every stage that works for a while without saying anything: upscale and
+merge (bytes or tensors written), data (rows), training (steps, with an ETA; reported from
+the Ray Train driver). A bar is drawn only when stderr is a terminal; in a job log, a
+pipe or a file, a line such as ``merge: 120/291 tensors (41%), 12.0 tensors/s, ETA 14s``
+is logged at most every ``interval_s`` seconds and once at the end.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+__all__ = ["Progress", "format_eta"]
+
+log = logging.getLogger("solar_ray.progress")
+
+#: seconds between plain log lines when not in a terminal
+DEFAULT_INTERVAL_S = 30.0
+
+
+def format_eta(seconds: float) -> str:
+    """``75`` -> ``1m15s``; ``4000`` -> ``1h06m``."""
+    seconds = max(0, int(round(seconds)))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def _amount(value: float, unit: str) -> str:
+    if unit != "B":
+        return f"{value:,.0f}" if value >= 100 or value == int(value) else f"{value:.3g}"
+    for scale, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
+        if value >= scale:
+            return f"{value / scale:.1f} {suffix}"
+    return f"{value:.0f} B"
+
+
+class Progress:
+    """Count work done towards ``total`` (None: unknown); show it as a bar or log lines.
+
+    Use as a context manager, or call :meth:`close`. ``terminal`` overrides the detection
+    (stderr is a TTY); ``emit`` writes a plain line (default: the log at INFO).
+    """
+
+    def __init__(
+        self,
+        what: str,
+        total: float | None,
+        unit: str,
+        *,
+        interval_s: float = DEFAULT_INTERVAL_S,
+        terminal: bool | None = None,
+        initial: float = 0,
+        emit: Callable[[str], None] | None = None,
+    ) -> None:
+        self.what, self.total, self.unit = what, total, unit
+        self.done = float(initial)
+        self.interval_s = interval_s
+        self._start = self._last_line = time.monotonic()
+        self._initial = float(initial)
+        self._bar: Any = None
+        self._emit = emit or (lambda text: log.info("%s", text))
+        terminal = sys.stderr.isatty() if terminal is None else terminal
+        if terminal:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(
+                total=total, desc=what, unit=unit, initial=initial, dynamic_ncols=True,
+                unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
+            )  # fmt: skip
+
+    def update(self, amount: float = 1) -> None:
+        """Add ``amount`` done."""
+        self.set(self.done + amount)
+
+    def set(self, done: float) -> None:
+        """Set the amount done (e.g. the step a report names)."""
+        step = done - self.done
+        self.done = float(done)
+        if self._bar is not None:
+            self._bar.update(step)
+            return
+        now = time.monotonic()
+        if now - self._last_line >= self.interval_s:
+            self._last_line = now
+            self._emit(self.line(now))
+
+    def line(self, now: float | None = None) -> str:
+        """The plain-text status: done/total, percentage, rate and ETA."""
+        elapsed = max((time.monotonic() if now is None else now) - self._start, 1e-9)
+        rate = (self.done - self._initial) / elapsed
+        text = f"{self.what}: {_amount(self.done, self.unit)}"
+        if self.total:
+            text += f"/{_amount(self.total, self.unit)} {self.unit} ({100 * self.done / self.total:.0f}%)"
+        else:
+            text += f" {self.unit}"
+        if rate > 0:
+            text += f", {_amount(rate, self.unit)} {self.unit}/s"
+            if self.total and self.done < self.total:
+                text += f", ETA {format_eta((self.total - self.done) / rate)}"
+        return text
+
+    def close(self) -> None:
+        """Finish the bar, or log the last line."""
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+        elif self.done > self._initial:
+            self._emit(self.line())
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.close()

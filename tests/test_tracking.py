@@ -1,0 +1,188 @@
+"""Experiment tracking: the same metrics reach TensorBoard, W&B (offline) and MLflow (a
+local file store) from every training stage, under the recipe's names; missing backends
+and bad names are one-line errors. The real libraries, offline, in-process runs."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from solar_ray.config import ConfigError, load_config
+from solar_ray.errors import MissingDependencyError
+from solar_ray.train.config import PretrainConfig, SFTConfig
+from solar_ray.train.testing import (
+    arithmetic_pairs,
+    pattern_documents,
+    write_pretrain_mix,
+    write_sft_mix,
+)
+
+
+@pytest.fixture
+def offline_trackers(tmp_path, monkeypatch) -> dict[str, Path]:
+    dirs = {"wandb": tmp_path / "wandb", "mlflow": tmp_path / "mlruns"}
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(dirs["wandb"]))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", dirs["mlflow"].as_uri())
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3 keeps file stores opt-in
+    return dirs
+
+
+def mlflow_history(tracking_uri: str, experiment: str, run_name: str, key: str) -> list[list[float]]:
+    """``[[step, value], ...]`` of one metric of one MLflow run."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    exp = client.get_experiment_by_name(experiment)
+    (run,) = client.search_runs([exp.experiment_id], f"tags.`mlflow.runName` = '{run_name}'")
+    points = client.get_metric_history(run.info.run_id, key)
+    return [[p.step, p.value] for p in sorted(points, key=lambda p: p.step)]
+
+
+def _wandb_records(path: Path) -> list[bytes]:
+    """The records of a W&B transaction log (``run-*.wandb``): LevelDB's log format, 32 KiB
+    blocks of chunks ``crc32 (4) | length (2, LE) | type (1: full, 2: first, 3: middle,
+    4: last)`` after a 7-byte file header (``:W&B``, magic, version)."""
+    import struct
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B"
+    records, pending, pos, block = [], b"", 7, 32768
+    while pos + 7 <= len(raw):
+        if block - pos % block < 7:  # the block's tail is padding
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        chunk = raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind in (1, 2):
+            pending = chunk
+        else:
+            pending += chunk
+        if kind in (1, 4):
+            records.append(pending)
+    return records
+
+
+def wandb_history(wandb_dir: Path, key: str) -> tuple[dict, list[list[float]]]:
+    """(the run's config, ``[[step, value], ...]`` of ``key``) from an offline W&B run."""
+    import json
+
+    from wandb.proto import wandb_internal_pb2
+
+    (path,) = wandb_dir.rglob("offline-run-*/run-*.wandb")
+    config: dict = {}
+    points = []
+    for data in _wandb_records(path):
+        record = wandb_internal_pb2.Record()
+        record.ParseFromString(data)
+        kind = record.WhichOneof("record_type")
+        if kind == "history":
+            items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+            if key in items:
+                points.append([int(items["_step"]), float(items[key])])
+        elif kind in ("config", "run"):  # the config comes with the run, and as updates
+            updates = record.config.update if kind == "config" else record.run.config.update
+            for item in updates:
+                config[item.key] = json.loads(item.value_json)
+    return config, points
+
+
+@pytest.mark.slow
+def test_pretrain_logs_its_history_to_every_backend(tmp_path, tiny_llama_dir, smollm2_tokenizer, offline_trackers):
+    from solar_ray.train.pretrain import run_pretrain
+
+    mix = write_pretrain_mix(tmp_path / "mix", smollm2_tokenizer, pattern_documents(120), seq_len=64)
+    cfg = PretrainConfig(
+        model=str(tiny_llama_dir), data=str(mix), out=str(tmp_path / "cpt"), local=True,
+        num_workers=1, steps=8, micro_batch_size=2, seq_len=64, lr=3e-3, log_every=2,
+        val_fraction=0.2, eval_every=4, tracking=["tensorboard", "wandb", "mlflow"],
+        tracking_project="demo", tracking_name="demo-cpt",
+    )  # fmt: skip
+    result = run_pretrain(cfg)
+    history = result.metrics["loss_history"]
+    assert [s for s, _ in history] == [2, 4, 6, 8]
+
+    logged = mlflow_history(offline_trackers["mlflow"].as_uri(), "demo", "demo-cpt", "loss")
+    assert logged == pytest.approx(history)
+    evals = mlflow_history(offline_trackers["mlflow"].as_uri(), "demo", "demo-cpt", "eval_loss")
+    assert evals == pytest.approx(result.metrics["eval_history"])
+    assert [s for s, _ in mlflow_history(offline_trackers["mlflow"].as_uri(), "demo", "demo-cpt", "tokens_per_s")] == [2, 4, 6, 8]
+
+    config, points = wandb_history(offline_trackers["wandb"], "loss")
+    assert points == pytest.approx(history)
+    assert config["stage"] == "pretrain" and config["lr"] == 3e-3  # the resolved config
+
+    run_dir = Path(result.manifest["run"]["storage_path"]) / result.manifest["run"]["name"]
+    assert list((run_dir / "tensorboard").glob("events.out.tfevents.*"))
+
+
+@pytest.mark.slow
+def test_trl_stage_logs_the_same_metric_names(tmp_path, tiny_llama_dir, smollm2_tokenizer, offline_trackers):
+    from solar_ray.train.sft import run_sft
+
+    mix = write_sft_mix(tmp_path / "mix", smollm2_tokenizer, [(q, a) for q, a, _ in arithmetic_pairs(24)])
+    cfg = SFTConfig(
+        model=str(tiny_llama_dir), data=str(mix), out=str(tmp_path / "sft"), local=True,
+        num_workers=1, steps=6, micro_batch_size=4, seq_len=128, lr=3e-3, log_every=2,
+        tracking="mlflow", tracking_project="demo", tracking_name="demo-sft",
+    )  # fmt: skip
+    result = run_sft(cfg)
+    uri = offline_trackers["mlflow"].as_uri()
+    assert mlflow_history(uri, "demo", "demo-sft", "loss") == pytest.approx(result.metrics["loss_history"])
+    assert len(mlflow_history(uri, "demo", "demo-sft", "lr")) == 3
+    assert not (Path(result.manifest["run"]["storage_path"]) / cfg.run_name / "tensorboard").exists()
+
+
+def test_tracking_backends_are_checked(tmp_path, monkeypatch, capsys):
+    from solar_ray.cli import main
+    from solar_ray.tracking import check_backends
+
+    base = {"model": "m", "data": "d", "out": str(tmp_path / "o"), "steps": 1}
+    assert load_config(PretrainConfig, data=base).tracking == ["tensorboard"]
+    assert load_config(PretrainConfig, data=base | {"tracking": "none"}).tracking == []
+    assert load_config(SFTConfig, data=base | {"tracking": ["wandb", "mlflow"]}).tracking == ["wandb", "mlflow"]
+    with pytest.raises(ConfigError, match="tracking: unknown backend 'neptune'"):
+        load_config(PretrainConfig, data=base | {"tracking": ["neptune"]})
+    monkeypatch.setitem(sys.modules, "wandb", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r"tracking: wandb needs the package wandb.*solar-ray\[wandb\]"):
+        check_backends(["tensorboard", "wandb"])
+    code = main(["pretrain", "--model", "m", "--data", "d", "--out", str(tmp_path / "o"),
+                 "--steps", "1", "--tracking", "wandb"])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.count("\n") == 0 and "pip install 'solar-ray[wandb]'" in err
+
+
+def test_recipe_tracking_is_each_training_stage_default(tmp_path):
+    from solar_ray.pipeline import Recipe, _stage_key, plan_recipe
+
+    stages = {
+        "sft": {"kind": "sft", "model": "m", "data": "d", "steps": 1},
+        "dpo": {"kind": "dpo", "model": "@sft", "data": "d", "steps": 1, "tracking": "none"},
+    }
+    plans = {p.name: p for p in plan_recipe(Recipe(name="demo", tracking="mlflow", stages=stages), tmp_path, validate_configs=False)}
+    sft, dpo = plans["sft"].config(), plans["dpo"].config()
+    assert sft.tracking == ["mlflow"] and dpo.tracking == []
+    assert (sft.tracking_project, sft.tracking_name) == ("demo", "demo-sft")
+    # tracking changes no output: the stage's key is the same without it
+    plain = plan_recipe(Recipe(name="demo", stages=stages), tmp_path, validate_configs=False)
+    assert _stage_key(plain[0]) == _stage_key(plans["sft"])
+
+
+def test_sweeps_attach_tunes_logger_callbacks():
+    from ray.air.integrations.mlflow import MLflowLoggerCallback
+    from ray.air.integrations.wandb import WandbLoggerCallback
+
+    from solar_ray.tracking import tune_callbacks
+    from solar_ray.tune.config import SweepConfig
+
+    wandb_cb, mlflow_cb = tune_callbacks(["wandb", "mlflow"], "sweep-m")
+    assert isinstance(wandb_cb, WandbLoggerCallback) and wandb_cb.project == "sweep-m"
+    assert isinstance(mlflow_cb, MLflowLoggerCallback) and mlflow_cb.experiment_name == "sweep-m"
+    assert tune_callbacks([], "sweep-m") == []
+    with pytest.raises(ValueError, match="tensorboard: Tune writes"):
+        SweepConfig.model_validate({"name": "s", "base": "b", "search": {"m": [1]},
+                                    "train": {"kind": "pretrain"}, "tracking": "tensorboard"})  # fmt: skip
