@@ -119,7 +119,7 @@ def setup_worker(config: dict[str, Any]) -> WorkerEnv:
     _quiet_libraries()
     session = current_session(Path(spec.local_run_dir) if cfg.local and spec.local_run_dir else None)
     if isinstance(session, LocalSession):
-        init_local_process_group()
+        init_local_process_group(use_gpu=cfg.use_gpu)
     import torch
 
     if cfg.use_gpu:
