@@ -230,6 +230,12 @@ def write_mixes(work: Path, shape: dict[str, Any], tokenizer: Any) -> dict[str, 
     import pyarrow.parquet as pq
 
     packed = pq.read_table(Path(paths["pretrain"]) / "packed").select(["input_ids"])
+    # 0..T-1 in every row: transformers sees no packed documents, builds no mask, and SDPA
+    # may take its flash kernel
+    plain_positions = [list(range(seq_len))] * packed.num_rows
+    packed = packed.append_column(
+        "position_ids", pa.array(plain_positions, packed.schema.field("input_ids").type)
+    )
     write_mix(paths["pretrain_plain"], "pretrain",
               {"data": pa.table({"text": docs[:1], "source": ["testing"]}), "packed": packed},
               seq_len=seq_len, num_rows=packed.num_rows,
