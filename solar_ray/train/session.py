@@ -299,8 +299,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def init_local_process_group() -> None:
-    """A world-size-1 gloo process group for a worker loop running without Ray."""
+def init_local_process_group(use_gpu: bool = False) -> None:
+    """A world-size-1 process group for a worker loop running without Ray.
+
+    gloo for CPU tensors; with ``use_gpu`` also NCCL for CUDA tensors (DeepSpeed's ZeRO
+    collectives and the loss all-reduce run on the GPU, which gloo does not cover for every
+    collective).
+    """
     import torch.distributed as dist
 
     if dist.is_initialized():
@@ -308,4 +313,6 @@ def init_local_process_group() -> None:
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
     os.environ.setdefault("MASTER_PORT", str(_free_port()))
     os.environ.update({"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "1"})
-    dist.init_process_group("gloo", rank=0, world_size=1)
+    dist.init_process_group(
+        "cpu:gloo,cuda:nccl" if use_gpu else "gloo", rank=0, world_size=1
+    )

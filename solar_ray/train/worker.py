@@ -121,7 +121,7 @@ def setup_worker(config: dict[str, Any]) -> WorkerEnv:
     if isinstance(session, LocalSession):
         from solar_ray.progress import Progress
 
-        init_local_process_group()
+        init_local_process_group(use_gpu=cfg.use_gpu)
         session.progress = Progress(cfg.stage, cfg.steps, "steps")
     import torch
 
