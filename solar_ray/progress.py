@@ -86,7 +86,7 @@ class Progress:
         step = done - self.done
         self.done = float(done)
         if self._bar is not None:
-            self._bar.update(step)
+            self._bar.update(int(step) if float(step).is_integer() else step)
             return
         now = time.monotonic()
         if now - self._last_line >= self.interval_s:

@@ -48,7 +48,7 @@ def test_recipe_pushes_a_finished_stage_once(tmp_path, tiny_llama_dir, hub):
                       "private": True, "exist_ok": True, "token": None}  # fmt: skip
     assert upload["repo_id"] == "me/tiny-up" and upload["token"] is None
     assert {"README.md", "solar.json", "config.json", "model.safetensors"} <= set(upload["files"])
-    assert not any(f.startswith(".") for f in upload["files"])
+    assert upload["ignore_patterns"] == [".*"]  # solar-ray's own hidden markers stay home
     # a re-run skips the finished stage and does not push the same output again
     run_recipe(_recipe(tiny_llama_dir, private=True), run_dir, echo=lambda _: None)
     assert len(hub) == 2

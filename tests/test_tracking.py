@@ -31,6 +31,10 @@ def offline_trackers(tmp_path, monkeypatch) -> dict[str, Path]:
     return dirs
 
 
+def _flat(points: list[list[float]]) -> list[float]:
+    return [x for point in points for x in point]
+
+
 def mlflow_history(tracking_uri: str, experiment: str, run_name: str, key: str) -> list[list[float]]:
     """``[[step, value], ...]`` of one metric of one MLflow run."""
     from mlflow.tracking import MlflowClient
@@ -107,13 +111,13 @@ def test_pretrain_logs_its_history_to_every_backend(tmp_path, tiny_llama_dir, sm
     assert [s for s, _ in history] == [2, 4, 6, 8]
 
     logged = mlflow_history(offline_trackers["mlflow"].as_uri(), "demo", "demo-cpt", "loss")
-    assert logged == pytest.approx(history)
+    assert _flat(logged) == pytest.approx(_flat(history))
     evals = mlflow_history(offline_trackers["mlflow"].as_uri(), "demo", "demo-cpt", "eval_loss")
-    assert evals == pytest.approx(result.metrics["eval_history"])
+    assert _flat(evals) == pytest.approx(_flat(result.metrics["eval_history"]))
     assert [s for s, _ in mlflow_history(offline_trackers["mlflow"].as_uri(), "demo", "demo-cpt", "tokens_per_s")] == [2, 4, 6, 8]
 
     config, points = wandb_history(offline_trackers["wandb"], "loss")
-    assert points == pytest.approx(history)
+    assert _flat(points) == pytest.approx(_flat(history))
     assert config["stage"] == "pretrain" and config["lr"] == 3e-3  # the resolved config
 
     run_dir = Path(result.manifest["run"]["storage_path"]) / result.manifest["run"]["name"]
@@ -132,7 +136,8 @@ def test_trl_stage_logs_the_same_metric_names(tmp_path, tiny_llama_dir, smollm2_
     )  # fmt: skip
     result = run_sft(cfg)
     uri = offline_trackers["mlflow"].as_uri()
-    assert mlflow_history(uri, "demo", "demo-sft", "loss") == pytest.approx(result.metrics["loss_history"])
+    logged = mlflow_history(uri, "demo", "demo-sft", "loss")
+    assert _flat(logged) == pytest.approx(_flat(result.metrics["loss_history"]))
     assert len(mlflow_history(uri, "demo", "demo-sft", "lr")) == 3
     assert not (Path(result.manifest["run"]["storage_path"]) / cfg.run_name / "tensorboard").exists()
 

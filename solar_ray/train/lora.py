@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -67,6 +68,23 @@ def is_peft_model(model: Any) -> bool:
     return hasattr(model, "peft_config") and hasattr(model, "get_base_model")
 
 
+@contextlib.contextmanager
+def _without_zero3_init() -> Iterator[None]:
+    """Load a whole model on CPU even while a ZeRO-3 Trainer is alive in this process.
+
+    transformers partitions every model it loads (``deepspeed.zero.Init``) while the
+    Trainer's DeepSpeed config is registered; the merge needs the full base weights.
+    """
+    from transformers.integrations import deepspeed as hf_deepspeed
+
+    saved = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = saved
+
+
 def export_merged(
     model: Any,
     out_dir: Path | None,
@@ -100,7 +118,8 @@ def export_merged(
     from peft import get_peft_model
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype(dtype))
+    with _without_zero3_init():
+        base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch_dtype(dtype))
     wrapped = get_peft_model(base, copy.deepcopy(model.peft_config["default"]))
     result = wrapped.load_state_dict(adapters, strict=False)
     if result.unexpected_keys:

@@ -205,6 +205,18 @@ def teardown_worker(env: WorkerEnv) -> None:
         env.metrics.close()
     if isinstance(env.session, LocalSession):
         import torch.distributed as dist
+        from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
-        if dist.is_initialized():
+        # a ZeRO-3 Trainer registers its config process-wide: later loads in this process
+        # would come out partitioned
+        unset_hf_deepspeed_config()
+        if not dist.is_initialized():
+            return
+        import deepspeed.comm as ds_comm
+
+        if ds_comm.is_initialized():
+            # also drops DeepSpeed's cached groups (its clone of the world group), which a
+            # later run in this process would otherwise use after they were destroyed
+            ds_comm.destroy_process_group()
+        else:
             dist.destroy_process_group()
