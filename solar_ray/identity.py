@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import uuid
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
@@ -121,10 +122,14 @@ def artifact_id(path: str | Path) -> str | None:
 
 
 def record(out: str | Path, input_key: str) -> None:
-    """Record inside a finished output the key of the inputs it was made from."""
+    """Record inside a finished output the key of the inputs it was made from.
+
+    An output whose writer gave it no write id (a directory of several outputs, such as a
+    data stage's mixes) gets one here, so that it too is a new artifact when made again.
+    """
     marker = Path(out) / OUTPUT_MARKER
     data = _read(marker)
-    write_json_atomic(marker, {**data, "input_key": input_key})
+    write_json_atomic(marker, {**data, "id": data.get("id") or uuid.uuid4().hex, "input_key": input_key})
 
 
 def recorded_key(out: str | Path) -> str | None:

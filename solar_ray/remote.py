@@ -134,10 +134,9 @@ def publish(local: str | os.PathLike[str], uri: str, **marker_fields: Any) -> di
     import pyarrow.fs as pafs
 
     local = Path(local)
-    marker = _read_local(local / OUTPUT_MARKER) or {
-        "format": OUTPUT_MARKER_FORMAT, "id": uuid.uuid4().hex,
-    }  # fmt: skip
-    marker = {**marker, **marker_fields}
+    marker = {"format": OUTPUT_MARKER_FORMAT, **_read_local(local / OUTPUT_MARKER), **marker_fields}
+    if not marker.get("id"):  # every uploaded output has a write id (what copies are keyed by)
+        marker["id"] = uuid.uuid4().hex
     check_owned(uri)
     fs, root = arrow_filesystem(uri)
     existing = _files(fs, root)
@@ -218,11 +217,11 @@ def download(
             f"{uri} is not a finished solar-ray output (no {OUTPUT_MARKER}: an interrupted "
             "upload, or not an output)"
         )
-    if _read_local(dest / OUTPUT_MARKER).get("id") == marker.get("id"):
+    if _same_artifact(dest, marker):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     with _locked(dest.parent / f".{dest.name}.lock"):
-        if _read_local(dest / OUTPUT_MARKER).get("id") == marker.get("id"):
+        if _same_artifact(dest, marker):
             return dest  # another process on this node downloaded it meanwhile
         fs, root = arrow_filesystem(uri)
         tmp = dest.parent / f".{dest.name}.download-{uuid.uuid4().hex[:8]}"
@@ -278,6 +277,12 @@ def mirror_dir(uri: str) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _same_artifact(dest: Path, marker: dict[str, Any]) -> bool:
+    """``dest`` holds the artifact whose uploaded marker is ``marker`` (same write id)."""
+    write_id = marker.get("id")
+    return write_id is not None and _read_local(dest / OUTPUT_MARKER).get("id") == write_id
 
 
 def _scheme(text: str) -> str:

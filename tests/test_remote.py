@@ -99,6 +99,19 @@ remote.publish(sys.argv[1], sys.argv[2])
 """
 
 
+def test_an_output_without_a_write_id_gets_one_and_is_downloaded(s3, tmp_path):
+    """A directory of several outputs (a data stage's mixes) has no write id of its own."""
+    plain = tmp_path / "plain"
+    (plain / "mix").mkdir(parents=True)
+    (plain / "mix" / "rows.jsonl").write_text('{"text": "a"}\n')
+    (plain / OUTPUT_MARKER).write_text('{"input_key": "k"}')
+    uri = f"s3://{BUCKET}/plain"
+    marker = remote.publish(plain, uri)
+    assert marker["id"] and remote.read_marker(uri) == marker and marker["input_key"] == "k"
+    copy = remote.download(uri, tmp_path / "copy")
+    assert (copy / "mix" / "rows.jsonl").read_text() == '{"text": "a"}\n'
+
+
 def test_an_upload_killed_midway_is_never_taken_as_finished(s3, tmp_path):
     uri = f"s3://{BUCKET}/killed/out"
     out = _output(tmp_path / "out", {f"f{i}.bin": os.urandom(1000) for i in range(4)})
