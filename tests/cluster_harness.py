@@ -313,6 +313,8 @@ class LocalRayCluster:
                     return
             except (ClusterError, OSError, ValueError):
                 pass
+            if self._bind_failed():  # a node runs on without the part that could not bind
+                raise ClusterError(f"a port was taken while waiting for {what}")
             time.sleep(1.0)
         raise ClusterError(
             f"timed out after {self.startup_timeout_s:.0f}s waiting for {what}:\n"

@@ -77,5 +77,5 @@ def test_demo_dry_run_prints_the_plan_and_runs_nothing(tmp_path, capsys):
         ("final", "merge", "run"), ("eval", "eval", "run"),
     ]  # fmt: skip
     deps = {m[2]: m[4].strip() for m in plan}
-    assert deps["upscaled"] == "base" and deps["final"] == "sft_merged, dpo"
+    assert deps["upscaled"] == "base" and deps["final"] == "dpo, sft_merged"  # sorted
     assert not out.exists() and not ray.is_initialized()

@@ -326,10 +326,11 @@ def test_mfu_estimate_and_throughput_summary():
     # 3000 tokens/s on one H100 (989 TFLOP/s dense bf16): 1.4297e14 / 9.89e14
     assert mfu(3000.0, per_token, 989e12) == pytest.approx(0.144558, abs=1e-6)
     assert mfu(3000.0, per_token, None) is None and mfu(0.0, per_token, 989e12) is None
-    # head_dim given explicitly (Gemma-style, not hidden / heads): 12 x 2 x 4 x 32 x 8 = 6144
+    # head_dim given explicitly (Gemma-style, not hidden / heads = 16): 6 x (10,000 - 100 x 64)
+    # = 21,600, attention 12 x 2 layers x 4 heads x 32 x 8 tokens = 24,576
     small = SimpleNamespace(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
                             vocab_size=100, head_dim=32)  # fmt: skip
-    assert flops_per_token(small, 10_000, seq_len=8) == 6 * 3_600 + 6_144
+    assert flops_per_token(small, 10_000, seq_len=8) == 21_600 + 24_576
 
     timer = Throughput()
     for seconds, tokens, steps in [(5.0, 100, 1), (1.0, 100, 2), (2.0, 100, 2), (1.0, 100, 2)]:

@@ -378,7 +378,7 @@ def test_sweep_jobs_validate(job, tmp_path, capsys):
     assert len({t.name for t in trials}) == len(trials) >= 2
     run_sweep(cfg, tmp_path, dry_run=True, echo=lambda s: None)  # best.yaml plans too
     # --scheduler replaces the recipe's: the experiment runs (and is named) with the flag's
-    other = "sha" if cfg.scheduler.kind == "grid" else "grid"
+    other = "asha" if cfg.scheduler.kind == "grid" else "grid"
     capsys.readouterr()
     argv = ["sweep", str(job), "--out", str(tmp_path), "--dry-run", "--scheduler", other]
     assert cli_main(argv) == 0
