@@ -42,6 +42,7 @@ __all__ = [
     "content_hash",
     "dir_signature",
     "key",
+    "output_marker",
     "record",
     "recorded_key",
 ]
@@ -136,6 +137,11 @@ def recorded_key(out: str | Path) -> str | None:
     """The input key a finished output recorded (None: none, or not an output)."""
     value = _read(Path(out) / OUTPUT_MARKER).get("input_key")
     return value if isinstance(value, str) else None
+
+
+def output_marker(out: str | Path) -> dict[str, Any]:
+    """The ``.solar-ray-output`` marker of a local output as a mapping (empty: none)."""
+    return _read(Path(out) / OUTPUT_MARKER)
 
 
 def _read(path: Path) -> dict[str, Any]:

@@ -37,6 +37,7 @@ from typing import Any, TypeVar
 from solar_ray.checkpoint import OUTPUT_MARKER, OUTPUT_MARKER_FORMAT, write_json_atomic
 from solar_ray.errors import UserError
 from solar_ray.fs import StorageError, arrow_filesystem, is_uri
+from solar_ray.identity import output_marker
 
 __all__ = [
     "SCHEMES",
@@ -134,7 +135,7 @@ def publish(local: str | os.PathLike[str], uri: str, **marker_fields: Any) -> di
     import pyarrow.fs as pafs
 
     local = Path(local)
-    marker = {"format": OUTPUT_MARKER_FORMAT, **_read_local(local / OUTPUT_MARKER), **marker_fields}
+    marker = {"format": OUTPUT_MARKER_FORMAT, **output_marker(local), **marker_fields}
     if not marker.get("id"):  # every uploaded output has a write id (what copies are keyed by)
         marker["id"] = uuid.uuid4().hex
     check_owned(uri)
@@ -282,7 +283,7 @@ def mirror_dir(uri: str) -> Path:
 def _same_artifact(dest: Path, marker: dict[str, Any]) -> bool:
     """``dest`` holds the artifact whose uploaded marker is ``marker`` (same write id)."""
     write_id = marker.get("id")
-    return write_id is not None and _read_local(dest / OUTPUT_MARKER).get("id") == write_id
+    return write_id is not None and output_marker(dest).get("id") == write_id
 
 
 def _scheme(text: str) -> str:
@@ -312,14 +313,6 @@ def _local_files(root: Path) -> list[Path]:
 def _write(fs: Any, path: str, data: dict[str, Any]) -> None:
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
-
-
-def _read_local(path: Path) -> dict[str, Any]:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return data if isinstance(data, dict) else {}
 
 
 @contextlib.contextmanager
