@@ -254,7 +254,7 @@ def _common(work: Path, name: str, model: str, data: str, on_gpu: bool) -> dict[
     return {
         "model": model, "data": data, "out": str(work / "out" / name),
         "storage_path": str(work / "runs"), "local": True, "num_workers": 1,
-        "use_gpu": on_gpu, "zero_stage": 2, "tensorboard": False, "checkpoint_every": 10_000,
+        "use_gpu": on_gpu, "zero_stage": 2, "tracking": "none", "checkpoint_every": 10_000,
     }  # fmt: skip
 
 

@@ -108,12 +108,13 @@ class Progress:
                 text += f", ETA {format_eta((self.total - self.done) / rate)}"
         return text
 
-    def close(self) -> None:
-        """Finish the bar, or log the last line."""
+    def close(self, failed: bool = False) -> None:
+        """Finish the bar, or log the last line (not for work that failed: a failed
+        command says one line, its error)."""
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        elif self.done > self._initial:
+        elif self.done > self._initial and not failed:
             self._emit(self.line())
 
     def __enter__(self) -> Progress:
@@ -122,4 +123,4 @@ class Progress:
     def __exit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
-        self.close()
+        self.close(failed=exc_type is not None)

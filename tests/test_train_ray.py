@@ -386,7 +386,7 @@ def test_cli_trains_exports_and_then_skips(command, ray_module, work, capsys):
     argv = [command, "--model", str(work["model"]), "--data", str(data), "--out", str(out),
             "--num-workers", "1", "--steps", "2", "--micro-batch-size", "2",
             "--seq-len", "64" if command == "pretrain" else "128", "--log-every", "1",
-            "--checkpoint-every", "2", "--no-tensorboard"]  # fmt: skip
+            "--checkpoint-every", "2", "--tracking", "none"]  # fmt: skip
     if command == "dpo":
         argv += ["--ref-model", str(work["ref_model"])]
     capsys.readouterr()
