@@ -97,20 +97,24 @@ class Progress:
         """The plain-text status: done/total, percentage, rate and ETA."""
         elapsed = max((time.monotonic() if now is None else now) - self._start, 1e-9)
         rate = (self.done - self._initial) / elapsed
+        unit = "" if self.unit == "B" else f" {self.unit}"  # bytes carry their own unit
         text = f"{self.what}: {_amount(self.done, self.unit)}"
         if self.total:
-            text += f"/{_amount(self.total, self.unit)} {self.unit} ({100 * self.done / self.total:.0f}%)"
+            text += f"/{_amount(self.total, self.unit)}{unit} ({100 * self.done / self.total:.0f}%)"
         else:
-            text += f" {self.unit}"
+            text += unit
         if rate > 0:
-            text += f", {_amount(rate, self.unit)} {self.unit}/s"
+            text += f", {_amount(rate, self.unit)}{unit}/s"
             if self.total and self.done < self.total:
                 text += f", ETA {format_eta((self.total - self.done) / rate)}"
         return text
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, failed: bool | None = None) -> None:
         """Finish the bar, or log the last line (not for work that failed: a failed
-        command says one line, its error)."""
+        command says one line, its error). ``failed=None``: failed when an exception is
+        propagating through the caller (``close()`` in a ``finally:``)."""
+        if failed is None:
+            failed = sys.exc_info()[0] is not None
         if self._bar is not None:
             self._bar.close()
             self._bar = None

@@ -30,11 +30,18 @@ def test_bytes_and_unknown_totals_and_quiet_intervals():
     p.update(1 << 30)
     assert lines == []  # within the interval: nothing yet
     p.close()
-    assert lines[0].startswith("upscale: 1.0 GiB/3.0 GiB B (33%)")
+    assert lines[0].startswith("upscale: 1.0 GiB/3.0 GiB (33%)")
     rows: list[str] = []
     with Progress("data", None, "rows", terminal=False, interval_s=0, emit=rows.append) as q:
         q.update(1200)
     assert rows[0].startswith("data: 1,200 rows")
+    # work that fails says nothing more: the failed command's error stays its one line
+    failed: list[str] = []
+    with pytest.raises(RuntimeError), Progress("merge", 4, "tensors", terminal=False,
+                                               interval_s=3600, emit=failed.append) as f:
+        f.update(2)
+        raise RuntimeError("boom")
+    assert failed == []
 
 
 def test_terminal_gets_a_tqdm_bar(capsys):
