@@ -426,12 +426,12 @@ def _artifact(plan: StagePlan, name: str) -> str | None:
     return identity.artifact_id(plan.run_dir / name)
 
 
-def _is_done(plan: StagePlan) -> bool:
-    """The stage's output is finished and records the key the stage has now."""
+def _is_done(plan: StagePlan, key: str) -> bool:
+    """The stage's output is finished and records ``key``, the key the stage has now."""
     if plan.uri:  # the uploaded marker is written last: it is there only when all is
         marker = remote.read_marker(remote.join(plan.uri, plan.name)) or {}
-        return marker.get("input_key") == _stage_key(plan)
-    return identity.recorded_key(plan.out) == _stage_key(plan) and plan.kind.done(plan.out)
+        return marker.get("input_key") == key
+    return identity.recorded_key(plan.out) == key and plan.kind.done(plan.out)
 
 
 def _fetch_inputs(plan: StagePlan) -> None:
@@ -582,7 +582,7 @@ def run_recipe(
     if dry_run:
         echo(f"run directory: {uri or run_dir}")
         for i, p in enumerate(plans, 1):
-            status = "done (skip)" if _is_done(p) else "run"
+            status = "done (skip)" if _is_done(p, _stage_key(p)) else "run"
             deps = ", ".join(p.deps) or "-"
             echo(f"{i:>2}. {p.name:<16} {p.kind.name:<13} after: {deps:<28} {status}")
         return RunResult(run_dir, [], [], uri=uri)
@@ -596,7 +596,9 @@ def run_recipe(
         init_ray(recipe.ray_address, recipe.runtime_env)
     ran, skipped = [], []
     for i, p in enumerate(plans, 1):
-        if _is_done(p):
+        # once per stage: on a bucket it reads every input's marker back from the bucket
+        key = _stage_key(p)
+        if _is_done(p, key):
             skipped.append(p.name)
             echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): done, skipped")
             _push_if_asked(p, run_dir, echo)
@@ -605,7 +607,6 @@ def run_recipe(
         # a stale log line must not survive a failed rerun
         (run_dir / MARKERS / f"{p.name}.json").unlink(missing_ok=True)
         t0 = time.perf_counter()
-        key = _stage_key(p)
         try:
             _fetch_inputs(p)
             run_stage(p, key)
