@@ -264,6 +264,8 @@ def _flag_kind(annotation: Any) -> tuple[str, Any] | None:
         args = [a for a in typing.get_args(annotation) if a is not type(None)]
         if len(args) == 1:
             return _flag_kind(args[0])
+        if int in args and any(typing.get_origin(a) is tuple for a in args):
+            return "list", int  # a count or a range: --num-workers 2, --num-workers 1 4
         return ("scalar", str) if str in args else None  # e.g. a path or a list: the path
     if annotation is bool:
         return "bool", None

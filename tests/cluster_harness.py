@@ -176,6 +176,7 @@ class LocalRayCluster:
         }
         self._procs: list[subprocess.Popen[bytes]] = []
         self._trees: list[psutil.Process] = []
+        self._killed: set[int] = set()  # nodes ended by kill_node
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -251,13 +252,6 @@ class LocalRayCluster:
         self._procs.append(proc)
         self._trees.append(psutil.Process(proc.pid))
 
-    def _check_alive(self) -> None:
-        for i, proc in enumerate(self._procs):
-            if proc.poll() is not None:
-                raise ClusterError(
-                    f"ray start for node {i} exited with {proc.returncode}:\n"
-                    + _tail(self.root / f"node-{i}.log")
-                )
 
     def start(self, attempts: int = 3) -> None:
         """Start the head, wait for its Jobs API, then the workers; wait until all are alive.
@@ -321,6 +315,46 @@ class LocalRayCluster:
             + "\n".join(_tail(self.root / f"node-{i}.log") for i in range(len(self._procs)))
         )
 
+    def kill_node(self, index: int) -> None:
+        """End node ``index`` as a preempted VM vanishes: SIGKILL to all its processes at once.
+
+        Its ``ray start`` process and every process below it (raylet, its workers, the
+        agents) are killed by pid, with no shutdown; the GCS learns of the loss by its
+        health checks, as it would of a machine gone from the network.
+        """
+        if index == 0:
+            raise ValueError("index: the head node cannot be lost in these tests")
+        root = self._trees[index]
+        procs = [root, *root.children(recursive=True)]
+        for proc in procs:
+            try:
+                proc.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(procs, timeout=10)
+        self._procs[index].wait(timeout=10)
+        self._killed.add(index)
+
+    def add_node(self, spec: NodeSpec) -> int:
+        """Start one more worker node joining the head (a VM the autoscaler brought back).
+
+        Waits until the cluster counts it alive; returns its index.
+        """
+        index = len(self._procs)
+        before = len(self.alive_nodes())
+        self.nodes.append(spec)
+        self._spawn(index, spec)
+        self._wait(lambda: len(self.alive_nodes()) > before, f"node {index} alive")
+        return index
+
+    def _check_alive(self) -> None:
+        for i, proc in enumerate(self._procs):
+            if proc.poll() is not None and i not in self._killed:
+                raise ClusterError(
+                    f"ray start for node {i} exited with {proc.returncode}:\n"
+                    + _tail(self.root / f"node-{i}.log")
+                )
+
     def _descendants(self) -> list[psutil.Process]:
         found: list[psutil.Process] = []
         for root in self._trees:
@@ -378,6 +412,7 @@ class LocalRayCluster:
         psutil.wait_procs(alive, timeout=5)
         self._procs.clear()
         self._trees.clear()
+        self._killed.clear()
 
     def running_pids(self) -> list[int]:
         """Pids of this cluster's processes still running (empty after :meth:`stop`)."""

@@ -355,8 +355,8 @@ def run_stage(
                 f"{Path(cfg.out).name}: {cfg.stage} of {Path(str(inputs.model_dir)).name}",
                 [
                     f"Made by `solar-ray {cfg.stage}` from `{cfg.model}` on `{cfg.data}`: "
-                    f"{metrics.get('steps')} steps, {cfg.num_workers if not cfg.local else 1} "
-                    f"worker(s), ZeRO-{cfg.zero_stage}.",
+                    f"{metrics.get('steps')} steps, {metrics.get('world_size', cfg.max_workers)} "
+                    f"worker(s) at the end, ZeRO-{cfg.zero_stage}.",
                     "",
                     *_lora_card_lines(cfg),
                     *(card_lines or []),
@@ -378,7 +378,8 @@ def run_stage(
                     "storage_path": cfg.resolved_storage_path,
                     "checkpoint": checkpoint_uri,
                     "fingerprint": fingerprint,
-                    "num_workers": 1 if cfg.local else cfg.num_workers,
+                    "num_workers": cfg.max_workers,
+                    "num_workers_range": [cfg.min_workers, cfg.max_workers],
                     "zero_stage": cfg.zero_stage,
                     "local": cfg.local,
                 },

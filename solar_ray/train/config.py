@@ -57,6 +57,11 @@ OPERATIONAL_FIELDS = frozenset(
         "cpus_per_worker",
         "resources_per_worker",
         "local",
+        # the worker count changes only the order of float sums: the global batch (which is
+        # in the fingerprint, see result_fingerprint) and the data order do not depend on it,
+        # so a run resumes on fewer or more workers (an elastic range, or a resubmission)
+        "num_workers",
+        "elastic_resize_interval_s",
         "storage_path",
         "name",
         "out",
@@ -95,7 +100,17 @@ class TrainConfig(StageConfig):
     name: str | None = Field(
         default=None, description="run name; default: the out directory's name"
     )
-    num_workers: int = Field(default=2, ge=1, description="training workers (one per GPU)")
+    num_workers: int | tuple[int, int] = Field(
+        default=2,
+        description="training workers (one per GPU); [min, max] for an elastic run that "
+        "goes on with fewer workers when nodes are lost and grows back when they return "
+        "(pretrain)",
+    )
+    elastic_resize_interval_s: float = Field(
+        default=60.0,
+        ge=0,
+        description="elastic runs: how often Ray Train looks for room to add workers",
+    )
     use_gpu: bool = False
     cpus_per_worker: float = Field(default=1.0, gt=0)
     resources_per_worker: dict[str, float] | None = Field(
@@ -189,6 +204,24 @@ class TrainConfig(StageConfig):
             raise ValueError("must not be empty")
         return v
 
+    @field_validator("num_workers", mode="before")
+    @classmethod
+    def _worker_range(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple):
+            if len(v) == 1:  # the flag's one value: --num-workers 2
+                v = v[0]
+                if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+                    raise ValueError("must be at least 1")
+                return v
+            if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
+                raise ValueError("expected a count or a [min, max] range of two counts, e.g. [1, 4]")
+            if not 1 <= v[0] <= v[1]:
+                raise ValueError(f"the range [{v[0]}, {v[1]}] needs 1 <= min <= max")
+            return v[0] if v[0] == v[1] else (v[0], v[1])
+        if isinstance(v, int) and not isinstance(v, bool) and v < 1:
+            raise ValueError("must be at least 1")
+        return v
+
     @model_validator(mode="after")
     def _check_combinations(self) -> TrainConfig:
         if (self.steps is None) == (self.epochs is None):
@@ -198,17 +231,35 @@ class TrainConfig(StageConfig):
                 f"warmup_steps: {self.warmup_steps} is more than steps ({self.steps}); the "
                 "learning rate would never finish warming up"
             )
-        per_step = self.micro_batch_size * self.effective_num_workers
-        if self.global_batch_size is not None and self.global_batch_size % per_step:
+        for workers in self.worker_counts:
+            per_step = self.micro_batch_size * workers
+            if self.effective_global_batch_size % per_step == 0:
+                continue
+            if self.global_batch_size is None:  # only an elastic range gets here
+                raise ValueError(
+                    f"global_batch_size: set it for num_workers {list(self.num_workers)}: the "
+                    f"default, micro_batch_size x {self.max_workers} = "
+                    f"{self.effective_global_batch_size}, does not divide among {workers} workers"
+                )
             raise ValueError(
                 f"global_batch_size: {self.global_batch_size} is not divisible by "
-                f"micro_batch_size x num_workers = {self.micro_batch_size} x "
-                f"{self.effective_num_workers} = {per_step}"
+                f"micro_batch_size x num_workers = {self.micro_batch_size} x {workers} = "
+                f"{per_step}" + (" (an elastic run trains on any count of its range)" if self.elastic else "")
+            )
+        if self.elastic and self.streaming:
+            raise ValueError(
+                "streaming: an elastic run reads its mix in the workers, so that it resumes at "
+                "the exact row after a resize (set streaming: false, or a single num_workers)"
             )
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("offload_params: parameter offload needs zero_stage: 3")
         if self.val_data is not None and self.val_fraction > 0:
             raise ValueError("val_data / val_fraction: set at most one of them")
+        if self.elastic and self.stage in ("sft", "dpo"):
+            raise ValueError(
+                f"num_workers: an elastic range is supported by pretrain only; {self.stage} "
+                "resumes at the worker count it started with (set a single count)"
+            )
         if self.local and self.num_workers != 1:
             raise ValueError("num_workers: local runs use exactly one worker (set num_workers: 1)")
         if self.attn_implementation == "flash_attention_2" and not self.use_gpu:
@@ -225,20 +276,48 @@ class TrainConfig(StageConfig):
     # -- derived values
 
     @property
+    def elastic(self) -> bool:
+        """True for a ``[min, max]`` worker range (Ray Train's elastic scaling)."""
+        return isinstance(self.num_workers, tuple)
+
+    @property
+    def min_workers(self) -> int:
+        """The fewest workers the run trains on (the count itself when not elastic)."""
+        return 1 if self.local else (self.num_workers[0] if self.elastic else self.num_workers)
+
+    @property
+    def max_workers(self) -> int:
+        """The most workers the run trains on (the count itself when not elastic)."""
+        return 1 if self.local else (self.num_workers[1] if self.elastic else self.num_workers)
+
+    @property
+    def worker_counts(self) -> range:
+        """Every worker count the run may train on."""
+        return range(self.min_workers, self.max_workers + 1)
+
+    @property
     def effective_num_workers(self) -> int:
-        """Number of training processes (1 in local mode)."""
-        return 1 if self.local else self.num_workers
+        """Number of training processes planned (1 in local mode; an elastic run's max)."""
+        return self.max_workers
 
     @property
     def grad_accum_steps(self) -> int:
-        """Micro-batches accumulated per optimizer step on each worker."""
-        per_step = self.micro_batch_size * self.effective_num_workers
-        return (self.global_batch_size or per_step) // per_step
+        """Micro-batches accumulated per optimizer step on each of the planned workers."""
+        return self.grad_accum_for(self.effective_num_workers)
+
+    def grad_accum_for(self, world_size: int) -> int:
+        """Micro-batches per optimizer step on each of ``world_size`` workers.
+
+        The global batch stays as configured whatever the count: an elastic run that lost
+        a node accumulates more micro-batches per step on the workers left.
+        """
+        per_step = self.micro_batch_size * world_size
+        return max(1, self.effective_global_batch_size // per_step)
 
     @property
     def effective_global_batch_size(self) -> int:
         """Sequences per optimizer step over all workers."""
-        return self.micro_batch_size * self.effective_num_workers * self.grad_accum_steps
+        return self.global_batch_size or self.micro_batch_size * self.effective_num_workers
 
     @property
     def run_name(self) -> str:
@@ -296,7 +375,10 @@ class TrainConfig(StageConfig):
         """
         from solar_ray.identity import config_key
 
-        return config_key(self.to_dict(), ignore=OPERATIONAL_FIELDS)
+        return config_key(
+            {**self.to_dict(), "global_batch": self.effective_global_batch_size},
+            ignore=OPERATIONAL_FIELDS,
+        )
 
 
 class PretrainConfig(TrainConfig):

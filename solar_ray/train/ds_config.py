@@ -53,8 +53,21 @@ def _user_config(spec: Mapping[str, Any] | str | None) -> dict[str, Any]:
     return data
 
 
-def build_deepspeed_config(cfg: TrainConfig, *, for_hf_trainer: bool = False) -> dict[str, Any]:
-    """The DeepSpeed config dict for ``cfg`` (``"auto"`` values where HF's Trainer fills them)."""
+def build_deepspeed_config(
+    cfg: TrainConfig,
+    *,
+    for_hf_trainer: bool = False,
+    world_size: int | None = None,
+    load_universal: bool = False,
+) -> dict[str, Any]:
+    """The DeepSpeed config dict for ``cfg`` (``"auto"`` values where HF's Trainer fills them).
+
+    ``world_size``: the workers actually running (an elastic run's count changes; the
+    gradient accumulation follows it so that the global batch stays as configured).
+    ``load_universal``: the run resumes from a universal checkpoint (one saved at another
+    world size, converted by :func:`solar_ray.train.reshard.to_universal`).
+    """
+    accum = cfg.grad_accum_for(world_size) if world_size else cfg.grad_accum_steps
     precision = cfg.precision_resolved
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
     if cfg.zero_stage >= 1:
@@ -82,7 +95,7 @@ def build_deepspeed_config(cfg: TrainConfig, *, for_hf_trainer: bool = False) ->
     auto = "auto"
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": auto if for_hf_trainer else cfg.micro_batch_size,
-        "gradient_accumulation_steps": auto if for_hf_trainer else cfg.grad_accum_steps,
+        "gradient_accumulation_steps": auto if for_hf_trainer else accum,
         "gradient_clipping": auto if for_hf_trainer else cfg.max_grad_norm,
         "zero_optimization": zero,
         "bf16": {"enabled": auto if for_hf_trainer else precision == "bf16"},
@@ -94,6 +107,8 @@ def build_deepspeed_config(cfg: TrainConfig, *, for_hf_trainer: bool = False) ->
         "steps_per_print": 1 << 30,
         "wall_clock_breakdown": False,
     }
+    if load_universal:
+        ds["checkpoint"] = {"load_universal": True}
     merged = deep_merge(ds, _user_config(cfg.deepspeed))
     stage = zero_stage_of(merged)
     if stage not in (0, 1, 2, 3):

@@ -129,7 +129,7 @@ def step_progress(cfg: TrainConfig) -> Any:
 def _warn_if_data_starved(cfg: TrainConfig, resources: dict[str, float]) -> None:
     import ray
 
-    spare = ray.cluster_resources().get("CPU", 0) - cfg.num_workers * resources.get("CPU", 1)
+    spare = ray.cluster_resources().get("CPU", 0) - cfg.max_workers * resources.get("CPU", 1)
     if spare < 1:
         log.warning(
             "streaming: the workers take all %s CPUs of the cluster, so Ray Data has none "
@@ -167,12 +167,17 @@ def launch_ray(
         worker_fn,
         train_loop_config=spec.config(),
         scaling_config=ScalingConfig(
-            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources
-        ),
+            # an elastic (min, max): Ray Train starts with as many workers as fit, restarts
+            # with fewer when a node goes and grows the group when room appears
+            num_workers=cfg.num_workers, use_gpu=cfg.use_gpu, resources_per_worker=resources,
+            elastic_resize_monitor_interval_s=cfg.elastic_resize_interval_s,
+        ),  # fmt: skip
         run_config=RunConfig(
             name=cfg.run_name,
             storage_path=cfg.resolved_storage_path,
             callbacks=callbacks,
+            # a preempted node (its drain seen by Ray) is counted apart from max_failures,
+            # and without a limit: spot capacity comes and goes
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.num_checkpoints_to_keep),
             # Ray Train sends print() to its logger, including prints into a redirected

@@ -6,9 +6,14 @@
 cosine decay to ``min_lr_ratio * lr``, gradient accumulation and clipping by DeepSpeed, a
 held-out loss / perplexity before training, every ``eval_every`` steps and at the end, and a
 DeepSpeed checkpoint every ``checkpoint_every`` steps (and at each step of ``checkpoint_at``)
-reported to Ray Train. A restarted
-worker (a replaced one, or a re-run of the same job) loads the latest checkpoint and
-continues the same data order from the next step.
+reported to Ray Train, and one more when a node of the run is being drained (a spot
+VM's reclaim notice, ``ray.train.get_preemption_info``). A restarted worker (a replaced
+one, or a re-run of the same job) loads the latest checkpoint and continues the same data
+order from the next step, also on another number of workers (an elastic run,
+``num_workers: [min, max]``): the global batch and the learning-rate schedule stay as
+configured, the gradient accumulation follows the worker count, the DeepSpeed state is
+resharded through DeepSpeed's universal checkpoint (:mod:`solar_ray.train.reshard`) and the
+data position is a function of the step alone (:class:`PackedBatches`).
 
 Data are packed rows of exactly ``seq_len`` tokens with per-document ``position_ids``
 (passed to the model, so attention does not cross document boundaries). Each worker reads
@@ -17,6 +22,7 @@ the shards (``streaming: false``) or its Ray Data shard (``streaming: true``).
 
 from __future__ import annotations
 
+import logging
 import math
 import tempfile
 import time
@@ -35,6 +41,8 @@ from solar_ray.train.common import (
     validate_common,
 )
 from solar_ray.train.config import PretrainConfig
+from solar_ray.train.ds_config import build_deepspeed_config, zero_stage_of
+from solar_ray.train.reshard import needs_universal
 from solar_ray.train.session import STATE_FILE, read_run_state, write_run_state
 from solar_ray.train.worker import WorkerEnv, finish_run, run_worker
 
@@ -45,6 +53,8 @@ __all__ = [
     "run_pretrain",
     "validate_pretrain",
 ]
+
+log = logging.getLogger(__name__)
 
 
 
@@ -77,10 +87,16 @@ def ids_and_positions(table: Any, seq_len: int) -> tuple[np.ndarray, np.ndarray]
 
 
 class PackedBatches:
-    """Micro-batches of this rank's rows of packed data, in a seeded order per epoch.
+    """This rank's micro-batches of packed rows, the same global batches at any world size.
 
-    Every rank gets the same number of rows (the remainder is dropped), so collectives stay
-    in step; ``skip`` resumes the sequence after a number of already-consumed micro-batches.
+    The rows form one stream: epoch after epoch, each a seeded permutation of the training
+    rows (nothing dropped at an epoch's end). Optimizer step ``s`` consumes the stream's
+    positions ``[s * G, (s + 1) * G)`` (``G`` the global batch): ``world_size`` ranks of
+    ``grad_accum_steps`` micro-batches of ``micro_batch_size`` rows, rank ``r`` taking every
+    ``world_size``-th position from ``r``. Which rows a step trains on therefore depends
+    only on the step and the global batch, not on how many workers share it: a run resumed
+    on fewer or more workers (an elastic resize) continues at the exact row, with no row
+    skipped or seen twice. ``iterate(start_step)`` resumes after ``start_step`` steps.
     """
 
     def __init__(
@@ -91,36 +107,48 @@ class PackedBatches:
         rank: int,
         world_size: int,
         micro_batch_size: int,
+        grad_accum_steps: int,
         seed: int,
     ) -> None:
+        if len(input_ids) == 0:
+            raise DataError("data: the mix has no training rows")
         self.input_ids = input_ids
         self.position_ids = position_ids
         self.rank = rank
         self.world_size = world_size
         self.micro_batch_size = micro_batch_size
+        self.grad_accum_steps = grad_accum_steps
+        self.global_batch = micro_batch_size * grad_accum_steps * world_size
         self.seed = seed
-        rows_per_rank = len(input_ids) // world_size
-        self.batches_per_epoch = rows_per_rank // micro_batch_size
-        if self.batches_per_epoch == 0:
-            raise DataError(
-                f"data: {len(input_ids)} training rows cannot give each of {world_size} "
-                f"workers a micro-batch of {micro_batch_size}"
+        self._orders: dict[int, np.ndarray] = {}
+
+    def _order(self, epoch: int) -> np.ndarray:
+        if epoch not in self._orders:
+            if len(self._orders) > 2:
+                self._orders.pop(min(self._orders))
+            self._orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
+                len(self.input_ids)
             )
+        return self._orders[epoch]
 
-    def _epoch_rows(self, epoch: int) -> np.ndarray:
-        order = np.random.default_rng([self.seed, epoch]).permutation(len(self.input_ids))
-        mine = order[self.rank :: self.world_size]
-        return mine[: self.batches_per_epoch * self.micro_batch_size]
+    def rows_of_step(self, step: int) -> np.ndarray:
+        """Row indices this rank trains on at step ``step`` (0-based), one line per micro-batch."""
+        n = len(self.input_ids)
+        mine = step * self.global_batch + self.rank + self.world_size * np.arange(
+            self.grad_accum_steps * self.micro_batch_size
+        )
+        epochs, offsets = np.divmod(mine, n)
+        rows = np.array([self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
+        return rows.reshape(self.grad_accum_steps, self.micro_batch_size)
 
-    def iterate(self, skip: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Endless (input_ids, position_ids) micro-batches, after ``skip`` consumed ones."""
-        epoch, offset = divmod(skip, self.batches_per_epoch)
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """Endless (input_ids, position_ids) micro-batches from step ``start_step`` on."""
+        step = start_step
         while True:
-            rows = self._epoch_rows(epoch)
-            for b in range(offset, self.batches_per_epoch):
-                idx = np.sort(rows[b * self.micro_batch_size : (b + 1) * self.micro_batch_size])
+            for rows in self.rows_of_step(step):
+                idx = np.sort(rows)
                 yield self.input_ids[idx], self.position_ids[idx]
-            epoch, offset = epoch + 1, 0
+            step += 1
 
 
 def _stream_batches(
@@ -273,18 +301,23 @@ def pretrain_worker(config: dict[str, Any]) -> None:
     run_worker(config, _pretrain)
 
 
-def _build_engine(env: WorkerEnv, total_steps: int) -> tuple[Any, Any, Any]:
-    """(DeepSpeed engine, its LR scheduler, tokenizer) for the model in ``env.model_dir``."""
+def _build_engine(
+    env: WorkerEnv, total_steps: int, load_universal: bool = False
+) -> tuple[Any, Any, Any]:
+    """(DeepSpeed engine, its LR scheduler, tokenizer) for the model in ``env.model_dir``.
+
+    ``load_universal``: the engine will load a universal checkpoint (:mod:`.reshard`).
+    """
     import deepspeed
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.integrations import HfDeepSpeedConfig
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
-    from solar_ray.train.ds_config import build_deepspeed_config, zero_stage_of
-
     cfg = env.cfg
-    ds_config = build_deepspeed_config(cfg)
+    ds_config = build_deepspeed_config(
+        cfg, world_size=env.world_size, load_universal=load_universal
+    )
     # Under ZeRO-3 the weights are partitioned while they load (deepspeed.zero.Init), which
     # transformers does while an HfDeepSpeedConfig object is alive.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage_of(ds_config) == 3 else None
@@ -308,26 +341,82 @@ def _build_engine(env: WorkerEnv, total_steps: int) -> tuple[Any, Any, Any]:
     return engine, scheduler, AutoTokenizer.from_pretrained(env.model_dir)
 
 
-def _resume(engine: Any, ckpt: Path | None) -> dict[str, Any]:
-    """The run state: fresh, or loaded (with DeepSpeed's state) from a checkpoint."""
+def _saved_state(ckpt: Path | None) -> dict[str, Any] | None:
+    """The run state of the checkpoint to resume from (None on a fresh start)."""
+    if ckpt is None:
+        return None
+    saved = read_run_state(ckpt)
+    if saved is None or "tag" not in saved:
+        raise RuntimeError(f"{ckpt} holds no DeepSpeed run state ({STATE_FILE})")
+    return saved
+
+
+def _resume(
+    engine: Any, env: WorkerEnv, ckpt: Path | None, saved: dict[str, Any] | None, universal: bool
+) -> dict[str, Any]:
+    """The run state: fresh, or loaded (with DeepSpeed's state) from a checkpoint.
+
+    ``universal``: the checkpoint was saved at another world size; it is converted first
+    (:func:`solar_ray.train.reshard.to_universal`) and the resize is recorded in
+    ``state["resizes"]`` as ``[step, saved world size, world size]``.
+    """
     state: dict[str, Any] = {
         "step": 0,
         "tokens_seen": 0,
         "loss_history": [],
         "eval_history": [],
         "resumed_from": [],
+        "resizes": [],
     }
-    if ckpt is None:
+    if ckpt is None or saved is None:
         return state
-    saved = read_run_state(ckpt)
-    if saved is None or "tag" not in saved:
-        raise RuntimeError(f"{ckpt} holds no DeepSpeed run state ({STATE_FILE})")
-    load_path, _ = engine.load_checkpoint(str(ckpt), tag=saved["tag"])
+    with tempfile.TemporaryDirectory(prefix="solar-universal-") as tmp:
+        load_dir, tag = Path(ckpt), saved["tag"]
+        if universal:
+            from solar_ray.train.reshard import to_universal
+
+            started = time.perf_counter()
+            load_dir, tag = to_universal(Path(ckpt), tag, Path(tmp))
+            if env.is_rank0:
+                log.info(
+                    "resuming the %d-worker checkpoint of step %d on %d workers (converted "
+                    "to a universal checkpoint in %.1f s)", saved.get("world_size"),
+                    saved["step"], env.world_size, time.perf_counter() - started,
+                )  # fmt: skip
+        load_path, _ = engine.load_checkpoint(str(load_dir), tag=tag)
     if load_path is None:
         raise RuntimeError(f"could not load the DeepSpeed checkpoint in {ckpt}")
     state.update(saved)
     state["resumed_from"] = [*saved["resumed_from"], saved["step"]]
+    state["resizes"] = list(saved.get("resizes", []))
+    if universal:
+        state["resizes"].append([saved["step"], saved["world_size"], env.world_size])
     return state
+
+
+#: for tests: a directory. Each rank of a pretrain run (not streaming) appends the rows it
+#: trains on at every step to ``<dir>/rows-<rank>-<pid>.jsonl``, so that a test can count the
+#: packed sequences a run resized mid-way has seen
+ROW_LOG_ENV = "SOLAR_RAY_TEST_ROW_LOG"
+
+
+def _row_logger(env: WorkerEnv, packed: PackedBatches | None, start_step: int) -> Any:
+    """``log(step)`` writing ``step``'s rows under :data:`ROW_LOG_ENV` (None without it)."""
+    import json
+    import os
+
+    directory = os.environ.get(ROW_LOG_ENV)
+    if not directory or packed is None:
+        return None
+    path = Path(directory) / f"rows-{env.rank}-{os.getpid()}.jsonl"
+
+    def log_rows(step: int) -> None:
+        line = {"step": step, "start": start_step, "rank": env.rank, "world": env.world_size,
+                "t": time.time(), "rows": packed.rows_of_step(step - 1).ravel().tolist()}  # fmt: skip
+        with path.open("a", encoding="utf-8") as f:
+            f.write(json.dumps(line) + "\n")
+
+    return log_rows
 
 
 def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
@@ -345,17 +434,25 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
     ids, pos, val_ids, val_pos = _load_split(env, with_train=not cfg.streaming)
     num_train_rows = int(env.spec.num_train_rows or 0) if cfg.streaming else len(ids)
     total_steps = total_steps_for(cfg, num_train_rows)
-    engine, scheduler, tokenizer = _build_engine(env, total_steps)
-    state = _resume(engine, ckpt)
+    saved = _saved_state(ckpt)
+    universal = saved is not None and needs_universal(
+        zero_stage_of(build_deepspeed_config(cfg)), saved.get("world_size"), env.world_size
+    )
+    engine, scheduler, tokenizer = _build_engine(env, total_steps, load_universal=universal)
+    state = _resume(engine, env, ckpt, saved, universal)
 
-    consumed = state["step"] * cfg.grad_accum_steps
+    accum = cfg.grad_accum_for(env.world_size)
+    packed = None
     if cfg.streaming:
+        consumed = state["step"] * accum
         batches = _stream_batches(shard, cfg.micro_batch_size, cfg.seq_len, consumed)
     else:
-        batches = PackedBatches(
+        packed = PackedBatches(
             ids, pos, rank=env.rank, world_size=env.world_size,
-            micro_batch_size=cfg.micro_batch_size, seed=cfg.seed,
-        ).iterate(skip=consumed)  # fmt: skip
+            micro_batch_size=cfg.micro_batch_size, grad_accum_steps=accum, seed=cfg.seed,
+        )  # fmt: skip
+        batches = packed.iterate(start_step=state["step"])
+    log_rows = _row_logger(env, packed, state["step"])
     val_batches = _val_batches(env, val_ids, val_pos)
 
     params = engine.module.parameters()
@@ -381,8 +478,9 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
     tokens_per_micro = cfg.micro_batch_size * cfg.seq_len
     checkpoint_at = set(cfg.checkpoint_at)
     engine.train()
+    noticed_preemption = False
     while state["step"] < total_steps:
-        for _ in range(cfg.grad_accum_steps):
+        for _ in range(accum):
             ids_np, pos_np = next(batches)
             input_ids = torch.from_numpy(ids_np).to(env.device)
             out = engine(
@@ -398,7 +496,9 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         timer.add(0, steps=1)
         state["step"] += 1
         step = state["step"]
-        state["tokens_seen"] += tokens_per_micro * cfg.grad_accum_steps * env.world_size
+        state["tokens_seen"] += tokens_per_micro * accum * env.world_size
+        if log_rows is not None:
+            log_rows(step)
         last = step == total_steps
         metrics: dict[str, Any] = {}
         if step % cfg.log_every == 0 or last:
@@ -424,7 +524,15 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
             metrics.update(log_eval(step, alone=False))
         if metrics and env.metrics:
             env.metrics.scalars(step, metrics)
-        if (step % cfg.checkpoint_every == 0 or step in checkpoint_at) and not last:
+        # a node of this run is being drained (a spot VM's reclaim notice): checkpoint now,
+        # once per notice, and go on; when the node goes, the run resumes from here
+        preempted = session.preemption_notice() and not noticed_preemption
+        noticed_preemption = noticed_preemption or preempted
+        if (
+            step % cfg.checkpoint_every == 0 or step in checkpoint_at or preempted
+        ) and not last:
+            if preempted and env.is_rank0:
+                log.warning("a node of this run is being preempted: checkpoint at step %d", step)
             _save_checkpoint(engine, env, state, metrics or {"step": step})
         elif metrics:
             session.report(metrics)
@@ -435,6 +543,8 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         "final_loss": state["loss_history"][-1][1] if state["loss_history"] else None,
         "train_runtime_s": time.perf_counter() - started,
         "resumed_from": state["resumed_from"],
+        "resizes": state["resizes"],
+        "world_size": env.world_size,
         "loss_history": state["loss_history"],
         **timer.summary(),
     }
@@ -451,7 +561,7 @@ def _save_checkpoint(engine: Any, env: WorkerEnv, state: dict, metrics: dict) ->
     with tempfile.TemporaryDirectory(prefix="solar-ckpt-") as tmp:
         engine.save_checkpoint(tmp, tag=tag, client_state={"solar_step": state["step"]})
         if env.is_rank0:
-            write_run_state(Path(tmp), {**state, "tag": tag})
+            write_run_state(Path(tmp), {**state, "tag": tag, "world_size": env.world_size})
         if env.metrics:
             env.metrics.sync()
         env.session.report(metrics, checkpoint_dir=Path(tmp), name=tag)

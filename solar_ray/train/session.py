@@ -62,8 +62,8 @@ def write_run_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
 
 
 #: for tests: a directory. While ``<dir>/hold`` exists, a Ray Train worker that has just
-#: reported a checkpoint writes ``<dir>/held-<rank>`` and waits, so that a test can kill a
-#: worker at a known step instead of racing the training loop
+#: reported a checkpoint writes ``<dir>/held-<rank>`` and waits (removing it when it goes on),
+#: so that a test can kill a worker or a node at a known step instead of racing the loop
 HOLD_ENV = "SOLAR_RAY_TEST_HOLD_AT_CHECKPOINT"
 
 
@@ -75,9 +75,11 @@ def hold_after_checkpoint(rank: int) -> None:
     hold = Path(hold_dir) / "hold"
     if not hold.exists():
         return
-    (Path(hold_dir) / f"held-{rank}").touch()
+    held = Path(hold_dir) / f"held-{rank}"
+    held.touch()
     while hold.exists():
         time.sleep(0.05)
+    held.unlink(missing_ok=True)  # gone: this worker went on
 
 
 class WorkerSession(Protocol):
@@ -103,6 +105,10 @@ class WorkerSession(Protocol):
 
     def dataset_shard(self, name: str) -> Any | None:
         """This worker's shard of a Ray Dataset passed to the trainer, or None."""
+        ...
+
+    def preemption_notice(self) -> bool:
+        """Whether a node of the run is being drained; every rank must call it alike."""
         ...
 
 
@@ -223,6 +229,17 @@ class RaySession:
         except KeyError:
             return None
 
+    def preemption_notice(self) -> bool:
+        """Ray Train V2's drain notice (``get_preemption_info``, a collective of all ranks).
+
+        Ray's ``PreemptionWatcher`` polls the GCS for draining nodes (a cloud provider's
+        reclaim notice reaches Ray as a drain with a deadline; ``ray drain-node`` makes
+        one by hand) and marks the workers of the run; rank 0's view is broadcast.
+        """
+        import ray.train
+
+        return ray.train.get_preemption_info() is not None
+
 
 class LocalSession:
     """One process, no Ray: checkpoints are directories under ``run_dir/checkpoints``."""
@@ -269,6 +286,9 @@ class LocalSession:
 
     def dataset_shard(self, name: str) -> Any | None:
         return None
+
+    def preemption_notice(self) -> bool:
+        return False  # one process, no nodes to lose
 
     @property
     def latest_checkpoint_path(self) -> Path | None:

@@ -233,7 +233,7 @@ def run_sweep(
     prepare(first)
     if cfg.seam:
         _score_seam(cfg, resolved, base_dir, first, trials_root, echo)
-    per_trial = {k: v * first.num_workers for k, v in worker_resources(first).items()}
+    per_trial = {k: v * first.min_workers for k, v in worker_resources(first).items()}
     concurrency = fit_concurrency(
         ray.cluster_resources(), per_trial, len(resolved), cfg.max_concurrent_trials
     )
