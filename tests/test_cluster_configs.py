@@ -407,6 +407,9 @@ def test_rayjob_recipe_plans_for_the_clusters_gpus() -> None:
     assert training, f"{argv[2]} trains nothing"
     for plan in training:
         assert plan.config().use_gpu, f"{argv[2]}: stage {plan.name} trains on CPU"
+    # continued pretraining rides the spot groups elastically: it survives a reclaimed node
+    pretrain = [p.config() for p in training if p.kind.name == "pretrain"]
+    assert pretrain and all(c.elastic and c.min_workers < c.max_workers for c in pretrain)
 
 
 # =========================================================================== every file

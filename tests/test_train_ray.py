@@ -1,8 +1,8 @@
 """Training stages on a private local Ray (2 CPU workers, gloo, DeepSpeed), tiny models.
 
 Each Ray Train run is a module-scoped fixture shared by the tests that check it, so the
-module runs seven short jobs: continued pretraining under ZeRO-3 and under ZeRO-2 with a
-worker killed mid-run, a re-run of the finished job from storage, SFT under ZeRO-2 and
+module runs eight short jobs: continued pretraining under ZeRO-3, under ZeRO-2 with a
+worker killed mid-run and on 3 workers that do not divide its batch, a re-run of the finished job from storage, SFT under ZeRO-2 and
 ZeRO-3 (packed), DPO under ZeRO-2 with reference log-probs precomputed by Ray Data and
 under ZeRO-3 with a live (sharded) reference model.
 """
@@ -224,6 +224,22 @@ def test_killed_worker_resumes_from_checkpoint_on_the_same_curve(
     assert _losses(result) == pytest.approx(_losses(pretrain_zero3), rel=1e-4)
     assert metrics["eval_loss"] == pytest.approx(pretrain_zero3.metrics["eval_loss"], rel=1e-4)
     _assert_export_reproduces_probe(result.out)
+
+
+def test_three_workers_train_on_a_batch_they_do_not_divide(ray_module, work, pretrain_zero3):
+    """An elastic range whose count does not divide the global batch (3 workers, 8 rows of
+    2 per micro-batch: 12 slots, 4 of them filler weighted 0) trains on the same batches,
+    to the same curve, as the 2-worker run."""
+    from solar_ray.train.pretrain import run_pretrain
+
+    cfg = _pretrain_cfg(work, "pre_3w", num_workers=[1, 3], cpus_per_worker=0.5)
+    result = run_pretrain(cfg)
+    assert result.metrics["world_size"] == 3 and result.metrics["resizes"] == []
+    assert result.metrics["tokens_seen"] == pretrain_zero3.metrics["tokens_seen"]
+    assert _losses(result) == pytest.approx(_losses(pretrain_zero3), rel=1e-4)
+    assert result.metrics["eval_loss"] == pytest.approx(
+        pretrain_zero3.metrics["eval_loss"], rel=1e-4
+    )
 
 
 def test_rerunning_a_finished_job_does_not_start_over(pretrain_zero2_killed, work):

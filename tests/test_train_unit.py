@@ -201,25 +201,31 @@ def test_packed_batches_same_rows_for_any_world_size_and_resume():
     ids = np.arange(42 * 4).reshape(42, 4)  # 42 rows: no world size or batch divides it
     pos = np.zeros_like(ids)
 
-    def take(world, micro, accum, n, start=0):
+    def take(world, micro, n, start=0, global_batch=4):
         its = [
             PackedBatches(ids, pos, rank=r, world_size=world, micro_batch_size=micro,
-                          grad_accum_steps=accum, seed=3).iterate(start_step=start)
+                          global_batch_size=global_batch, seed=3).iterate(start_step=start)
             for r in range(world)
         ]  # fmt: skip
+        accum = -(-global_batch // (micro * world))
         steps = []
         for _ in range(n):
-            rows = np.concatenate([next(it)[0][:, 0] // 4 for it in its for _ in range(accum)])
-            steps.append(sorted(rows.tolist()))
+            rows = []
+            for it in its:
+                for _ in range(accum):
+                    batch, _, weights = next(it)
+                    rows += (batch[:, 0][weights > 0] // 4).tolist()
+            steps.append(sorted(rows))
         return steps
 
-    one = take(1, 4, 1, 25)  # 25 steps of 4 rows cross two epoch boundaries mid-step
-    assert take(2, 2, 1, 25) == one  # 2 workers x 2 rows: the same rows in every step
-    assert take(4, 1, 1, 25) == one
-    assert take(1, 1, 4, 25) == one  # 1 worker accumulating 4 micro-batches
-    assert take(2, 1, 2, 25) == one
-    # an elastic run: 2 workers for 7 steps, then 1 from step 7, then 4 from step 16
-    resized = take(2, 1, 2, 7) + take(1, 2, 2, 9, start=7) + take(4, 1, 1, 9, start=16)
+    one = take(1, 4, 25)  # 25 steps of 4 rows cross two epoch boundaries mid-step
+    assert take(2, 2, 25) == one  # 2 workers x 2 rows: the same rows in every step
+    assert take(4, 1, 25) == one
+    assert take(1, 1, 25) == one  # 1 worker accumulating 4 micro-batches
+    assert take(3, 1, 25) == one  # 3 workers: 2 micro-batches of which 2 slots are filler
+    assert take(3, 2, 25) == one
+    # an elastic run: 2 workers for 7 steps, then 1 from step 7, then 3 from step 16
+    resized = take(2, 1, 7) + take(1, 2, 9, start=7) + take(3, 1, 9, start=16)
     assert resized == one
     # the stream is whole epochs, each every row once, with nothing dropped at an epoch's
     # end: 21 steps of 4 rows are two epochs of 42, every row twice
@@ -234,14 +240,17 @@ def test_packed_batches_rows_of_step_match_what_it_yields():
 
     ids = np.arange(10 * 2).reshape(10, 2)
     packed = PackedBatches(ids, ids, rank=1, world_size=2, micro_batch_size=2,
-                           grad_accum_steps=3, seed=0)  # fmt: skip
+                           global_batch_size=10, seed=0)  # fmt: skip
+    assert packed.grad_accum_steps == 3  # 12 slots for 10 rows
     it = packed.iterate(start_step=4)
     for step in (4, 5):
-        for micro in packed.rows_of_step(step):
+        rows, weights = packed.rows_of_step(step)
+        assert weights.ravel().tolist() == [1, 1, 1, 1, 1, 0]  # offset 11 is past the batch
+        for micro in rows:
             assert (next(it)[0][:, 0] // 2).tolist() == sorted(micro.tolist())
     with pytest.raises(DataError, match="^data: the mix has no training rows"):
         PackedBatches(ids[:0], ids[:0], rank=0, world_size=1, micro_batch_size=1,
-                      grad_accum_steps=1, seed=0)  # fmt: skip
+                      global_batch_size=1, seed=0)  # fmt: skip
 
 
 def test_elastic_worker_range_keeps_the_global_batch():
@@ -251,8 +260,8 @@ def test_elastic_worker_range_keeps_the_global_batch():
     cfg = PretrainConfig(**base, num_workers=[1, 4], micro_batch_size=1, global_batch_size=12)
     assert cfg.elastic and (cfg.min_workers, cfg.max_workers) == (1, 4)
     assert [cfg.grad_accum_for(w) for w in (1, 2, 3, 4)] == [12, 6, 4, 3]
-    cfg = PretrainConfig(**base, num_workers=[1, 2], micro_batch_size=2, global_batch_size=8)
-    assert [cfg.grad_accum_for(w) for w in (1, 2)] == [4, 2]
+    cfg = PretrainConfig(**base, num_workers=[1, 3], micro_batch_size=2, global_batch_size=8)
+    assert [cfg.grad_accum_for(w) for w in (1, 2, 3)] == [4, 2, 2]  # 3: 12 slots, 4 filler
     assert cfg.effective_global_batch_size == 8
     # the worker count is not part of what the run computes; the global batch is
     fixed = PretrainConfig(**base, num_workers=2, micro_batch_size=2, global_batch_size=8)
@@ -263,9 +272,8 @@ def test_elastic_worker_range_keeps_the_global_batch():
     bad = [
         ({"num_workers": [2, 1]}, r"num_workers\n.*the range \[2, 1\] needs 1 <= min <= max"),
         ({"num_workers": [1, 2, 3]}, r"num_workers\n.*\[min, max\] range of two counts"),
-        ({"num_workers": [1, 3], "global_batch_size": 4},
-         r"global_batch_size: 4 is not divisible by .* 1 x 3 = 3 \(an elastic run"),
-        ({"num_workers": [2, 3]}, r"global_batch_size: set it for num_workers \[2, 3\]"),
+        ({"num_workers": 3, "global_batch_size": 4},
+         r"global_batch_size: 4 is not divisible by micro_batch_size x num_workers = 1 x 3 = 3"),
         ({"num_workers": [1, 2], "streaming": True}, r"streaming: an elastic run reads"),
     ]  # fmt: skip
     for extra, message in bad:

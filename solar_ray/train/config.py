@@ -231,20 +231,12 @@ class TrainConfig(StageConfig):
                 f"warmup_steps: {self.warmup_steps} is more than steps ({self.steps}); the "
                 "learning rate would never finish warming up"
             )
-        for workers in self.worker_counts:
-            per_step = self.micro_batch_size * workers
-            if self.effective_global_batch_size % per_step == 0:
-                continue
-            if self.global_batch_size is None:  # only an elastic range gets here
-                raise ValueError(
-                    f"global_batch_size: set it for num_workers {list(self.num_workers)}: the "
-                    f"default, micro_batch_size x {self.max_workers} = "
-                    f"{self.effective_global_batch_size}, does not divide among {workers} workers"
-                )
+        per_step = self.micro_batch_size * self.max_workers
+        if not self.elastic and self.effective_global_batch_size % per_step:
             raise ValueError(
                 f"global_batch_size: {self.global_batch_size} is not divisible by "
-                f"micro_batch_size x num_workers = {self.micro_batch_size} x {workers} = "
-                f"{per_step}" + (" (an elastic run trains on any count of its range)" if self.elastic else "")
+                f"micro_batch_size x num_workers = {self.micro_batch_size} x "
+                f"{self.max_workers} = {per_step}"
             )
         if self.elastic and self.streaming:
             raise ValueError(
@@ -309,10 +301,12 @@ class TrainConfig(StageConfig):
         """Micro-batches per optimizer step on each of ``world_size`` workers.
 
         The global batch stays as configured whatever the count: an elastic run that lost
-        a node accumulates more micro-batches per step on the workers left.
+        a node accumulates more micro-batches per step on the workers left. On a count
+        that does not divide the global batch the last micro-batches are partly filler,
+        weighted 0 (:class:`solar_ray.train.pretrain.PackedBatches`).
         """
         per_step = self.micro_batch_size * world_size
-        return max(1, self.effective_global_batch_size // per_step)
+        return -(-self.effective_global_batch_size // per_step)
 
     @property
     def effective_global_batch_size(self) -> int:

@@ -91,12 +91,18 @@ class PackedBatches:
 
     The rows form one stream: epoch after epoch, each a seeded permutation of the training
     rows (nothing dropped at an epoch's end). Optimizer step ``s`` consumes the stream's
-    positions ``[s * G, (s + 1) * G)`` (``G`` the global batch): ``world_size`` ranks of
-    ``grad_accum_steps`` micro-batches of ``micro_batch_size`` rows, rank ``r`` taking every
-    ``world_size``-th position from ``r``. Which rows a step trains on therefore depends
-    only on the step and the global batch, not on how many workers share it: a run resumed
-    on fewer or more workers (an elastic resize) continues at the exact row, with no row
-    skipped or seen twice. ``iterate(start_step)`` resumes after ``start_step`` steps.
+    positions ``[s * G, (s + 1) * G)`` (``G`` the global batch), dealt round-robin: rank
+    ``r`` of ``world_size`` takes the step's offsets ``r, r + world_size, ...`` in
+    ``grad_accum_steps`` micro-batches of ``micro_batch_size`` rows. Which rows a step
+    trains on therefore depends only on the step and the global batch, not on how many
+    workers share it: a run resumed on fewer or more workers (an elastic resize) continues
+    at the exact row, with no row skipped or seen twice. ``iterate(start_step)`` resumes
+    after ``start_step`` steps.
+
+    When ``micro_batch_size x world_size`` does not divide ``G`` (an elastic run on a count
+    that does not), the last micro-batches hold slots past the step's ``G`` rows: they are
+    filled with one of the step's rows and carry weight 0, so the step still trains on
+    exactly its ``G`` rows (the loop weights each row's loss).
     """
 
     def __init__(
@@ -107,7 +113,7 @@ class PackedBatches:
         rank: int,
         world_size: int,
         micro_batch_size: int,
-        grad_accum_steps: int,
+        global_batch_size: int,
         seed: int,
     ) -> None:
         if len(input_ids) == 0:
@@ -117,8 +123,8 @@ class PackedBatches:
         self.rank = rank
         self.world_size = world_size
         self.micro_batch_size = micro_batch_size
-        self.grad_accum_steps = grad_accum_steps
-        self.global_batch = micro_batch_size * grad_accum_steps * world_size
+        self.global_batch = global_batch_size
+        self.grad_accum_steps = -(-global_batch_size // (micro_batch_size * world_size))
         self.seed = seed
         self._orders: dict[int, np.ndarray] = {}
 
@@ -131,29 +137,34 @@ class PackedBatches:
             )
         return self._orders[epoch]
 
-    def rows_of_step(self, step: int) -> np.ndarray:
-        """Row indices this rank trains on at step ``step`` (0-based), one line per micro-batch."""
+    def rows_of_step(self, step: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, weights) of this rank at step ``step`` (0-based), a line per
+        micro-batch; weight 0 marks a filler slot past the step's global batch."""
         n = len(self.input_ids)
-        mine = step * self.global_batch + self.rank + self.world_size * np.arange(
+        offsets = self.rank + self.world_size * np.arange(
             self.grad_accum_steps * self.micro_batch_size
         )
-        epochs, offsets = np.divmod(mine, n)
-        rows = np.array([self._order(int(e))[o] for e, o in zip(epochs, offsets, strict=True)])
-        return rows.reshape(self.grad_accum_steps, self.micro_batch_size)
+        weights = (offsets < self.global_batch).astype(np.float64)
+        epochs, index = np.divmod(step * self.global_batch + offsets % self.global_batch, n)
+        rows = np.array([self._order(int(e))[i] for e, i in zip(epochs, index, strict=True)])
+        shape = (self.grad_accum_steps, self.micro_batch_size)
+        return rows.reshape(shape), weights.reshape(shape)
 
-    def iterate(self, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        """Endless (input_ids, position_ids) micro-batches from step ``start_step`` on."""
+    def iterate(self, start_step: int = 0) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+        """Endless (input_ids, position_ids, row weights) micro-batches from ``start_step`` on."""
         step = start_step
         while True:
-            for rows in self.rows_of_step(step):
-                idx = np.sort(rows)
-                yield self.input_ids[idx], self.position_ids[idx]
+            rows, weights = self.rows_of_step(step)
+            for micro_rows, micro_weights in zip(rows, weights, strict=True):
+                order = np.argsort(micro_rows, kind="stable")
+                idx = micro_rows[order]
+                yield self.input_ids[idx], self.position_ids[idx], micro_weights[order]
             step += 1
 
 
 def _stream_batches(
     shard: Any, micro_batch_size: int, seq_len: int, skip: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Micro-batches from a Ray Data shard, epoch after epoch; skips consumed ones."""
     seen = 0
     while True:
@@ -171,7 +182,7 @@ def _stream_batches(
                 if "position_ids" in batch
                 else _positions_for(ids)
             )
-            yield ids, pos
+            yield ids, pos, np.ones(len(ids))
         if produced == 0:
             raise DataError("data: this worker's stream shard is empty")
 
@@ -412,11 +423,15 @@ def _row_logger(env: WorkerEnv, packed: PackedBatches | None, start_step: int) -
 
     def log_rows(step: int) -> None:
         line = {"step": step, "start": start_step, "rank": env.rank, "world": env.world_size,
-                "t": time.time(), "rows": packed.rows_of_step(step - 1).ravel().tolist()}  # fmt: skip
+                "t": time.time(), "rows": _trained(*packed.rows_of_step(step - 1))}  # fmt: skip
         with path.open("a", encoding="utf-8") as f:
             f.write(json.dumps(line) + "\n")
 
     return log_rows
+
+
+def _trained(rows: np.ndarray, weights: np.ndarray) -> list[int]:
+    return rows[weights > 0].tolist()
 
 
 def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
@@ -449,7 +464,8 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
     else:
         packed = PackedBatches(
             ids, pos, rank=env.rank, world_size=env.world_size,
-            micro_batch_size=cfg.micro_batch_size, grad_accum_steps=accum, seed=cfg.seed,
+            micro_batch_size=cfg.micro_batch_size,
+            global_batch_size=cfg.effective_global_batch_size, seed=cfg.seed,
         )  # fmt: skip
         batches = packed.iterate(start_step=state["step"])
     log_rows = _row_logger(env, packed, state["step"])
@@ -473,30 +489,33 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         session.report({"step": 0, "tokens_seen": 0, **log_eval(0)})
 
     timer = Throughput()
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=env.device)  # NLL, tokens
     started = time.perf_counter()
     tokens_per_micro = cfg.micro_batch_size * cfg.seq_len
     checkpoint_at = set(cfg.checkpoint_at)
+    # DeepSpeed averages the micro-batch losses over accum x world; each row's summed NLL is
+    # scaled so that the step's gradient is that of the mean token loss over its global batch
+    scale = accum * env.world_size / (cfg.effective_global_batch_size * (cfg.seq_len - 1))
     engine.train()
     noticed_preemption = False
     while state["step"] < total_steps:
         for _ in range(accum):
-            ids_np, pos_np = next(batches)
+            ids_np, pos_np, weights_np = next(batches)
             input_ids = torch.from_numpy(ids_np).to(env.device)
             out = engine(
-                input_ids=input_ids,
-                position_ids=torch.from_numpy(pos_np).to(env.device),
-                labels=input_ids,
+                input_ids=input_ids, position_ids=torch.from_numpy(pos_np).to(env.device)
             )
-            engine.backward(out.loss)
+            nll, scored = row_nll(out.logits, input_ids)
+            weights = torch.from_numpy(weights_np).to(env.device)
+            engine.backward(((nll * weights).sum() * scale).float())
             engine.step()
-            loss_sum[0] += out.loss.detach().double()
-            loss_sum[1] += 1.0
+            loss_sum[0] += (nll.detach() * weights).sum()
+            loss_sum[1] += (scored * weights).sum()
             timer.add(tokens_per_micro)
         timer.add(0, steps=1)
         state["step"] += 1
         step = state["step"]
-        state["tokens_seen"] += tokens_per_micro * accum * env.world_size
+        state["tokens_seen"] += cfg.effective_global_batch_size * cfg.seq_len
         if log_rows is not None:
             log_rows(step)
         last = step == total_steps
