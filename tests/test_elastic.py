@@ -20,7 +20,8 @@ capacity does:
 The same config with a fixed ``num_workers: 2`` runs uninterrupted first: the elastic run
 must train every step on exactly the rows the uninterrupted run trained on (each rank logs
 its rows through ``SOLAR_RAY_TEST_ROW_LOG``; no packed sequence skipped or seen twice), and
-its loss and held-out curves must follow the uninterrupted run's within a tolerance.
+its loss and held-out curves must follow the uninterrupted run's within a tolerance. A
+second test stops a ZeRO-3 job at a checkpoint and submits it again on one worker.
 """
 
 from __future__ import annotations
@@ -91,14 +92,14 @@ def cluster(hooks) -> Iterator[LocalRayCluster]:
         assert c.running_pids() == [], "cluster processes survived stop()"
 
 
-def _config(root: Path, model: Path, data: Path, name: str, num_workers) -> Path:
+def _config(root: Path, model: Path, data: Path, name: str, num_workers, **extra) -> Path:
     cfg = {
         "model": str(model), "data": str(data), "out": str(root / name),
         "num_workers": num_workers, "resources_per_worker": {"CPU": 1, NODE: 1},
         "elastic_resize_interval_s": 1, "steps": STEPS, "micro_batch_size": 1,
         "global_batch_size": 4, "seq_len": 64, "lr": 3e-3, "warmup_steps": 2,
         "checkpoint_every": 4, "checkpoint_at": [2], "log_every": 1, "eval_every": 4,
-        "val_fraction": 0.1, "max_failures": 3, "tracking": "none", "zero_stage": 2,
+        "val_fraction": 0.1, "max_failures": 3, "tracking": "none", "zero_stage": 2, **extra,
     }  # fmt: skip
     path = root / f"{name}.yaml"
     path.write_text(yaml.safe_dump(cfg))
@@ -173,20 +174,30 @@ class _Run:
         )
 
 
-def test_node_drained_lost_and_replaced_mid_training(cluster, hooks, tmp_path, tiny_llama_dir,
-                                                     smollm2_tokenizer):  # fmt: skip
-    data = write_pretrain_mix(
-        tmp_path / "mix", smollm2_tokenizer, pattern_documents(400), seq_len=64
-    )
-    hold, rows = hooks["hold"], hooks["rows"]
+@pytest.fixture(scope="module")
+def reference(cluster, hooks, tmp_path_factory, tiny_llama_dir, smollm2_tokenizer) -> dict:
+    """The uninterrupted run: 2 workers throughout; its metrics and the rows of each step."""
+    root = tmp_path_factory.mktemp("elastic")
+    data = write_pretrain_mix(root / "mix", smollm2_tokenizer, pattern_documents(400), seq_len=64)
+    log = root / "fixed.log"
+    ref = _driver(cluster, _config(root, tiny_llama_dir, data, "fixed", 2), log)
+    assert ref.wait(timeout=900) == 0, log.read_text()[-6000:]
+    rows = _trained_rows(_stamped(hooks["rows"]))
+    _clear(hooks)
+    metrics = json.loads((root / "fixed" / "solar.json").read_text())["metrics"]
+    return {"data": data, "rows": rows, "metrics": metrics}
 
-    # -- the uninterrupted reference: 2 workers throughout
-    ref_log = tmp_path / "fixed.log"
-    ref = _driver(cluster, _config(tmp_path, tiny_llama_dir, data, "fixed", 2), ref_log)
-    assert ref.wait(timeout=900) == 0, ref_log.read_text()[-6000:]
-    ref_rows = _trained_rows(_stamped(rows))
-    for path in rows.glob("rows-*"):
-        path.rename(tmp_path / path.name)
+
+def _clear(hooks: dict[str, Path]) -> None:
+    """Forget the row logs and held markers of earlier runs."""
+    for path in [*hooks["rows"].glob("rows-*"), *hooks["hold"].glob("held-*")]:
+        path.unlink()
+
+
+def test_node_drained_lost_and_replaced_mid_training(cluster, hooks, reference, tmp_path,
+                                                     tiny_llama_dir):  # fmt: skip
+    data, ref_rows = reference["data"], reference["rows"]
+    hold, rows = hooks["hold"], hooks["rows"]
 
     # -- the elastic run
     (hold / "hold").touch()
@@ -217,7 +228,7 @@ def test_node_drained_lost_and_replaced_mid_training(cluster, hooks, tmp_path, t
     assert run.proc.wait(timeout=900) == 0, log.read_text()[-6000:]
 
     metrics = json.loads((tmp_path / "elastic" / "solar.json").read_text())["metrics"]
-    reference = json.loads((tmp_path / "fixed" / "solar.json").read_text())["metrics"]
+    reference = reference["metrics"]
     assert metrics["steps"] == STEPS and metrics["world_size"] == 2
     assert metrics["resumed_from"] == [3, 4]
     assert metrics["resizes"] == [[3, 2, 1], [4, 1, 2]]
@@ -247,6 +258,42 @@ def test_node_drained_lost_and_replaced_mid_training(cluster, hooks, tmp_path, t
         f"alive -> first step on 2 workers {first_two - joined:.1f} s; steps lost: 0 at the "
         "loss (held at the just-in-time checkpoint), 0 at the growth (held at step 4)"
     )
+
+
+def test_zero3_run_resubmitted_on_fewer_workers_resumes_exactly(cluster, hooks, reference,
+                                                                tmp_path, tiny_llama_dir):  # fmt: skip
+    """A ZeRO-3 job (parameters partitioned too) stopped at a checkpoint and submitted again
+    with one worker instead of two: the worker count is not part of the run's identity, so it
+    resumes, through a universal checkpoint, on the uninterrupted run's rows and curve."""
+    import signal
+
+    _clear(hooks)
+    hold = hooks["hold"]
+    (hold / "hold").touch()
+    log = tmp_path / "first.log"
+    config = _config(tmp_path, tiny_llama_dir, reference["data"], "z3", 2, zero_stage=3)
+    run = _Run(_driver(cluster, config, log), log, hold, tmp_path / "ray_train" / "z3")
+    try:
+        run.held(2, "step_00000002")
+        os.killpg(run.proc.pid, signal.SIGKILL)  # the job is gone, its workers with it
+        run.proc.wait(timeout=60)
+    finally:
+        (hold / "hold").unlink()
+    fewer = _config(tmp_path, tiny_llama_dir, reference["data"], "z3", 1, zero_stage=3)
+    second_log = tmp_path / "second.log"
+    second = _driver(cluster, fewer, second_log)
+    assert second.wait(timeout=900) == 0, second_log.read_text()[-6000:]
+
+    metrics = json.loads((tmp_path / "z3" / "solar.json").read_text())["metrics"]
+    assert metrics["resumed_from"] == [2] and metrics["resizes"] == [[2, 2, 1]]
+    lines = _stamped(hooks["rows"])
+    assert _attempts(lines) == [(0, 2), (2, 1)]
+    assert _trained_rows(lines) == reference["rows"]
+    losses = [loss for _, loss in metrics["loss_history"]]
+    assert losses == pytest.approx(
+        [loss for _, loss in reference["metrics"]["loss_history"]], rel=CURVE_RTOL
+    )
+    assert metrics["eval_loss"] == pytest.approx(reference["metrics"]["eval_loss"], rel=CURVE_RTOL)
 
 
 def _stamped(rows: Path) -> list[dict]:

@@ -112,6 +112,9 @@ class WorkerSession(Protocol):
         ...
 
 
+#: the least time between two asks for Ray Train's preemption notice (see RaySession)
+PREEMPTION_CHECK_INTERVAL_S = 1.0
+
 #: Ray Train V2's controller takes each worker's reports from a one-slot queue, polling every
 #: ``RAY_TRAIN_HEALTH_CHECK_INTERVAL_S`` (2 s by default)
 POLL_INTERVAL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
@@ -188,6 +191,7 @@ class RaySession:
         self.world_size = ctx.get_world_size()
         self.local_rank = ctx.get_local_rank()
         self._reports = ReportCoalescer()
+        self._last_preemption_check: float | None = None
 
     @contextlib.contextmanager
     def latest_checkpoint(self) -> Iterator[Path | None]:
@@ -234,10 +238,19 @@ class RaySession:
 
         Ray's ``PreemptionWatcher`` polls the GCS for draining nodes (a cloud provider's
         reclaim notice reaches Ray as a drain with a deadline; ``ray drain-node`` makes
-        one by hand) and marks the workers of the run; rank 0's view is broadcast.
+        one by hand) and marks the workers of the run; rank 0's view is broadcast. That
+        broadcast is a Ray actor round trip (2.5 ms measured on 2 CPU workers, against
+        0.25 ms for a gloo all-reduce), so it is asked at most every
+        :data:`PREEMPTION_CHECK_INTERVAL_S` of agreed time; a reclaim notice gives 30 s
+        (GCP) to 2 min (AWS).
         """
         import ray.train
 
+        now = time.monotonic()
+        if self._last_preemption_check is not None:
+            if _max_over_ranks(now - self._last_preemption_check) < PREEMPTION_CHECK_INTERVAL_S:
+                return False
+        self._last_preemption_check = now
         return ray.train.get_preemption_info() is not None
 
 
