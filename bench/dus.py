@@ -4,8 +4,9 @@ A bf16 Mistral-shaped model (32 layers; ``--size 0.4b``: hidden 1024, 0.43B para
 ``--size 2.4b``: hidden 2048, 1.2B parameters, 2.3 GiB) is saved as sharded safetensors;
 each tool builds the SOLAR m=8 model (48 layers) from it. Every run is a fresh process;
 wall time and peak RSS (``ru_maxrss`` of the child, via ``/usr/bin/time``) are taken as the
-median of ``--runs`` runs, tools interleaved. The page cache is warm for every tool (the
-source was just written, and this sandbox cannot drop caches), so all read from memory.
+median of ``--runs`` runs, tools interleaved, each writing into a place emptied before its timed run. The page cache
+is warm for every tool (the source was just written, and this sandbox cannot drop
+caches), so all read from memory.
 
 Input hashing (on by default) reuses the sha256 recorded for an unchanged source file
 (:func:`solar_ray.checkpoint.recorded_sha256`): ``solar`` runs with the record present
@@ -128,8 +129,9 @@ def main() -> None:
     timed(commands["solar"])  # records the inputs' hashes, as any earlier run would have
     for _ in range(args.runs):
         for name, cmd in commands.items():
-            if name in ("mergekit", "cp"):
-                shutil.rmtree(out[name], ignore_errors=True)
+            # every tool writes into an empty place: deleting the last run's 1-3 GB output is
+            # not part of any tool's time
+            shutil.rmtree(out[name], ignore_errors=True)
             if name == "solar_cold":
                 shutil.rmtree(cache, ignore_errors=True)
             results[name].append(timed(cmd))
@@ -177,7 +179,7 @@ def write_report(out: Path, saved: dict) -> None:
         "",
         "A random bf16 Mistral-shaped model (32 layers) upscaled with SOLAR m=8 to 48 layers. "
         "Each tool runs as a fresh process under `/usr/bin/time -v`; wall time and peak RSS "
-        "are medians of the runs, tools interleaved in one bench process; the page cache is "
+        "are medians of the runs, tools interleaved in one bench process, each writing into a place emptied before its timed run; the page cache is "
         "warm for every tool (this sandbox cannot drop caches). Commands run as `flock "
         "/tmp/solar-heavy.lock .venv/bin/python COMMAND` on the shared 2-core machine.",
         "",

@@ -91,7 +91,7 @@ SHAPES: dict[str, dict[str, Any]] = {
         ),
         "seq_len": {"pretrain": 128, "sft": 128, "dpo": 128},
         "micro_batch": {"pretrain": 2, "sft": 4, "dpo": 2},
-        "steps": {"pretrain": 10, "sft": 10, "dpo": 8},
+        "steps": {"pretrain": 8, "sft": 8, "dpo": 8},
         "log_every": {"pretrain": 2, "sft": 2, "dpo": 2},
     },
 }
@@ -441,7 +441,8 @@ def main_shape(args: argparse.Namespace) -> None:
     heads = ["chunked", "full"] if args.lm_head == "both" else [args.lm_head]
     for stage in args.stages:
         # pretrain: the stage as configured (ZeRO-2) and ZeRO-0, the DeepSpeed engine alone
-        variants = ["-", "zero0"] if stage == "pretrain" else heads
+        zero0 = ["zero0"] if args.shape == "smollm2" else []  # one shape shows it
+        variants = ["-", *zero0] if stage == "pretrain" else heads
         load = os.getloadavg()
         started = time.time()
         runs: dict[str, list[dict[str, float]]] = {"plain": [], **{v: [] for v in variants}}
