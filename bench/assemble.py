@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["dus", "data", "train", "merge", "sweep", "sweep-m-8e12", "sweep-mix", "sweep-m-steps", "gpu"]
+ORDER = ["dus", "data", "train-smollm2", "parity", "dpo", "train", "merge", "sweep", "sweep-m-8e12", "sweep-mix", "sweep-m-steps", "gpu"]
 
 
 def main() -> None:

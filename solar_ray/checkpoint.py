@@ -66,6 +66,7 @@ __all__ = [
     "local_inputs",
     "model_fingerprint",
     "read_manifest",
+    "recorded_sha256",
     "sha256_file",
     "write_json_atomic",
     "write_manifest",
@@ -507,6 +508,41 @@ def sha256_file(path: str | Path) -> str:
     return h.hexdigest()
 
 
+def _file_state(st: os.stat_result) -> list[int]:
+    # ctime moves on every write and cannot be set back (unlike mtime), so a file rewritten
+    # in place with its size and mtime restored is still seen as changed
+    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
+
+
+def recorded_sha256(path: str | Path) -> str:
+    """:func:`sha256_file`, reusing the hash recorded for an unchanged file.
+
+    The hash of each file hashed here is recorded in ``$SOLAR_RAY_CACHE/sha256/`` under its
+    real path with its device, inode, size, mtime and ctime; a file whose five still match
+    is not read again. A file that changed while it was read is not recorded. A cache that
+    cannot be written is skipped.
+    """
+    from solar_ray.models import cache_dir
+
+    real = os.path.realpath(path)
+    record = cache_dir() / "sha256" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
+    before = _file_state(os.stat(real))
+    try:
+        saved = json.loads(record.read_text())
+        if saved.get("path") == real and saved.get("state") == before:
+            return saved["sha256"]
+    except (OSError, ValueError, AttributeError):
+        pass
+    digest = sha256_file(real)
+    if _file_state(os.stat(real)) == before:
+        with contextlib.suppress(OSError):  # a cache: no fsync, a lost record costs a re-read
+            record.parent.mkdir(parents=True, exist_ok=True)
+            tmp = record.with_name(f".{record.name}.tmp-{uuid.uuid4().hex[:8]}")
+            tmp.write_text(json.dumps({"path": real, "state": before, "sha256": digest}))
+            os.replace(tmp, record)
+    return digest
+
+
 def _weight_and_config_files(model_dir: Path) -> list[Path]:
     names = sorted(
         p
@@ -526,7 +562,7 @@ def model_fingerprint(model_dir: str | Path, file_hashes: Mapping[str, str] | No
     model_dir = Path(model_dir)
     files: dict[str, str] = {}
     for p in _weight_and_config_files(model_dir):
-        files[p.name] = (file_hashes or {}).get(p.name) or sha256_file(p)
+        files[p.name] = (file_hashes or {}).get(p.name) or recorded_sha256(p)
     combined = hashlib.sha256(
         "".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()
     ).hexdigest()

@@ -50,7 +50,7 @@ from solar_ray.checkpoint import (
     check_output,
     local_inputs,
     model_fingerprint,
-    sha256_file,
+    recorded_sha256,
     write_json_atomic,
     write_manifest,
     write_model_card,
@@ -613,7 +613,8 @@ def write_shards(shards: list[OutShard], out_dir: Path, fsync: bool = False) -> 
 
 
 class _BackgroundHasher:
-    """sha256 of the source files on a second thread, overlapping the copy."""
+    """sha256 of the source files on a second thread, overlapping the copy (a file whose
+    hash is recorded and that has not changed since is not read again)."""
 
     def __init__(self, files: list[Path]) -> None:
         self.result: dict[str, str] = {}
@@ -624,7 +625,7 @@ class _BackgroundHasher:
     def _run(self, files: list[Path]) -> None:
         try:
             for p in files:
-                self.result[p.name] = sha256_file(p)
+                self.result[p.name] = recorded_sha256(p)
         except BaseException as e:  # reported by join()
             self._error = e
 

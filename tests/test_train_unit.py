@@ -531,3 +531,49 @@ def test_flash_attention_is_refused_on_cpu_and_without_flash_attn(tmp_path, caps
     if importlib.util.find_spec("flash_attn") is None:
         with pytest.raises(MissingDependencyError, match=r"solar-ray\[flash\]"):
             validate_common(gpu, data_kind="pretrain")
+
+        with pytest.raises(MissingDependencyError, match=r"solar-ray\[flash\]"):
+            validate_common(gpu, data_kind="pretrain")
+
+
+def test_full_logits_head_matches_trls_chunked_kernel(tiny_llama_dir):
+    """``lm_head: full`` gives TRL's trainers the same log-probs, metrics, loss and
+    gradients as TRL's chunked LM-head kernel, from the model's own full logits."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from solar_ray.train.hf import add_full_logits_head
+
+    outputs = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1")
+    chunked = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    full = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    add_fused_lm_head(chunked, outputs=outputs)
+    add_full_logits_head(full, outputs)
+    torch.manual_seed(0)
+    ids = torch.randint(0, chunked.config.vocab_size, (2, 12))
+    labels = ids.clone()
+    labels[0, :5] = -100  # a prompt
+    labels[1, 9:] = -100  # padding
+    mask = torch.ones_like(ids)
+    mask[1, 9:] = 0
+    got = {}
+    for name, model in (("chunked", chunked), ("full", full)):
+        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out.loss.backward()
+        got[name] = (out, model.model.layers[0].mlp.up_proj.weight.grad.clone())
+    (a, grad_a), (b, grad_b) = got["chunked"], got["full"]
+    for field in (*outputs, "label_mask", "loss"):
+        x, y = getattr(a, field), getattr(b, field)
+        assert x.shape == y.shape, field
+        if x.dtype == torch.bool:
+            assert torch.equal(x, y), field
+        else:
+            torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=field)
+    assert not torch.equal(grad_b, torch.zeros_like(grad_b))
+    torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)
+    # without fused_lm_head the model's own forward is unchanged (generation, evaluation)
+    plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    torch.testing.assert_close(
+        full(input_ids=ids, labels=ids).loss, plain(input_ids=ids, labels=ids).loss
+    )

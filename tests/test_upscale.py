@@ -419,3 +419,39 @@ def test_smollm2_upscale_hurts_before_training(smollm2_dir, tmp_path):
     base, up = ppl(smollm2_dir), ppl(res.out)
     assert 1 < base < 100, base  # the real model reads Python's docs well
     assert torch.isfinite(torch.tensor(up)) and up > base
+
+
+def test_recorded_input_hash_is_reused_only_for_an_unchanged_file(tmp_path, monkeypatch):
+    """The upscale's input hashes come from the record of an unchanged file; a file changed
+    in place (same size, mtime set back) is read again, and the lineage stays exact."""
+    import hashlib
+    import os
+
+    from solar_ray import checkpoint
+
+    monkeypatch.setenv("SOLAR_RAY_CACHE", str(tmp_path / "cache"))
+    src = save_tiny_model(mistral_config(), tmp_path / "src")
+    weights = src / "model.safetensors"
+    reads = []
+    real_sha256_file = checkpoint.sha256_file
+    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: reads.append(Path(p).name) or real_sha256_file(p))
+
+    def parent_files(out: str) -> dict:
+        res = run_upscale(UpscaleConfig(source=str(src), out=str(tmp_path / out), m=2))
+        return json.loads((res.out / "solar.json").read_text())["parents"][0]["files"]
+
+    first = parent_files("a")
+    assert sorted(reads) == ["config.json", "model.safetensors"]
+    assert first["model.safetensors"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    reads.clear()
+    assert parent_files("b") == first and reads == []  # nothing read again
+
+    # flip one byte of a tensor, keep the size and put the mtime back
+    st = os.stat(weights)
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    os.utime(weights, ns=(st.st_atime_ns, st.st_mtime_ns))
+    third = parent_files("c")
+    assert reads == ["model.safetensors"]
+    assert third["model.safetensors"] == hashlib.sha256(bytes(data)).hexdigest() != first["model.safetensors"]

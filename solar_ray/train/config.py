@@ -417,6 +417,14 @@ class TRLTrainConfig(TrainConfig):
     peft: LoraSettings | None = Field(
         default=None, description="train LoRA adapters, merged into the model at the end"
     )
+    lm_head: Literal["chunked", "full"] = Field(
+        default="chunked",
+        description="how the token log-probs are computed: chunked (TRL's kernel: the LM "
+        "head in tiles, recomputed in the backward pass, the (batch, seq, vocab) logits never "
+        "held) or full (the model's own LM head, its logits kept for the backward pass: one "
+        "projection instead of two, faster where the head is a large share of the FLOPs, at "
+        "the memory of the logits)",
+    )
 
     @model_validator(mode="after")
     def _check_peft(self) -> TRLTrainConfig:

@@ -156,7 +156,9 @@ def precompute_ref_logps(
     storage = cfg.resolved_storage_path.rstrip("/")
     out_uri = f"{storage}/{cfg.run_name}/{REF_DIR}"
     marker_uri = f"{storage}/{cfg.run_name}/{REF_MARKER}"
-    fingerprint = identity.key(inputs.signature(), str(ref_dir), cfg.seq_len, cfg.precision_resolved)
+    fingerprint = identity.key(
+        inputs.signature(), str(ref_dir), cfg.seq_len, cfg.precision_resolved
+    )
     fs, marker_path = arrow_filesystem(marker_uri)
     _, out_path = arrow_filesystem(out_uri)
     try:
@@ -237,7 +239,12 @@ def _dpo(env: WorkerEnv, ckpt: Path | None) -> None:
     from trl import DPOConfig as TrlDPOConfig
     from trl import DPOTrainer
 
-    from solar_ray.train.hf import DeepSpeedCheckpointMixin, hf_training_kwargs, train_with_hf
+    from solar_ray.train.hf import (
+        DeepSpeedCheckpointMixin,
+        hf_training_kwargs,
+        train_with_hf,
+        use_full_logits_head,
+    )
     from solar_ray.train.lora import peft_config, quantization_config
 
     cfg: DPOConfig = env.cfg  # type: ignore[assignment]
@@ -247,6 +254,14 @@ def _dpo(env: WorkerEnv, ckpt: Path | None) -> None:
 
     class SolarDPOTrainer(DeepSpeedCheckpointMixin, DPOTrainer):
         """DPOTrainer that takes reference log-probs already in the dataset as they are."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if cfg.lm_head == "full":
+                outputs = ("log_probs", "entropy", "mean_logits", "is_top1")
+                if self.use_weighting:
+                    outputs += ("log_sum_sq_probs",)
+                use_full_logits_head(self, outputs)
 
         def _precompute_ref_logps(self, dataset: Any, name: str, batch_size: int) -> Any:
             if "ref_chosen_logps" in dataset.column_names:

@@ -48,10 +48,12 @@ __all__ = [
     "HeldOutRowsMixin",
     "MetricsCallback",
     "SaveAtSteps",
+    "add_full_logits_head",
     "hf_training_kwargs",
     "load_hf_dataset",
     "load_hf_split",
     "train_with_hf",
+    "use_full_logits_head",
 ]
 
 log = logging.getLogger(__name__)
@@ -117,6 +119,83 @@ def hf_training_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dic
         "model_init_kwargs": cfg.model_kwargs(),
     }
     return kwargs
+
+
+def add_full_logits_head(model: Any, outputs: tuple[str, ...]) -> None:
+    """Give ``model`` TRL's fused-LM-head interface computed from its full logits.
+
+    TRL 1.16's SFT and DPO trainers patch the policy (and a live reference) with
+    ``trl.trainer.utils.add_fused_lm_head`` unconditionally and call them with
+    ``fused_lm_head=True``; that kernel projects the hidden states through the LM head in
+    tiles and recomputes the projection in the backward pass, so the ``(batch, seq, vocab)``
+    logits are never held. TRL has no switch for it. Re-patched with this function (after
+    the trainer is built: ``lm_head: full``), the same call runs the model's own forward,
+    keeps its logits for the backward pass and derives the same :class:`FusedCausalLMOutput`
+    fields from them: one LM-head projection per step instead of two, for the memory of
+    the logits. ``outputs`` names the per-token fields the trainer reads (as for TRL's
+    kernel); the others stay None.
+    """
+    import types
+
+    import torch
+    from trl.trainer.utils import FusedCausalLMOutput
+
+    text_config = model.config.get_text_config()
+    if getattr(text_config, "output_router_logits", False):
+        raise ValueError(
+            "lm_head: full does not compute a Mixture-of-Experts model's router loss; use "
+            "lm_head: chunked"
+        )
+    own_forward = types.MethodType(type(model).forward, model)
+
+    def forward(
+        self: Any, *args: Any, fused_lm_head: bool = False, labels: Any = None,
+        shift_labels: Any = None, num_items_in_batch: Any = None, **kwargs: Any,
+    ) -> Any:  # fmt: skip
+        if not fused_lm_head:
+            extra = {"labels": labels, "shift_labels": shift_labels,
+                     "num_items_in_batch": num_items_in_batch}  # fmt: skip
+            return own_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
+        kwargs["use_cache"] = False
+        logits = own_forward(*args, **kwargs).logits  # scaling and softcapping applied
+        if shift_labels is None:
+            logits, labels = logits[:, :-1], labels[:, 1:]
+        else:
+            labels = shift_labels
+        labels = labels.to(logits.device)
+        mask = labels != -100
+        log_softmax = torch.log_softmax(logits.float(), dim=-1)
+        log_probs = log_softmax.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+        log_probs = log_probs.masked_fill(~mask, 0)
+        fields: dict[str, Any] = {}
+        with torch.no_grad():
+            detached = log_softmax.detach()
+            if "entropy" in outputs:
+                fields["entropy"] = -(detached.exp() * detached).sum(-1).masked_fill(~mask, 0)
+            if "log_sum_sq_probs" in outputs:
+                fields["log_sum_sq_probs"] = torch.logsumexp(2 * detached, -1).masked_fill(~mask, 0)
+            if "mean_logits" in outputs:
+                fields["mean_logits"] = logits.detach().float().mean(-1).masked_fill(~mask, 0)
+            if "is_top1" in outputs:
+                fields["is_top1"] = (detached.argmax(-1) == labels) & mask
+        count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
+        return FusedCausalLMOutput(
+            loss=-log_probs.sum() / count, log_probs=log_probs, label_mask=mask, **fields
+        )
+
+    model.forward = types.MethodType(forward, model)
+
+
+def use_full_logits_head(trainer: Any, outputs: tuple[str, ...]) -> None:
+    """Re-patch a built TRL trainer's policy (and live reference) with
+    :func:`add_full_logits_head` (``lm_head: full``)."""
+    from accelerate.utils import is_peft_model
+
+    model = trainer.model
+    add_full_logits_head(model.get_base_model() if is_peft_model(model) else model, outputs)
+    ref = getattr(trainer, "ref_model", None)
+    if ref is not None:  # under DeepSpeed an inference engine around the model
+        add_full_logits_head(getattr(ref, "module", ref), ("log_probs",))
 
 
 class DeepSpeedCheckpointMixin:
@@ -244,7 +323,9 @@ class MetricsCallback(TrainerCallback):
             metrics["eval_ppl"] = math.exp(min(float(logs["eval_loss"]), 50.0))
             self.eval_history.append([step, float(logs["eval_loss"])])
         if self.env.metrics is not None:
-            self.env.metrics.scalars(step, {k: v for k, v in metrics.items() if k != "step"})  # lists skipped
+            self.env.metrics.scalars(
+                step, {k: v for k, v in metrics.items() if k != "step"}
+            )  # lists skipped
         self.env.session.report(metrics)
 
     def on_save(self, args: Any, state: Any, control: Any, **kw: Any) -> None:

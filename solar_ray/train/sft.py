@@ -49,6 +49,7 @@ def _sft(env: WorkerEnv, ckpt: Path | None) -> None:
         HeldOutRowsMixin,
         hf_training_kwargs,
         train_with_hf,
+        use_full_logits_head,
     )
     from solar_ray.train.lora import peft_config, quantization_config
 
@@ -59,6 +60,11 @@ def _sft(env: WorkerEnv, ckpt: Path | None) -> None:
     class SolarSFTTrainer(HeldOutRowsMixin, DeepSpeedCheckpointMixin, SFTTrainer):
         """SFTTrainer whose checkpoints hold DeepSpeed's sharded state only and whose
         held-out loss carries its error (per-row losses)."""
+
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            if cfg.lm_head == "full":
+                use_full_logits_head(self, ("log_probs", "entropy", "is_top1"))
 
     def make_trainer(output_dir: str, callbacks: list[Any]) -> Any:
         args = TrlSFTConfig(
