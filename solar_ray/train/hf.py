@@ -189,10 +189,10 @@ def add_full_logits_head(model: Any, outputs: tuple[str, ...]) -> None:
 def use_full_logits_head(trainer: Any, outputs: tuple[str, ...]) -> None:
     """Re-patch a built TRL trainer's policy (and live reference) with
     :func:`add_full_logits_head` (``lm_head: full``)."""
-    from accelerate.utils import is_peft_model
+    from peft import PeftModel
 
     model = trainer.model
-    add_full_logits_head(model.get_base_model() if is_peft_model(model) else model, outputs)
+    add_full_logits_head(model.get_base_model() if isinstance(model, PeftModel) else model, outputs)
     ref = getattr(trainer, "ref_model", None)
     if ref is not None:  # under DeepSpeed an inference engine around the model
         add_full_logits_head(getattr(ref, "module", ref), ("log_probs",))
