@@ -118,6 +118,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--more", action="store_true",
+                        help="add these runs to the saved ones of the same --epochs (a "
+                        "median over several invocations, each within the 10-minute slot)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--precompute", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
@@ -149,10 +152,16 @@ def main() -> None:
                 raise RuntimeError(f"{cmd} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
             runs[mode].append(json.loads(line[len("RESULT ") :]))
             print(f"  {mode:11s} epochs={args.epochs}: {runs[mode][-1]}", flush=True)
+    saved_path = REPO / "bench" / "_work" / "dpo-rows.json"
+    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
+    if args.more and str(args.epochs) in saved:  # runs of earlier invocations count too
+        for mode, earlier in saved[str(args.epochs)]["raw"].items():
+            runs[mode] = earlier + runs[mode]
+        load = tuple(saved[str(args.epochs)]["load"])
     fields = ("step_time_s", "wall_s", "peak_train_mib", "peak_ref_pass_mib", "steps")
     med = {k: {f: statistics.median(r[f] for r in v) for f in fields} for k, v in runs.items()}
     row = {
-        "epochs": args.epochs, "pairs": args.pairs, "repeats": args.repeats, **{
+        "epochs": args.epochs, "pairs": args.pairs, "repeats": len(runs["live"]), "raw": runs, **{
             f"{mode}_{f}": med[mode][f] for mode in med for f in fields},
         "step_runs": {k: [round(r["step_time_s"], 3) for r in v] for k, v in runs.items()},
         "wall_runs": {k: [round(r["wall_s"], 1) for r in v] for k, v in runs.items()},
@@ -160,8 +169,6 @@ def main() -> None:
         "seconds": round(time.time() - started),
         "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }  # fmt: skip
-    saved_path = REPO / "bench" / "_work" / "dpo-rows.json"
-    saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
     saved[str(args.epochs)] = row
     saved_path.write_text(json.dumps(saved, indent=2))
     write_report(REPO / "bench" / "results" / "dpo.md", saved)
@@ -173,13 +180,15 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
         "# DPO: precomputed reference log-probs against a live reference",
         "",
         "Command: `flock /tmp/solar-heavy.lock .venv/bin/python bench/dpo.py --epochs E "
-        "--repeats 3` (E = 1, 2).  ",
+        "--repeats R [--more]` (one run of both modes takes about 3.5 minutes here, so the "
+        "runs of one row come from invocations of at most 2 repeats each).  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU fp32, 1 torch "
         "thread per process. Model and reference: SmolLM2-135M's shape (30 layers, hidden "
         "576, vocab 49152; random weights, two seeds). DPO stage: TRL DPOTrainer on "
         f"DeepSpeed ZeRO-2, Ray Train 2 workers, {MICRO_BATCH} pairs per worker per step, "
         f"seq len {SEQ_LEN}; the reference pass: one Ray Data actor, 8 pairs per batch. "
-        "Medians of 3 fresh-process runs per mode, modes interleaved.",
+        "Medians of the fresh-process runs per mode (their number in the first column), "
+        "modes interleaved; `--more` adds an invocation's runs to the earlier ones.",
         "",
         "| epochs (pairs, steps) | step s precomputed | step s live | per-step speed-up | "
         "end to end s precomputed (incl. reference pass) | end to end s live | end-to-end "
@@ -192,7 +201,8 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
         speed = r["live_step_time_s"] / r["precomputed_step_time_s"]
         e2e = r["live_wall_s"] / r["precomputed_wall_s"]
         lines.append(
-            f"| {float(key):g} ({r['pairs']}, {r['live_steps']:.0f}) | "
+            f"| {float(key):g} ({r['pairs']} pairs, {r['live_steps']:.0f} steps; "
+            f"{r['repeats']} runs each) | "
             f"{r['precomputed_step_time_s']:.3f} | {r['live_step_time_s']:.3f} | **{speed:.2f}x** | "
             f"{r['precomputed_wall_s']:.1f} | {r['live_wall_s']:.1f} | {e2e:.2f}x | "
             f"{r['precomputed_peak_train_mib']:.0f} / {r['live_peak_train_mib']:.0f} | "
