@@ -129,6 +129,31 @@ def _die_with_parent() -> None:
         ctypes.CDLL("libc.so.6", use_errno=True).prctl(pr_set_pdeathsig, signal.SIGTERM)
 
 
+def _kill(*procs: psutil.Process, wait_s: float) -> None:
+    """SIGKILL ``procs`` (those already gone are skipped) and wait up to ``wait_s`` for them."""
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(list(procs), timeout=wait_s)
+
+
+def node_env(**extra: str) -> dict[str, str]:
+    """The environment test nodes run with: this venv's ``bin`` first on ``PATH`` (how
+    ``solar-ray`` resolves inside a job), offline hub, one thread per process; ``extra``
+    added."""
+    venv_bin = Path(sys.executable).parent
+    return {
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
+        "OMP_NUM_THREADS": "1",
+        **extra,
+    }
+
+
 def _tail(path: Path, num_chars: int = 3000) -> str:
     try:
         return path.read_text(errors="replace")[-num_chars:]
@@ -325,13 +350,7 @@ class LocalRayCluster:
         if index == 0:
             raise ValueError("index: the head node cannot be lost in these tests")
         root = self._trees[index]
-        procs = [root, *root.children(recursive=True)]
-        for proc in procs:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(procs, timeout=10)
+        _kill(root, *root.children(recursive=True), wait_s=10)
         self._procs[index].wait(timeout=10)
         self._killed.add(index)
 
@@ -404,12 +423,7 @@ class LocalRayCluster:
         # recycled pid is never signalled.
         leftovers = {**tracked, **{p.pid: p for p in self._orphans()}}
         _gone, alive = psutil.wait_procs(list(leftovers.values()), timeout=5)
-        for proc in alive:
-            try:
-                proc.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=5)
+        _kill(*alive, wait_s=5)
         self._procs.clear()
         self._trees.clear()
         self._killed.clear()

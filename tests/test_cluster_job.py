@@ -20,14 +20,12 @@ resume the rest and succeed.
 from __future__ import annotations
 
 import json
-import os
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from cluster_harness import LocalRayCluster, NodeSpec
+from cluster_harness import LocalRayCluster, NodeSpec, node_env
 from tiny_recipe import MODEL_STAGES, SMALLER, TRAINING
 
 from solar_ray.cluster import (
@@ -81,14 +79,7 @@ def _wait_for(path: Path, cluster: LocalRayCluster, submission_id: str, timeout_
 @pytest.fixture(scope="module")
 def cluster() -> Iterator[LocalRayCluster]:
     """A two-node token-auth cluster; stopped (by its own pids) however the tests end."""
-    venv_bin = Path(sys.executable).parent
-    env = {
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "RAY_ENABLE_UV_RUN_RUNTIME_ENV": "0",
-        "OMP_NUM_THREADS": "1",
-    }
+    env = node_env()
     nodes = [
         NodeSpec(resources={HEAD_RESOURCE: 1, NODE_RESOURCE: 1}, num_cpus=2),
         NodeSpec(resources={WORKER_RESOURCE: 1, NODE_RESOURCE: 1}, num_cpus=2),

@@ -36,7 +36,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from cluster_harness import LocalRayCluster, NodeSpec
+from cluster_harness import LocalRayCluster, NodeSpec, node_env
 
 from solar_ray.train.pretrain import ROW_LOG_ENV
 from solar_ray.train.session import HOLD_ENV
@@ -63,12 +63,7 @@ def hooks(tmp_path_factory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def cluster(hooks) -> Iterator[LocalRayCluster]:
-    venv_bin = Path(sys.executable).parent
-    env = {
-        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
-        "HF_HUB_OFFLINE": "1",
-        "TOKENIZERS_PARALLELISM": "false",
-        "OMP_NUM_THREADS": "1",
+    env = node_env(**{
         # the workers (started by each node's raylet) get the hooks from the node's env
         HOLD_ENV: str(hooks["hold"]),
         ROW_LOG_ENV: str(hooks["rows"]),
@@ -79,7 +74,7 @@ def cluster(hooks) -> Iterator[LocalRayCluster]:
         # after the loss Ray Train 2.60 first tries the old size again (its view of the
         # cluster's resources lags) and waits this long for the lost node's worker (60 s)
         "RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S": "30",
-    }
+    })
     c = LocalRayCluster(
         [NodeSpec(resources={NODE: 1}, num_cpus=2), NodeSpec(resources={NODE: 1, SECOND: 1}, num_cpus=2)],
         env=env,

@@ -207,12 +207,9 @@ class TrainConfig(StageConfig):
     @field_validator("num_workers", mode="before")
     @classmethod
     def _worker_range(cls, v: Any) -> Any:
+        if isinstance(v, list | tuple) and len(v) == 1:  # the flag's one value: --num-workers 2
+            v = v[0]
         if isinstance(v, list | tuple):
-            if len(v) == 1:  # the flag's one value: --num-workers 2
-                v = v[0]
-                if isinstance(v, int) and not isinstance(v, bool) and v < 1:
-                    raise ValueError("must be at least 1")
-                return v
             if len(v) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in v):
                 raise ValueError("expected a count or a [min, max] range of two counts, e.g. [1, 4]")
             if not 1 <= v[0] <= v[1]:
@@ -281,11 +278,6 @@ class TrainConfig(StageConfig):
     def max_workers(self) -> int:
         """The most workers the run trains on (the count itself when not elastic)."""
         return 1 if self.local else (self.num_workers[1] if self.elastic else self.num_workers)
-
-    @property
-    def worker_counts(self) -> range:
-        """Every worker count the run may train on."""
-        return range(self.min_workers, self.max_workers + 1)
 
     @property
     def effective_num_workers(self) -> int:
