@@ -96,6 +96,8 @@ SHAPES: dict[str, dict[str, Any]] = {
     },
 }
 SHAPE = SHAPES["test"]
+#: micro-batches per optimizer step (gradient accumulation; --accum of a shape run)
+ACCUM = 1
 SEQ_LEN, MICRO_BATCH, STEPS, LOG_EVERY = (
     SHAPE["seq_len"],
     SHAPE["micro_batch"],
@@ -106,7 +108,7 @@ SEQ_LEN, MICRO_BATCH, STEPS, LOG_EVERY = (
 
 def use_shape(name: str) -> None:
     """Select the model shape every function below measures."""
-    global SHAPE, SEQ_LEN, MICRO_BATCH, STEPS, LOG_EVERY
+    global SHAPE, SEQ_LEN, MICRO_BATCH, STEPS, LOG_EVERY, ACCUM
     SHAPE = SHAPES[name]
     SEQ_LEN, MICRO_BATCH, STEPS, LOG_EVERY = (
         SHAPE["seq_len"],
@@ -119,6 +121,11 @@ def use_shape(name: str) -> None:
         MICRO_BATCH = dict.fromkeys(MICRO_BATCH, int(os.environ["BENCH_MICRO_BATCH"]))
     if os.environ.get("BENCH_STEPS"):
         STEPS = dict.fromkeys(STEPS, int(os.environ["BENCH_STEPS"]))
+    ACCUM = int(os.environ.get("BENCH_ACCUM", "1"))
+    if os.environ.get("BENCH_SEQ_LEN"):
+        SEQ_LEN = dict.fromkeys(SEQ_LEN, int(os.environ["BENCH_SEQ_LEN"]))
+    if os.environ.get("BENCH_LOG_EVERY"):
+        LOG_EVERY = dict.fromkeys(LOG_EVERY, int(os.environ["BENCH_LOG_EVERY"]))
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -143,7 +150,7 @@ def prepare(work: Path) -> dict[str, str]:
         return paths
     tok = AutoTokenizer.from_pretrained(resolve_model("smollm2-135m"))
     cfg = LlamaConfig(
-        vocab_size=len(tok), max_position_embeddings=512, **SHAPE["config"],
+        vocab_size=len(tok), max_position_embeddings=max(512, *SEQ_LEN.values()), **SHAPE["config"],
         tie_word_embeddings=True, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,
     )  # fmt: skip
@@ -241,24 +248,27 @@ def plain_loop(stage: str, paths: dict[str, str], steps: int) -> dict[str, float
     if stage == "dpo":
         ref = AutoModelForCausalLM.from_pretrained(paths["ref_model"], attn_implementation="sdpa")
         ref.eval()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95))
+    # fused, as the stages' optimizers (HF's default adamw_torch_fused; the pretrain loop's)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=True)
     batches = _plain_batches(stage, paths, tok)
     timer = Throughput()
     log_every = LOG_EVERY[stage]
     for step in range(steps):
-        batch = batches[step % len(batches)]
-        if stage == "dpo":
-            with torch.no_grad():
-                ref_c, ref_r = _completion_logps(ref, batch).chunk(2)
-            pol_c, pol_r = _completion_logps(model, batch).chunk(2)
-            loss = -F.logsigmoid(0.1 * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
-        else:
-            loss = model(**batch).loss
-        loss.backward()
+        for micro in range(ACCUM):
+            batch = batches[(step * ACCUM + micro) % len(batches)]
+            if stage == "dpo":
+                with torch.no_grad():
+                    ref_c, ref_r = _completion_logps(ref, batch).chunk(2)
+                pol_c, pol_r = _completion_logps(model, batch).chunk(2)
+                loss = -F.logsigmoid(0.1 * ((pol_c - ref_c) - (pol_r - ref_r))).mean()
+            else:
+                loss = model(**batch).loss
+            (loss / ACCUM).backward()
+            timer.add(batch["input_ids"].numel())
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        timer.add(batch["input_ids"].numel(), steps=1)
+        timer.add(0, steps=1)
         if (step + 1) % log_every == 0:
             timer.lap()
     return timer.summary()
@@ -300,6 +310,8 @@ def _stage_run(
         checkpoint_every=10_000, log_every=LOG_EVERY[stage], zero_stage=zero,
         local=workers == 0, num_workers=max(workers, 1), max_failures=0, tracking=["tensorboard"],
     )  # fmt: skip
+    if ACCUM > 1:
+        common["global_batch_size"] = MICRO_BATCH[stage] * ACCUM
     if os.environ.get("BENCH_DS_JSON"):  # a DeepSpeed override, for experiments
         common["deepspeed"] = json.loads(os.environ["BENCH_DS_JSON"])
     if stage == "pretrain":
@@ -393,6 +405,14 @@ def main() -> None:
                         help="shape runs: rows per step instead of the shape's default")
     parser.add_argument("--steps", type=int, default=None,
                         help="shape runs: steps instead of the shape's default")
+    parser.add_argument("--seq-len", type=int, default=None,
+                        help="shape runs: sequence length (pretrain: the packed rows' length; "
+                        "its own work dir)")
+    parser.add_argument("--log-every", type=int, default=None,
+                        help="shape runs: steps per logging interval (the first is warm-up)")
+    parser.add_argument("--accum", type=int, default=1,
+                        help="shape runs: micro-batches per optimizer step (gradient "
+                        "accumulation, in the stage and the plain loop alike)")
     parser.add_argument("--lm-head", choices=["chunked", "full", "both"], default="chunked",
                         help="SFT/DPO: TRL's chunked LM-head kernel, the model's full logits "
                         "(lm_head: full), or both")  # fmt: skip
@@ -445,8 +465,14 @@ def main_shape(args: argparse.Namespace) -> None:
         os.environ["BENCH_MICRO_BATCH"] = str(args.micro_batch)
     if args.steps:
         os.environ["BENCH_STEPS"] = str(args.steps)
+    if args.accum > 1:
+        os.environ["BENCH_ACCUM"] = str(args.accum)
+    if args.seq_len:
+        os.environ["BENCH_SEQ_LEN"] = str(args.seq_len)
+    if args.log_every:
+        os.environ["BENCH_LOG_EVERY"] = str(args.log_every)
     use_shape(args.shape)
-    work = REPO / "bench" / "_work" / f"train-{args.shape}"
+    work = REPO / "bench" / "_work" / f"train-{args.shape}{f'-s{args.seq_len}' if args.seq_len else ''}"
     work.mkdir(parents=True, exist_ok=True)
     prepare(work)
     saved_path = REPO / "bench" / "_work" / "train-shapes.json"
@@ -454,7 +480,8 @@ def main_shape(args: argparse.Namespace) -> None:
     heads = ["chunked", "full"] if args.lm_head == "both" else [args.lm_head]
     for stage in args.stages:
         # pretrain: the stage as configured (ZeRO-2) and ZeRO-0, the DeepSpeed engine alone
-        zero0 = ["zero0"] if args.shape == "smollm2" and not args.micro_batch else []
+        small = not (args.micro_batch or args.seq_len or args.accum > 1)
+        zero0 = ["zero0"] if args.shape == "smollm2" and small else []
         variants = ["-", *zero0] if stage == "pretrain" else heads
         load = os.getloadavg()
         started = time.time()
@@ -468,6 +495,8 @@ def main_shape(args: argparse.Namespace) -> None:
         plain = med(runs["plain"], "tokens_per_s_per_worker")
         for v in variants:
             size = f"@mb{args.micro_batch}" if args.micro_batch else ""
+            size += f"@s{args.seq_len}" if args.seq_len else ""
+            size += f"@acc{args.accum}" if args.accum > 1 else ""
             saved[f"{args.shape}/{stage}/{v}{size}"] = {
                 "shape": args.shape, "stage": stage, "lm_head": v, "plain": plain,
                 "stage_tps": med(runs[v], "tokens_per_s_per_worker"),
@@ -477,7 +506,8 @@ def main_shape(args: argparse.Namespace) -> None:
                 "seconds": round(time.time() - started),
                 "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                 "seq_len": SEQ_LEN[stage], "micro_batch": MICRO_BATCH[stage],
-                "steps": STEPS[stage], "repeats": args.repeats,
+                "steps": STEPS[stage], "repeats": args.repeats, "accum": ACCUM,
+                "baseline": "fused",
             }  # fmt: skip
         saved_path.write_text(json.dumps(saved, indent=2))
     write_shape_report(REPO / "bench" / "results" / "train-smollm2.md", saved)
@@ -517,9 +547,13 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         r = saved[key]
         overhead = 1 - r["stage_tps"] / r["plain"]
         ok = "met" if overhead <= target[r["stage"]] else "missed"
+        accum = f" x {r['accum']} accum" if r.get("accum", 1) > 1 else ""
         lines.append(
-            f"| {r['shape']} | {r['stage']} | {variant[r['lm_head']]} | {r['seq_len']} x "
-            f"{r['micro_batch']}, {r['steps']} | {r['plain']:.1f} | {r['stage_tps']:.1f} | "
+            f"| {r['shape']} | {r['stage']} | {variant[r['lm_head']]}"
+            f"{'' if r.get('baseline') == 'fused' else ' [old baseline: unfused AdamW]'} | "
+            f"{r['seq_len']} x {r['micro_batch']}"
+            f"{accum}, {r['steps']} | "
+            f"{r['plain']:.1f} | {r['stage_tps']:.1f} | "
             f"{overhead:+.1%} | <= {target[r['stage']]:.0%}: {ok} | "
             f"{'/'.join(f'{x:.2f}' for x in r['load'])}, {r['load_after']:.2f} | {r['measured']} |"
         )

@@ -339,8 +339,15 @@ def _build_engine(
     model.config.use_cache = False
     if cfg.gradient_checkpointing:
         model.gradient_checkpointing_enable()
+    # fused: one kernel over all parameters instead of a loop of per-tensor ops (CPU and
+    # CUDA, torch >= 2.4); what HF's Trainer uses by default (adamw_torch_fused), so
+    # pretraining and the TRL stages step alike
     optimizer = torch.optim.AdamW(
-        model.parameters(), lr=cfg.lr, betas=(0.9, 0.95), weight_decay=cfg.weight_decay
+        model.parameters(),
+        lr=cfg.lr,
+        betas=(0.9, 0.95),
+        weight_decay=cfg.weight_decay,
+        fused=True,
     )
     scheduler = get_cosine_with_min_lr_schedule_with_warmup(
         optimizer,
