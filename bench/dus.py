@@ -4,7 +4,8 @@ A bf16 Mistral-shaped model (32 layers; ``--size 0.4b``: hidden 1024, 0.43B para
 ``--size 2.4b``: hidden 2048, 1.2B parameters, 2.3 GiB) is saved as sharded safetensors;
 each tool builds the SOLAR m=8 model (48 layers) from it. Every run is a fresh process;
 wall time and peak RSS (``ru_maxrss`` of the child, via ``/usr/bin/time``) are taken as the
-median of ``--runs`` runs, tools interleaved, each writing into a place emptied before its timed run. The page cache
+median of ``--runs`` runs, tools interleaved, each writing into a place emptied before its
+timed run, with no dirty pages left by the tool before (``sync`` before each run). The page cache
 is warm for every tool (the source was just written, and this sandbox cannot drop
 caches), so all read from memory.
 
@@ -46,7 +47,7 @@ SIZES = {
 
 def make_model(path: Path, size: str = "0.4b") -> int:
     """A random bf16 Mistral-shaped model (32 layers), sharded at 200 MB; returns params."""
-    if (path / "config.json").is_file():
+    if (path / "params.json").is_file():  # written last: the model is complete
         return json.loads((path / "params.json").read_text())["params"]
     import torch
     from transformers import AutoModelForCausalLM, MistralConfig
@@ -79,17 +80,59 @@ def timed(cmd: list[str]) -> tuple[float, float]:
     return wall, rss_kb / 1024
 
 
+def probe_page_offsets(files: list[Path], dst_dir: Path, runs: int) -> dict[str, float]:
+    """Seconds to copy ``files`` with ``os.copy_file_range`` at equal page offsets (0 -> 0,
+    8 -> 8) and unequal ones (0 -> 8): why the writer lays tensors out at their source's
+    page offsets (:func:`solar_ray.upscale.aligned_layout`). Median of ``runs``."""
+    out: dict[str, float] = {}
+    for label, s_off, d_off in (("equal 0/0", 0, 0), ("equal 8/8", 8, 8), ("unequal 0/8", 0, 8)):
+        walls = []
+        for _ in range(runs):
+            os.sync()
+            wall = 0.0
+            for src in files:
+                dst = dst_dir / "probe.bin"
+                with open(src, "rb") as fi, open(dst, "wb") as fo:
+                    fo.write(b"x" * d_off)
+                    fo.flush()
+                    t = time.perf_counter()
+                    done, n = 0, src.stat().st_size - s_off
+                    while done < n:
+                        done += os.copy_file_range(fi.fileno(), fo.fileno(), min(n - done, 1 << 30),
+                                                   s_off + done, d_off + done)  # fmt: skip
+                    wall += time.perf_counter() - t
+                dst.unlink()
+            walls.append(wall)
+        out[label] = statistics.median(walls)
+    out["bytes"] = sum(f.stat().st_size for f in files)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--work", type=Path, default=REPO / "bench" / "_work")
     ap.add_argument("--size", choices=sorted(SIZES), default="0.4b")
     ap.add_argument("--skip-mergekit", action="store_true")
+    ap.add_argument("--probe", action="store_true",
+                    help="only time copy_file_range at equal and unequal page offsets")  # fmt: skip
     args = ap.parse_args()
     work: Path = args.work
     work.mkdir(parents=True, exist_ok=True)
     src = work / f"mistral-{args.size}"
     params = make_model(src, args.size)
+    rows_path = work / "dus-rows.json"
+    if args.probe:
+        saved = json.loads(rows_path.read_text()) if rows_path.is_file() else {}
+        saved["probe"] = {
+            **probe_page_offsets(sorted(src.glob("*.safetensors")), work, args.runs),
+            "runs": args.runs, "size": args.size,
+            "load": [round(x, 2) for x in os.getloadavg()],
+            "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
+        }  # fmt: skip
+        rows_path.write_text(json.dumps(saved, indent=2))
+        write_report(REPO / "bench" / "results" / "dus.md", saved)
+        return
     cache = work / "dus-cache"
     os.environ["SOLAR_RAY_CACHE"] = str(cache)
     load = os.getloadavg()
@@ -134,6 +177,10 @@ def main() -> None:
             shutil.rmtree(out[name], ignore_errors=True)
             if name == "solar_cold":
                 shutil.rmtree(cache, ignore_errors=True)
+            # no tool pays for the writeback of an earlier one's gigabytes: the kernel
+            # throttles a writer while much is dirty (the first tool after mergekit's 2.4 GB
+            # took 0.74 s for 0.43 s), so every timed run starts with nothing dirty
+            os.sync()
             results[name].append(timed(cmd))
     out_bytes = sum(p.stat().st_size for p in out["solar"].glob("*.safetensors"))
     for name in commands:  # 2 GB outputs: keep the disk
@@ -147,7 +194,6 @@ def main() -> None:
     for k, (w, r) in med.items():
         print(f"{k:<14}{w:>9.2f}{r:>15.0f}{w / mk:>12.3f}x{w / med['cp'][0]:>7.2f}x")
     print(json.dumps({k: {"wall_s": v[0], "peak_rss_mib": v[1]} for k, v in med.items()}))
-    rows_path = work / "dus-rows.json"
     saved = json.loads(rows_path.read_text()) if rows_path.is_file() else {}
     saved[args.size] = {
         "params": params, "src_gib": src_bytes / 2**30, "out_gib": out_bytes / 2**30,
@@ -179,12 +225,14 @@ def write_report(out: Path, saved: dict) -> None:
         "",
         "A random bf16 Mistral-shaped model (32 layers) upscaled with SOLAR m=8 to 48 layers. "
         "Each tool runs as a fresh process under `/usr/bin/time -v`; wall time and peak RSS "
-        "are medians of the runs, tools interleaved in one bench process, each writing into a place emptied before its timed run; the page cache is "
-        "warm for every tool (this sandbox cannot drop caches). Commands run as `flock "
+        "are medians of the runs, tools interleaved in one bench process, each writing into a place emptied before its timed run and starting with no "
+        "dirty pages (`sync` first: the writeback of an earlier tool's output would "
+        "throttle its writes); the page cache is warm for every tool (this sandbox cannot drop caches). Commands run as `flock "
         "/tmp/solar-heavy.lock .venv/bin/python COMMAND` on the shared 2-core machine.",
         "",
     ]
-    for _size, r in sorted(saved.items()):
+    probe = saved.get("probe")
+    for _size, r in sorted((k, v) for k, v in saved.items() if k in SIZES):
         med = r["median"]
         cp = med["cp"]["wall_s"]
         mk = med.get("mergekit", {}).get("wall_s")
@@ -211,7 +259,23 @@ def write_report(out: Path, saved: dict) -> None:
         "upscale of a source reads it twice (`solar_cold`: the hash runs on a second thread "
         "beside the kernel-side copy).",
         "",
+        "The writer: each output shard draws on one source file and puts every tensor at its "
+        "source's offset within a 4 KiB page (the header is padded with spaces to place the "
+        "first; small tensors such as norm weights, whose sizes move the offset, are placed "
+        "between groups: `solar_ray.upscale.aligned_layout`), and up to four shards are "
+        "written at once (the kernel's copy of each on its own core).",
+        "",
     ]
+    if probe:
+        lines += [
+            f"Why the page offsets (`bench/dus.py --probe --size {probe['size']} --runs {probe['runs']}`, "
+            f"{probe['measured']} UTC, load {'/'.join(map(str, probe['load']))}): "
+            f"`copy_file_range` of the {probe['size']} model's source shards "
+            f"({probe['bytes'] / 2**30:.2f} GiB), warm page cache, median of the runs: "
+            + ", ".join(f"{k} {probe[k]:.3f} s" for k in ("equal 0/0", "equal 8/8", "unequal 0/8"))
+            + " (source/destination byte offsets).",
+            "",
+        ]
     out.write_text("\n".join(lines))
 
 

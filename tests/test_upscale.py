@@ -455,3 +455,59 @@ def test_recorded_input_hash_is_reused_only_for_an_unchanged_file(tmp_path, monk
     third = parent_files("c")
     assert reads == ["model.safetensors"]
     assert third["model.safetensors"] == hashlib.sha256(bytes(data)).hexdigest() != first["model.safetensors"]
+
+
+def _data_offsets(model_dir: Path) -> dict[str, tuple[str, int, int]]:
+    """tensor name -> (file name, absolute byte offset, size) from the shards' headers."""
+    out = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        raw = f.read_bytes()
+        (hlen,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + hlen])
+        header.pop("__metadata__", None)
+        for name, info in header.items():
+            start, end = info["data_offsets"]
+            out[name] = (f.name, 8 + hlen + start, end - start)
+    return out
+
+
+def test_output_tensors_sit_at_their_sources_page_offsets(tmp_path):
+    """The kernel copies fastest between equal page offsets (bench/results/dus.md): every
+    page-sized tensor of a sharded source lands at its source's offset within a page, the
+    output loads bitwise equal, and each output shard draws on one source file."""
+    cfg = MistralConfig(num_hidden_layers=6, **{**SMALL, "hidden_size": 64, "intermediate_size": 128})
+    src = tmp_path / "src"
+    torch.manual_seed(0)
+    AutoModelForCausalLM.from_config(cfg).save_pretrained(src, max_shard_size="60KB")
+    src_files = sorted(src.glob("*.safetensors"))
+    assert len(src_files) >= 4
+    # the source headers put the shards' data sections at different page offsets
+    starts = {8 + struct.unpack("<Q", f.read_bytes()[:8])[0] % 4096 for f in src_files}
+    assert len(starts) > 1
+
+    res = run_upscale(UpscaleConfig(source=str(src), out=str(tmp_path / "up"), m=2))
+    assert res.plan == [0, 1, 2, 3, 2, 3, 4, 5]
+    before, after = _data_offsets(src), _data_offsets(res.out)
+    page_sized = 0
+    files_of_shard: dict[str, set[str]] = {}
+    for name, (file, at, size) in after.items():
+        m = LAYER.match(name)
+        src_name = f"model.layers.{res.plan[int(m[1])]}.{m[2]}" if m else name
+        src_file, src_at, src_size = before[src_name]
+        assert size == src_size
+        files_of_shard.setdefault(file, set()).add(src_file)
+        assert at % 8 == 0
+        if size % 4096 == 0:
+            page_sized += 1
+            assert at % 4096 == src_at % 4096, name
+    assert page_sized >= 40
+    assert all(len(files) == 1 for files in files_of_shard.values())
+    src_t, out_t = load_tensors(src), load_tensors(res.out)
+    for name, t in out_t.items():
+        m = LAYER.match(name)
+        src_name = f"model.layers.{res.plan[int(m[1])]}.{m[2]}" if m else name
+        assert torch.equal(t, src_t[src_name]), name
+    index = json.loads((res.out / "model.safetensors.index.json").read_text())
+    assert set(index["weight_map"]) == set(out_t)
+    _, info = AutoModelForCausalLM.from_pretrained(res.out, output_loading_info=True)
+    assert not any(info.values()), info
