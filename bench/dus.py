@@ -1,7 +1,7 @@
 """Benchmark: `solar-ray upscale` vs mergekit passthrough vs `cp -r` (the I/O limit).
 
 A bf16 Mistral-shaped model (32 layers; ``--size 0.4b``: hidden 1024, 0.43B parameters;
-``--size 2.4b``: hidden 2048, 1.54B parameters, 2.9 GiB; the name is its output file size class) is saved as sharded safetensors;
+``--size 2.4b``: hidden 2048, 1.54B parameters, 2.9 GiB) is saved as sharded safetensors;
 each tool builds the SOLAR m=8 model (48 layers) from it. Every run is a fresh process;
 wall time and peak RSS (``ru_maxrss`` of the child, via ``/usr/bin/time``) are taken as the
 median of ``--runs`` runs, tools interleaved, each writing into a place emptied before its
