@@ -33,16 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-# this checkout's solar_ray, in this process, its children and Ray's workers (an editable
-# install may point at another checkout)
-sys.path.insert(0, str(REPO))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-os.environ.setdefault("SOLAR_RAY_CACHE", str(REPO / ".cache" / "solar-ray"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from _env import REPO  # first: this checkout's solar_ray, offline, 1 thread
+
+#: SmolLM2-135M's Llama config beyond its vocabulary (its published config.json)
+SMOLLM2: dict[str, Any] = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rope_theta=100000.0,
+)
 
 #: model shapes: the Llama config fields beyond SmolLM2's vocabulary, and per stage the
 #: sequence length, micro-batch, steps and logging interval of a run (the first interval
@@ -65,14 +66,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "smollm2": {
         "label": "SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536, "
         "vocab 49152, tied embeddings; random weights), 135M parameters",
-        "config": dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            rope_theta=100000.0,
-        ),
+        "config": SMOLLM2,
         "seq_len": {"pretrain": 128, "sft": 128, "dpo": 128},
         "micro_batch": {"pretrain": 2, "sft": 4, "dpo": 2},
         "steps": {"pretrain": 12, "sft": 12, "dpo": 8},
@@ -81,14 +75,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-dus": {
         "label": "SmolLM2-135M's 46-layer DUS shape (m=7: 2(30-7) layers, otherwise as "
         "SmolLM2-135M; random weights), 196M parameters",
-        "config": dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=46,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            rope_theta=100000.0,
-        ),
+        "config": {**SMOLLM2, "num_hidden_layers": 46},
         "seq_len": {"pretrain": 128, "sft": 128, "dpo": 128},
         "micro_batch": {"pretrain": 2, "sft": 4, "dpo": 2},
         "steps": {"pretrain": 8, "sft": 8, "dpo": 8},
