@@ -494,7 +494,9 @@ def main_shape(args: argparse.Namespace) -> None:
                 "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                 "seq_len": SEQ_LEN[stage], "micro_batch": MICRO_BATCH[stage],
                 "steps": STEPS[stage], "repeats": args.repeats, "accum": ACCUM,
-                "baseline": "fused",
+                "baseline": "fused", "command": " ".join(["bench/train.py", *sys.argv[1:]]),
+                "plain_step_s": med(runs["plain"], "step_time_s"),
+                "stage_step_s": med(runs[v], "step_time_s"),
             }  # fmt: skip
         saved_path.write_text(json.dumps(saved, indent=2))
     write_shape_report(REPO / "bench" / "results" / "train-smollm2.md", saved)
@@ -519,9 +521,10 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         + "; ".join(f"`{k}` = {v['label']}" for k, v in SHAPES.items() if k != "test")
         + ".",
         "",
-        "| shape | stage | variant | seq len x micro-batch, steps | plain PyTorch tok/s | "
-        "stage tok/s | overhead | target | load (1/5/15 min) before, 1 min after | measured (UTC) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | stage | variant | seq len x micro-batch (x accumulation), steps | plain "
+        "PyTorch tok/s | stage tok/s | overhead | target | stage - plain, s per step | load "
+        "(1/5/15 min) before, 1 min after | measured (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = [(s, st, h) for s in ("smollm2", "smollm2-dus") for st in ("pretrain", "sft", "dpo")
              for h in ("-", "zero0", "chunked", "full")]  # fmt: skip
@@ -535,13 +538,20 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         overhead = 1 - r["stage_tps"] / r["plain"]
         ok = "met" if overhead <= target[r["stage"]] else "missed"
         accum = f" x {r['accum']} accum" if r.get("accum", 1) > 1 else ""
+        if "stage_step_s" in r:
+            extra = f"{r['stage_step_s'] - r['plain_step_s']:+.2f}"
+        elif r["stage"] == "pretrain":  # packed rows: every step has seq x micro x accum tokens
+            tokens = r["seq_len"] * r["micro_batch"] * r.get("accum", 1)
+            extra = f"{tokens / r['stage_tps'] - tokens / r['plain']:+.2f}"
+        else:
+            extra = "-"
         lines.append(
             f"| {r['shape']} | {r['stage']} | {variant[r['lm_head']]}"
             f"{'' if r.get('baseline') == 'fused' else ' [old baseline: unfused AdamW]'} | "
             f"{r['seq_len']} x {r['micro_batch']}"
             f"{accum}, {r['steps']} | "
             f"{r['plain']:.1f} | {r['stage_tps']:.1f} | "
-            f"{overhead:+.1%} | <= {target[r['stage']]:.0%}: {ok} | "
+            f"{overhead:+.1%} | <= {target[r['stage']]:.0%}: {ok} | {extra} | "
             f"{'/'.join(f'{x:.2f}' for x in r['load'])}, {r['load_after']:.2f} | {r['measured']} |"
         )
     lines += [
