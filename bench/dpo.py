@@ -32,13 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-sys.path.insert(0, str(REPO / "bench"))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from _env import REPO  # first: this checkout's solar_ray, offline, 1 thread
 
 MICRO_BATCH = 2
 SEQ_LEN = 128
@@ -95,8 +89,9 @@ def child(args: argparse.Namespace) -> None:
             model=paths["model"], ref_model=paths["ref_model"], data=args.data,
             out=str(tmp / "out"), epochs=args.epochs, micro_batch_size=MICRO_BATCH,
             seq_len=SEQ_LEN, lr=1e-6, beta=0.1, num_workers=2, zero_stage=2,
-            checkpoint_every=10_000, log_every=2, max_failures=0, tracking=["none"],
-            precompute_ref_logps=args.precompute,
+            checkpoint_every=10_000, log_every=2 if args.accum == 1 else 1, max_failures=0,
+            tracking=["none"], precompute_ref_logps=args.precompute,
+            global_batch_size=MICRO_BATCH * 2 * args.accum,
         )  # fmt: skip
         peak = PeakRSS()
         t0 = time.perf_counter()
@@ -118,6 +113,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--epochs", type=float, default=1)
     parser.add_argument("--pairs", type=int, default=24)
+    parser.add_argument("--accum", type=int, default=1,
+                        help="micro-batches per step on each worker (gradient accumulation): "
+                        "a step of 4 x accum pairs")
     parser.add_argument("--more", action="store_true",
                         help="add these runs to the saved ones of the same --epochs (a "
                         "median over several invocations, each within the 10-minute slot)")
@@ -145,7 +143,8 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in runs:
             cmd = [sys.executable, __file__, "--child", "--epochs", str(args.epochs), "--data",
-                   str(data)] + (["--precompute"] if mode == "precomputed" else [])  # fmt: skip
+                   str(data), "--accum", str(args.accum)] + (
+                       ["--precompute"] if mode == "precomputed" else [])  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
             if line is None:
@@ -154,14 +153,16 @@ def main() -> None:
             print(f"  {mode:11s} epochs={args.epochs}: {runs[mode][-1]}", flush=True)
     saved_path = REPO / "bench" / "_work" / "dpo-rows.json"
     saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
-    if args.more and str(args.epochs) in saved:  # runs of earlier invocations count too
-        for mode, earlier in saved[str(args.epochs)]["raw"].items():
+    key = f"{args.epochs}" + (f"@acc{args.accum}" if args.accum > 1 else "")
+    if args.more and key in saved:  # runs of earlier invocations count too
+        for mode, earlier in saved[key]["raw"].items():
             runs[mode] = earlier + runs[mode]
-        load = tuple(saved[str(args.epochs)]["load"])
+        load = tuple(saved[key]["load"])
     fields = ("step_time_s", "wall_s", "peak_train_mib", "peak_ref_pass_mib", "steps")
     med = {k: {f: statistics.median(r[f] for r in v) for f in fields} for k, v in runs.items()}
     row = {
-        "epochs": args.epochs, "pairs": args.pairs, "repeats": len(runs["live"]), "raw": runs, **{
+        "epochs": args.epochs, "pairs": args.pairs, "accum": args.accum,
+        "repeats": len(runs["live"]), "raw": runs, **{
             f"{mode}_{f}": med[mode][f] for mode in med for f in fields},
         "step_runs": {k: [round(r["step_time_s"], 3) for r in v] for k, v in runs.items()},
         "wall_runs": {k: [round(r["wall_s"], 1) for r in v] for k, v in runs.items()},
@@ -169,7 +170,7 @@ def main() -> None:
         "seconds": round(time.time() - started),
         "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
     }  # fmt: skip
-    saved[str(args.epochs)] = row
+    saved[key] = row
     saved_path.write_text(json.dumps(saved, indent=2))
     write_report(REPO / "bench" / "results" / "dpo.md", saved)
 
@@ -180,28 +181,31 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
         "# DPO: precomputed reference log-probs against a live reference",
         "",
         "Command: `flock /tmp/solar-heavy.lock .venv/bin/python bench/dpo.py --epochs E "
-        "--repeats R [--more]` (one run of both modes takes about 3.5 minutes here, so the "
+        "--repeats R [--pairs P --accum A] [--more]` (one run of both modes takes about 3.5 minutes here, so the "
         "runs of one row come from invocations of at most 2 repeats each).  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU fp32, 1 torch "
         "thread per process. Model and reference: SmolLM2-135M's shape (30 layers, hidden "
         "576, vocab 49152; random weights, two seeds). DPO stage: TRL DPOTrainer on "
-        f"DeepSpeed ZeRO-2, Ray Train 2 workers, {MICRO_BATCH} pairs per worker per step, "
+        f"DeepSpeed ZeRO-2, Ray Train 2 workers, micro-batches of {MICRO_BATCH} pairs (a step: "
+        "one per worker, or `--accum A` each), "
         f"seq len {SEQ_LEN}; the reference pass: one Ray Data actor, 8 pairs per batch. "
         "Medians of the fresh-process runs per mode (their number in the first column), "
         "modes interleaved; `--more` adds an invocation's runs to the earlier ones.",
         "",
-        "| epochs (pairs, steps) | step s precomputed | step s live | per-step speed-up | "
+        "| epochs (pairs, pairs a step, steps) | step s precomputed | step s live | per-step speed-up | "
         "end to end s precomputed (incl. reference pass) | end to end s live | end-to-end "
         "speed-up | peak RSS MiB, 2 training workers: precomputed / live | peak RSS MiB, "
         "reference pass actor | load before (1/5/15), after | measured (UTC) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
-    for key in sorted(saved, key=float):
+    for key in sorted(saved, key=lambda k: (saved[k].get("accum", 1), float(k.split("@")[0]))):
         r = saved[key]
+        pairs_per_step = MICRO_BATCH * 2 * r.get("accum", 1)
         speed = r["live_step_time_s"] / r["precomputed_step_time_s"]
         e2e = r["live_wall_s"] / r["precomputed_wall_s"]
         lines.append(
-            f"| {float(key):g} ({r['pairs']} pairs, {r['live_steps']:.0f} steps; "
+            f"| {r['epochs']:g} ({r['pairs']} pairs, {pairs_per_step} a step, "
+            f"{r['live_steps']:.0f} steps; "
             f"{r['repeats']} runs each) | "
             f"{r['precomputed_step_time_s']:.3f} | {r['live_step_time_s']:.3f} | **{speed:.2f}x** | "
             f"{r['precomputed_wall_s']:.1f} | {r['live_wall_s']:.1f} | {e2e:.2f}x | "

@@ -28,14 +28,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+from _env import REPO  # first: this checkout's solar_ray, offline, 1 thread
 
 
 def train_loop(config: dict[str, Any]) -> dict[str, Any]:
@@ -143,7 +136,6 @@ def main() -> None:
         _ray_entry(args.ray_child)
         return
 
-    sys.path.insert(0, str(REPO / "bench"))
     import train as bench_train  # bench/train.py: the models and mixes
 
     bench_train.use_shape(args.shape)

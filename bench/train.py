@@ -33,16 +33,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[1]
-# this checkout's solar_ray, in this process, its children and Ray's workers (an editable
-# install may point at another checkout)
-sys.path.insert(0, str(REPO))
-os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
-os.environ.setdefault("SOLAR_RAY_CACHE", str(REPO / ".cache" / "solar-ray"))
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+from _env import REPO  # first: this checkout's solar_ray, offline, 1 thread
+
+#: SmolLM2-135M's Llama config beyond its vocabulary (its published config.json)
+SMOLLM2: dict[str, Any] = dict(
+    hidden_size=576,
+    intermediate_size=1536,
+    num_hidden_layers=30,
+    num_attention_heads=9,
+    num_key_value_heads=3,
+    rope_theta=100000.0,
+)
 
 #: model shapes: the Llama config fields beyond SmolLM2's vocabulary, and per stage the
 #: sequence length, micro-batch, steps and logging interval of a run (the first interval
@@ -65,14 +66,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "smollm2": {
         "label": "SmolLM2-135M's shape (30 layers, hidden 576, 9 heads / 3 KV heads, MLP 1536, "
         "vocab 49152, tied embeddings; random weights), 135M parameters",
-        "config": dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=30,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            rope_theta=100000.0,
-        ),
+        "config": SMOLLM2,
         "seq_len": {"pretrain": 128, "sft": 128, "dpo": 128},
         "micro_batch": {"pretrain": 2, "sft": 4, "dpo": 2},
         "steps": {"pretrain": 12, "sft": 12, "dpo": 8},
@@ -81,14 +75,7 @@ SHAPES: dict[str, dict[str, Any]] = {
     "smollm2-dus": {
         "label": "SmolLM2-135M's 46-layer DUS shape (m=7: 2(30-7) layers, otherwise as "
         "SmolLM2-135M; random weights), 196M parameters",
-        "config": dict(
-            hidden_size=576,
-            intermediate_size=1536,
-            num_hidden_layers=46,
-            num_attention_heads=9,
-            num_key_value_heads=3,
-            rope_theta=100000.0,
-        ),
+        "config": {**SMOLLM2, "num_hidden_layers": 46},
         "seq_len": {"pretrain": 128, "sft": 128, "dpo": 128},
         "micro_batch": {"pretrain": 2, "sft": 4, "dpo": 2},
         "steps": {"pretrain": 8, "sft": 8, "dpo": 8},
@@ -507,7 +494,9 @@ def main_shape(args: argparse.Namespace) -> None:
                 "measured": time.strftime("%Y-%m-%d %H:%M", time.gmtime()),
                 "seq_len": SEQ_LEN[stage], "micro_batch": MICRO_BATCH[stage],
                 "steps": STEPS[stage], "repeats": args.repeats, "accum": ACCUM,
-                "baseline": "fused",
+                "baseline": "fused", "command": " ".join(["bench/train.py", *sys.argv[1:]]),
+                "plain_step_s": med(runs["plain"], "step_time_s"),
+                "stage_step_s": med(runs[v], "step_time_s"),
             }  # fmt: skip
         saved_path.write_text(json.dumps(saved, indent=2))
     write_shape_report(REPO / "bench" / "results" / "train-smollm2.md", saved)
@@ -532,9 +521,10 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         + "; ".join(f"`{k}` = {v['label']}" for k, v in SHAPES.items() if k != "test")
         + ".",
         "",
-        "| shape | stage | variant | seq len x micro-batch, steps | plain PyTorch tok/s | "
-        "stage tok/s | overhead | target | load (1/5/15 min) before, 1 min after | measured (UTC) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| shape | stage | variant | seq len x micro-batch (x accumulation), steps | plain "
+        "PyTorch tok/s | stage tok/s | overhead | target | stage - plain, s per step | load "
+        "(1/5/15 min) before, 1 min after | measured (UTC) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     order = [(s, st, h) for s in ("smollm2", "smollm2-dus") for st in ("pretrain", "sft", "dpo")
              for h in ("-", "zero0", "chunked", "full")]  # fmt: skip
@@ -548,13 +538,20 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         overhead = 1 - r["stage_tps"] / r["plain"]
         ok = "met" if overhead <= target[r["stage"]] else "missed"
         accum = f" x {r['accum']} accum" if r.get("accum", 1) > 1 else ""
+        if "stage_step_s" in r:
+            extra = f"{r['stage_step_s'] - r['plain_step_s']:+.2f}"
+        elif r["stage"] == "pretrain":  # packed rows: every step has seq x micro x accum tokens
+            tokens = r["seq_len"] * r["micro_batch"] * r.get("accum", 1)
+            extra = f"{tokens / r['stage_tps'] - tokens / r['plain']:+.2f}"
+        else:
+            extra = "-"
         lines.append(
             f"| {r['shape']} | {r['stage']} | {variant[r['lm_head']]}"
             f"{'' if r.get('baseline') == 'fused' else ' [old baseline: unfused AdamW]'} | "
             f"{r['seq_len']} x {r['micro_batch']}"
             f"{accum}, {r['steps']} | "
             f"{r['plain']:.1f} | {r['stage_tps']:.1f} | "
-            f"{overhead:+.1%} | <= {target[r['stage']]:.0%}: {ok} | "
+            f"{overhead:+.1%} | <= {target[r['stage']]:.0%}: {ok} | {extra} | "
             f"{'/'.join(f'{x:.2f}' for x in r['load'])}, {r['load_after']:.2f} | {r['measured']} |"
         )
     lines += [

@@ -69,6 +69,13 @@ OPERATIONAL_FIELDS = frozenset(
 )
 
 
+def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size: int) -> int:
+    """Micro-batches per optimizer step on each of ``world_size`` workers for a global batch
+    of ``global_batch_size`` rows: the ceiling, so a count that does not divide the global
+    batch gets filler slots (weighted 0 by :class:`solar_ray.train.pretrain.PackedBatches`)."""
+    return -(-global_batch_size // (micro_batch_size * world_size))
+
+
 class TrainConfig(StageConfig):
     """Fields shared by every training stage (see the module docstring for a recipe)."""
 
@@ -297,8 +304,9 @@ class TrainConfig(StageConfig):
         that does not divide the global batch the last micro-batches are partly filler,
         weighted 0 (:class:`solar_ray.train.pretrain.PackedBatches`).
         """
-        per_step = self.micro_batch_size * world_size
-        return -(-self.effective_global_batch_size // per_step)
+        return accumulation_steps(
+            self.effective_global_batch_size, self.micro_batch_size, world_size
+        )
 
     @property
     def effective_global_batch_size(self) -> int:

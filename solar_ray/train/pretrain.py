@@ -40,7 +40,7 @@ from solar_ray.train.common import (
     run_stage,
     validate_common,
 )
-from solar_ray.train.config import PretrainConfig
+from solar_ray.train.config import PretrainConfig, accumulation_steps
 from solar_ray.train.ds_config import build_deepspeed_config, zero_stage_of
 from solar_ray.train.reshard import needs_universal
 from solar_ray.train.session import STATE_FILE, read_run_state, write_run_state
@@ -124,7 +124,7 @@ class PackedBatches:
         self.world_size = world_size
         self.micro_batch_size = micro_batch_size
         self.global_batch = global_batch_size
-        self.grad_accum_steps = -(-global_batch_size // (micro_batch_size * world_size))
+        self.grad_accum_steps = accumulation_steps(global_batch_size, micro_batch_size, world_size)
         self.seed = seed
         self._orders: dict[int, np.ndarray] = {}
 
@@ -316,11 +316,14 @@ def pretrain_worker(config: dict[str, Any]) -> None:
 
 
 def _build_engine(
-    env: WorkerEnv, total_steps: int, load_universal: bool = False
-) -> tuple[Any, Any, Any]:
-    """(DeepSpeed engine, its LR scheduler, tokenizer) for the model in ``env.model_dir``.
+    env: WorkerEnv, total_steps: int, saved: dict[str, Any] | None
+) -> tuple[Any, Any, Any, bool]:
+    """(DeepSpeed engine, its LR scheduler, tokenizer, universal) for the model in
+    ``env.model_dir``.
 
-    ``load_universal``: the engine will load a universal checkpoint (:mod:`.reshard`).
+    ``saved``: the run state of the checkpoint to resume from; when it was saved at another
+    world size under ZeRO, the engine is built to load a universal checkpoint
+    (:mod:`.reshard`) and ``universal`` is True.
     """
     import deepspeed
     import torch
@@ -329,9 +332,12 @@ def _build_engine(
     from transformers.optimization import get_cosine_with_min_lr_schedule_with_warmup
 
     cfg = env.cfg
-    ds_config = build_deepspeed_config(
-        cfg, world_size=env.world_size, load_universal=load_universal
+    ds_config = build_deepspeed_config(cfg, world_size=env.world_size)
+    universal = saved is not None and needs_universal(
+        zero_stage_of(ds_config), saved.get("world_size"), env.world_size
     )
+    if universal:
+        ds_config = build_deepspeed_config(cfg, world_size=env.world_size, load_universal=True)
     # Under ZeRO-3 the weights are partitioned while they load (deepspeed.zero.Init), which
     # transformers does while an HfDeepSpeedConfig object is alive.
     hf_ds = HfDeepSpeedConfig(ds_config) if zero_stage_of(ds_config) == 3 else None
@@ -359,7 +365,7 @@ def _build_engine(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=ds_config
     )
     del hf_ds
-    return engine, scheduler, AutoTokenizer.from_pretrained(env.model_dir)
+    return engine, scheduler, AutoTokenizer.from_pretrained(env.model_dir), universal
 
 
 def _saved_state(ckpt: Path | None) -> dict[str, Any] | None:
@@ -460,10 +466,7 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
     num_train_rows = int(env.spec.num_train_rows or 0) if cfg.streaming else len(ids)
     total_steps = total_steps_for(cfg, num_train_rows)
     saved = _saved_state(ckpt)
-    universal = saved is not None and needs_universal(
-        zero_stage_of(build_deepspeed_config(cfg)), saved.get("world_size"), env.world_size
-    )
-    engine, scheduler, tokenizer = _build_engine(env, total_steps, load_universal=universal)
+    engine, scheduler, tokenizer, universal = _build_engine(env, total_steps, saved)
     state = _resume(engine, env, ckpt, saved, universal)
 
     accum = cfg.grad_accum_for(env.world_size)
