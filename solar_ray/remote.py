@@ -97,7 +97,11 @@ def list_files(uri: str) -> list[str]:
 
 
 def read_json(uri: str) -> dict[str, Any] | None:
-    """A small JSON object at ``uri``; None when it is absent or not a JSON object."""
+    """A small JSON object at ``uri`` (a local path or a URI).
+
+    None when it is absent or is not a JSON object; any other failure to read it (no
+    permission, an unreachable store) is a :class:`StorageError` naming ``uri``.
+    """
     fs, path = arrow_filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
