@@ -20,6 +20,7 @@ from solar_ray.errors import UserError
 __all__ = [
     "StorageError",
     "arrow_filesystem",
+    "files_under",
     "fsspec_filesystem",
     "is_uri",
     "local_path",
@@ -105,14 +106,27 @@ def arrow_filesystem(url: str) -> tuple[Any, str]:
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs)), path
 
 
-def parquet_files(fs: Any, root: str) -> list[str]:
-    """The Parquet files under ``root`` of a pyarrow filesystem (recursively, hidden ones
-    left out; none when ``root`` does not exist), in name order."""
+def files_under(
+    fs: Any, root: str, *, suffix: str | None = None, include_hidden: bool = True
+) -> list[str]:
+    """The files under ``root`` of a pyarrow filesystem, recursively, in name order; none
+    when ``root`` does not exist.
+
+    ``suffix`` keeps only names ending in it; ``include_hidden=False`` leaves out files whose
+    name starts with a dot.
+    """
     import pyarrow.fs as pafs
 
     selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
     return sorted(
         fi.path for fi in fs.get_file_info(selector)
-        if fi.type == pafs.FileType.File and fi.path.endswith(".parquet")
-        and not fi.base_name.startswith(".")
+        if fi.type == pafs.FileType.File
+        and (suffix is None or fi.path.endswith(suffix))
+        and (include_hidden or not fi.base_name.startswith("."))
     )  # fmt: skip
+
+
+def parquet_files(fs: Any, root: str) -> list[str]:
+    """The Parquet files under ``root`` of a pyarrow filesystem (recursively, hidden ones
+    left out; none when ``root`` does not exist), in name order."""
+    return files_under(fs, root, suffix=".parquet", include_hidden=False)

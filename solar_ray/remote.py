@@ -36,7 +36,7 @@ from typing import Any, TypeVar
 
 from solar_ray.checkpoint import OUTPUT_MARKER, OUTPUT_MARKER_FORMAT, write_json_atomic
 from solar_ray.errors import UserError
-from solar_ray.fs import StorageError, arrow_filesystem, is_uri
+from solar_ray.fs import StorageError, arrow_filesystem, files_under, is_uri
 from solar_ray.identity import output_marker
 
 __all__ = [
@@ -93,11 +93,15 @@ def join(uri: str, *parts: str) -> str:
 def list_files(uri: str) -> list[str]:
     """The objects under ``uri``, as paths relative to it (none when there are none)."""
     fs, root = arrow_filesystem(uri)
-    return [p[len(root.rstrip("/")) + 1 :] for p in _files(fs, root)]
+    return [p[len(root.rstrip("/")) + 1 :] for p in files_under(fs, root)]
 
 
 def read_json(uri: str) -> dict[str, Any] | None:
-    """A small JSON object at ``uri``; None when it is absent or not a JSON object."""
+    """A small JSON object at ``uri`` (a local path or a URI).
+
+    None when it is absent or is not a JSON object; any other failure to read it (no
+    permission, an unreachable store) is a :class:`StorageError` naming ``uri``.
+    """
     fs, path = arrow_filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
@@ -140,7 +144,7 @@ def publish(local: str | os.PathLike[str], uri: str, **marker_fields: Any) -> di
         marker["id"] = uuid.uuid4().hex
     check_owned(uri)
     fs, root = arrow_filesystem(uri)
-    existing = _files(fs, root)
+    existing = files_under(fs, root)
     # from here on the prefix is not a finished output until the new marker is written
     _write(fs, f"{root}/{UPLOAD_MARKER}", {"id": marker.get("id")})
     for path in existing:
@@ -227,7 +231,7 @@ def download(
         fs, root = arrow_filesystem(uri)
         tmp = dest.parent / f".{dest.name}.download-{uuid.uuid4().hex[:8]}"
         try:
-            for path in _files(fs, root):
+            for path in files_under(fs, root):
                 rel = path[len(root) + 1 :]
                 if rel in (OUTPUT_MARKER, UPLOAD_MARKER):
                     continue
@@ -292,14 +296,6 @@ def _scheme(text: str) -> str:
 
 def _digest(text: str) -> str:
     return hashlib.sha256(text.rstrip("/").encode()).hexdigest()[:16]
-
-
-def _files(fs: Any, root: str) -> list[str]:
-    """Every object under ``root`` (none when it does not exist)."""
-    import pyarrow.fs as pafs
-
-    selector = pafs.FileSelector(root, allow_not_found=True, recursive=True)
-    return sorted(fi.path for fi in fs.get_file_info(selector) if fi.type == pafs.FileType.File)
 
 
 def _local_files(root: Path) -> list[Path]:

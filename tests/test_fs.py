@@ -10,9 +10,11 @@ import pytest
 from solar_ray.fs import (
     StorageError,
     arrow_filesystem,
+    files_under,
     fsspec_filesystem,
     is_uri,
     local_path,
+    parquet_files,
     qualify,
 )
 
@@ -39,3 +41,14 @@ def test_both_libraries_open_the_same_locations(tmp_path: Path) -> None:
     assert qualify("https://h/a.jsonl", "https://h/a.jsonl") == "https://h/a.jsonl"
     with pytest.raises(StorageError, match="cannot open 'nope://x'"):
         arrow_filesystem("nope://x")
+
+
+def test_one_listing_with_each_callers_filter(tmp_path: Path) -> None:
+    for name in ("b/1.parquet", "a.parquet", ".hidden.parquet", "c/.x", "notes.txt"):
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text("x")
+    fs, root = arrow_filesystem(str(tmp_path))
+    every = (".hidden.parquet", "a.parquet", "b/1.parquet", "c/.x", "notes.txt")
+    assert files_under(fs, root) == [f"{root}/{n}" for n in every]  # what an upload copies
+    assert parquet_files(fs, root) == [f"{root}/a.parquet", f"{root}/b/1.parquet"]
+    assert files_under(fs, f"{root}/missing") == parquet_files(fs, f"{root}/missing") == []

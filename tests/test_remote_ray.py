@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 from s3_server import objects, s3_server
-from tiny_recipe import ALL, KINDS, SMALLER
+from tiny_recipe import ALL, KINDS, SMALLER, sft_mix_sweep
 
 from solar_ray.train.session import HOLD_ENV
 
@@ -103,16 +103,10 @@ def test_a_sweep_into_s3_uploads_its_report(tmp_path, tiny_llama_dir, smollm2_to
         "b": write_sft_mix(tmp_path / "b", smollm2_tokenizer, pairs[8:16]),
         "yardstick": write_sft_mix(tmp_path / "y", smollm2_tokenizer, pairs[16:]),
     }
-    cfg = SweepConfig.model_validate({
-        "name": "mix-s3",
-        "base": str(tiny_llama_dir),
-        "search": {"method": "none", "mixes": [{"name": n, "data": str(data[n])} for n in "ab"]},
-        "train": {"kind": "sft", "val_data": str(data["yardstick"]), "num_workers": 1,
-                  "zero_stage": 0, "micro_batch_size": 2, "seq_len": 64, "steps": 2,
-                  "eval_every": 2, "log_every": 1, "lr": 1e-3, "warmup_steps": 0,
-                  "checkpoint_every": 100, "tracking": "none", "max_failures": 0},
-        "scheduler": {"kind": "grid"},
-    })  # fmt: skip
+    mixes = {n: data[n] for n in "ab"}
+    cfg = SweepConfig.model_validate(
+        sft_mix_sweep("mix-s3", tiny_llama_dir, mixes, data["yardstick"], steps=2, eval_every=2)
+    )
     with s3_server(BUCKET) as s3, pytest.MonkeyPatch.context() as mp:
         for k, v in s3.items():
             mp.setenv(k, v)

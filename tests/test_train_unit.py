@@ -192,6 +192,26 @@ def test_validation_fails_before_any_worker_with_the_field_named(
     assert not ray.is_initialized()  # nothing above started Ray
 
 
+def test_a_run_file_that_cannot_be_read_is_an_error_not_a_new_run(tmp_path):
+    """The run file guards a run's checkpoints: absent or broken JSON is "no run yet", but a
+    storage error must not be, or the run would be started over with another config."""
+    from solar_ray.fs import StorageError
+    from solar_ray.train.common import RUN_FILE, _read_run_file
+
+    storage = str(tmp_path / "ray_train")
+    assert _read_run_file(storage, "r") is None
+    (tmp_path / "ray_train" / "r").mkdir(parents=True)
+    (tmp_path / "ray_train" / "r" / RUN_FILE).write_text('{"fingerprint": "f"}')
+    assert _read_run_file(storage + "/", "r") == {"fingerprint": "f"}
+    (tmp_path / "ray_train" / "r" / RUN_FILE).write_text("{broken")
+    assert _read_run_file(storage, "r") is None
+    (tmp_path / "ray_train" / "r" / RUN_FILE).unlink()
+    # a directory in its place: opening it fails, as an unreadable file or bucket does
+    (tmp_path / "ray_train" / "r" / RUN_FILE).mkdir()
+    with pytest.raises(StorageError, match=f"cannot read .*{RUN_FILE}"):
+        _read_run_file(storage, "r")
+
+
 # --------------------------------------------------------------------------- data order
 
 

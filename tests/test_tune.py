@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from tiny_recipe import sft_mix_sweep
 
 from solar_ray.config import ConfigError
 from solar_ray.train.session import read_run_state
@@ -736,17 +737,10 @@ def test_sft_mix_sweep_scores_every_mix_on_one_yardstick_with_its_error(
         "b": write_sft_mix(tmp_path / "b", smollm2_tokenizer, [(q, "I am not sure.") for q, _ in pairs[16:32]]),
         "yardstick": write_sft_mix(tmp_path / "y", smollm2_tokenizer, pairs[32:]),
     }
-    raw = {
-        "name": "mix",
-        "base": str(tiny_llama_dir),
-        "search": {"method": "none", "mixes": [{"name": n, "data": str(data[n])} for n in "ab"]},
-        "train": {"kind": "sft", "val_data": str(data["yardstick"]), "num_workers": 1,
-                  "zero_stage": 0, "micro_batch_size": 2, "seq_len": 64, "steps": 4,
-                  "eval_every": 3, "log_every": 1, "lr": 1e-3, "warmup_steps": 0,
-                  "checkpoint_every": 100, "tracking": "none", "max_failures": 0},
-        "scheduler": {"kind": "grid"},
-    }  # fmt: skip
-    cfg = SweepConfig.model_validate(raw)
+    mixes = {n: data[n] for n in "ab"}
+    cfg = SweepConfig.model_validate(
+        sft_mix_sweep("mix", tiny_llama_dir, mixes, data["yardstick"], steps=4, eval_every=3)
+    )
     result = run_sweep(cfg, tmp_path / "sw", echo=lambda s: None)
     rows = {r["trial"]: r for r in result.rows}
     assert sorted(rows) == ["mix-a", "mix-b"]  # no reference without an upscale

@@ -1,6 +1,11 @@
-"""jobs/tiny.yaml as the tests run it: the shipped recipe, smaller where size proves nothing."""
+"""jobs/tiny.yaml as the tests run it: the shipped recipe, smaller where size proves nothing;
+and the tiny SFT mix sweep the tune and object-storage tests run."""
 
 from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
 
 #: ``--set`` overrides applied to jobs/tiny.yaml by the pipeline and cluster tests
 SMALLER = (
@@ -29,3 +34,26 @@ TRAINING = ("cpt", "sft_v1", "sft_v2", "dpo")
 
 #: stages that write a model directory with a solar.json manifest
 MODEL_STAGES = ("upscaled", "cpt", "sft_v1", "sft_v2", "sft_merged", "dpo", "final")
+
+
+def sft_mix_sweep(
+    name: str,
+    base: str | os.PathLike[str],
+    mixes: Mapping[str, str | os.PathLike[str]],
+    yardstick: str | os.PathLike[str],
+    *,
+    steps: int,
+    eval_every: int,
+) -> dict[str, Any]:
+    """A sweep config (as a dict) of one SFT run per mix on ``base`` (trials ``mix-<name>``),
+    each scored on the held-out ``yardstick``: one CPU worker, no ZeRO, no tracking."""
+    return {
+        "name": name,
+        "base": str(base),
+        "search": {"method": "none", "mixes": [{"name": n, "data": str(d)} for n, d in mixes.items()]},
+        "train": {"kind": "sft", "val_data": str(yardstick), "num_workers": 1,
+                  "zero_stage": 0, "micro_batch_size": 2, "seq_len": 64, "steps": steps,
+                  "eval_every": eval_every, "log_every": 1, "lr": 1e-3, "warmup_steps": 0,
+                  "checkpoint_every": 100, "tracking": "none", "max_failures": 0},
+        "scheduler": {"kind": "grid"},
+    }  # fmt: skip

@@ -48,6 +48,7 @@ from solar_ray.data.contract import MixInfo, open_mix
 from solar_ray.errors import UserError, require
 from solar_ray.fs import arrow_filesystem, is_uri
 from solar_ray.models import resolve_model
+from solar_ray.remote import read_json
 from solar_ray.tracking import check_backends
 from solar_ray.train.config import TrainConfig
 from solar_ray.train.launch import WorkerSpec, launch_ray, worker_spec
@@ -206,13 +207,11 @@ def _input_paths(cfg: TrainConfig, inputs: StageInputs) -> list[Path]:
     return given + [d for d in (inputs.model_dir, inputs.ref_model_dir) if d is not None]
 
 
-def _read_run_file(storage: str, name: str) -> dict | None:
-    fs, root = arrow_filesystem(f"{storage.rstrip('/')}/{name}/{RUN_FILE}")
-    try:
-        with fs.open_input_stream(root) as f:
-            return json.loads(f.read().decode("utf-8"))
-    except (FileNotFoundError, OSError, json.JSONDecodeError):
-        return None
+def _read_run_file(storage: str, name: str) -> dict[str, Any] | None:
+    """The run file of ``name`` in ``storage``; None when there is none (or it is unreadable
+    JSON). A storage error (no permission, an unreachable bucket) is raised, never taken for
+    "no run yet": that would write a new run file over the one that guards the checkpoints."""
+    return read_json(f"{storage.rstrip('/')}/{name}/{RUN_FILE}")
 
 
 def _write_run_file(storage: str, name: str, data: dict) -> None:

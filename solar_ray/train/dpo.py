@@ -27,7 +27,7 @@ from solar_ray.cluster import init_ray
 from solar_ray.config import ConfigError
 from solar_ray.data.contract import DataError
 from solar_ray.fs import arrow_filesystem, parquet_files
-from solar_ray.remote import is_remote, local_copy
+from solar_ray.remote import is_remote, local_copy, read_json
 from solar_ray.train.common import (
     StageInputs,
     TrainResult,
@@ -161,11 +161,7 @@ def precompute_ref_logps(
     )
     fs, marker_path = arrow_filesystem(marker_uri)
     _, out_path = arrow_filesystem(out_uri)
-    try:
-        with fs.open_input_stream(marker_path) as f:
-            done = json.loads(f.read().decode())
-    except (FileNotFoundError, OSError, json.JSONDecodeError):
-        done = None
+    done = read_json(marker_uri)
     if done is None or done.get("fingerprint") != fingerprint:
         init_ray()
         fs.delete_dir_contents(out_path, missing_dir_ok=True)
