@@ -556,9 +556,11 @@ def test_flash_attention_is_refused_on_cpu_and_without_flash_attn(tmp_path, caps
             validate_common(gpu, data_kind="pretrain")
 
 
-def test_full_logits_head_matches_trls_chunked_kernel(tiny_llama_dir):
+@pytest.mark.parametrize("case", ["labels", "shift_labels", "a row all masked"])
+def test_full_logits_head_matches_trls_chunked_kernel(tiny_llama_dir, case):
     """``lm_head: full`` gives TRL's trainers the same log-probs, metrics, loss and
-    gradients as TRL's chunked LM-head kernel, from the model's own full logits."""
+    gradients as TRL's chunked LM-head kernel, from the model's logits at the scored
+    positions (labels to shift, pre-shifted labels, a micro-batch row with no label)."""
     import torch
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
@@ -575,14 +577,23 @@ def test_full_logits_head_matches_trls_chunked_kernel(tiny_llama_dir):
     labels = ids.clone()
     labels[0, :5] = -100  # a prompt
     labels[1, 9:] = -100  # padding
+    if case == "a row all masked":
+        labels[1] = -100
     mask = torch.ones_like(ids)
     mask[1, 9:] = 0
+    given = {"labels": labels}
+    if case == "shift_labels":  # as TRL passes them under context parallelism
+        given = {"shift_labels": torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)}
     got = {}
     for name, model in (("chunked", chunked), ("full", full)):
-        out = model(input_ids=ids, attention_mask=mask, labels=labels, fused_lm_head=True)
+        out = model(input_ids=ids, attention_mask=mask, **given, fused_lm_head=True)
         out.loss.backward()
-        got[name] = (out, model.model.layers[0].mlp.up_proj.weight.grad.clone())
-    (a, grad_a), (b, grad_b) = got["chunked"], got["full"]
+        got[name] = (
+            out,
+            model.model.layers[0].mlp.up_proj.weight.grad.clone(),
+            model.lm_head.weight.grad.clone(),
+        )
+    (a, grad_a, head_a), (b, grad_b, head_b) = got["chunked"], got["full"]
     for field in (*outputs, "label_mask", "loss"):
         x, y = getattr(a, field), getattr(b, field)
         assert x.shape == y.shape, field
@@ -592,6 +603,7 @@ def test_full_logits_head_matches_trls_chunked_kernel(tiny_llama_dir):
             torch.testing.assert_close(x, y, rtol=1e-4, atol=1e-5, msg=field)
     assert not torch.equal(grad_b, torch.zeros_like(grad_b))
     torch.testing.assert_close(grad_a, grad_b, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(head_a, head_b, rtol=1e-4, atol=1e-6)
     # without fused_lm_head the model's own forward is unchanged (generation, evaluation)
     plain = AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
     torch.testing.assert_close(

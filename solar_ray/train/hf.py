@@ -128,12 +128,16 @@ def add_full_logits_head(model: Any, outputs: tuple[str, ...]) -> None:
     ``trl.trainer.utils.add_fused_lm_head`` unconditionally and call them with
     ``fused_lm_head=True``; that kernel projects the hidden states through the LM head in
     tiles and recomputes the projection in the backward pass, so the ``(batch, seq, vocab)``
-    logits are never held. TRL has no switch for it. Re-patched with this function (after
-    the trainer is built: ``lm_head: full``), the same call runs the model's own forward,
-    keeps its logits for the backward pass and derives the same :class:`FusedCausalLMOutput`
-    fields from them: one LM-head projection per step instead of two, for the memory of
-    the logits. ``outputs`` names the per-token fields the trainer reads (as for TRL's
-    kernel); the others stay None.
+    logits are never held (and off Triton devices it projects every position, scored or
+    not). TRL has no switch for it. Re-patched with this function (after the trainer is
+    built: ``lm_head: full``), the same call runs the model's own forward with
+    ``logits_to_keep`` set to the positions that carry a label, keeps their logits for the
+    backward pass and derives the same :class:`FusedCausalLMOutput` fields from them: one
+    LM-head projection per step instead of two, and none for prompt or padding positions
+    (an SFT answer is often a fraction of its row), for the memory of the scored logits.
+    The token loss is ``cross_entropy`` (log-softmax and its gradient in one kernel).
+    ``outputs`` names the per-token fields the trainer reads (as for TRL's kernel); the
+    others stay None.
     """
     import types
 
@@ -157,30 +161,42 @@ def add_full_logits_head(model: Any, outputs: tuple[str, ...]) -> None:
                      "num_items_in_batch": num_items_in_batch}  # fmt: skip
             return own_forward(*args, **kwargs, **{k: v for k, v in extra.items() if v is not None})
         kwargs["use_cache"] = False
-        logits = own_forward(*args, **kwargs).logits  # scaling and softcapping applied
         if shift_labels is None:
-            logits, labels = logits[:, :-1], labels[:, 1:]
+            labels = labels[:, 1:]
+            mask = labels != -100
+            keep = torch.nn.functional.pad(mask, (0, 1), value=False)  # position i scores i+1
         else:
             labels = shift_labels
-        labels = labels.to(logits.device)
-        mask = labels != -100
-        log_softmax = torch.log_softmax(logits.float(), dim=-1)
-        log_probs = log_softmax.gather(-1, labels.clamp(min=0)[..., None])[..., 0]
-        log_probs = log_probs.masked_fill(~mask, 0)
-        fields: dict[str, Any] = {}
+            mask = keep = labels != -100
+        # (scored positions, vocab), scaling and softcapping applied by the model's forward
+        logits = own_forward(*args, logits_to_keep=keep.to(self.device), **kwargs).logits
+        mask = mask.to(logits.device)
+        target = labels.to(logits.device)[mask]
+        if logits.shape != (len(target), logits.shape[-1]):
+            raise RuntimeError(
+                f"lm_head: full: {type(self).__name__} did not apply a boolean "
+                "logits_to_keep; use lm_head: chunked"
+            )
+        logits = logits.float()  # a no-op in fp32
+        scored = -torch.nn.functional.cross_entropy(logits, target, reduction="none")
+        fields: dict[str, Any] = {"log_probs": scored}
         with torch.no_grad():
-            detached = log_softmax.detach()
+            if {"entropy", "log_sum_sq_probs"} & set(outputs):
+                log_softmax = torch.log_softmax(logits.detach(), dim=-1)
             if "entropy" in outputs:
-                fields["entropy"] = -(detached.exp() * detached).sum(-1).masked_fill(~mask, 0)
+                fields["entropy"] = -(log_softmax.exp() * log_softmax).sum(-1)
             if "log_sum_sq_probs" in outputs:
-                fields["log_sum_sq_probs"] = torch.logsumexp(2 * detached, -1).masked_fill(~mask, 0)
+                fields["log_sum_sq_probs"] = torch.logsumexp(2 * log_softmax, -1)
             if "mean_logits" in outputs:
-                fields["mean_logits"] = logits.detach().float().mean(-1).masked_fill(~mask, 0)
+                fields["mean_logits"] = logits.detach().mean(-1)
             if "is_top1" in outputs:
-                fields["is_top1"] = (detached.argmax(-1) == labels) & mask
+                fields["is_top1"] = logits.detach().argmax(-1) == target
+        # back to (batch, positions), zero where nothing is scored; masked_scatter keeps an
+        # all-masked micro-batch connected to the model (a differentiable zero)
+        per_token = {k: v.new_zeros(mask.shape).masked_scatter(mask, v) for k, v in fields.items()}
         count = mask.sum().clamp(min=1) if num_items_in_batch is None else num_items_in_batch
         return FusedCausalLMOutput(
-            loss=-log_probs.sum() / count, log_probs=log_probs, label_mask=mask, **fields
+            loss=-per_token["log_probs"].sum() / count, label_mask=mask, **per_token
         )
 
     model.forward = types.MethodType(forward, model)
