@@ -512,7 +512,8 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         "",
         "Command: `flock /tmp/solar-heavy.lock .venv/bin/python bench/train.py --shape SHAPE "
         "--stages STAGE --lm-head both --repeats 3` (SHAPE: smollm2, smollm2-dus; one "
-        "invocation per stage).  ",
+        "invocation per stage); the larger steps add `--micro-batch B --accum A [--seq-len S] "
+        "--steps 3|4 --log-every 1` as the row says.  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), torch "
         f"{torch.__version__}, CPU fp32, 1 thread per process, no Ray (world size 1). Each "
         "figure: the median of 3 fresh-process runs (plain and stage runs interleaved), each "
@@ -538,6 +539,7 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         overhead = 1 - r["stage_tps"] / r["plain"]
         ok = "met" if overhead <= target[r["stage"]] else "missed"
         accum = f" x {r['accum']} accum" if r.get("accum", 1) > 1 else ""
+        note = f" [{r['note']}]" if r.get("note") else ""
         if "stage_step_s" in r:
             extra = f"{r['stage_step_s'] - r['plain_step_s']:+.2f}"
         elif r["stage"] == "pretrain":  # packed rows: every step has seq x micro x accum tokens
@@ -547,7 +549,8 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
             extra = "-"
         lines.append(
             f"| {r['shape']} | {r['stage']} | {variant[r['lm_head']]}"
-            f"{'' if r.get('baseline') == 'fused' else ' [old baseline: unfused AdamW]'} | "
+            f"{'' if r.get('baseline') == 'fused' else ' [old baseline: unfused AdamW]'}"
+            f"{note} | "
             f"{r['seq_len']} x {r['micro_batch']}"
             f"{accum}, {r['steps']} | "
             f"{r['plain']:.1f} | {r['stage_tps']:.1f} | "
@@ -557,58 +560,53 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
     lines += [
         "",
         "Overhead is 1 - stage/plain (negative: the stage is faster). The plain loop is "
-        "`torch.optim.AdamW` on the same batches with the model's own loss (DPO: the "
-        "sigmoid loss over full-logit log-probs, with a live reference forward), no DeepSpeed, "
-        "no Trainer. pretrain = our DeepSpeed loop (ZeRO-2); sft / dpo = TRL 1.16's "
-        "SFTTrainer / DPOTrainer on DeepSpeed ZeRO-2, DPO with a live reference model.",
+        "`torch.optim.AdamW(fused=True)` (the optimizer of every stage: HF's default "
+        "`adamw_torch_fused` in the TRL stages, the same in the pretrain loop) on the same "
+        "batches with the model's own loss (DPO: the sigmoid loss over full-logit log-probs, "
+        "with a live reference forward), accumulating as the stage does, no DeepSpeed, no "
+        "Trainer. pretrain = our DeepSpeed loop (ZeRO-2); sft / dpo = TRL 1.16's "
+        "SFTTrainer / DPOTrainer on DeepSpeed ZeRO-2, DPO with a live reference model. "
+        "`stage - plain, s per step`: the stage's extra seconds per optimizer step (medians; "
+        "pretrain rows without recorded step times: from tokens per step). Rows marked "
+        "[old baseline] were measured while both the plain loop and the pretrain loop used "
+        "unfused AdamW (the TRL stages already had the fused one, so those SFT/DPO overheads "
+        "are understated).",
         "",
-        "LM head: `chunked` is TRL's fused LM-head kernel, which TRL 1.16 applies to the policy "
-        "and the reference unconditionally (`trl.trainer.utils.add_fused_lm_head`: the "
-        "log-probs, entropy and top-1 computed in tiles with the logits recomputed in the "
-        "backward pass; TRL has no switch to turn it off). `full` is the stages' option "
-        "`lm_head: full` (SFT and DPO configs): after TRL builds its trainer, "
-        "`solar_ray.train.hf.add_full_logits_head` re-patches the same `fused_lm_head=True` "
-        "interface to run the model's own forward and derive the same outputs from its full "
-        "logits (one LM-head projection per step instead of two, at the memory of the "
-        "(batch, seq, vocab) logits, fp32: 4 bytes x tokens x 49152, 25 MB per 128 tokens). "
-        "tests/test_train_unit.py checks that both give the same log-probs, metrics, loss "
-        "and gradients. On these shapes the two run at the same speed (the rows above): the "
-        "LM head is about a fifth of SmolLM2-135M's FLOPs and TRL's kernel costs little on "
-        "top. The option is for small models with large vocabularies (e.g. the test model of "
-        "bench/results/train.md, where the head is over 90% of the FLOPs; not measured "
-        "with `lm_head: full` there).",
+        "**Step size decides the overhead.** The stages pay DeepSpeed's ZeRO-1/2 optimizer "
+        "at world size 1: per micro-batch its gradient hooks copy every gradient into a "
+        "bucket, per step it flattens the gradients into the fp32 partition, takes a separate "
+        "global norm and copies the result back into the weights (py-spy, pretrain at 128 x "
+        "2: hooks 0.34 s, step outside Adam 0.5 s of a 3.8 s step). That cost follows the "
+        "parameters, not the tokens: on SmolLM2-135M's shape pretraining pays about 1 s per "
+        "step at 128 x 2 tokens (+31%) and 2-3 s per step at 512 x 2 x 4 (4096 tokens a step, "
+        "+8.9%, the target met). The recipe's own steps are larger still (2 x 4096 tokens a "
+        "micro-batch; its accumulation on 64 workers is 512 / (2 x 64) = 4), so there the "
+        "share is smaller again; on a GPU the optimizer's passes are memory-bandwidth work on "
+        "a device with 20x the bandwidth. `zero_stage` stays 2 in the stage rows: a "
+        "checkpoint's layout depends on it, and a spot-friendly run resumes its checkpoints "
+        "at another worker count. The `zero0` row (DeepSpeed's engine without the ZeRO "
+        "optimizer) is a diagnostic.",
         "",
-        "Where the overhead goes (py-spy, 20 Hz, one run each on `smollm2`, 2026-12-01): not "
-        "in the LM head but in DeepSpeed's ZeRO-1/2 optimizer at world size 1, a cost per "
-        "optimizer step that is proportional to the parameters and independent of the tokens "
-        "in the step. pretrain, ZeRO-2: 3.78 s/step against the plain loop's 2.52; of the "
-        "step, the ZeRO optimizer's gradient hooks in the backward pass (copying every "
-        "gradient into its bucket) take 0.34 s, and its step outside Adam (flattening the "
-        "gradients into the fp32 partition, a separate global norm over it, the copy back "
-        "into the model's weights) 0.5 s. The same run at ZeRO-1 took 3.66 s/step and at "
-        "ZeRO-0 (the DeepSpeed engine without the ZeRO optimizer) 2.98 s/step: the "
-        "`zero0` rows. SFT (chunked head): the ZeRO step's norm, flatten and clipping take "
-        "about 0.5 s of its 2.83 s/step, its plain loop 2.37. These runs are short (128 x "
-        "2-4 tokens per step, so that a run takes well under a minute here); at the "
-        "sequence lengths a real run trains on (2048 x several rows per step) the same "
-        "per-step cost would be a few percent of the step (an estimate from the parts above, "
-        "not measured here). `zero_stage` is the recipe's choice and "
-        "is kept at 2 in the stage rows: a checkpoint's layout depends on it, and a "
-        "spot-friendly run resumes its checkpoints at another worker count.",
+        "**The LM head of the TRL stages.** `chunked` is TRL's LM-head kernel, which TRL 1.16 "
+        "applies to the policy and the reference unconditionally "
+        "(`trl.trainer.utils.add_fused_lm_head`): log-probs, entropy and top-1 computed in "
+        "fp32 tiles, the projection recomputed in the backward pass, and off Triton devices "
+        "every position projected, scored or not. `full` is the stages' option `lm_head: "
+        "full` (SFT and DPO): `solar_ray.train.hf.add_full_logits_head` re-patches the same "
+        "interface to run the model's own forward with `logits_to_keep` set to the scored "
+        "positions only and the token loss from `cross_entropy`, keeping those logits for the "
+        "backward pass (tests/test_train_unit.py: the same log-probs, metrics, loss and "
+        "gradients as TRL's kernel). At SFT's larger step (16 rows x 2) the chunked kernel "
+        "is the main cost (py-spy, one run: its forward 8.8% and backward 16.9% of the "
+        "run's samples against 14.8% for the whole model body's forward); an SFT answer is "
+        "a few tokens of a row of about 50, so `full` projects a fraction of the positions. "
+        "Rows noted [full head before 87904fc] ran the earlier `full`, which projected "
+        "every position. The plain loop projects every position too (the model's own loss), "
+        "so a stage can come out ahead of it. `chunked` stays the default: it never holds "
+        "the (tokens, vocab) logits, which is what a long-context GPU run needs.",
         "",
-        "Two further differences show in the profiles. The optimizer: the TRL stages get "
-        "Hugging Face's default `adamw_torch_fused` (torch >= 2.8), while the pretrain loop "
-        "(`solar_ray/train/pretrain.py`) and the plain loop build `torch.optim.AdamW` "
-        "unfused; in the pretrain profile Adam over the flat fp32 partition takes 0.72 "
-        "s/step, against about 0.2 s in the SFT profile. `fused=True` in the pretrain loop's "
-        "optimizer is the first thing to try there (not measured here; the file belongs to "
-        "other work). The 46-layer DUS: the ZeRO-2 pretrain step is 6.0-7.5 s against the "
-        "plain loop's 3.4-3.8 s (+45%) while SFT and DPO on the same model stay at +23% and "
-        "+10%: the per-step cost grows with the 196M parameters (0.8 GB per fp32 copy; "
-        "ZeRO's step passes over several: the flat gradients, the partition, the Adam "
-        "states, on one core's memory bandwidth), and the unfused Adam is paid on top in "
-        "pretrain only. Why pretrain at 46 layers loses so much more than at 30 was not "
-        "profiled.",
+        "The 46-layer DUS rows are from the earlier small-step runs (old baseline); not "
+        "re-measured at the larger steps for lack of time.",
         "",
     ]
     out.write_text("\n".join(lines))
