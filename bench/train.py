@@ -581,8 +581,8 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         "step at 128 x 2 tokens (+31%) and 2-3 s per step at 512 x 2 x 4 (4096 tokens a step, "
         "+8.9%, the target met). The recipe's own steps are larger still (2 x 4096 tokens a "
         "micro-batch; its accumulation on 64 workers is 512 / (2 x 64) = 4), so there the "
-        "share is smaller again; on a GPU the optimizer's passes are memory-bandwidth work on "
-        "a device with 20x the bandwidth. `zero_stage` stays 2 in the stage rows: a "
+        "share is smaller again (and on a GPU those passes run at the device's memory "
+        "bandwidth: an expectation, not measured here). `zero_stage` stays 2 in the stage rows: a "
         "checkpoint's layout depends on it, and a spot-friendly run resumes its checkpoints "
         "at another worker count. The `zero0` row (DeepSpeed's engine without the ZeRO "
         "optimizer) is a diagnostic.",
