@@ -7,12 +7,12 @@ plans every output tensor, and copies byte ranges from the source shards into th
 shards with ``os.copy_file_range`` (kernel-side, no user-space buffer; a reflink on
 filesystems that share extents), up to :data:`COPY_THREADS` shards at once. Each output
 shard draws on one source file, and its tensors are laid out at their source's offsets
-within a page (:func:`aligned_layout`), where the kernel's copy runs at ``cp``'s speed.
-Zero tensors (the ``llama-pro`` identity blocks) are written directly. Peak memory is the headers plus one small buffer, whatever the model
-size, and nothing in this module imports torch. Before writing, every output tensor's
-shape is checked against what the re-planned ``config.json`` implies
-(:func:`solar_ray.models.check_tensor_shapes`), so a finished output always loads with
-``from_pretrained``.
+within a page (:func:`aligned_layout`), where the kernel's copy is cheapest. Zero
+tensors (the ``llama-pro`` identity blocks) are written directly. Peak memory is the
+headers plus one small buffer, whatever the model size, and nothing in this module
+imports torch. Before writing, every output tensor's shape is checked against what the
+re-planned ``config.json`` implies (:func:`solar_ray.models.check_tensor_shapes`), so a
+finished output always loads with ``from_pretrained``.
 
 Plans:
 
@@ -39,7 +39,7 @@ import re
 import shutil
 import struct
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -536,18 +536,18 @@ def shard_tensors(tensors: list[OutTensor], max_shard_bytes: int) -> list[OutSha
     reached. The shards come in the order of their first tensor.
     """
     shards: list[OutShard] = []
-    open_for: dict[Path | None, OutShard] = {}
-    filled: dict[int, int] = {}  # id(shard) -> bytes so far
+    open_for: dict[Path | None, OutShard] = {}  # source file -> the shard it fills now
+    filled: dict[Path | None, int] = {}  # ... and that shard's bytes so far
     last: Path | None = None
     for t in tensors:
         key = t.src.file if t.src is not None else last
         shard = open_for.get(key)
-        if shard is None or (shard.tensors and filled[id(shard)] + t.nbytes > max_shard_bytes):
+        if shard is None or (shard.tensors and filled[key] + t.nbytes > max_shard_bytes):
             shard = open_for[key] = OutShard("")
             shards.append(shard)
-            filled[id(shard)] = 0
+            filled[key] = 0
         shard.tensors.append(t)
-        filled[id(shard)] += t.nbytes
+        filled[key] += t.nbytes
         last = key
     if len(shards) == 1:
         shards[0].name = "model.safetensors"
@@ -558,8 +558,8 @@ def shard_tensors(tensors: list[OutTensor], max_shard_bytes: int) -> list[OutSha
 
 
 #: the kernel copies a byte range between files fastest when source and destination start
-#: at the same offset within a page (``bench/results/dus.md``: 1 GiB copied with
-#: ``copy_file_range`` in 0.35 s at equal page offsets, 0.49 s at unequal ones)
+#: at the same offset within a page (``bench/dus.py --probe``, bench/results/dus.md: the
+#: 0.79 GiB of the 0.43B model's shards in 0.26 s at equal page offsets, 0.30 s at unequal)
 PAGE = 4096
 
 
@@ -717,7 +717,9 @@ def write_shards(shards: list[OutShard], out_dir: Path, fsync: bool = False) -> 
     return {t.name: shard.name for shard in shards for t in shard.tensors}
 
 
-def _write_shard(shard: OutShard, out_dir: Path, fsync: bool, advance: Any) -> None:
+def _write_shard(
+    shard: OutShard, out_dir: Path, fsync: bool, advance: Callable[[int], None]
+) -> None:
     """One shard: its header, then each tensor at its source's page offset."""
     order, data_at = aligned_layout(shard.tensors)
     header = _header_bytes(OutShard(shard.name, order), data_at)
