@@ -36,6 +36,7 @@ from _env import REPO  # first: this checkout's solar_ray, offline, 1 thread
 
 MICRO_BATCH = 2
 SEQ_LEN = 128
+WORKERS = 2
 
 
 class PeakRSS:
@@ -88,10 +89,10 @@ def child(args: argparse.Namespace) -> None:
         cfg = DPOConfig(
             model=paths["model"], ref_model=paths["ref_model"], data=args.data,
             out=str(tmp / "out"), epochs=args.epochs, micro_batch_size=MICRO_BATCH,
-            seq_len=SEQ_LEN, lr=1e-6, beta=0.1, num_workers=2, zero_stage=2,
+            seq_len=SEQ_LEN, lr=1e-6, beta=0.1, num_workers=WORKERS, zero_stage=2,
             checkpoint_every=10_000, log_every=2 if args.accum == 1 else 1, max_failures=0,
             tracking=["none"], precompute_ref_logps=args.precompute,
-            global_batch_size=MICRO_BATCH * 2 * args.accum,
+            global_batch_size=MICRO_BATCH * WORKERS * args.accum,
         )  # fmt: skip
         peak = PeakRSS()
         t0 = time.perf_counter()
@@ -115,7 +116,7 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--accum", type=int, default=1,
                         help="micro-batches per step on each worker (gradient accumulation): "
-                        "a step of 4 x accum pairs")
+                        "a step of MICRO_BATCH x WORKERS x accum pairs")
     parser.add_argument("--more", action="store_true",
                         help="add these runs to the saved ones of the same --epochs (a "
                         "median over several invocations, each within the 10-minute slot)")
@@ -200,7 +201,7 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
     ]
     for key in sorted(saved, key=lambda k: (saved[k].get("accum", 1), float(k.split("@")[0]))):
         r = saved[key]
-        pairs_per_step = MICRO_BATCH * 2 * r.get("accum", 1)
+        pairs_per_step = MICRO_BATCH * WORKERS * r.get("accum", 1)
         speed = r["live_step_time_s"] / r["precomputed_step_time_s"]
         e2e = r["live_wall_s"] / r["precomputed_wall_s"]
         lines.append(

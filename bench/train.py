@@ -93,26 +93,22 @@ SEQ_LEN, MICRO_BATCH, STEPS, LOG_EVERY = (
 )
 
 
+#: a shape run's size flags, passed to its children as BENCH_<FLAG> (every stage alike)
+SIZE_FLAGS = ("micro_batch", "steps", "accum", "seq_len", "log_every")
+
+
 def use_shape(name: str) -> None:
     """Select the model shape every function below measures."""
     global SHAPE, SEQ_LEN, MICRO_BATCH, STEPS, LOG_EVERY, ACCUM
     SHAPE = SHAPES[name]
+    # the size flags of a shape run (main_shape), passed on to its children
+    given = {k: int(os.environ[f"BENCH_{k.upper()}"]) for k in SIZE_FLAGS
+             if os.environ.get(f"BENCH_{k.upper()}")}  # fmt: skip
     SEQ_LEN, MICRO_BATCH, STEPS, LOG_EVERY = (
-        SHAPE["seq_len"],
-        SHAPE["micro_batch"],
-        SHAPE["steps"],
-        SHAPE["log_every"],
+        dict.fromkeys(SHAPE[k], given[k]) if k in given else SHAPE[k]
+        for k in ("seq_len", "micro_batch", "steps", "log_every")
     )
-    # --micro-batch / --steps of a shape run, passed on to its children
-    if os.environ.get("BENCH_MICRO_BATCH"):
-        MICRO_BATCH = dict.fromkeys(MICRO_BATCH, int(os.environ["BENCH_MICRO_BATCH"]))
-    if os.environ.get("BENCH_STEPS"):
-        STEPS = dict.fromkeys(STEPS, int(os.environ["BENCH_STEPS"]))
-    ACCUM = int(os.environ.get("BENCH_ACCUM", "1"))
-    if os.environ.get("BENCH_SEQ_LEN"):
-        SEQ_LEN = dict.fromkeys(SEQ_LEN, int(os.environ["BENCH_SEQ_LEN"]))
-    if os.environ.get("BENCH_LOG_EVERY"):
-        LOG_EVERY = dict.fromkeys(LOG_EVERY, int(os.environ["BENCH_LOG_EVERY"]))
+    ACCUM = given.get("accum", 1)
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -448,16 +444,9 @@ def main_shape(args: argparse.Namespace) -> None:
     Repeats are interleaved (plain, stage, stage, plain, ...) so that a change in the
     shared machine's load falls on both sides of a ratio alike.
     """
-    if args.micro_batch:
-        os.environ["BENCH_MICRO_BATCH"] = str(args.micro_batch)
-    if args.steps:
-        os.environ["BENCH_STEPS"] = str(args.steps)
-    if args.accum > 1:
-        os.environ["BENCH_ACCUM"] = str(args.accum)
-    if args.seq_len:
-        os.environ["BENCH_SEQ_LEN"] = str(args.seq_len)
-    if args.log_every:
-        os.environ["BENCH_LOG_EVERY"] = str(args.log_every)
+    for flag in SIZE_FLAGS:
+        if getattr(args, flag):
+            os.environ[f"BENCH_{flag.upper()}"] = str(getattr(args, flag))
     use_shape(args.shape)
     work = REPO / "bench" / "_work" / f"train-{args.shape}{f'-s{args.seq_len}' if args.seq_len else ''}"
     work.mkdir(parents=True, exist_ok=True)
