@@ -124,6 +124,13 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 
 
 def _read_json(path: Path) -> Any:
+    """A local JSON file's value; None for any failure to read or parse it.
+
+    Deliberately not :func:`solar_ray.remote.read_json`, which raises on a storage error:
+    the questions asked here are "did solar-ray write this directory?" and "is this output
+    finished?", and a file that cannot be read answers "no" to both, the side that neither
+    replaces the directory nor takes it as done.
+    """
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
