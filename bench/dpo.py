@@ -49,7 +49,7 @@ from _env import REPO  # first: this checkout's solar_ray, offline, 1 thread
 
 MICRO_BATCH = 2
 SEQ_LEN = 128
-WORKERS = 2
+WORKERS = 2  #: Ray Train workers unless --workers says otherwise
 
 
 class PeakRSS:
@@ -102,10 +102,10 @@ def child(args: argparse.Namespace) -> None:
         cfg = DPOConfig(
             model=paths["model"], ref_model=paths["ref_model"], data=args.data,
             out=str(tmp / "out"), epochs=args.epochs, micro_batch_size=MICRO_BATCH,
-            seq_len=SEQ_LEN, lr=1e-6, beta=0.1, num_workers=WORKERS, zero_stage=2,
+            seq_len=SEQ_LEN, lr=1e-6, beta=0.1, num_workers=args.workers, zero_stage=2,
             checkpoint_every=10_000, log_every=2 if args.accum == 1 else 1, max_failures=0,
             tracking=["none"], precompute_ref_logps=args.precompute, lm_head=args.lm_head,
-            global_batch_size=MICRO_BATCH * WORKERS * args.accum,
+            global_batch_size=MICRO_BATCH * args.workers * args.accum,
         )  # fmt: skip
         peak = PeakRSS()
         t0 = time.perf_counter()
@@ -194,7 +194,9 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=24)
     parser.add_argument("--accum", type=int, default=1,
                         help="micro-batches per step on each worker (gradient accumulation): "
-                        "a step of MICRO_BATCH x WORKERS x accum pairs")
+                        "a step of MICRO_BATCH x workers x accum pairs")
+    parser.add_argument("--workers", type=int, default=WORKERS,
+                        help="Ray Train workers (1: no gradient exchange between workers)")
     parser.add_argument("--lm-head", choices=("chunked", "full"), default="chunked",
                         help="the DPO stage's lm_head option (both modes; the reference "
                         "pass and a live reference score through the same head)")
@@ -230,7 +232,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for mode in runs:
             cmd = [sys.executable, __file__, "--child", "--epochs", str(args.epochs), "--data",
-                   str(data), "--accum", str(args.accum), "--lm-head", args.lm_head] + (
+                   str(data), "--accum", str(args.accum), "--lm-head", args.lm_head, "--workers", str(args.workers)] + (
                        ["--precompute"] if mode == "precomputed" else [])  # fmt: skip
             proc = subprocess.run(cmd, capture_output=True, text=True, cwd=REPO)
             line = next((ln for ln in reversed(proc.stdout.splitlines()) if ln.startswith("RESULT ")), None)
@@ -241,7 +243,8 @@ def main() -> None:
     saved_path = REPO / "bench" / "_work" / "dpo-rows.json"
     saved = json.loads(saved_path.read_text()) if saved_path.is_file() else {}
     key = f"{args.epochs}" + (f"@acc{args.accum}" if args.accum > 1 else "") + (
-        "@full" if args.lm_head == "full" else "")
+        "@full" if args.lm_head == "full" else "") + (
+        f"@w{args.workers}" if args.workers != WORKERS else "")
     if args.more and key in saved:  # runs of earlier invocations count too
         for mode, earlier in saved[key]["raw"].items():
             runs[mode] = earlier + runs[mode]
@@ -250,6 +253,7 @@ def main() -> None:
     med = {k: {f: statistics.median(r[f] for r in v) for f in fields} for k, v in runs.items()}
     row = {
         "epochs": args.epochs, "pairs": args.pairs, "accum": args.accum, "lm_head": args.lm_head,
+        "workers": args.workers,
         "repeats": len(runs["live"]), "raw": runs, **{
             f"{mode}_{f}": med[mode][f] for mode in med for f in fields},
         "step_runs": {k: [round(r["step_time_s"], 3) for r in v] for k, v in runs.items()},
@@ -269,36 +273,37 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
         "# DPO: precomputed reference log-probs against a live reference",
         "",
         "Command: `flock /tmp/solar-heavy.lock .venv/bin/python bench/dpo.py --epochs E "
-        "--repeats R [--pairs P --accum A] [--more]` (one run of both modes takes about 3.5 minutes here, so the "
+        "--repeats R [--pairs P --accum A --lm-head H --workers W] [--more]` (one run of both modes takes about 3.5 minutes here, so the "
         "runs of one row come from invocations of at most 2 repeats each).  ",
         f"Machine: {platform.machine()}, {os.cpu_count()} CPU cores (shared), CPU fp32, 1 torch "
         "thread per process. Model and reference: SmolLM2-135M's shape (30 layers, hidden "
         "576, vocab 49152; random weights, two seeds). DPO stage: TRL DPOTrainer on "
-        f"DeepSpeed ZeRO-2, Ray Train 2 workers, micro-batches of {MICRO_BATCH} pairs (a step: "
+        f"DeepSpeed ZeRO-2, Ray Train {WORKERS} workers (or as the row says), micro-batches of {MICRO_BATCH} pairs (a step: "
         "one per worker, or `--accum A` each), "
         f"seq len {SEQ_LEN}; the reference pass: one Ray Data actor, 8 pairs per batch. "
         "Medians of the fresh-process runs per mode (their number in the first column), "
         "modes interleaved; `--more` adds an invocation's runs to the earlier ones.",
         "",
-        "| epochs (pairs, pairs a step, steps; runs; LM head) | step s precomputed | step s live | per-step speed-up | "
+        "| epochs (pairs, pairs a step, steps; runs; LM head; workers) | step s precomputed | step s live | per-step speed-up | "
         "end to end s precomputed (incl. reference pass) | end to end s live | end-to-end "
-        "speed-up | peak RSS MiB, 2 training workers: precomputed / live | peak RSS MiB, "
+        "speed-up | peak RSS MiB, the training workers summed: precomputed / live | peak RSS MiB, "
         "reference pass actor | load before (1/5/15), after | measured (UTC) |",
         "|---|---:|---:|---:|---:|---:|---:|---|---:|---|---|",
     ]
     def order(key: str) -> tuple:
         r = saved[key]
-        return r.get("lm_head", "chunked"), r.get("accum", 1), r["epochs"], r["measured"]
+        return (-r.get("workers", WORKERS), r.get("lm_head", "chunked"), r.get("accum", 1),
+                r["epochs"], r["measured"])
 
     for key in sorted(saved, key=order):
         r = saved[key]
-        pairs_per_step = MICRO_BATCH * WORKERS * r.get("accum", 1)
+        pairs_per_step = MICRO_BATCH * r.get("workers", WORKERS) * r.get("accum", 1)
         speed = r["live_step_time_s"] / r["precomputed_step_time_s"]
         e2e = r["live_wall_s"] / r["precomputed_wall_s"]
         lines.append(
             f"| {r['epochs']:g} ({r['pairs']} pairs, {pairs_per_step} a step, "
             f"{r['live_steps']:.0f} steps; {r['repeats']} runs each; "
-            f"`lm_head: {r.get('lm_head', 'chunked')}`) | "
+            f"`lm_head: {r.get('lm_head', 'chunked')}`; {r.get('workers', WORKERS)} workers) | "
             f"{r['precomputed_step_time_s']:.3f} | {r['live_step_time_s']:.3f} | **{speed:.2f}x** | "
             f"{r['precomputed_wall_s']:.1f} | {r['live_wall_s']:.1f} | {e2e:.2f}x | "
             f"{r['precomputed_peak_train_mib']:.0f} / {r['live_peak_train_mib']:.0f} | "

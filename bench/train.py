@@ -561,7 +561,7 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         "unfused AdamW (the TRL stages already had the fused one, so those SFT/DPO overheads "
         "are understated).",
         "",
-        "**Step size decides the overhead.** The stages pay DeepSpeed's ZeRO-1/2 optimizer "
+        "**On the 30-layer shape, step size decides the overhead.** The stages pay DeepSpeed's ZeRO-1/2 optimizer "
         "at world size 1: per micro-batch its gradient hooks copy every gradient into a "
         "bucket, per step it flattens the gradients into the fp32 partition, takes a separate "
         "global norm and copies the result back into the weights (py-spy, pretrain at 128 x "
@@ -595,12 +595,22 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         "the (tokens, vocab) logits, which is what a long-context GPU run needs.",
         "",
         "The 46-layer DUS (196M parameters) at the larger steps: SFT and DPO with "
-        "`lm_head: full` as on the 30-layer shape; pretraining pays +5.9 s per step of "
-        "ZeRO-2 against +2.95 s at 30 layers (the cost follows the parameters), +11.1% at "
-        "4096 tokens a step: just over the target, inside the spread of the plain runs "
-        "(86.4-91.4 tok/s). The recipe's micro-batches hold 8x the tokens (2 x 4096) for "
-        "the same per-step cost, so there it would be a small fraction of that (an "
-        "extrapolation, not measured).",
+        "`lm_head: full` as on the 30-layer shape. Pretraining misses the target, and the "
+        "gap grows with the rows' length: +11.1% at 512 x 2 x 4 (+5.9 s a step), +16.9% at "
+        "1024 x 2 x 4 (+22.9 s a step, median; 15-23 s in the three run pairs), so the explanation above (a ZeRO-2 cost per "
+        "step that follows the parameters) is not the whole story. Where the time goes "
+        "(py-spy at 10 Hz, one run each, 46 layers, 1024 x 2 x 2, 3 steps, 6 micro-batches): "
+        "ZeRO-2's own work (gradient hooks 5.8 s, step 5.4 s) is 3.7 s a step, but the "
+        "model's forward and backward themselves run 13-14% slower in the stage than in the "
+        "plain loop on the same batches (forward 71 vs 62 s, backward 140 vs 123 s; inside "
+        "the forward, SDPA attention 167 vs 105 samples, the Linear layers 424 vs 358). Same "
+        "model code, same rows and position_ids, one thread each; not the flat-buffer views "
+        "ZeRO-2 puts the weights in (a Linear on a misaligned view runs at the speed of its "
+        "own tensor: measured on the MLP's 1536 x 576 weight). Not explained yet: the stage process holds about 3 GB more "
+        "(ZeRO-2's fp32 buffers; 10.1 GB resident) and this VM reclaims memory in the "
+        "background (kdamond), so memory is the next suspect. On the 30-layer shape at "
+        "1024 x 2 (one run each): ZeRO-2 +12.3%, the engine without the ZeRO optimizer "
+        "(ZeRO-0) +6.2%.",
         "",
     ]
     out.write_text("\n".join(lines))

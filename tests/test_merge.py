@@ -15,13 +15,7 @@ from safetensors.torch import load_file, save_file
 from solar_ray.checkpoint import read_manifest
 from solar_ray.config import ConfigError, load_config
 from solar_ray.merge import MergeConfig, MergeError, run_merge, slerp_coefficients
-
-
-def _weights(model_dir: Path) -> dict[str, torch.Tensor]:
-    out: dict[str, torch.Tensor] = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
+from solar_ray.train.testing import model_weights
 
 
 def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
@@ -76,15 +70,15 @@ def _merge(tmp_path: Path, **kw) -> Path:
 
 def test_linear_weights_1_0_reproduce_first_model_bitwise(tmp_path, model_a, model_b):
     out = _merge(tmp_path, models=[str(model_a), str(model_b)], weights=[1.0, 0.0])
-    _assert_bitwise(_weights(out), _weights(model_a))
+    _assert_bitwise(model_weights(out), model_weights(model_a))
 
 
 def test_linear_weights_0_1_bf16_reproduce_second_model_bitwise(tmp_path, model_a, model_b):
     a16, b16 = _to_bf16(model_a, tmp_path / "a16"), _to_bf16(model_b, tmp_path / "b16")
     out = _merge(tmp_path, models=[str(a16), str(b16)], weights=[0, 3])  # normalized to (0, 1)
-    merged = _weights(out)
+    merged = model_weights(out)
     assert next(iter(merged.values())).dtype == torch.bfloat16
-    _assert_bitwise(merged, _weights(b16))
+    _assert_bitwise(merged, model_weights(b16))
 
 
 def test_linear_average_of_three_is_the_weighted_mean(tmp_path, model_a, model_b, model_c):
@@ -94,7 +88,7 @@ def test_linear_average_of_three_is_the_weighted_mean(tmp_path, model_a, model_b
         weights=[0.5, 0.3, 0.2],
         chunk_mb=1,  # the 49152x64 embedding spans several chunks
     )
-    wa, wb, wc, wm = (_weights(d) for d in (model_a, model_b, model_c, out))
+    wa, wb, wc, wm = (model_weights(d) for d in (model_a, model_b, model_c, out))
     for name, m in wm.items():
         expected = 0.5 * wa[name].double() + 0.3 * wb[name].double() + 0.2 * wc[name].double()
         torch.testing.assert_close(m.double(), expected, rtol=1e-6, atol=1e-7)
@@ -108,18 +102,18 @@ def test_chunking_does_not_change_a_linear_merge(tmp_path, model_a, model_b):
     chunked = _merge(
         tmp_path / "chunked", models=[str(model_a), str(model_b)], weights=[0.4, 0.6], chunk_mb=1
     )
-    _assert_bitwise(_weights(whole), _weights(chunked))
+    _assert_bitwise(model_weights(whole), model_weights(chunked))
 
 
 @pytest.mark.parametrize("t", [0.0, 1.0])
 def test_slerp_ends_reproduce_the_inputs_bitwise(tmp_path, model_a, model_b, t):
     out = _merge(tmp_path, models=[str(model_a), str(model_b)], method="slerp", t=t)
-    _assert_bitwise(_weights(out), _weights(model_a if t == 0 else model_b))
+    _assert_bitwise(model_weights(out), model_weights(model_a if t == 0 else model_b))
 
 
 def test_slerp_midpoint_matches_reference_formula(tmp_path, model_a, model_b):
     out = _merge(tmp_path, models=[str(model_a), str(model_b)], method="slerp", t=0.3, chunk_mb=1)
-    wa, wb, wm = _weights(model_a), _weights(model_b), _weights(out)
+    wa, wb, wm = model_weights(model_a), model_weights(model_b), model_weights(out)
     checked = 0
     for name, m in wm.items():
         a, b = wa[name].double().flatten(), wb[name].double().flatten()
@@ -165,8 +159,8 @@ def test_output_is_the_project_model_format(tmp_path, model_a, model_b):
     assert [len(p["sha256"]) for p in manifest["parents"]] == [64, 64]
     assert manifest["parents"][0]["source"] == str(model_a)
     index = json.loads((out / "model.safetensors.index.json").read_text())
-    merged = _weights(out)
-    assert set(index["weight_map"]) == set(_weights(model_a))
+    merged = model_weights(out)
+    assert set(index["weight_map"]) == set(model_weights(model_a))
     assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in merged.values())
     model = AutoModelForCausalLM.from_pretrained(out)
     ids = torch.tensor([[1, 2, 3, 4]])
@@ -236,7 +230,7 @@ def test_cli_slerp_runs(tmp_path, model_a, model_b, capsys):
     out = tmp_path / "m"
     rc = main(["merge", "--models", str(model_a), str(model_b), "--method", "slerp", "--t", "1", "--out", str(out)])
     assert rc == 0, capsys.readouterr().err
-    _assert_bitwise(_weights(out), _weights(model_b))
+    _assert_bitwise(model_weights(out), model_weights(model_b))
     assert read_manifest(out)["t"] == 1.0
 
 
@@ -269,7 +263,7 @@ def _mergekit(out: Path, spec: dict, seed: int = 0) -> dict[str, torch.Tensor]:
         MergeConfiguration.model_validate(spec), str(out),
         MergeOptions(random_seed=seed, copy_tokenizer=False, quiet=True),
     )  # fmt: skip
-    return _weights(out)
+    return model_weights(out)
 
 
 #: (our CLI flags after the models, the mergekit YAML's per-model parameters, its global
@@ -323,7 +317,7 @@ def test_delegated_method_equals_mergekit_tensor_for_tensor(tmp_path, model_a, m
         **({"parameters": global_params} if global_params else {}),
     }
     reference = _mergekit(tmp_path / "mergekit", spec, seed)
-    merged, base = _weights(out), _weights(model_a)
+    merged, base = model_weights(out), model_weights(model_a)
     _assert_bitwise(merged, reference)
     name = "model.layers.1.mlp.down_proj.weight"
     assert merged[name].dtype == getattr(torch, dtype)
@@ -345,8 +339,8 @@ def test_cli_linear_weights_unnormalized_in_bfloat16(tmp_path, model_a, model_b,
     argv = ["merge", "--models", str(model_a), str(model_b), "--weights", "0.5", "0.25",
             "--no-normalize", "--out-dtype", "bfloat16", "--out", str(out)]  # fmt: skip
     assert main(argv) == 0, capsys.readouterr().err
-    wa, wb = _weights(model_a), _weights(model_b)
+    wa, wb = model_weights(model_a), model_weights(model_b)
     expected = {k: (0.5 * wa[k].float() + 0.25 * wb[k].float()).to(torch.bfloat16) for k in wa}
-    _assert_bitwise(_weights(out), expected)
+    _assert_bitwise(model_weights(out), expected)
     assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert read_manifest(out)["weights"] == [0.5, 0.25]

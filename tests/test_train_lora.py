@@ -7,31 +7,18 @@ import json
 from pathlib import Path
 
 import pytest
-from safetensors.torch import load_file
 
 from solar_ray.config import ConfigError, load_config
 from solar_ray.train.config import DPOConfig, SFTConfig
-from solar_ray.train.testing import (
-    arithmetic_pairs,
-    export_matches_probe,
-    write_preference_mix,
-    write_sft_mix,
-)
+from solar_ray.train.testing import arithmetic_mixes, export_matches_probe, model_weights
 
 pytestmark = pytest.mark.slow
 
 ADAPTED = ("q_proj", "v_proj")
 
 
-def _weights(model_dir: Path) -> dict:
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        out.update(load_file(f))
-    return out
-
-
 def _assert_only_adapted_modules_changed(out: Path, base: Path) -> None:
-    merged, original = _weights(out), _weights(base)
+    merged, original = model_weights(out), model_weights(base)
     assert set(merged) == set(original)  # the base's names: no adapter weights left
     changed = {name for name in merged if not merged[name].equal(original[name])}
     adapted = {n for n in original if any(f"{m}.weight" in n for m in ADAPTED)}
@@ -44,13 +31,7 @@ def _losses(result) -> list[float]:
 
 @pytest.fixture(scope="module")
 def mixes(tmp_path_factory, smollm2_tokenizer) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("lora")
-    tok = smollm2_tokenizer
-    return {
-        "root": root,
-        "sft": write_sft_mix(root / "sft", tok, [(q, a) for q, a, _ in arithmetic_pairs(48)]),
-        "pref": write_preference_mix(root / "pref", tok, arithmetic_pairs(48, seed=1, rejected="refusal")),
-    }
+    return arithmetic_mixes(tmp_path_factory.mktemp("lora"), smollm2_tokenizer)
 
 
 def _peft(**kw) -> dict:

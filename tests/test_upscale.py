@@ -11,7 +11,6 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny_model
-from safetensors import safe_open
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -20,6 +19,7 @@ from transformers import (
 )
 
 from solar_ray.cli import main as cli_main
+from solar_ray.train.testing import model_weights
 from solar_ray.upscale import (
     LayerSlot,
     UpscaleConfig,
@@ -74,15 +74,6 @@ def tiny(request, tmp_path_factory) -> tuple[str, Path]:
     name = request.param
     out = tmp_path_factory.mktemp(f"tiny_{name}")
     return name, save_tiny_model(CONFIGS[name](), out, seed=1)
-
-
-def load_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
-    out = {}
-    for f in sorted(model_dir.glob("*.safetensors")):
-        with safe_open(f, "pt") as st:
-            for k in st.keys():
-                out[k] = st.get_tensor(k)
-    return out
 
 
 def logits(model_dir: Path, ids: torch.Tensor) -> torch.Tensor:
@@ -162,7 +153,7 @@ def test_solar_output_is_bitwise_its_plan(tiny, tmp_path):
     arch, src = tiny
     res = run_upscale(UpscaleConfig(source=str(src), out=str(tmp_path / "up"), m=2))
     assert res.plan == [0, 1, 2, 3, 2, 3, 4, 5]
-    out, base = load_tensors(res.out), load_tensors(src)
+    out, base = model_weights(res.out), model_weights(src)
     num_layer_tensors = sum(1 for k in base if LAYER.match(k)) // 6
     assert len(out) == len(base) - 6 * num_layer_tensors + 8 * num_layer_tensors
     for name, t in out.items():
@@ -209,7 +200,7 @@ def test_llama_pro_computes_the_base_function(tiny, tmp_path):
     )
     assert res.num_layers_out == 9
     assert res.manifest["identity_layers"] == [2, 5, 8]
-    out = load_tensors(res.out)
+    out = model_weights(res.out)
     assert not out["model.layers.2.self_attn.o_proj.weight"].any()
     assert not out["model.layers.2.mlp.down_proj.weight"].any()
     assert torch.equal(out["model.layers.2.mlp.up_proj.weight"], out["model.layers.1.mlp.up_proj.weight"])
@@ -235,7 +226,7 @@ def test_stack_and_sharded_output(tmp_path):
     assert len(shards) > 1
     index = json.loads((res.out / "model.safetensors.index.json").read_text())
     assert set(index["weight_map"].values()) == {p.name for p in shards}
-    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in load_tensors(res.out).values())
+    assert index["metadata"]["total_size"] == sum(t.numel() * 4 for t in model_weights(res.out).values())
     # the sharded output itself is a valid source: upscale it again
     again = run_upscale(UpscaleConfig(source=str(res.out), out=str(tmp_path / "again"), m=0))
     assert again.plan == [0, 1, 2, 3, 4, 5] * 2
@@ -262,14 +253,14 @@ def test_solar_matches_mergekit_passthrough(tmp_path):
         MergeOptions(copy_tokenizer=False, lazy_unpickle=False, quiet=True),
     )
     ours = run_upscale(UpscaleConfig(source=str(src), out=str(tmp_path / "ours"), m=2))
-    a, b = load_tensors(ours.out), load_tensors(tmp_path / "mk")
+    a, b = model_weights(ours.out), model_weights(tmp_path / "mk")
     assert set(a) == set(b)
     for k in a:
         assert torch.equal(a[k], b[k]), k
     # the same mergekit YAML runs through our CLI as an explicit plan
     (tmp_path / "mk.yaml").write_text(yaml.safe_dump(mk_yaml))
     assert cli_main(["upscale", "--config", str(tmp_path / "mk.yaml"), "--out", str(tmp_path / "c")]) == 0
-    c = load_tensors(tmp_path / "c")
+    c = model_weights(tmp_path / "c")
     assert all(torch.equal(c[k], a[k]) for k in a)
 
 
@@ -319,7 +310,7 @@ def test_cli_rejects_corrupt_header(capsys, tmp_path, mistral_src):
 def test_cli_rejects_missing_tensor(capsys, tmp_path, mistral_src):
     from safetensors.torch import save_file
 
-    tensors = load_tensors(mistral_src)
+    tensors = model_weights(mistral_src)
     del tensors["model.layers.3.mlp.up_proj.weight"]
     save_file(tensors, mistral_src / "model.safetensors", metadata={"format": "pt"})
     out = tmp_path / "out"
@@ -364,14 +355,14 @@ def test_cli_set_overrides_yaml(tmp_path, mistral_src):
 def test_pickle_checkpoint_refused_then_converted(capsys, tmp_path, monkeypatch):
     monkeypatch.setenv("SOLAR_RAY_CACHE", str(tmp_path / "cache"))
     src = save_tiny_model(mistral_config(2), tmp_path / "pkl")
-    tensors = load_tensors(src)
+    tensors = model_weights(src)
     (src / "model.safetensors").unlink()
     torch.save(tensors, src / "pytorch_model.bin")
     out = tmp_path / "out"
     _cli_fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "0"], out,
                r"pickle checkpoint.*allow-pickle")
     assert cli_main(["upscale", "--source", str(src), "--out", str(out), "--m", "0", "--allow-pickle"]) == 0
-    up = load_tensors(out)
+    up = model_weights(out)
     assert torch.equal(up["model.layers.3.mlp.up_proj.weight"], tensors["model.layers.1.mlp.up_proj.weight"])
 
 
@@ -502,7 +493,7 @@ def test_output_tensors_sit_at_their_sources_page_offsets(tmp_path):
             assert at % 4096 == src_at % 4096, name
     assert page_sized >= 40
     assert all(len(files) == 1 for files in files_of_shard.values())
-    src_t, out_t = load_tensors(src), load_tensors(res.out)
+    src_t, out_t = model_weights(src), model_weights(res.out)
     for name, t in out_t.items():
         m = LAYER.match(name)
         src_name = f"model.layers.{res.plan[int(m[1])]}.{m[2]}" if m else name

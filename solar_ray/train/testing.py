@@ -17,8 +17,10 @@ import pyarrow as pa
 from solar_ray.data.contract import write_mix
 
 __all__ = [
+    "arithmetic_mixes",
     "arithmetic_pairs",
     "export_matches_probe",
+    "model_weights",
     "offline_prose",
     "pattern_documents",
     "write_preference_mix",
@@ -156,6 +158,29 @@ def write_preference_mix(
         ),
     }  # fmt: skip
     return write_mix(mix_dir, "preference", splits, num_rows=len(triples))
+
+
+def arithmetic_mixes(root: str | Path, tokenizer: Any, n: int = 48) -> dict[str, Path]:
+    """An SFT mix and a preference mix (refusals rejected) of ``n`` arithmetic questions
+    under ``root``: ``{"root", "sft", "pref"}``, what the in-process stage tests train on."""
+    root = Path(root)
+    return {
+        "root": root,
+        "sft": write_sft_mix(root / "sft", tokenizer, [(q, a) for q, a, _ in arithmetic_pairs(n)]),
+        "pref": write_preference_mix(
+            root / "pref", tokenizer, arithmetic_pairs(n, seed=1, rejected="refusal")
+        ),
+    }
+
+
+def model_weights(model_dir: str | Path) -> dict[str, Any]:
+    """Every tensor of a safetensors model directory, all shards, by name."""
+    from safetensors.torch import load_file
+
+    out: dict[str, Any] = {}
+    for f in sorted(Path(model_dir).glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
 
 
 def export_matches_probe(out: str | Path, atol: float = 1e-4) -> list[str]:
