@@ -709,7 +709,9 @@ def write_report(out: Path, rows: list[dict], dpo_rows: list[tuple], args: Any, 
             "policy's forward + backward (about 3 forwards), so precomputing saves at most about "
             "a quarter of the step (<= ~1.33x); larger gains come where the reference competes "
             "for memory (ZeRO-3 gathers its shards every step, a GPU fits a larger micro-batch "
-            "without it).",
+            "without it). This is the test model, whose LM head is over 90% of the FLOPs; on "
+            "SmolLM2-135M's shape the reference is about 18% of a step and the speed-up "
+            "1.03-1.14x (bench/results/dpo.md): decide on those.",
             "",
         ]
     lines += [
