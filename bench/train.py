@@ -612,7 +612,8 @@ def write_shape_report(out: Path, saved: dict[str, dict]) -> None:
         "against 3.4M minor faults, while its steps alone take 9.5 s more). Not explained yet: the stage process holds about 3 GB more "
         "(ZeRO-2's fp32 buffers; 10.1 GB resident) and this VM reclaims memory in the "
         "background (kdamond), so the larger working set (cache and TLB misses, not faults) is "
-        "the next suspect, for hardware counters to settle. On the 30-layer shape at "
+        "the next suspect, for hardware counters to settle (this VM exposes none), though "
+        "SDPA, which touches only activations, is the most slowed op. On the 30-layer shape at "
         "1024 x 2 (one run each): ZeRO-2 +12.3%, the engine without the ZeRO optimizer "
         "(ZeRO-0) +6.2%.",
         "",
