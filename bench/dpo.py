@@ -303,7 +303,8 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
         lines.append(
             f"| {r['epochs']:g} ({r['pairs']} pairs, {pairs_per_step} a step, "
             f"{r['live_steps']:.0f} steps; {r['repeats']} runs each; "
-            f"`lm_head: {r.get('lm_head', 'chunked')}`; {r.get('workers', WORKERS)} workers) | "
+            f"`lm_head: {r.get('lm_head', 'chunked')}`; "
+            f"{r.get('workers', WORKERS)} worker{'s' if r.get('workers', WORKERS) > 1 else ''}) | "
             f"{r['precomputed_step_time_s']:.3f} | {r['live_step_time_s']:.3f} | **{speed:.2f}x** | "
             f"{r['precomputed_wall_s']:.1f} | {r['live_wall_s']:.1f} | {e2e:.2f}x | "
             f"{r['precomputed_peak_train_mib']:.0f} / {r['live_peak_train_mib']:.0f} | "
@@ -329,7 +330,9 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
         "optimizer step amortized over many micro-batches. The target sits at the ceiling, "
         "which no implementation reaches. On "
         "the Ray rows the gloo gradient exchange between the two workers adds a further cost "
-        "the reference does not cause. What precomputing buys on CPU is memory (about 1 GB "
+        "the reference does not cause (one worker, the same 4 pairs a step in 2 "
+        "micro-batches of 2: 1.15x, against 1.11x with two workers; the profile's 1.22x is "
+        "for micro-batches of 4 pairs, where the per-micro-batch costs weigh less). What precomputing buys on CPU is memory (about 1 GB "
         "less over the two workers: no reference weights); end to end it gains time only "
         "after several epochs (0.95x at 2: the reference pass costs more than 2 epochs of "
         "savings). A GPU, where the backward is nearer 2 forwards, has not been measured.",
