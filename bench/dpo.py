@@ -321,7 +321,7 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
         "most it reached during the run; the live reference adds its weights (135M fp32, "
         "0.5 GB) to each worker.",
         "",
-        "What the rows say: precomputing saves 3-11% of a step here (1.03-1.14x), short of "
+        "What the rows say: precomputing saves 3-13% of a step here (1.03-1.15x), short of "
         "1.25x, and the profile below shows why: on this CPU the step is not the 3-forward "
         "step of the FLOP estimate. The policy's backward (with ZeRO-2's gradient hooks) "
         "costs 2.2-2.4 of its forwards, the optimizer step (ZeRO-2 + AdamW) 8-10% of the "
