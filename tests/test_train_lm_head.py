@@ -2,8 +2,9 @@
 the stage re-patches too) train the same as with TRL's chunked kernel (in-process runs,
 ``local: true``, tiny models, 2 micro-batches a step). The kernel-level equivalence is in
 tests/test_train_unit.py; these catch the re-patched forward training differently inside the
-real trainers: the loss normalised over accumulated micro-batches (``num_items_in_batch``),
-TRL's label shifting, DPO's concatenated chosen/rejected batch, the live reference."""
+real trainers: the positions it scores under TRL's label shifting, DPO's concatenated
+chosen/rejected batch, the live reference, accumulation over micro-batches. TRL 1.16 takes the
+loss from the per-token log-probs, so the output's own ``loss`` is not exercised here."""
 
 from __future__ import annotations
 
