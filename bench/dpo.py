@@ -16,8 +16,8 @@ reference pass's actor separately). Every run is a fresh process; medians of
     flock /tmp/solar-heavy.lock .venv/bin/python bench/dpo.py --epochs 2 [--repeats 3]
 
 ``--profile``: where a live-reference step's time goes. The DPO stage runs in one process
-(world size 1, no Ray; bench/train.py's SmolLM2-shape DPO mix, 4 pairs a micro-batch, 2
-micro-batches a step) under py-spy (sampling at 20 Hz, ``--format raw``); each sample inside
+(world size 1, no Ray; bench/train.py's SmolLM2-shape DPO mix, the step of
+:data:`PROFILE_STEP`) under py-spy (sampling at 20 Hz, ``--format raw``); each sample inside
 the Trainer's ``training_step`` is put in the first of these that its stack holds: the
 reference's forward (``self.ref_model(...)`` in TRL's ``_compute_loss``), the policy's
 forward, DeepSpeed's ZeRO-2 gradient hooks, the rest of the autograd backward, the
@@ -122,6 +122,10 @@ def child(args: argparse.Namespace) -> None:
     }), flush=True)  # fmt: skip
 
 
+#: the step --profile measures (bench/train.py's BENCH_<FLAG> size flags): pairs a
+#: micro-batch, micro-batches a step, steps
+PROFILE_STEP = {"micro_batch": 4, "accum": 2, "steps": 6}
+
 #: sample categories of --profile, first match wins: (name, a frame its stack holds)
 PROFILE_CATEGORIES = (
     ("reference forward", "_compute_loss (trl/trainer/dpo_trainer.py:1338)"),
@@ -154,8 +158,8 @@ def profile(args: argparse.Namespace) -> None:
               file=sys.stderr)
         sys.exit(2)
     # the frame lines above are TRL 1.16's: a step without them is a version that moved them
-    env = {**os.environ, "BENCH_MICRO_BATCH": "4", "BENCH_ACCUM": "2", "BENCH_STEPS": "6",
-           "BENCH_LOG_EVERY": "1"}  # fmt: skip
+    env = {**os.environ, "BENCH_LOG_EVERY": "1",
+           **{f"BENCH_{k.upper()}": str(v) for k, v in PROFILE_STEP.items()}}  # fmt: skip
     work = REPO / "bench" / "_work" / "train-smollm2"
     load = os.getloadavg()
     runs = []
@@ -297,14 +301,15 @@ def write_report(out: Path, saved: dict[str, dict]) -> None:
 
     for key in sorted(saved, key=order):
         r = saved[key]
-        pairs_per_step = MICRO_BATCH * r.get("workers", WORKERS) * r.get("accum", 1)
+        workers = r.get("workers", WORKERS)
+        pairs_per_step = MICRO_BATCH * workers * r.get("accum", 1)
         speed = r["live_step_time_s"] / r["precomputed_step_time_s"]
         e2e = r["live_wall_s"] / r["precomputed_wall_s"]
         lines.append(
             f"| {r['epochs']:g} ({r['pairs']} pairs, {pairs_per_step} a step, "
             f"{r['live_steps']:.0f} steps; {r['repeats']} runs each; "
             f"`lm_head: {r.get('lm_head', 'chunked')}`; "
-            f"{r.get('workers', WORKERS)} worker{'s' if r.get('workers', WORKERS) > 1 else ''}) | "
+            f"{workers} worker{'s' if workers > 1 else ''}) | "
             f"{r['precomputed_step_time_s']:.3f} | {r['live_step_time_s']:.3f} | **{speed:.2f}x** | "
             f"{r['precomputed_wall_s']:.1f} | {r['live_wall_s']:.1f} | {e2e:.2f}x | "
             f"{r['precomputed_peak_train_mib']:.0f} / {r['live_peak_train_mib']:.0f} | "
@@ -356,7 +361,8 @@ def profile_lines() -> list[str]:
         "Command: `flock /tmp/solar-heavy.lock .venv/bin/python bench/dpo.py --profile "
         "--lm-head HEAD --repeats 2` (py-spy installed in the venv). The DPO stage in one "
         "process (world size 1, no Ray, ZeRO-2, a live reference), bench/train.py's "
-        "SmolLM2-shape preference mix, 4 pairs a micro-batch, 2 micro-batches a step, 6 steps; "
+        f"SmolLM2-shape preference mix, {PROFILE_STEP['micro_batch']} pairs a micro-batch, "
+        f"{PROFILE_STEP['accum']} micro-batches a step, {PROFILE_STEP['steps']} steps; "
         "py-spy samples at 20 Hz inside `training_step`, pooled over the runs (each run's "
         "share in brackets), each sample in the first category its stack holds.",
         "",

@@ -712,7 +712,7 @@ def write_report(out: Path, rows: list[dict], dpo_rows: list[tuple], args: Any, 
             "for memory (ZeRO-3 gathers its shards every step, a GPU fits a larger micro-batch "
             "without it). This is the test model, whose LM head is over 90% of the FLOPs; on "
             "SmolLM2-135M's shape the reference is about 18% of a step and the speed-up "
-            "1.03-1.14x (bench/results/dpo.md): decide on those.",
+            "1.03-1.15x (bench/results/dpo.md): decide on those.",
             "",
         ]
     lines += [
