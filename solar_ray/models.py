@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 from solar_ray.checkpoint import atomic_output_dir, local_inputs, sha256_file, write_json_atomic
-from solar_ray.errors import UserError
+from solar_ray.errors import UserError, require
 
 __all__ = [
     "ARCHITECTURES",
@@ -48,6 +48,7 @@ __all__ = [
     "arch_for_config",
     "cache_dir",
     "check_tensor_shapes",
+    "expand_user",
     "expected_shapes",
     "find_embedded_gguf",
     "read_config",
@@ -130,6 +131,23 @@ TOKENIZER_VOCAB_FILES = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
+def expand_user(path: str | os.PathLike[str]) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded.
+
+    A ``~user`` naming no user is a :class:`~solar_ray.errors.UserError` (pathlib raises
+    RuntimeError; ``os.path.expanduser`` leaves a literal ``~user`` directory name).
+    """
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        user = re.split(r"[/\\]", text, maxsplit=1)[0]
+        raise UserError(
+            f"{text}: {user!r} names no home directory on this machine (no such user, or no "
+            "HOME); write the path in full"
+        )
+    return Path(expanded)
+
+
 def arch_for_config(config: dict) -> ArchSpec:
     """The :class:`ArchSpec` of a ``config.json`` mapping; unknown types list the known ones."""
     model_type = config.get("model_type")
@@ -189,13 +207,24 @@ def _convert_pickle_dir(src: Path, allow_pickle: bool) -> Path:
     out = cache_dir() / "converted" / f"{src.name}-{digest}"
     if (out / "config.json").is_file():
         return out
+    state: dict = {}
+    for p in pickles:
+        try:
+            loaded = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as e:  # corrupt, truncated, or objects beyond tensors: never retried unsafely
+            raise ModelSourceError(
+                f"{p}: cannot be read as a checkpoint of tensors ({type(e).__name__}); it is "
+                "corrupt or holds other objects. Convert it to safetensors where it was made"
+            ) from None
+        if not isinstance(loaded, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in loaded.items()
+        ):
+            raise ModelSourceError(f"{p}: not a state dict (a mapping of names to tensors)")
+        state.update(loaded)
     with atomic_output_dir(out, overwrite=True) as tmp:
         for p in src.iterdir():
             if p.is_file() and p not in pickles and not p.name.endswith(".index.json"):
                 (tmp / p.name).write_bytes(p.read_bytes())
-        state: dict = {}
-        for p in pickles:
-            state.update(torch.load(p, map_location="cpu", weights_only=True))
         # safetensors refuses shared storage: clone every tensor to be safe
         save_file({k: v.contiguous().clone() for k, v in state.items()}, tmp / "model.safetensors")
     return out
@@ -203,18 +232,36 @@ def _convert_pickle_dir(src: Path, allow_pickle: bool) -> Path:
 
 def _gguf_to_hf(gguf_path: Path) -> Path:
     """Dequantize a GGUF model into a cached HF safetensors directory (once per file hash)."""
+    try:
+        with open(gguf_path, "rb") as f:
+            magic = f.read(4)
+    except OSError as e:
+        raise ModelSourceError(f"{gguf_path}: cannot read it ({e.strerror})") from None
+    if magic != b"GGUF":
+        raise ModelSourceError(
+            f"{gguf_path}: not a GGUF file (it does not start with the bytes 'GGUF'; "
+            f"{gguf_path.stat().st_size} bytes)"
+        )
     digest = sha256_file(gguf_path)[:16]
     out = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
     if (out / "config.json").is_file() and _has_safetensors(out):
         return out
+    require("gguf", f"the GGUF model source {gguf_path.name}")
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     log.info("dequantizing %s into %s", gguf_path, out)
-    model = AutoModelForCausalLM.from_pretrained(
-        str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
-    )
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            str(gguf_path.parent), gguf_file=gguf_path.name, dtype=torch.float32
+        )
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
+    except Exception as e:  # a truncated or corrupt file fails anywhere inside the reader
+        first = str(e).splitlines()[0][:200] if str(e) else ""
+        raise ModelSourceError(
+            f"{gguf_path}: cannot be read as a GGUF model ({type(e).__name__}: {first}); "
+            "the file is truncated, corrupt or of an architecture transformers cannot load"
+        ) from None
     # Loaded from GGUF, the weights are already dequantized; transformers still marks the
     # model as quantized and refuses to save it. Drop the marker: the tensors are plain.
     model.hf_quantizer = None
@@ -265,7 +312,7 @@ def resolve_model(
         return resolve_model(materialize(src), revision=revision, allow_pickle=allow_pickle)
     if src in EMBEDDED_ALIASES:
         return _gguf_to_hf(find_embedded_gguf(src))
-    p = Path(src).expanduser()
+    p = expand_user(src)
     broken = _broken_path(p)
     if broken:
         raise ModelSourceError(f"model source {src!r} is a broken path: {broken}")

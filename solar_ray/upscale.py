@@ -18,7 +18,8 @@ Plans:
 
 ``solar``
     SOLAR 10.7B (Kim et al. 2023): copy A keeps layers ``0..n-m-1``, copy B keeps
-    ``m..n-1``, concatenated: ``s = 2(n-m)`` layers.
+    ``m..n-1``, concatenated: ``s = 2(n-m)`` layers. ``m > n/2`` keeps fewer layers than
+    the base (pruning): it runs, with a warning (the tune and the tests use small models so).
 ``llama-pro``
     LLaMA-Pro block expansion: after every ``k``-th layer insert a copy of it whose
     residual writers (``o_proj``, ``down_proj``) are zero, so each new block is the identity
@@ -26,14 +27,15 @@ Plans:
 ``stack``
     G_stack: the whole stack repeated ``g`` times.
 ``explicit``
-    A list of source layer indices, or a mergekit passthrough YAML (``slices`` with
-    ``layer_range``).
+    A list of source layer indices (any order or length, pruning included), or a mergekit
+    passthrough YAML (``slices`` with ``layer_range``; other keys: :data:`MERGEKIT_KEYS`).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -44,7 +46,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from solar_ray.checkpoint import (
     atomic_output_dir,
@@ -60,11 +62,18 @@ from solar_ray.checkpoint import (
 )
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
-from solar_ray.models import ArchSpec, ModelSourceError, arch_for_config, read_config
+from solar_ray.models import (
+    ArchSpec,
+    ModelSourceError,
+    arch_for_config,
+    expand_user,
+    read_config,
+)
 from solar_ray.progress import Progress
 
 __all__ = [
     "MAX_LAYERS",
+    "MERGEKIT_KEYS",
     "LayerSlot",
     "SafetensorsError",
     "UpscaleConfig",
@@ -97,13 +106,12 @@ AUX_FILES = (
     "generation_config.json",
 )
 
-_DTYPE_BYTES = {
-    "F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1,
-    "U8": 1, "U16": 2, "U32": 4, "U64": 8, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1,
-    "F8_E8M0": 1, "C64": 8,
+#: bits per element of each safetensors dtype (F4 and F6 are packed below a byte)
+_DTYPE_BITS = {
+    "F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8,
+    "U8": 8, "U16": 16, "U32": 32, "U64": 64, "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8,
+    "F8_E8M0": 8, "C64": 64, "F6_E2M3": 6, "F6_E3M2": 6, "F4": 4,
 }  # fmt: skip
-#: sub-byte safetensors dtypes: known, but their sizes are not checked here
-_PACKED_DTYPES = ("F4", "F6_E2M3", "F6_E3M2")
 
 
 #: the most decoder layers a plan may produce. The largest open models have about 128; a
@@ -136,6 +144,11 @@ def plan_solar(n: int, m: int) -> list[LayerSlot]:
         raise UpscaleError(f"m must be a non-negative integer, got {m!r}")
     if m >= n:
         raise UpscaleError(f"m={m} must be smaller than the base model's {n} layers")
+    if 2 * (n - m) < n:
+        log.warning(
+            "m=%d on %d layers keeps %d layers, fewer than the base model: this prunes it "
+            "(depth up-scaling takes m <= %d)", m, n, 2 * (n - m), n // 2,
+        )
     return [LayerSlot(i) for i in range(n - m)] + [LayerSlot(i) for i in range(m, n)]
 
 
@@ -169,11 +182,36 @@ def plan_explicit(n: int, layers: Iterable[int]) -> list[LayerSlot]:
     return plan
 
 
+#: mergekit keys a passthrough plan honours (``dtype``/``out_dtype`` are accepted and
+#: ignored, with a warning: the layers are copied byte for byte in the source's dtype)
+MERGEKIT_KEYS = ("merge_method", "slices", "base_model", "tokenizer_source", "dtype", "out_dtype")
+#: mergekit keys that would change the output in ways the byte-copying writer cannot
+_MERGEKIT_UNSUPPORTED = ("models", "parameters", "tokenizer", "chat_template")
+
+
+def _check_keys(where: str, given: dict[str, Any], known: Iterable[str]) -> None:
+    """Refuse keys of a mergekit mapping outside ``known``, naming them."""
+    unknown = [k for k in given if k not in known]
+    if not unknown:
+        return
+    unsupported = [k for k in unknown if k in _MERGEKIT_UNSUPPORTED]
+    what = (
+        f"mergekit's {unsupported} not supported by solar-ray upscale (a passthrough of one "
+        "model's layers, copied unchanged)"
+        if unsupported
+        else f"unknown keys {unknown}"
+    )
+    raise UpscaleError(f"{where}{what}; accepted here: {', '.join(known)}")
+
+
 def plan_from_mergekit(spec: dict[str, Any]) -> tuple[str, list[int]]:
     """Read a mergekit passthrough config (``slices`` / ``layer_range``): (model, layers).
 
-    All slices must come from one model; ranges are half-open like mergekit's.
+    All slices must come from one model; ranges are half-open like mergekit's. Keys outside
+    :data:`MERGEKIT_KEYS` (and ``sources``/``model``/``layer_range`` below ``slices``) are
+    refused; ``base_model`` and ``tokenizer_source`` must name that model (or ``base``).
     """
+    _check_keys("", spec, MERGEKIT_KEYS)
     method = spec.get("merge_method", "passthrough")
     if method != "passthrough":
         raise UpscaleError(f"merge_method: only 'passthrough' is a layer plan, got {method!r}")
@@ -183,6 +221,8 @@ def plan_from_mergekit(spec: dict[str, Any]) -> tuple[str, list[int]]:
     models: set[str] = set()
     layers: list[int] = []
     for i, sl in enumerate(slices):
+        if isinstance(sl, dict):
+            _check_keys(f"slices.{i}: ", sl, ("sources",))
         sources = sl.get("sources") if isinstance(sl, dict) else None
         if not isinstance(sources, list) or len(sources) != 1:
             raise UpscaleError(f"slices.{i}.sources: passthrough takes exactly one source")
@@ -192,6 +232,7 @@ def plan_from_mergekit(spec: dict[str, Any]) -> tuple[str, list[int]]:
                 f"slices.{i}.sources.0: expected a mapping {{model: ..., layer_range: [start, end]}}, "
                 f"got {type(src).__name__}"
             )
+        _check_keys(f"slices.{i}.sources.0: ", src, ("model", "layer_range"))
         rng = src.get("layer_range")
         if not (
             isinstance(rng, list)
@@ -212,7 +253,17 @@ def plan_from_mergekit(spec: dict[str, Any]) -> tuple[str, list[int]]:
         layers.extend(range(rng[0], rng[1]))
     if len(models) != 1:
         raise UpscaleError(f"slices: all slices must use one model, got {sorted(models)}")
-    return models.pop(), layers
+    model = models.pop()
+    for key, allowed in (("base_model", (model,)), ("tokenizer_source", (model, "base"))):
+        if key in spec and spec[key] not in allowed:
+            raise UpscaleError(
+                f"{key}: {spec[key]!r} must be the slices' model {model!r}"
+                + (" or 'base' (the tokenizer is copied from it)" if key == "tokenizer_source" else "")
+            )
+    for key in ("dtype", "out_dtype"):
+        if key in spec:
+            log.warning("%s: %r ignored; the layers are copied unchanged in the source's dtype", key, spec[key])
+    return model, layers
 
 
 # --------------------------------------------------------------------------- config
@@ -240,6 +291,23 @@ class UpscaleConfig(StageConfig):
     )
     allow_pickle: bool = False
 
+    @field_validator("m", "expand_every", "repeat", "layers", "max_shard_size_mb", mode="before")
+    @classmethod
+    def _no_booleans(cls, value: Any) -> Any:
+        # pydantic reads ``true`` as 1: a boolean is never a layer index or a count
+        if isinstance(value, bool) or (
+            isinstance(value, list) and any(isinstance(x, bool) for x in value)
+        ):
+            raise ValueError(f"expected integers, got a boolean in {value!r}")
+        return value
+
+    @field_validator("source", "out")
+    @classmethod
+    def _home_known(cls, value: str | None) -> str | None:
+        if value is not None:
+            expand_user(value)
+        return value
+
     @model_validator(mode="after")
     def _check_method_args(self) -> UpscaleConfig:
         if self.method == "solar" and self.m is None:
@@ -248,6 +316,11 @@ class UpscaleConfig(StageConfig):
             raise ValueError(f"m must be >= 0, got {self.m}")
         if self.method == "explicit" and not self.layers:
             raise ValueError("layers is required for method 'explicit'")
+        if self.layers is not None and self.method != "explicit":
+            raise ValueError(
+                f"layers: a layer list goes only with method 'explicit', not {self.method!r} "
+                "(pass --method explicit, or drop --layers)"
+            )
         return self
 
 
@@ -351,25 +424,27 @@ def _is_count(x: Any) -> bool:
 
 
 def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
-    """Parse a safetensors header and check every tensor lies inside the file.
+    """Parse a safetensors header and check it as ``safetensors`` does.
 
-    Anything malformed (length, JSON, entry fields, sizes) is a :class:`SafetensorsError`
-    naming the file and, where there is one, the tensor.
+    The tensors' byte ranges must tile the data section exactly (no gap, no overlap, no
+    trailing bytes) and each must hold ``numel * dtype size`` bytes. Anything else is a
+    :class:`SafetensorsError` naming the file and, where there is one, the tensor.
     """
     try:
         size = path.stat().st_size
         with open(path, "rb") as f:
             raw = f.read(8)
-            if len(raw) != 8:
-                raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes)")
-            (hlen,) = struct.unpack("<Q", raw)
-            if hlen > size - 8 or hlen > 100 << 20:
-                raise SafetensorsError(
-                    f"{path}: corrupt safetensors header (length {hlen}, file {size} bytes)"
-                )
-            header = json.loads(f.read(hlen))
+            hlen = struct.unpack("<Q", raw)[0] if len(raw) == 8 else None
+            ok = hlen is not None and hlen <= min(size - 8, 100 << 20)
+            text = f.read(hlen) if ok else b""
     except OSError as e:
         raise SafetensorsError(f"{path}: cannot read it ({e.strerror})") from None
+    if hlen is None:
+        raise SafetensorsError(f"{path}: truncated safetensors file ({size} bytes)")
+    if not ok:
+        raise SafetensorsError(f"{path}: corrupt safetensors header (length {hlen}, file {size} bytes)")
+    try:
+        header = json.loads(text)
     except (ValueError, RecursionError) as e:  # JSONDecodeError, UnicodeDecodeError, nesting
         raise SafetensorsError(f"{path}: corrupt safetensors header ({str(e)[:200]})") from None
     if not isinstance(header, dict):
@@ -385,23 +460,43 @@ def read_safetensors_header(path: Path) -> dict[str, TensorRef]:
         except (KeyError, TypeError, ValueError):
             raise SafetensorsError(f"{path}: corrupt entry for tensor {name!r}") from None
         if not (isinstance(dtype, str) and all(map(_is_count, shape)) and _is_count(start)
-                and _is_count(end)):  # fmt: skip
+                and _is_count(end) and start <= end):  # fmt: skip
             raise SafetensorsError(
                 f"{path}: corrupt entry for tensor {name!r} (dtype, shape or offsets)"
             )
-        if dtype not in _DTYPE_BYTES and dtype not in _PACKED_DTYPES:
+        bits = _DTYPE_BITS.get(dtype)
+        if bits is None:
             raise SafetensorsError(f"{path}: tensor {name!r} has an unknown dtype {dtype[:20]!r}")
-        numel = 1
-        for d in shape:
-            numel *= d
-        if dtype in _DTYPE_BYTES and end - start != numel * _DTYPE_BYTES[dtype]:
-            raise SafetensorsError(f"{path}: tensor {name!r} has a size that does not match its shape")
-        if not 0 <= start <= end or base + end > size:
+        need = math.prod(shape) * bits  # in bits
+        if need % 8 or end - start != need // 8:
+            raise SafetensorsError(
+                f"{path}: tensor {name!r} holds {end - start} bytes but its dtype and shape "
+                f"({dtype} {shape}) need " + (f"{need // 8}" if need % 8 == 0 else f"{need} bits")
+            )
+        if base + end > size:
             raise SafetensorsError(
                 f"{path}: truncated safetensors file: tensor {name!r} ends at byte "
                 f"{base + end} but the file has {size}"
             )
         refs[name] = TensorRef(name, dtype, shape, path, base + start, end - start)
+    # the byte ranges must tile the data section (a tensor never reads another's bytes)
+    at, prev = base, None
+    for ref in sorted(refs.values(), key=lambda r: (r.offset, r.nbytes)):
+        if ref.offset < at:
+            raise SafetensorsError(
+                f"{path}: tensor {ref.name!r} overlaps tensor {prev!r} (not a valid safetensors file)"
+            )
+        if ref.offset > at:
+            raise SafetensorsError(
+                f"{path}: bytes {at - base}..{ref.offset - base} of the data section belong to no "
+                f"tensor (a gap before tensor {ref.name!r}; not a valid safetensors file)"
+            )
+        at, prev = ref.offset + ref.nbytes, ref.name
+    if at != size:
+        raise SafetensorsError(
+            f"{path}: {size - at} trailing bytes after the last tensor"
+            + (f" {prev!r}" if prev else "") + " (not a valid safetensors file)"
+        )
     return refs
 
 
@@ -448,7 +543,12 @@ def read_model_tensors(model_dir: Path) -> dict[str, TensorRef]:
     for name in files:
         path = model_dir / name
         if not path.is_file():
-            raise SafetensorsError(f"{path}: listed in the index but missing")
+            if weight_map and not os.path.lexists(path):
+                raise SafetensorsError(f"{path}: listed in {index.name} but missing")
+            raise SafetensorsError(
+                f"{path}: not a regular file (a directory, a pipe, a device or a dangling "
+                "symbolic link); the weights must be safetensors files"
+            )
         for tname, ref in read_safetensors_header(path).items():
             if weight_map and weight_map.get(tname) != name:
                 continue
@@ -661,23 +761,32 @@ def _header_bytes(shard: OutShard, data_at: int | None = None) -> bytes:
 
 
 _ZEROS = bytes(1 << 20)
+#: the most bytes one ``copy_file_range`` call asks for, and one ``pread`` buffer's size
+COPY_CHUNK = 1 << 30
+READ_CHUNK = 16 << 20
 
 
 def _copy_range(src_fd: int, dst_fd: int, src_off: int, dst_off: int, count: int) -> None:
-    """Copy ``count`` bytes at ``src_off`` of ``src_fd`` to ``dst_off`` of ``dst_fd``."""
+    """Copy ``count`` bytes at ``src_off`` of ``src_fd`` to ``dst_off`` of ``dst_fd``.
+
+    ``os.copy_file_range`` first; where it fails (``EXDEV`` across file systems on older
+    kernels, ``ENOSYS``, ...) or copies nothing (some file systems), ``pread``/``pwrite``.
+    """
     done = 0
     use_cfr = hasattr(os, "copy_file_range")
     while done < count:
-        want = min(count - done, 1 << 30)
         n = 0
         if use_cfr:
             try:
-                n = os.copy_file_range(src_fd, dst_fd, want, src_off + done, dst_off + done)
+                n = os.copy_file_range(
+                    src_fd, dst_fd, min(count - done, COPY_CHUNK), src_off + done, dst_off + done
+                )
             except OSError:
-                use_cfr = False  # e.g. EXDEV on old kernels: fall back to pread/pwrite
+                n = 0
+            use_cfr = n > 0
         if not use_cfr:
-            buf = os.pread(src_fd, min(want, 16 << 20), src_off + done)
-            n = os.pwrite(dst_fd, buf, dst_off + done)
+            buf = os.pread(src_fd, min(count - done, READ_CHUNK), src_off + done)
+            n = os.pwrite(dst_fd, buf, dst_off + done) if buf else 0
         if n <= 0:
             raise SafetensorsError(f"short read at byte {src_off + done} of a source shard")
         done += n
@@ -794,7 +903,7 @@ def check_source_plan(cfg: UpscaleConfig) -> None:
     ``config.json``; other sources (hub ids, GGUF, outputs not made yet) are checked when
     the stage runs.
     """
-    src = Path(cfg.source).expanduser()
+    src = expand_user(cfg.source)
     if (src / "config.json").is_file():
         config = read_config(src, required=("model_type", "num_hidden_layers"))
         plan_layers(cfg, int(config["num_hidden_layers"]))

@@ -22,12 +22,16 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
 
 
 def _run(args: argparse.Namespace) -> int:
-    from solar_ray.upscale import UpscaleConfig, plan_from_mergekit, run_upscale
+    from solar_ray.upscale import UpscaleConfig, UpscaleError, plan_from_mergekit, run_upscale
 
     flags = flag_values(args, UpscaleConfig)
     path = args.config
-    if path and "slices" in load_yaml(path):
-        model, layers = plan_from_mergekit(load_yaml(path))
+    spec = load_yaml(path) if path else {}
+    if "slices" in spec:
+        try:
+            model, layers = plan_from_mergekit(spec)
+        except UpscaleError as e:
+            raise UpscaleError(f"{path}: {e}") from None
         flags = {"source": model, "method": "explicit", "layers": layers} | flags
         path = None
     cfg = load_config(UpscaleConfig, path, args.overrides, data=flags)
