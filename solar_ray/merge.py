@@ -139,14 +139,19 @@ class MergeConfig(StageConfig):
     weights: list[float] | None = Field(
         default=None, description="one weight per model (linear, mergekit); default equal"
     )
-    normalize: bool = Field(default=True, description="linear: divide weights by their sum")
+    normalize: bool | None = Field(
+        default=None,
+        description="divide weights by their sum; default: true for linear, mergekit's own "
+        "default for ties (true), dare_ties, dare_linear, task_arithmetic (false)",
+    )
     t: float = Field(default=0.5, ge=0.0, le=1.0, description="slerp: 0 -> models[0], 1 -> models[1]")
     base_model: str | None = Field(
         default=None, description="ties/dare/task_arithmetic/model_stock: the common base"
     )
     density: float | None = Field(
-        default=None, gt=0.0, le=1.0, description="ties/dare: fraction of deltas kept"
-    )
+        default=None, gt=0.0, le=1.0,
+        description="ties/dare: fraction of deltas kept; default mergekit's (1.0: all)",
+    )  # fmt: skip
     out: str | None = Field(default=None, description="output directory")
     out_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         default=None, description="output dtype; default: each tensor keeps models[0]'s dtype"
@@ -154,6 +159,9 @@ class MergeConfig(StageConfig):
     chunk_mb: int = Field(default=64, ge=1, description="elements read per model per step (MiB)")
     max_shard_size_mb: int = Field(default=2048, ge=1)
     seed: int = Field(default=0, description="mergekit random seed (dare_* drop masks)")
+    allow_pickle: bool = Field(
+        default=False, description="convert a pickle .bin input (torch.load weights_only=True)"
+    )
     overwrite: bool = False
     hash_inputs: bool = Field(default=True, description="record sha256 of the input files")
 
@@ -171,7 +179,7 @@ class MergeConfig(StageConfig):
                 raise ValueError(f"weights: expected one weight per model ({n}), got {len(self.weights)}")
             if not all(math.isfinite(w) for w in self.weights):
                 raise ValueError("weights: every weight must be a finite number")
-            if self.method == "linear" and self.normalize and sum(self.weights) == 0:
+            if self.method == "linear" and self.normalize is not False and sum(self.weights) == 0:
                 raise ValueError("weights: they sum to 0 and cannot be normalized")
         if self.method in MERGEKIT_METHODS and not self.base_model:
             raise ValueError(f"base_model is required for method {self.method!r}")
@@ -179,7 +187,14 @@ class MergeConfig(StageConfig):
             raise ValueError(f"base_model: method {self.method!r} does not use a base model")
         if self.density is not None and self.method not in ("ties", "dare_ties", "dare_linear"):
             raise ValueError(f"density: method {self.method!r} does not use density")
+        if self.normalize is not None and self.method in ("slerp", "model_stock"):
+            raise ValueError(f"normalize: method {self.method!r} does not use normalize")
         return self
+
+    @property
+    def linear_normalize(self) -> bool:
+        """Whether ``linear`` divides the weights by their sum (unless told not to)."""
+        return self.normalize is not False
 
 
 @dataclass
@@ -209,9 +224,9 @@ def slerp_coefficients(t: float, dot: float) -> tuple[float, float]:
 
     Falls back to linear interpolation when the vectors are nearly (anti)parallel, where
     ``sin(theta)`` vanishes. At ``t=0`` the result is exactly ``(1, 0)``; at ``t=1``
-    exactly ``(0, 1)``.
+    exactly ``(0, 1)``. A non-finite ``dot`` (an inf in a tensor) has no angle: linear too.
     """
-    if abs(dot) > DOT_THRESHOLD:
+    if not math.isfinite(dot) or abs(dot) > DOT_THRESHOLD:
         return 1.0 - t, t
     theta = math.acos(max(-1.0, min(1.0, dot)))
     sin_theta = math.sin(theta)
@@ -446,7 +461,7 @@ def _write_merged_shards(
     import torch
 
     coefs = (
-        linear_coefficients(cfg.weights, len(cfg.models), cfg.normalize)
+        linear_coefficients(cfg.weights, len(cfg.models), cfg.linear_normalize)
         if cfg.method == "linear"
         else None
     )
@@ -543,15 +558,15 @@ def mergekit_config(cfg: MergeConfig, model_dirs: Sequence[Path], base_dir: Path
         params: dict[str, Any] = {}
         if cfg.method != "model_stock":
             params["weight"] = w
-        if cfg.method in ("ties", "dare_ties", "dare_linear"):
-            params["density"] = cfg.density if cfg.density is not None else 0.5
+        if cfg.density is not None:
+            params["density"] = cfg.density
         models.append({"model": str(d), **({"parameters": params} if params else {})})
     out: dict[str, Any] = {
         "merge_method": cfg.method,
         "base_model": str(base_dir),
         "models": models,
     }
-    if cfg.method in ("ties", "dare_ties", "dare_linear", "task_arithmetic"):
+    if cfg.normalize is not None:  # else mergekit's default for the method, as in its YAML
         out["parameters"] = {"normalize": cfg.normalize}
     out["dtype"] = cfg.out_dtype or _mergekit_dtype(base_dir)
     return out
@@ -576,7 +591,9 @@ def _run_mergekit(cfg: MergeConfig, model_dirs: Sequence[Path], base_dir: Path, 
         raise MergeError(f"mergekit rejected the generated config: {e}") from None
     bytes_per_param = 4 if spec["dtype"] == "float32" else 2
     options = MergeOptions(
-        copy_tokenizer=True,
+        # run_merge copies the base's tokenizer files itself: mergekit's fallback (load and
+        # re-save) logs a traceback when the base has none, on a merge that succeeded
+        copy_tokenizer=False,
         random_seed=cfg.seed,
         out_shard_size=(cfg.max_shard_size_mb << 20) // bytes_per_param,  # mergekit counts params
         safe_serialization=True,
@@ -599,8 +616,8 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
         raise MergeError("out: an output directory is required")
     inputs = local_inputs(*cfg.models, cfg.base_model)
     check_output(cfg.out, cfg.overwrite, inputs)
-    model_dirs = [resolve_model(m) for m in cfg.models]
-    base_dir = resolve_model(cfg.base_model) if cfg.base_model else None
+    model_dirs = [resolve_model(m, allow_pickle=cfg.allow_pickle) for m in cfg.models]
+    base_dir = resolve_model(cfg.base_model, allow_pickle=cfg.allow_pickle) if cfg.base_model else None
     check_dirs = [base_dir, *model_dirs] if base_dir else model_dirs
     inputs.extend(check_dirs)
     tensors = check_compatible(check_dirs)
@@ -638,13 +655,14 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
                 check_tensor_shapes(
                     read_config(tmp), {n: r.shape for n, r in written.items()}, "mergekit's output"
                 )
-                if (lead / "generation_config.json").is_file() and not (
-                    tmp / "generation_config.json"
-                ).is_file():
-                    shutil.copyfile(lead / "generation_config.json", tmp / "generation_config.json")
+                for name in AUX_FILES:
+                    if (lead / name).is_file() and not (tmp / name).is_file():
+                        shutil.copyfile(lead / name, tmp / name)
+                if not _tokenizer_files(tmp):
+                    log.warning("the base model %s has no tokenizer files: the merged model has none", lead)
                 extra["mergekit_version"] = _version("mergekit")
             weights = (
-                linear_coefficients(cfg.weights, len(cfg.models), cfg.normalize)
+                linear_coefficients(cfg.weights, len(cfg.models), cfg.linear_normalize)
                 if cfg.method == "linear"
                 else cfg.weights
             )

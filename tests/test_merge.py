@@ -243,6 +243,9 @@ def test_cli_slerp_runs(tmp_path, model_a, model_b, capsys):
         ({"models": ["a", "b"], "method": "ties"}, "base_model is required"),
         ({"models": ["a"]}, "at least two models"),
         ({"models": ["a", "b"], "t": 1.5}, "t:"),
+        ({"models": ["a", "b"], "method": "slerp", "normalize": False}, "normalize: method 'slerp'"),
+        ({"models": ["a", "b"], "method": "model_stock", "base_model": "c", "normalize": True},
+         "normalize: method 'model_stock'"),
     ],
 )
 def test_config_errors_name_the_field(data, field):
@@ -266,42 +269,52 @@ def _mergekit(out: Path, spec: dict, seed: int = 0) -> dict[str, torch.Tensor]:
     return model_weights(out)
 
 
-#: (our CLI flags after the models, the mergekit YAML's per-model parameters, its global
-#: parameters, dtype, seed): one case per delegated method, and each merge option in use
+#: (method, our CLI flags after the models, the mergekit YAML's per-model parameters, its
+#: global parameters, dtype, seed): each delegated method, each merge option in use, and
+#: each method with no option at all against a YAML that gives none (mergekit's defaults:
+#: density 1.0, normalize true for ties only)
 MERGEKIT_CASES = {
     "ties": (
+        "ties",
         ["--weights", "0.7", "0.3", "--density", "0.5"],
         [{"weight": 0.7, "density": 0.5}, {"weight": 0.3, "density": 0.5}],
         {"normalize": True}, "float32", 0,
     ),
     "dare_ties": (
-        ["--density", "0.6", "--seed", "7"],
+        "dare_ties",
+        ["--density", "0.6", "--normalize", "--seed", "7"],
         [{"weight": 1.0, "density": 0.6}, {"weight": 1.0, "density": 0.6}],
         {"normalize": True}, "float32", 7,
     ),
     "dare_linear": (
+        "dare_linear",
         ["--weights", "0.5", "0.25", "--density", "0.4", "--no-normalize", "--seed", "3"],
         [{"weight": 0.5, "density": 0.4}, {"weight": 0.25, "density": 0.4}],
         {"normalize": False}, "float32", 3,
     ),
     "task_arithmetic": (
+        "task_arithmetic",
         ["--weights", "0.6", "0.9", "--no-normalize", "--out-dtype", "bfloat16"],
         [{"weight": 0.6}, {"weight": 0.9}],
         {"normalize": False}, "bfloat16", 0,
     ),
-    "model_stock": ([], [None, None], None, "float32", 0),
+    "model_stock": ("model_stock", [], [None, None], None, "float32", 0),
+    **{
+        f"{method}-defaults": (method, [], [{"weight": 1.0}] * 2, None, "float32", 0)
+        for method in ("ties", "dare_ties", "dare_linear", "task_arithmetic")
+    },
 }  # fmt: skip
 
 
-@pytest.mark.parametrize("method", sorted(MERGEKIT_CASES))
-def test_delegated_method_equals_mergekit_tensor_for_tensor(tmp_path, model_a, model_b, model_c, method, capsys):
+@pytest.mark.parametrize("case", sorted(MERGEKIT_CASES))
+def test_delegated_method_equals_mergekit_tensor_for_tensor(tmp_path, model_a, model_b, model_c, case, capsys):
     """``solar-ray merge --method M --base-model ...`` is mergekit's merge of the same YAML,
     bit for bit (the same seed where the method drops deltas at random)."""
     from transformers import AutoModelForCausalLM
 
     from solar_ray.cli import main
 
-    flags, params, global_params, dtype, seed = MERGEKIT_CASES[method]
+    method, flags, params, global_params, dtype, seed = MERGEKIT_CASES[case]
     out = tmp_path / "ours"
     argv = ["merge", "--models", str(model_b), str(model_c), "--base-model", str(model_a),
             "--method", method, *flags, "--out", str(out)]  # fmt: skip
