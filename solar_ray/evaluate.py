@@ -46,6 +46,8 @@ Result schema (``results.json``)::
                  "ppl_tokens": int | null, "ppl_texts": int | null,
                  "ppl_windows": [[nll sum, tokens], ...] | null,
                  "metrics": {task: {metric: float}}, "fingerprint": str | null,
+                 "nonfinite_weights": [parameter names holding NaN/inf],
+                 "item_ids": {task: [...]} (only where they differ from the top level),
                  "eval_seconds": float}],
      "benchmark_data": {...} | null, "limit": int | null, "note": str | null,
      "config": {...}, "versions": {...}}
@@ -59,6 +61,7 @@ import argparse
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
@@ -91,11 +94,13 @@ __all__ = [
     "EvalModel",
     "TaskSpec",
     "TaskEntry",
+    "check_model_source",
     "cli",
     "compare_models",
     "iter_rows",
     "iter_texts",
     "load_texts",
+    "nonfinite_weights",
     "perplexity",
     "plan_tasks",
     "results_table",
@@ -194,14 +199,17 @@ class EvalConfig(StageConfig):
     @field_validator("models", mode="before")
     @classmethod
     def _models_from_strings(cls, value: Any) -> Any:
-        """``"name=path"`` or ``"path"`` strings are accepted for models."""
+        """``"name=path"`` or ``"path"`` strings are accepted for models; a string is split
+        at its first ``=`` only when what precedes it is a plain name (letters, digits,
+        ``._-``) and the whole string is not an existing path."""
         if not isinstance(value, list):
             return value
         out = []
         for item in value:
             if isinstance(item, str):
                 name, sep, path = item.partition("=")
-                out.append({"name": name, "path": path} if sep else {"name": _default_name(item), "path": item})
+                named = sep and _PLAIN_NAME.fullmatch(name) and not os.path.lexists(os.path.expanduser(item))
+                out.append({"name": name, "path": path} if named else {"name": _default_name(item), "path": item})
             else:
                 out.append(item)
         return out
@@ -214,7 +222,18 @@ class EvalConfig(StageConfig):
             raise ValueError(f"models: names must be unique, {dupes} repeat")
         if self.suite == "none" and self.ppl_data is None:
             raise ValueError("suite: 'none' evaluates nothing unless ppl_data is given")
+        if isinstance(self.suite, list) and not self.suite:
+            raise ValueError("suite: no task names given; name tasks, or use 'none' with ppl_data")
+        if self.ppl_stride is not None and self.ppl_stride > self.ppl_seq_len:
+            raise ValueError(
+                f"ppl_stride: {self.ppl_stride} is more than the window (ppl_seq_len "
+                f"{self.ppl_seq_len}); a window advances by at most its length"
+            )
         return self
+
+
+#: what ``NAME=PATH`` may have before the ``=``
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_.-]+")
 
 
 def _default_name(path: str) -> str:
@@ -502,7 +521,10 @@ def _windows(num_tokens: int, seq_len: int, stride: int) -> list[tuple[int, int,
 
     Each target position ``p >= 1`` is scored exactly once, in the first window that has
     it with at least ``seq_len - stride`` tokens of context (all of it in window one).
+    ``1 <= stride <= seq_len``.
     """
+    if not 1 <= stride <= seq_len:
+        raise EvalError(f"ppl_stride: {stride} must be in 1..{seq_len} (the window)")
     out: list[tuple[int, int, int]] = []
     scored_to = 1
     begin = 0
@@ -645,6 +667,32 @@ def _dtype(name: str, device: str) -> torch.dtype:
     return getattr(torch, name)
 
 
+def _check_model_dir(local: Path) -> Path:
+    """``local`` when its ``config.json`` and tokenizer files are there (weights not read)."""
+    from solar_ray.models import TOKENIZER_VOCAB_FILES, read_config
+
+    read_config(local, required=("model_type",))
+    if not any((local / name).is_file() for name in TOKENIZER_VOCAB_FILES):
+        raise EvalError(
+            f"{local} has no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES)}); copy "
+            "the tokenizer files of the model it was made from into it"
+        )
+    return local
+
+
+def check_model_source(source: str) -> Path | None:
+    """Without loading weights: the local directory of a model source, its config and
+    tokenizer checked (a one-line :class:`UserError` otherwise); None for a hub id or an
+    object-store URI, which a dry run does not download."""
+    from solar_ray.models import EMBEDDED_ALIASES, resolve_model
+    from solar_ray.remote import is_remote
+
+    local = os.path.lexists(os.path.expanduser(source)) or source in EMBEDDED_ALIASES
+    if is_remote(source) or (not local and "/" in source and not source.startswith((".", "/", "~"))):
+        return None
+    return _check_model_dir(resolve_model(source))
+
+
 def load_model(source: str, device: str = "auto", dtype: str = "auto") -> tuple[Any, Any, Path]:
     """``(model, tokenizer, local_dir)`` of any model source, in eval mode on ``device``.
 
@@ -653,15 +701,9 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> tuple[
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from solar_ray.models import TOKENIZER_VOCAB_FILES, read_config, resolve_model
+    from solar_ray.models import resolve_model
 
-    local = resolve_model(source)
-    read_config(local, required=("model_type",))
-    if not any((local / name).is_file() for name in TOKENIZER_VOCAB_FILES):
-        raise EvalError(
-            f"{local} has no tokenizer (none of {', '.join(TOKENIZER_VOCAB_FILES)}); copy "
-            "the tokenizer files of the model it was made from into it"
-        )
+    local = _check_model_dir(resolve_model(source))
     dev = _device(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(local), dtype=_dtype(dtype, dev)).to(dev)
@@ -674,6 +716,13 @@ def load_model(source: str, device: str = "auto", dtype: str = "auto") -> tuple[
     model.eval()
     return model, tokenizer, local
 
+
+
+def nonfinite_weights(model: Any) -> list[str]:
+    """Names of the model's parameters that hold a NaN or an infinity."""
+    import torch
+
+    return [name for name, p in model.named_parameters() if not bool(torch.isfinite(p).all())]
 
 
 def _headline(spec: TaskSpec, metrics: dict[str, Any]) -> tuple[str, float]:
@@ -825,6 +874,12 @@ def _evaluate_model(
     """Every task and the perplexity of one model."""
     t0 = time.monotonic()
     model, tokenizer, local = load_model(entry.path, cfg.device, cfg.dtype)
+    bad = nonfinite_weights(model)
+    if bad:
+        log.warning(
+            "%s: %d weight tensors hold NaN or inf (%s): its scores mean nothing",
+            entry.name, len(bad), ", ".join(bad[:3]),
+        )  # fmt: skip
     manifest = read_manifest(local) or {}
     result: dict[str, Any] = {
         "name": entry.name,
@@ -845,6 +900,7 @@ def _evaluate_model(
         "ppl_windows": None,
         "metrics": {},
         "fingerprint": None,
+        "nonfinite_weights": bad,
     }
     if specs:
         from lm_eval.models.huggingface import HFLM
@@ -870,13 +926,15 @@ def _evaluate_model(
         result["average"], result["average_stderr"] = _average(result["scores"], result["stderr"])
     if ppl_texts:
         seq_len = _ppl_seq_len(cfg, model)
+        stride = cfg.ppl_stride
+        if stride and stride > seq_len:
+            log.warning(
+                "%s: ppl_stride %d is more than its %d-token window (max_position_embeddings); "
+                "using %d", entry.name, stride, seq_len, seq_len,
+            )  # fmt: skip
+            stride = seq_len
         ppl = perplexity(
-            model,
-            tokenizer,
-            ppl_texts,
-            seq_len=seq_len,
-            stride=min(cfg.ppl_stride, seq_len) if cfg.ppl_stride else None,
-            batch_size=cfg.batch_size,
+            model, tokenizer, ppl_texts, seq_len=seq_len, stride=stride, batch_size=cfg.batch_size
         )
         result["ppl"] = ppl["ppl"]
         result["ppl_low"], result["ppl_high"] = ppl["ppl_low"], ppl["ppl_high"]
@@ -920,7 +978,8 @@ def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Estimat
     """``a - b`` per task (and ``average``, ``nll`` per token) with standard errors.
 
     Paired over the same items when both models have per-item results for the same item
-    ids (then ``n`` is the number of items), else the two standard errors combined as
+    ids, in the same order (a model's own ``item_ids``, else the results' top-level ones;
+    then ``n`` is the number of items), else the two standard errors combined as
     independent. ``nll`` is paired over perplexity windows when both scored the same
     windows (same tokenizer), ``-`` means ``a`` has the lower held-out loss.
     """
@@ -932,7 +991,8 @@ def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Estimat
         if name not in ma["scores"] or name not in mb["scores"]:
             continue
         ia, ib = (ma.get("items") or {}).get(name), (mb.get("items") or {}).get(name)
-        if ia and ib and len(ia) == len(ib):
+        ids_a, ids_b = _item_ids(results, ma, name), _item_ids(results, mb, name)
+        if ia and ib and ids_a and ids_a == ids_b and len(ia) == len(ib) == len(ids_a):
             out[name] = paired_mean_difference(ia, ib)
         else:
             sa, sb = ma["stderr"].get(name), mb["stderr"].get(name)
@@ -953,6 +1013,12 @@ def compare_models(results: dict[str, Any], a: str, b: str) -> dict[str, Estimat
             eb = ratio_estimate([w[0] for w in wb], [w[1] for w in wb])
             out["nll"] = Estimate(ea.value - eb.value, math.hypot(ea.se, eb.se), min(ea.n, eb.n))
     return out
+
+
+def _item_ids(results: dict[str, Any], model: dict[str, Any], task: str) -> list[str] | None:
+    """The ids of a model's per-item results of ``task``: its own, else the results' ones."""
+    own = (model.get("item_ids") or {}).get(task)
+    return own if own is not None else (results.get("item_ids") or {}).get(task)
 
 
 def _comparisons(names: list[str]) -> list[tuple[str, str]]:
@@ -1052,6 +1118,12 @@ def results_table(results: dict[str, Any]) -> str:
         )
     for task, why in (results.get("unavailable") or {}).items():
         notes.append(f"Not evaluated: {task} ({why}).")
+    for m in models:
+        if m.get("nonfinite_weights"):
+            notes.append(
+                f"WARNING: {m['name']} has NaN or infinite weights in "
+                f"{len(m['nonfinite_weights'])} tensors; its scores mean nothing."
+            )
     if results.get("note"):
         notes.append(str(results["note"]))
     return out + "\n" + " ".join(notes) + "\n"
@@ -1096,8 +1168,8 @@ def run_eval(
                 task["metric"] = model_result.get("metric_keys", {}).get(task["name"], "auto")
         model_result.pop("metric_keys", None)
         for task, ids in model_result.pop("item_ids", {}).items():
-            if results["item_ids"].setdefault(task, ids) != ids:  # not the same items: no pairing
-                model_result["items"][task] = []
+            if results["item_ids"].setdefault(task, ids) != ids:  # not the same items: own ids
+                model_result.setdefault("item_ids", {})[task] = ids
         results["models"].append(model_result)
         log.info(
             "%s: average %s, ppl %s", entry.name, _pm(model_result["average"], model_result["average_stderr"]),
@@ -1170,7 +1242,10 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
     parser.add_argument("--suite", help="offline | h6 | none | comma-separated lm-eval task names")
     parser.add_argument("--num-fewshot", action="append", metavar="TASK=N", help="shot override")
     add_field_flags(parser, EvalConfig, skip=("models", "suite", "num_fewshot"))
-    parser.add_argument("--dry-run", action="store_true", help="print the plan, evaluate nothing")
+    parser.add_argument(
+        "--dry-run", action="store_true",
+        help="check the models, tasks, texts and output; print the plan; evaluate nothing",
+    )  # fmt: skip
     return _run_cli
 
 
@@ -1204,9 +1279,14 @@ def _run_cli(args: argparse.Namespace) -> int:
             if missing:
                 raise EvalError(f"suite: lm-eval has no task named {missing}")
         for m in cfg.models:
-            print(f"  model {m.name}: {m.path}")
+            checked = check_model_source(m.path)
+            print(f"  model {m.name}: {m.path}" + ("" if checked else " (hub or remote: not fetched)"))
         if cfg.ppl_data is not None:
+            load_texts(cfg.ppl_data, 1)  # exists and holds text
             print(f"  perplexity on {cfg.ppl_data!r} (windows of {cfg.ppl_seq_len} tokens)")
+        if cfg.out:
+            ppl_sources = cfg.ppl_data if isinstance(cfg.ppl_data, str) else None
+            check_output(cfg.out, cfg.overwrite, local_inputs(*(m.path for m in cfg.models), ppl_sources))
         if cfg.limit:
             print(f"  the first {cfg.limit} items of each task")
         return 0

@@ -27,13 +27,16 @@ sequences; the error is the standard error across sequences (a sequence is the s
 unit, its tokens are not independent). ``m`` with ``2(n-m) > n`` grows the model; ``m = n/2``
 gives the base model back and larger ``m`` prunes.
 
-``solar-ray score-plans --source smollm2-135m`` prints the table (seconds on a CPU).
+``solar-ray score-plans --source smollm2-135m`` prints the table (seconds on a CPU);
+``--out`` writes it as JSON carrying ``"format": "solar-ray-scores/1"``, the mark that lets
+``--overwrite`` replace it (and nothing else).
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass
@@ -43,6 +46,14 @@ from typing import Any
 import numpy as np
 from pydantic import Field
 
+from solar_ray.checkpoint import (
+    OutputExistsError,
+    OutputWriteError,
+    UnsafeOutputError,
+    check_output,
+    local_inputs,
+    write_json_atomic,
+)
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
 from solar_ray.fs import is_uri
@@ -51,6 +62,7 @@ __all__ = [
     "PlanScore",
     "ScorePlansConfig",
     "angular_distance",
+    "check_scores_out",
     "cli",
     "heldout_rows",
     "removed_layers",
@@ -60,6 +72,10 @@ __all__ = [
     "score_model",
     "upscaling_m_values",
 ]
+
+
+#: the ``format`` of a ``score-plans --out`` file: what ``--overwrite`` may replace
+SCORES_FORMAT = "solar-ray-scores/1"
 
 
 class SeamError(UserError):
@@ -82,6 +98,9 @@ class ScorePlansConfig(StageConfig):
     seq_len: int = Field(default=128, ge=8, description="tokens per sequence (text input)")
     batch_size: int = Field(default=8, ge=1)
     out: str | None = Field(default=None, description="also write the scores as JSON here")
+    overwrite: bool = Field(
+        default=False, description="replace an existing --out file that score-plans wrote"
+    )
 
 
 @dataclass(frozen=True)
@@ -172,8 +191,13 @@ def _layer_states(model: Any, input_ids: Any, position_ids: Any) -> list[Any]:
     handle = layers[-1].register_forward_hook(keep)
     try:
         with torch.no_grad():
+            # no cache: with one, transformers ignores packed position_ids and attends
+            # across the documents of a row
             out = decoder(
-                input_ids=input_ids, position_ids=position_ids, output_hidden_states=True
+                input_ids=input_ids,
+                position_ids=position_ids,
+                output_hidden_states=True,
+                use_cache=False,
             )
     finally:
         handle.remove()
@@ -260,7 +284,10 @@ def heldout_rows(
 
             texts = load_texts(path)
         else:
-            texts = [path.read_text(encoding="utf-8")]
+            try:
+                texts = [path.read_text(encoding="utf-8")]
+            except UnicodeDecodeError:
+                raise SeamError(f"data: {data} is not UTF-8 text") from None
     ids: list[int] = []
     pos: list[int] = []
     eos = tokenizer.eos_token_id
@@ -282,15 +309,12 @@ def heldout_rows(
 
 
 def _load(model_dir: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer): bf16 on a GPU when there is one, else fp32 on the CPU."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    """(model, tokenizer): bf16 on a GPU when there is one, else fp32 on the CPU; a model
+    without a tokenizer or that transformers refuses is a one-line :class:`UserError`."""
+    from solar_ray.evaluate import load_model
 
-    cuda = torch.cuda.is_available()
-    model = AutoModelForCausalLM.from_pretrained(
-        model_dir, dtype=torch.bfloat16 if cuda else torch.float32
-    )
-    return (model.to("cuda") if cuda else model), AutoTokenizer.from_pretrained(model_dir)
+    model, tokenizer, _ = load_model(str(model_dir))
+    return model, tokenizer
 
 
 def seam_scores(
@@ -327,18 +351,69 @@ def seam_scores(
     }
 
 
+def _is_scores_file(path: Path) -> bool:
+    import json
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(data, dict) and str(data.get("format", "")).startswith("solar-ray-scores/")
+
+
+def check_scores_out(out: str, overwrite: bool, inputs: Sequence[str | os.PathLike]) -> Path:
+    """The local JSON file ``out`` names, refused (:class:`UserError` naming ``out``) when
+    it is a URI, a directory, a symlink, lies inside an input, sits where nothing can be
+    written, or exists and is not a score-plans output that ``overwrite`` lets us replace."""
+    if is_uri(out):
+        raise SeamError(f"out: {out!r}: score-plans writes a local JSON file; give a local path")
+    path = Path(out).expanduser().absolute()
+    if path.is_dir() and not path.is_symlink():
+        raise UnsafeOutputError(f"out: {path} is a directory; give a file name for the scores")
+    try:
+        check_output(path, inputs=inputs)  # inputs, symlinks, name length
+    except OutputExistsError:  # a file is there
+        if not overwrite:
+            raise OutputExistsError(
+                f"out: {path} exists (pass --overwrite to replace a score-plans output)"
+            ) from None
+        if not _is_scores_file(path):
+            raise UnsafeOutputError(
+                f"out: {path} is not a score-plans output (no \"format\": \"{SCORES_FORMAT}\"); "
+                "--overwrite replaces only what solar-ray wrote: choose another path"
+            ) from None
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputWriteError(f"out: cannot write under {parent}")
+    return path
+
+
 def run_score_plans(cfg: ScorePlansConfig) -> list[PlanScore]:
-    """Load ``cfg.source``, score its ``m`` values on held-out rows; write JSON if asked."""
-    from solar_ray.checkpoint import write_json_atomic
+    """Load ``cfg.source``, score its ``m`` values on held-out rows; write JSON if asked.
+
+    ``out`` is checked (:func:`check_scores_out`) before the model is loaded."""
     from solar_ray.models import resolve_model
 
-    model, tokenizer = _load(resolve_model(cfg.source))
+    inputs = local_inputs(cfg.source, cfg.data)
+    out = check_scores_out(cfg.out, cfg.overwrite, inputs) if cfg.out else None
+    source = resolve_model(cfg.source)
+    if out:  # an alias resolves into the model cache: that is an input too
+        check_scores_out(cfg.out, cfg.overwrite, [*inputs, source])
+    model, tokenizer = _load(source)
     ids, pos = heldout_rows(cfg.data, tokenizer, cfg.num_sequences, cfg.seq_len)
     scores = score_model(model, ids, pos, cfg.m, cfg.batch_size)
-    if cfg.out:
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(
-            Path(cfg.out),
-            {"source": cfg.source, "config": cfg.to_dict(), "scores": [asdict(s) for s in scores]},
+            out,
+            {
+                "format": SCORES_FORMAT,
+                "source": cfg.source,
+                "config": cfg.to_dict(),
+                "scores": [asdict(s) for s in scores],
+            },
         )
     return scores
 

