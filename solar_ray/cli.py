@@ -10,9 +10,10 @@ command gets ``--config FILE`` and repeatable ``--set dotted.key=value`` overrid
 :func:`solar_ray.config.add_config_args`; each config field is a flag of its own
 (:func:`solar_ray.config.add_field_flags`). A :class:`~solar_ray.errors.UserError` (bad config, model file,
 data) is printed on one line and exits 2, and so is an OS error on a path (no space, no
-permission, a name too long); ``-v`` adds the traceback. SIGTERM and SIGINT stop the
-command the way an exception does (a partial output is removed) and exit 128 + signal
-with one line.
+permission, a name too long); ``-v`` adds the traceback, and a usage error is one line too.
+SIGTERM and SIGINT, from the moment :func:`main` starts (before the command's module is
+imported), stop the command the way an exception does (a partial output is removed) and
+exit 128 + signal with one line.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import logging
 import signal
 import sys
 import traceback
+import typing
 from collections.abc import Callable, Sequence
 
 from solar_ray.errors import UserError, user_os_error
@@ -56,7 +58,13 @@ class Interrupted(KeyboardInterrupt):
         self.signum = signum
 
 
+#: the signals received during this call of :func:`main`: an ``Interrupted`` raised inside
+#: a library's code may come back wrapped in another error (pydantic's SchemaError)
+_received: list[int] = []
+
+
 def _raise_interrupted(signum: int, frame: object) -> None:
+    _received.append(signum)
     raise Interrupted(signum)
 
 
@@ -80,10 +88,47 @@ def _one_line(msg: str) -> str:
     return "; ".join(parts)
 
 
+class _Parser(argparse.ArgumentParser):
+    """An argument parser whose errors are one line (and ``see --help``), exit 2."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        self.exit(2, f"{self.prog}: error: {_one_line(message)} (see {self.prog} --help)\n")
+
+
 def main(argv: Sequence[str] | None = None) -> ExitCode:
     """Entry point of the ``solar-ray`` console script."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    top = argparse.ArgumentParser(
+    command = next((a for a in argv if a in COMMANDS), None)
+    verbose = any(a in ("-v", "--verbose") for a in argv)
+    # first thing: a signal during start-up (importing torch takes seconds) stops cleanly too
+    _received.clear()
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        for s in previous:
+            signal.signal(s, _raise_interrupted)
+    except ValueError:  # not the main thread (an embedding application): leave them
+        previous = {}
+    try:
+        return _main(argv, command, verbose)
+    except BaseException as e:
+        signum = _stopped_by(e, installed=bool(previous)) or next(iter(_received), None)
+        if signum is None:
+            raise
+        for s in previous:  # stopping anyway: a second signal must not interrupt the message
+            signal.signal(s, signal.SIG_IGN)
+        if verbose:
+            traceback.print_exc()
+        name = signal.Signals(signum).name
+        prog = f"solar-ray {command}" if command else "solar-ray"
+        print(f"{prog}: stopped by {name}; partial outputs were removed", file=sys.stderr)
+        return 128 + signum
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _main(argv: list[str], command: str | None, verbose: bool) -> ExitCode:
+    top = _Parser(
         prog="solar-ray",
         description="Depth up-scaling (SOLAR 10.7B recipe) of open LLMs, trained on Ray.",
     )
@@ -93,8 +138,6 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
         sub.add_parser(name, help=help_, add_help=False)
 
     # Find the command without importing every module: only the one invoked is imported.
-    verbose = any(a in ("-v", "--verbose") for a in argv)
-    command = next((a for a in argv if a in COMMANDS), None)
     if command is None:
         top.parse_args(argv or ["--help"])
         return 2
@@ -106,7 +149,8 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     module_name, help_ = COMMANDS[command]
-    parser = argparse.ArgumentParser(prog=f"solar-ray {command}", description=help_)
+    # help strings are %-formatted by argparse, descriptions are not
+    parser = _Parser(prog=f"solar-ray {command}", description=help_.replace("%%", "%"))
     parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
     try:
         module = importlib.import_module(module_name)
@@ -117,40 +161,23 @@ def main(argv: Sequence[str] | None = None) -> ExitCode:
         raise
     runner: Callable[[argparse.Namespace], ExitCode] = module.cli(command, parser)
     args = parser.parse_args(argv[:idx] + argv[idx + 1 :])
-    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
-    try:
-        for s in previous:
-            signal.signal(s, _raise_interrupted)
-    except ValueError:  # not the main thread (an embedding application): leave them
-        previous = {}
     try:
         return int(runner(args) or 0)
     except UserError as e:
+        if _received:  # the error is the signal's, wrapped
+            raise Interrupted(_received[0]) from e
         if verbose:
             traceback.print_exc()
         print(f"solar-ray {command}: error: {_one_line(str(e))}", file=sys.stderr)
         return 2
     except OSError as e:
         line = user_os_error(e)
-        if line is None:
+        if line is None or _received:
             raise
         if verbose:
             traceback.print_exc()
         print(f"solar-ray {command}: error: {line}", file=sys.stderr)
         return 2
-    except (KeyboardInterrupt, SystemExit) as e:
-        signum = _stopped_by(e, installed=bool(previous))
-        if signum is None:
-            raise
-        if verbose:
-            traceback.print_exc()
-        name = signal.Signals(signum).name
-        print(f"solar-ray {command}: stopped by {name}; partial outputs were removed",
-              file=sys.stderr)  # fmt: skip
-        return 128 + signum
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
 
 
 if __name__ == "__main__":

@@ -33,6 +33,7 @@ __all__ = [
     "add_field_flags",
     "flag_values",
     "apply_overrides",
+    "check_flags_agree",
     "load_config",
     "load_yaml",
     "parse_override",
@@ -96,10 +97,60 @@ UniqueKeyLoader.add_constructor(
 )
 
 
-def parse_yaml(text: str, origin: str) -> Any:
-    """YAML text to data with :class:`UniqueKeyLoader`; any problem is one ConfigError line."""
+#: the most text and the most nodes (aliases counted as copies) a YAML document may hold:
+#: a recipe is a few KiB; an "alias bomb" expands a few lines into billions of nodes
+MAX_YAML_CHARS = 4 * 1024 * 1024
+MAX_YAML_NODES = 1_000_000
+
+
+class YAMLBoundError(yaml.YAMLError):
+    """A YAML document over :data:`MAX_YAML_CHARS` or :data:`MAX_YAML_NODES`, or a cycle."""
+
+
+def _expanded_size(node: yaml.Node, sizes: dict[int, int], open_: set[int]) -> int:
+    """Nodes in ``node`` with every alias expanded (memoized, so a bomb costs its text)."""
+    if id(node) in sizes:
+        return sizes[id(node)]
+    if id(node) in open_:
+        raise YAMLBoundError("an alias refers to a node that contains it (a cycle)")
+    open_.add(id(node))
+    size = 1
+    if isinstance(node, yaml.SequenceNode):
+        size += sum(_expanded_size(n, sizes, open_) for n in node.value)
+    elif isinstance(node, yaml.MappingNode):
+        size += sum(_expanded_size(k, sizes, open_) + _expanded_size(v, sizes, open_)
+                    for k, v in node.value)  # fmt: skip
+    open_.discard(id(node))
+    sizes[id(node)] = size = min(size, MAX_YAML_NODES + 1)
+    return size
+
+
+def _load_bounded(text: str) -> Any:
+    """``yaml.load`` with :class:`UniqueKeyLoader`, refusing huge or alias-bomb documents."""
+    if len(text) > MAX_YAML_CHARS:
+        raise YAMLBoundError(f"longer than {MAX_YAML_CHARS} characters")
+    loader = UniqueKeyLoader(text)
     try:
-        return yaml.load(text, Loader=UniqueKeyLoader)  # noqa: S506 - a SafeLoader subclass
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        if _expanded_size(node, {}, set()) > MAX_YAML_NODES:
+            raise YAMLBoundError(
+                f"more than {MAX_YAML_NODES} values once its aliases (*name) are expanded"
+            )
+        return loader.construct_document(node)
+    finally:
+        loader.dispose()
+
+
+def parse_yaml(text: str, origin: str) -> Any:
+    """YAML text to data with :class:`UniqueKeyLoader`; any problem is one ConfigError line.
+
+    A document over :data:`MAX_YAML_CHARS`, or over :data:`MAX_YAML_NODES` values with its
+    aliases expanded (or with an alias inside itself), is refused before it is built.
+    """
+    try:
+        return _load_bounded(text)
     except DuplicateKeyError as e:
         raise ConfigError(
             f"{origin}: line {e.line}: the key {e.key!r} is given twice (first on line "
@@ -148,7 +199,9 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if any(not p for p in parts):
         raise ConfigError(f"--set {item!r}: empty component in key {key!r}")
     try:
-        value = yaml.load(raw, Loader=UniqueKeyLoader) if raw.strip() else ""  # noqa: S506
+        value = _load_bounded(raw) if raw.strip() else ""
+    except YAMLBoundError as e:
+        raise ConfigError(f"--set {key}: the value is {e}") from None
     except (yaml.YAMLError, RecursionError):
         value = raw
     return parts, value
@@ -168,14 +221,13 @@ def apply_overrides(data: Mapping[str, Any], overrides: Iterable[str]) -> dict[s
             last = i == len(parts) - 1
             where = ".".join(parts[: i + 1])
             if isinstance(node, list):
-                try:
-                    idx = int(part)
-                    node[idx]  # noqa: B018 - bounds check
-                except (ValueError, IndexError):
+                # digits only: a negative index (-1) would silently pick from the end
+                if not part.isdigit() or int(part) >= len(node):
                     raise ConfigError(
                         f"--set {item!r}: {where!r} is not a valid index into a list of "
-                        f"{len(node)}"
-                    ) from None
+                        f"{len(node)} (0 to {len(node) - 1})"
+                    )
+                idx = int(part)
                 if last:
                     node[idx] = value
                 else:
@@ -228,17 +280,33 @@ def load_config(
 ) -> T:
     """Load ``cls`` from a YAML file and/or a mapping, then apply ``--set`` overrides.
 
-    ``data`` entries win over the file's (the CLI passes its flags this way).
+    ``data`` entries win over the file's (the CLI passes its flags this way); a ``--set``
+    that changes a field ``data`` gives is refused, naming both.
     """
     merged: dict[str, Any] = {}
     origin = "<args>"
     if path is not None:
         merged.update(load_yaml(path))
         origin = str(path)
-    if data:
-        merged.update({k: v for k, v in data.items() if v is not None})
+    flags = {k: v for k, v in (data or {}).items() if v is not None}
+    merged.update(flags)
+    overrides = list(overrides)
+    check_flags_agree(flags, overrides)
     merged = apply_overrides(merged, overrides)
     return validate(cls, merged, origin)
+
+
+def check_flags_agree(flags: Mapping[str, Any], overrides: Iterable[str]) -> None:
+    """Refuse a ``--set`` that changes a field also given as the flag ``--name``."""
+    for item in overrides:
+        top = parse_override(item)[0][0]
+        if top in flags:
+            given = {top: flags[top]}
+            if apply_overrides(given, [item]) != given:
+                flag = "--" + top.replace("_", "-")
+                raise ConfigError(
+                    f"{flag} {flags[top]!r} and --set {item!r} disagree; give the field once"
+                )
 
 
 # --------------------------------------------------------------------------- command-line flags

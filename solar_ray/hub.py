@@ -11,12 +11,18 @@ weights, config, tokenizer, the model card (``README.md``) and ``solar.json`` (l
 The token comes only from the environment (``HF_TOKEN``) or the hub's own login
 (``hf auth login``), which :class:`huggingface_hub.HfApi` reads itself; a recipe that holds
 a token is refused (:func:`refuse_tokens`), so a secret never lands in a run directory's
-``recipe.json`` or a lineage manifest.
+``recipe.json`` or a lineage manifest. The same holds for other services' secrets: an
+environment variable (``runtime_env.env_vars``) whose name says it is one (``*TOKEN*``,
+``*SECRET*``, ``*PASSWORD*``, ``*API_KEY*``, ``*ACCESS_KEY*``, ``*CREDENTIAL*``), and any
+value shaped like a known key (``hf_...``, ``AKIA...``, ``sk-...``), are refused: export them
+in the shell that runs ``solar-ray`` or ``ray job submit`` (``--runtime-env-json``), never
+in a recipe.
 """
 
 from __future__ import annotations
 
 import argparse
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -32,6 +38,14 @@ __all__ = ["MODEL_KINDS", "PushToHub", "push_model", "refuse_tokens"]
 MODEL_KINDS = frozenset({"upscale", "pretrain", "sft", "dpo", "merge"})
 #: keys that would hold a secret: never in a recipe
 TOKEN_KEYS = frozenset({"token", "hf_token", "hub_token", "api_token", "access_token"})
+#: environment variable names that hold a secret (WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...)
+SECRET_ENV = re.compile(r"TOKEN|SECRET|PASSWORD|PASSWD|API_?KEY|ACCESS_KEY|PRIVATE_KEY|CREDENTIAL",
+                        re.IGNORECASE)  # fmt: skip
+#: values shaped like a known service's key: Hugging Face, AWS, OpenAI-style, GitHub, Slack
+SECRET_VALUE = re.compile(r"^\s*(hf_[A-Za-z0-9]{30,}|A[KS]IA[0-9A-Z]{16}|sk-[\w-]{20,}"
+                          r"|gh[pousr]_\w{30,}|github_pat_\w{30,}|xox[abpr]-[\w-]{10,})\s*$")
+_WHERE_SECRETS_GO = ("pass it through the environment (export it where solar-ray or "
+                     "`ray job submit` runs), never in a recipe")  # fmt: skip
 
 
 class PushToHub(StageConfig):
@@ -44,8 +58,10 @@ class PushToHub(StageConfig):
 
 
 def refuse_tokens(data: Any, where: str = "") -> None:
-    """Refuse a token anywhere in a recipe's data: it names the field and where tokens go."""
+    """Refuse a secret anywhere in a recipe's data: a token field, a secret-named environment
+    variable (under ``env_vars``), a value shaped like a key. The line names the field."""
     if isinstance(data, Mapping):
+        env = where.rsplit(".", 1)[-1] == "env_vars"
         for key, value in data.items():
             path = f"{where}.{key}" if where else str(key)
             if str(key).lower() in TOKEN_KEYS:
@@ -53,10 +69,14 @@ def refuse_tokens(data: Any, where: str = "") -> None:
                     f"{path}: a recipe never holds a token; set HF_TOKEN in the environment "
                     "or run `hf auth login`"
                 )
+            if env and SECRET_ENV.search(str(key)):
+                raise ConfigError(f"{path}: looks like a secret; {_WHERE_SECRETS_GO}")
             refuse_tokens(value, path)
     elif isinstance(data, list):
         for i, value in enumerate(data):
             refuse_tokens(value, f"{where}.{i}")
+    elif isinstance(data, str) and SECRET_VALUE.match(data):
+        raise ConfigError(f"{where}: the value looks like an access key; {_WHERE_SECRETS_GO}")
 
 
 def push_model(model_dir: str | Path, repo_id: str, private: bool = False) -> str:
@@ -74,16 +94,32 @@ def push_model(model_dir: str | Path, repo_id: str, private: bool = False) -> st
             f"{model_dir}: not a finished solar-ray model (no solar.json); push a stage's output"
         )
     api = HfApi()  # the token: HF_TOKEN, else the hub's login
-    api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
     stage = read_manifest(model_dir).get("stage", "model")  # type: ignore[union-attr]
-    commit = api.upload_folder(
-        folder_path=str(model_dir),
-        repo_id=repo_id,
-        repo_type="model",
-        commit_message=f"solar-ray: {stage} output {model_dir.name}",
-        ignore_patterns=[".*"],
-    )
+    try:
+        api.create_repo(repo_id, repo_type="model", private=private, exist_ok=True)
+        commit = api.upload_folder(
+            folder_path=str(model_dir),
+            repo_id=repo_id,
+            repo_type="model",
+            commit_message=f"solar-ray: {stage} output {model_dir.name}",
+            ignore_patterns=[".*"],
+        )
+    except Exception as e:
+        if not _is_hub_error(e):
+            raise
+        first = next((line.strip() for line in str(e).splitlines() if line.strip()), "")
+        raise UserError(
+            f"push to {repo_id}: the Hub refused or could not be reached "
+            f"({type(e).__name__}: {first[:200]}); check the network and HF_TOKEN"
+        ) from None
     return str(getattr(commit, "commit_url", commit))
+
+
+def _is_hub_error(e: BaseException) -> bool:
+    """A network or Hub (HTTP, auth) failure, not a bug: the HTTP clients' and the hub's errors."""
+    root = type(e).__module__.split(".")[0]
+    return isinstance(e, OSError) or root in ("huggingface_hub", "httpx", "httpx2", "httpcore",
+                                              "requests", "urllib3")  # fmt: skip
 
 
 def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:

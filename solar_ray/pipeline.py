@@ -671,7 +671,10 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
 
     def run(args: argparse.Namespace) -> int:
+        from solar_ray.config import check_flags_agree
+
         recipe_path = getattr(args, "recipe", None) or args.config or _demo_recipe()
+        check_flags_agree({"out": args.out} if args.out else {}, args.overrides)
         recipe = load_recipe(recipe_path, args.overrides)
         try:
             result = run_recipe(recipe, args.out, dry_run=args.dry_run)

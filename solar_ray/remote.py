@@ -17,7 +17,10 @@ mirror on the driver's node (:func:`mirror_dir`) that its stages write into.
 The transfers are pyarrow's filesystems (they honour ``AWS_ENDPOINT_URL`` and the usual
 credential chains; Ray Train reads and writes its checkpoints through the same ones). What
 is written here is only the order of the files and the ownership rule, which no library
-gives.
+gives. Every operation is bounded in time: GCS retries for ``SOLAR_RAY_STORAGE_RETRY_S``
+seconds (default 60; its own default is 15 minutes), S3 keeps the AWS SDK's short timeouts,
+and a failure is one :class:`StorageError` line. The transfers run in a helper thread, so
+SIGTERM and SIGINT stop a command at once even while a request hangs.
 """
 
 from __future__ import annotations
@@ -29,13 +32,14 @@ import json
 import logging
 import os
 import shutil
+import threading
 import uuid
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
 from solar_ray.checkpoint import OUTPUT_MARKER, OUTPUT_MARKER_FORMAT, write_json_atomic
-from solar_ray.errors import UserError
+from solar_ray.errors import UserError, user_os_error
 from solar_ray.fs import StorageError, arrow_filesystem, files_under, is_uri
 from solar_ray.identity import output_marker
 
@@ -66,6 +70,8 @@ R = TypeVar("R")
 SCHEMES = ("s3", "gs")
 #: written first by an upload in progress, removed when the output marker is in place
 UPLOAD_MARKER = ".solar-ray-upload"
+#: seconds one object-store operation may retry (GCS's own default is 15 minutes)
+RETRY_ENV = "SOLAR_RAY_STORAGE_RETRY_S"
 
 
 def is_remote(path: str | os.PathLike[str] | None) -> bool:
@@ -92,8 +98,12 @@ def join(uri: str, *parts: str) -> str:
 
 def list_files(uri: str) -> list[str]:
     """The objects under ``uri``, as paths relative to it (none when there are none)."""
-    fs, root = arrow_filesystem(uri)
-    return [p[len(root.rstrip("/")) + 1 :] for p in files_under(fs, root)]
+
+    def run() -> list[str]:
+        fs, root = _filesystem(uri)
+        return [p[len(root.rstrip("/")) + 1 :] for p in files_under(fs, root)]
+
+    return _interruptible(run, uri)
 
 
 def read_json(uri: str) -> dict[str, Any] | None:
@@ -102,7 +112,11 @@ def read_json(uri: str) -> dict[str, Any] | None:
     None when it is absent or is not a JSON object; any other failure to read it (no
     permission, an unreachable store) is a :class:`StorageError` naming ``uri``.
     """
-    fs, path = arrow_filesystem(uri)
+    return _interruptible(lambda: _read_json(uri), uri)
+
+
+def _read_json(uri: str) -> dict[str, Any] | None:
+    fs, path = _filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
             data = json.loads(f.read().decode("utf-8"))
@@ -124,9 +138,12 @@ def upload_file(local: str | os.PathLike[str], uri: str) -> None:
     """Copy one local file to ``uri`` (one object; a reader sees all of it or none)."""
     import pyarrow.fs as pafs
 
-    fs, path = arrow_filesystem(uri)
-    pafs.copy_files(os.fspath(local), path, source_filesystem=pafs.LocalFileSystem(),
-                    destination_filesystem=fs)  # fmt: skip
+    def run() -> None:
+        fs, path = _filesystem(uri)
+        pafs.copy_files(os.fspath(local), path, source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=fs)  # fmt: skip
+
+    _interruptible(run, uri)
 
 
 def publish(local: str | os.PathLike[str], uri: str, **marker_fields: Any) -> dict[str, Any]:
@@ -136,6 +153,10 @@ def publish(local: str | os.PathLike[str], uri: str, **marker_fields: Any) -> di
     interrupted upload); anything else is refused. ``marker_fields`` are added to the
     uploaded marker (the pipeline records the artifact id there). Returns that marker.
     """
+    return _interruptible(lambda: _publish(local, uri, **marker_fields), uri)
+
+
+def _publish(local: str | os.PathLike[str], uri: str, **marker_fields: Any) -> dict[str, Any]:
     import pyarrow.fs as pafs
 
     local = Path(local)
@@ -143,7 +164,7 @@ def publish(local: str | os.PathLike[str], uri: str, **marker_fields: Any) -> di
     if not marker.get("id"):  # every uploaded output has a write id (what copies are keyed by)
         marker["id"] = uuid.uuid4().hex
     check_owned(uri)
-    fs, root = arrow_filesystem(uri)
+    fs, root = _filesystem(uri)
     existing = files_under(fs, root)
     # from here on the prefix is not a finished output until the new marker is written
     _write(fs, f"{root}/{UPLOAD_MARKER}", {"id": marker.get("id")})
@@ -213,9 +234,12 @@ def download(
     directory solar-ray owns (a cache or a run mirror). A prefix without a marker (an
     interrupted upload, or not an output) is an error naming it.
     """
+    return _interruptible(lambda: _download(uri, Path(dest), names), uri)
+
+
+def _download(uri: str, dest: Path, names: Collection[str] | None) -> Path:
     import pyarrow.fs as pafs
 
-    dest = Path(dest)
     marker = read_marker(uri)
     if marker is None:
         raise UserError(
@@ -228,7 +252,7 @@ def download(
     with _locked(dest.parent / f".{dest.name}.lock"):
         if _same_artifact(dest, marker):
             return dest  # another process on this node downloaded it meanwhile
-        fs, root = arrow_filesystem(uri)
+        fs, root = _filesystem(uri)
         tmp = dest.parent / f".{dest.name}.download-{uuid.uuid4().hex[:8]}"
         try:
             for path in files_under(fs, root):
@@ -282,6 +306,43 @@ def mirror_dir(uri: str) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _filesystem(uri: str) -> tuple[Any, str]:
+    """:func:`~solar_ray.fs.arrow_filesystem`, with GCS's retries bounded in time."""
+    if _scheme(uri) == "gs" and "?" not in uri:
+        limit_s = float(os.environ.get(RETRY_ENV) or 60)
+        return arrow_filesystem(f"{uri}?retry_limit_seconds={limit_s:g}")
+    return arrow_filesystem(uri)
+
+
+def _interruptible(run: Callable[[], R], uri: str) -> R:
+    """``run()`` in a helper thread that the main thread waits on, so that a signal stops the
+    wait at once (a hanging request is left to the exiting process); an object store's error
+    is one StorageError line naming ``uri``."""
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = run()
+        except BaseException as e:  # handed to the waiting thread
+            box["error"] = e
+
+    if threading.current_thread() is not threading.main_thread():
+        target()  # already off the main thread (nested, or an embedding application)
+    else:
+        worker = threading.Thread(target=target, name="solar-ray-storage", daemon=True)
+        worker.start()
+        while worker.is_alive():
+            worker.join(0.1)
+    error = box.get("error")
+    if isinstance(error, OSError) and not isinstance(error, UserError) and user_os_error(error) is None:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        what = lines[0][:300] if lines else type(error).__name__
+        raise StorageError(f"{uri}: the object store failed: {what}") from None
+    if error is not None:
+        raise error
+    return box["result"]
 
 
 def _same_artifact(dest: Path, marker: dict[str, Any]) -> bool:

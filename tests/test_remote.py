@@ -244,3 +244,64 @@ def test_check_location():
         remote.check_location("s3://")
     with pytest.raises(UserError, match=r"^ppl: 'ftp://h/x'"):
         remote.check_location("ftp://h/x", "ppl")
+
+
+# --------------------------------------------------------------------------- unreachable stores
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _offline_env(tmp_path: Path, **extra: str) -> dict[str, str]:
+    """No cloud credentials, every endpoint a closed loopback port (nothing leaves the host)."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("AWS_", "GOOGLE_", "GCE_", "CLOUD_STORAGE_"))}  # fmt: skip
+    port = _closed_port()
+    env.update(HOME=str(tmp_path), SOLAR_RAY_CACHE=str(tmp_path / "cache"),
+               GCE_METADATA_ROOT=f"127.0.0.1:{port}", AWS_ENDPOINT_URL=f"http://127.0.0.1:{port}",
+               AWS_ACCESS_KEY_ID="x", AWS_SECRET_ACCESS_KEY="y", AWS_EC2_METADATA_DISABLED="true",
+               **extra)  # fmt: skip
+    return env
+
+
+@pytest.mark.parametrize("scheme", ["gs", "s3"])
+def test_an_unreachable_store_fails_in_bounded_time_with_one_line(tmp_path, scheme):
+    """gs:// without credentials retried for 15 minutes (pyarrow's default); now the retries
+    stop after SOLAR_RAY_STORAGE_RETRY_S and the command says so in one line."""
+    import time
+
+    env = _offline_env(tmp_path, SOLAR_RAY_STORAGE_RETRY_S="2")
+    start = time.monotonic()
+    r = subprocess.run([sys.executable, "-m", "solar_ray.cli", "upscale", "--source",
+                        str(tmp_path / "src"), "--m", "1", "--out", f"{scheme}://bucket/up"],
+                       env=env, capture_output=True, text=True, timeout=90)  # fmt: skip
+    assert time.monotonic() - start < 60
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert r.stderr.count("\n") == 1 and "Traceback" not in r.stderr
+    assert r.stderr.startswith(f"solar-ray upscale: error: {scheme}://bucket/up: the object store failed")
+
+
+def test_a_signal_stops_a_command_waiting_on_the_store(tmp_path):
+    """SIGTERM while a request retries (for up to 10 minutes here) stops at once: one line, 143."""
+    import time
+
+    env = _offline_env(tmp_path, SOLAR_RAY_STORAGE_RETRY_S="600")
+    proc = subprocess.Popen([sys.executable, "-m", "solar_ray.cli", "upscale", "--source",
+                             str(tmp_path / "src"), "--m", "1", "--out", "gs://bucket/up"],
+                            env=env, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    try:
+        time.sleep(3)  # in the GCS client's retry loop by now
+        assert proc.poll() is None, proc.stderr.read()
+        proc.send_signal(signal.SIGTERM)
+        sent = time.monotonic()
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert time.monotonic() - sent < 10
+    assert proc.returncode == 128 + signal.SIGTERM
+    assert err == "solar-ray upscale: stopped by SIGTERM; partial outputs were removed\n"

@@ -77,7 +77,7 @@ def wandb_history(wandb_dir: Path, key: str) -> tuple[dict, list[list[float]]]:
 
     from wandb.proto import wandb_internal_pb2
 
-    (path,) = wandb_dir.rglob("offline-run-*/run-*.wandb")
+    (path,) = wandb_dir.rglob("run-*.wandb")  # one offline run under wandb_dir
     config: dict = {}
     points = []
     for data in _wandb_records(path):
@@ -191,3 +191,80 @@ def test_sweeps_attach_tunes_logger_callbacks():
     with pytest.raises(ValueError, match="tensorboard: Tune writes"):
         SweepConfig.model_validate({"name": "s", "base": "b", "search": {"m": [1]},
                                     "train": {"kind": "pretrain"}, "tracking": "tensorboard"})  # fmt: skip
+
+
+# --------------------------------------------------------------------------- failures and restarts
+
+
+def _writer(tmp_path: Path, backend: str, run_id: str = "abc123"):
+    from solar_ray.tracking import TrackedRun
+    from solar_ray.train.metrics import MetricsWriter
+
+    run = TrackedRun(project="demo", name="demo-cpt", run_id=run_id, config={"lr": 0.1})
+    return MetricsWriter(str(tmp_path / "storage"), "demo-cpt", True, [backend], run)
+
+
+def test_a_failing_backend_is_a_warning_and_training_goes_on(tmp_path, offline_trackers, monkeypatch, caplog):
+    """An MLflow server that goes away mid-run: the steps it missed are warned about, the
+    training loop is never interrupted, and logging resumes when the server is back."""
+    from mlflow.tracking import MlflowClient
+
+    writer = _writer(tmp_path, "mlflow")
+    writer.scalars(1, {"loss": 3.0})
+    real = MlflowClient.log_batch
+
+    def down(self, run_id, metrics=(), **kw):
+        if metrics:
+            raise ConnectionError("tracking server unreachable")
+        return real(self, run_id, metrics=metrics, **kw)
+
+    monkeypatch.setattr(MlflowClient, "log_batch", down)
+    with caplog.at_level("WARNING", logger="solar_ray.tracking"):
+        writer.scalars(2, {"loss": 2.0})  # must not raise
+    assert "could not log metrics to _Mlflow: tracking server unreachable" in caplog.text
+    monkeypatch.setattr(MlflowClient, "log_batch", real)
+    writer.scalars(3, {"loss": 1.0})
+    writer.close()
+    uri = offline_trackers["mlflow"].as_uri()
+    assert mlflow_history(uri, "demo", "demo-cpt", "loss") == [[1, 3.0], [3, 1.0]]
+
+
+def test_a_restarted_run_continues_the_same_mlflow_run(tmp_path, offline_trackers):
+    """A replaced worker (the same run id) logs into the run it left, not a new one."""
+    from mlflow.tracking import MlflowClient
+
+    first = _writer(tmp_path, "mlflow")
+    first.scalars(1, {"loss": 3.0})
+    first.close()
+    again = _writer(tmp_path, "mlflow")
+    again.scalars(2, {"loss": 2.0})
+    again.close()
+    other = _writer(tmp_path, "mlflow", run_id="another")  # another run: its own MLflow run
+    other.scalars(1, {"loss": 9.0})
+    other.close()
+    uri = offline_trackers["mlflow"].as_uri()
+    client = MlflowClient(uri)
+    runs = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    assert sorted(r.data.tags["solar_ray.run_id"] for r in runs) == ["abc123", "another"]
+    (resumed,) = [r for r in runs if r.data.tags["solar_ray.run_id"] == "abc123"]
+    points = client.get_metric_history(resumed.info.run_id, "loss")
+    assert sorted((p.step, p.value) for p in points) == [(1, 3.0), (2, 2.0)]
+    assert resumed.info.status == "FINISHED"
+
+
+def test_a_restarted_run_continues_the_same_wandb_run(tmp_path, offline_trackers):
+    """Both offline W&B sessions carry the run's stable id (``wandb sync`` then appends the
+    second to the first): the id, not a fresh one, and each session's steps."""
+    first = _writer(tmp_path, "wandb")
+    first.scalars(1, {"loss": 3.0})
+    first.close()
+    again = _writer(tmp_path, "wandb")
+    again.scalars(2, {"loss": 2.0})
+    again.close()
+    sessions = sorted(offline_trackers["wandb"].rglob("offline-run-*"))
+    assert len(sessions) == 2 and all(p.name.endswith("-abc123") for p in sessions)
+    steps = []
+    for session in sessions:
+        _, points = wandb_history(session, "loss")
+        steps += points
+    assert sorted(steps) == [[1, 3.0], [2, 2.0]]

@@ -82,11 +82,18 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
     )
 
     def run(args: argparse.Namespace) -> int:
-        from solar_ray.config import ConfigError
+        from solar_ray.config import ConfigError, check_flags_agree, parse_override
 
         path = args.recipe or args.config
         if not path:
             raise ConfigError("give a sweep recipe: solar-ray sweep RECIPE.yaml")
+        check_flags_agree({"out": args.out} if args.out else {}, args.overrides)
+        for item in args.overrides if args.scheduler else ():  # the flag is scheduler.kind
+            keys, value = parse_override(item)
+            if keys == ["scheduler", "kind"] and value != args.scheduler:
+                raise ConfigError(
+                    f"--scheduler {args.scheduler!r} and --set {item!r} disagree; give the field once"
+                )
         overrides = list(args.overrides)
         if args.scheduler:
             overrides.append(f"scheduler.kind={args.scheduler}")

@@ -39,6 +39,7 @@ from typing import Any, Literal
 from pydantic import Field, field_validator, model_validator
 
 from solar_ray.config import StageConfig
+from solar_ray.hub import refuse_tokens
 from solar_ray.tracking import Backends
 
 __all__ = [
@@ -294,6 +295,12 @@ class BestRecipeConfig(StageConfig):
 
 class SweepConfig(StageConfig):
     """A sweep recipe; see the module docstring."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tokens(cls, data: Any) -> Any:
+        refuse_tokens(data)  # the recipe is copied into every trial's run directory
+        return data
 
     name: str = Field(pattern=r"^[A-Za-z0-9_.-]+$")
     description: str = ""
