@@ -10,9 +10,12 @@ Every output directory (models, evaluation results, contamination reports, data 
 reports) goes through :func:`atomic_output_dir`, which keeps a user's files safe:
 
 * **What may be replaced.** ``out`` is refused when it is, contains or lies inside one of
-  the stage's inputs (real paths, symlinks resolved), and ``overwrite`` replaces only a
-  directory solar-ray wrote (:func:`is_solar_output`: the ``.solar-ray-output`` marker every
-  output gets, or a solar-ray manifest); anything else is a one-line :class:`UserError`.
+  the stage's inputs (real paths, symlinks resolved), the working directory or solar-ray's
+  cache; ``overwrite`` replaces only a directory solar-ray wrote, all of it: the
+  ``.solar-ray-output`` marker every output gets lists the entries its write made, and a
+  file it does not list (one a user added) makes the overwrite a one-line
+  :class:`UnsafeOutputError`. A file added while the new output is written is caught
+  after the swap: the old output is swapped back and the write refused.
 * **Atomic publication.** The output is written into a hidden temporary sibling
   ``.NAME.tmp-<token>`` (names longer than the file system allows are hash-shortened),
   whose directory is ``flock``-ed for the whole write. It appears at ``out`` with one
@@ -44,12 +47,19 @@ import re
 import shutil
 import sys
 import uuid
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from solar_ray.errors import UserError
-from solar_ray.fs import is_uri
+from solar_ray.fs import (
+    CACHE_MODEL_AREAS,
+    CACHE_STAGE_AREAS,
+    cache_dir,
+    expand_user,
+    is_uri,
+    output_path,
+)
 
 __all__ = [
     "MANIFEST_NAME",
@@ -69,6 +79,7 @@ __all__ = [
     "read_manifest",
     "recorded_sha256",
     "sha256_file",
+    "unaccounted_entry",
     "write_json_atomic",
     "write_manifest",
     "write_model_card",
@@ -139,34 +150,70 @@ def _read_json(path: Path) -> Any:
 
 
 def is_solar_output(path: str | Path) -> bool:
-    """Did solar-ray write this directory (so that ``overwrite`` may replace it)?
+    """Did solar-ray write this directory? Yes when it carries the ``.solar-ray-output``
+    marker :func:`atomic_output_dir` writes (what ``overwrite`` may replace:
+    :func:`unaccounted_entry`)."""
+    return (Path(path) / OUTPUT_MARKER).is_file()
 
-    Yes when it carries the marker :func:`atomic_output_dir` writes, or (outputs of older
-    versions) a solar-ray manifest: ``solar.json`` (models, evaluation results,
-    contamination reports), a data ``manifest.json`` (mixes, synthetic math, corpora), a
-    model stage's ``source.json``; or when it is a stage's directory (or the report) inside
-    a pipeline run directory.
-    """
-    p = Path(path)
-    if (p / OUTPUT_MARKER).is_file():
-        return True
-    manifest = _read_json(p / MANIFEST_NAME)
-    if isinstance(manifest, dict) and str(manifest.get("format", "")).startswith("solar-ray/"):
-        return True
-    data = _read_json(p / "manifest.json")
-    if isinstance(data, dict) and (
-        str(data.get("format", "")).startswith("solar-ray-") or "corpus" in data
-    ):
-        return True
-    source = _read_json(p / "source.json")
-    if isinstance(source, dict) and source.keys() & {"source", "random", "gguf"}:
-        return True
-    parent = p.absolute().parent
-    if (parent / RUN_MARKERS).is_dir():
-        recipe = _read_json(parent / "recipe.json")
-        stages = recipe.get("stages") if isinstance(recipe, dict) else None
-        return p.name == "report" or (isinstance(stages, dict) and p.name in stages)
-    return False
+
+def _entries(root: Path, rel: str = "") -> Iterator[str]:
+    """Every entry under ``root`` as a relative POSIX path, each directory before its
+    contents, in name order; symlinks are entries, never followed."""
+    with os.scandir(root / rel if rel else root) as it:
+        found = sorted(it, key=lambda e: e.name)
+    for entry in found:
+        yield rel + entry.name
+        if entry.is_dir(follow_symlinks=False):
+            yield from _entries(root, f"{rel}{entry.name}/")
+
+
+#: ``.NAME.tmp-<8 hex>``: a :func:`write_json_atomic` temporary left by a crash
+_JSON_TMP = re.compile(r"^(.*/)?\.([^/]+)\.tmp-[0-9a-f]{8}$")
+
+
+def _accounted(out: Path) -> Callable[[str], bool]:
+    """Whether the write of ``out`` made an entry, by the list in its marker."""
+    marker = _read_json(out / OUTPUT_MARKER)
+    listed = marker.get("files") if isinstance(marker, dict) else None
+    known = {f for f in listed if isinstance(f, str)} if isinstance(listed, list) else set()
+    known.add(OUTPUT_MARKER)
+
+    def accounted(rel: str) -> bool:
+        if rel in known:
+            return True
+        tmp = _JSON_TMP.match(rel)
+        return bool(tmp) and f"{tmp.group(1) or ''}{tmp.group(2)}" in known
+
+    return accounted
+
+
+def unaccounted_entry(out: str | Path) -> str | None:
+    """The first entry of the directory ``out`` its write did not make (a file a user
+    added, or any entry where there is no marker), as a relative path; None: none."""
+    out = Path(out)
+    accounted = _accounted(out)
+    try:
+        return next((rel for rel in _entries(out) if not accounted(rel)), None)
+    except OSError as e:
+        return f"(an entry that cannot be read: {e.strerror})"
+
+
+def _remove_accounted(old: Path) -> str | None:
+    """Delete what the write of ``old`` made, deepest first; return the first entry left."""
+    accounted = _accounted(old)
+    for rel in reversed(list(_entries(old))):
+        if not accounted(rel):
+            continue
+        p = old / rel
+        with contextlib.suppress(FileNotFoundError):
+            if p.is_dir() and not p.is_symlink():
+                with contextlib.suppress(OSError):  # holds something unaccounted: kept
+                    p.rmdir()
+            else:
+                p.unlink()
+    with contextlib.suppress(OSError):
+        old.rmdir()
+    return next(_entries(old), None) if old.exists() else None
 
 
 def local_inputs(*sources: str | os.PathLike | None) -> list[Path]:
@@ -194,7 +241,7 @@ def _input_roots(inputs: Iterable[str | os.PathLike]) -> list[tuple[Path, Path]]
     """
     roots: list[tuple[Path, Path]] = []
     for given in inputs:
-        g = Path(given).expanduser()
+        g = expand_user(given)
         roots.append((g, Path(os.path.realpath(g))))
         if g.is_dir():
             with contextlib.suppress(OSError):
@@ -211,17 +258,56 @@ def _name_max(directory: Path) -> int:
         return 255
 
 
+def _check_not_cwd_or_cache(out: Path, real_out: Path, first: bool) -> None:
+    """Refuse the working directory (or a folder holding it) and solar-ray's cache.
+
+    In the cache, outputs go only where solar-ray puts its own: a stage's staging or a
+    remote run's mirror, or a converted model made once (an existing one is never replaced,
+    or the alias resolving to it would name another model; ``first`` is the check before
+    the write, the re-check before publication lets a concurrent converter's copy be).
+    """
+    with contextlib.suppress(OSError):  # a working directory that was removed
+        cwd = Path(os.path.realpath(os.getcwd()))
+        if cwd.is_relative_to(real_out):
+            how = (
+                "is the working directory"
+                if cwd == real_out
+                else f"contains the working directory {cwd}"
+            )
+            raise UnsafeOutputError(f"out: {out} {how}; choose another output directory")
+    cache = Path(os.path.realpath(expand_user(cache_dir()).absolute()))
+    if not real_out.is_relative_to(cache):
+        return
+    parts = real_out.relative_to(cache).parts
+    area = parts[0] if parts else ""
+    if area in CACHE_STAGE_AREAS and len(parts) > 2:
+        return
+    model = area in CACHE_MODEL_AREAS and len(parts) == 2 and re.search(r"-[0-9a-f]{16}$", parts[1])
+    if model and not (first and os.path.lexists(real_out)):
+        return
+    raise UnsafeOutputError(
+        f"out: {out} is inside solar-ray's cache {cache} (the models its aliases resolve "
+        "to); choose an output directory outside it"
+    )
+
+
 def check_output(
-    out: str | Path, overwrite: bool = False, inputs: Iterable[str | os.PathLike] = ()
+    out: str | Path,
+    overwrite: bool = False,
+    inputs: Iterable[str | os.PathLike] = (),
+    *,
+    _first: bool = True,
 ) -> Path:
     """Check that ``out`` may be written; return it as an absolute path.
 
-    Refused (a :class:`UserError` naming the path): ``out`` is, contains or lies inside an
-    input; ``out`` is a symlink or a file; ``out`` is a non-empty directory and not
-    ``overwrite``; ``out`` is a non-empty directory solar-ray did not write; its name is
-    longer than the file system allows.
+    ``out`` is a path or a ``file://`` URI (:func:`solar_ray.fs.output_path`). Refused (a
+    :class:`UserError` naming the path): ``out`` is, contains or lies inside an input;
+    ``out`` is or contains the working directory, or lies in solar-ray's cache; ``out`` is
+    a symlink or a file; ``out`` is a non-empty directory and not ``overwrite``; ``out``
+    holds an entry solar-ray's write of it did not make (:func:`unaccounted_entry`); its
+    name is longer than the file system allows.
     """
-    out = Path(out).expanduser().absolute()
+    out = output_path(out)
     real_out = Path(os.path.realpath(out))
     for given, real in _input_roots(inputs):
         if real_out == real:
@@ -237,6 +323,7 @@ def check_output(
             + (f" (really {real})" if str(real) != str(given) else "")
             + "; choose an output directory outside the inputs"
         )
+    _check_not_cwd_or_cache(out, real_out, _first)
     if len(out.name.encode()) > _name_max(out.parent):
         raise OutputWriteError(
             f"out: the name {out.name[:40]!r}... is {len(out.name.encode())} bytes, longer "
@@ -258,11 +345,41 @@ def check_output(
         )
     if nonempty and not is_solar_output(out):
         raise UnsafeOutputError(
-            f"out: {out} is not a solar-ray output (no {MANIFEST_NAME} or {OUTPUT_MARKER}); "
-            "overwrite replaces only what solar-ray wrote: choose another output directory "
-            "or move it away yourself"
+            f"out: {out} is not a solar-ray output (no {OUTPUT_MARKER}); overwrite replaces "
+            "only what solar-ray wrote: choose another output directory or move it away yourself"
+        )
+    stray = unaccounted_entry(out) if nonempty else None
+    if stray is not None:
+        raise UnsafeOutputError(
+            f"out: {out} holds {stray}, which solar-ray did not write (its {OUTPUT_MARKER} "
+            "does not list it); move it out, or choose another output directory"
+        )
+    if out.is_dir() and _immutable(out):
+        raise OutputWriteError(
+            f"out: {out} is immutable (chattr +i) and cannot be replaced; choose another output "
+            "directory"
         )
     return out
+
+
+#: ``FS_IOC_GETFLAGS`` and its immutable and append-only flags (linux/fs.h)
+_FS_IOC_GETFLAGS = 0x80086601
+_FS_NO_REPLACE_FL = 0x10 | 0x20
+
+
+def _immutable(path: Path) -> bool:
+    """Is the directory ``path`` immutable or append-only (so that it cannot be renamed)?"""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        flags = fcntl.ioctl(fd, _FS_IOC_GETFLAGS, b"\0" * 8)
+        return bool(int.from_bytes(flags[:4], sys.byteorder) & _FS_NO_REPLACE_FL)
+    except OSError:  # no such flags on this system or file system
+        return False
+    finally:
+        os.close(fd)
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -283,10 +400,13 @@ def format_bytes(nbytes: float) -> str:
 
 def check_free_space(out: str | Path, nbytes: int, what: str = "the output") -> None:
     """Refuse (one line) when ``nbytes`` will not fit in the free space where ``out`` goes."""
-    where = _existing_ancestor(Path(out).expanduser().absolute())
+    where = _existing_ancestor(output_path(out))
     try:
-        free = shutil.disk_usage(where).free
+        usage = shutil.disk_usage(where)
     except OSError:
+        return
+    free = usage.free
+    if usage.total == 0:  # /proc, /sys: no size to check; writing there fails with its reason
         return
     if nbytes > free:
         raise OutputWriteError(
@@ -416,35 +536,64 @@ def _renameat2(src: Path, dst: Path, flags: int) -> bool:
     raise OSError(err, os.strerror(err), str(src), None, str(dst))
 
 
-def _publish(tmp: Path, out: Path, prefix: str) -> None:
-    """Make ``tmp`` appear at ``out``; whatever ``out`` held is removed after the swap."""
+def _publish(tmp: Path, out: Path, prefix: str) -> bool:
+    """Make ``tmp`` appear at ``out``; True when ``out`` held something, now at ``tmp``."""
     if not os.path.lexists(out):
         try:
             if _renameat2(tmp, out, _RENAME_NOREPLACE):
-                return
+                return False
             os.rename(tmp, out)  # no renameat2: replaces at most an empty directory
-            return
+            return False
         except FileExistsError:
             pass  # another writer published first: swap with theirs
         except OSError as e:
             if e.errno != errno.ENOTEMPTY:
                 raise
+    _swap(tmp, out, prefix)
+    return True
+
+
+def _swap(tmp: Path, out: Path, prefix: str) -> None:
+    """Exchange the directories ``tmp`` and ``out``: one ``renameat2``, else three renames.
+
+    In the fallback the directory leaving ``out`` waits, complete, at ``.old-<token>``
+    (locked, by this call or by this writer, so no cleaner takes it) until the other is in
+    place; a crash in between leaves it there and the next run at ``out`` puts it back.
+    """
     if _renameat2(tmp, out, _RENAME_EXCHANGE):
-        shutil.rmtree(tmp, ignore_errors=True)  # tmp now names the previous output
         return
-    # Fallback, two renames. The previous output waits, complete, at .old-<token> (locked,
-    # so no cleaner takes it) until the new one is in place; a crash in between leaves it
-    # there and the next run at ``out`` puts it back.
     old = out.parent / f"{prefix}.old-{uuid.uuid4().hex[:_TOKEN_HEX]}"
     fd = os.open(out, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        _try_lock(fd)  # held already when it is this writer's own directory (a swap back)
         os.rename(out, old)
         os.rename(tmp, out)
         os.rename(old, tmp)
     finally:
         os.close(fd)
-    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _retire(previous: Path, out: Path, prefix: str) -> None:
+    """Remove the output ``out`` held before the swap (now at ``previous``).
+
+    An entry its write did not make (a file a user created in it while the new output was
+    written) is never deleted: the previous output is swapped back, complete, and the
+    write refused. One created during the removal itself is kept under a visible name.
+    """
+    stray = unaccounted_entry(previous)
+    if stray is not None:
+        _swap(previous, out, prefix)
+        raise UnsafeOutputError(
+            f"out: {out}/{stray} appeared while the new output was written and solar-ray did "
+            "not write it; the output was left as it was: move the file out and run again"
+        )
+    left = _remove_accounted(previous)
+    if left is not None:
+        kept = out.parent / f"{out.name}.kept-{uuid.uuid4().hex[:_TOKEN_HEX]}"
+        os.rename(previous, kept)
+        log.warning(
+            "%s appeared in the previous output while it was removed; kept in %s", left, kept
+        )
 
 
 @contextlib.contextmanager
@@ -455,12 +604,14 @@ def atomic_output_dir(
 
     ``out`` is checked first (:func:`check_output` against ``inputs``: never an input,
     never a directory solar-ray did not write), then again before it is replaced. Stale
-    temporaries of dead writers at the same ``out`` are removed. On any exception the
-    temporary directory is removed and ``out`` is left as it was; a full disk becomes a
-    one-line :class:`OutputWriteError`.
+    temporaries of dead writers at the same ``out`` are removed. The marker records every
+    entry written into the temporary directory; of the previous output, only those its own
+    marker records are removed. On any exception before publication the temporary
+    directory is removed and ``out`` is left as it was; a full disk becomes a one-line
+    :class:`OutputWriteError`.
     """
     inputs = list(inputs)
-    out = Path(out).expanduser().absolute()
+    out = output_path(out)
     parent = out.parent
     prefix = _sibling_prefix(out.name, _name_max(parent))
     _clear_stale(out, prefix)  # first: it may put back an output a crashed swap moved away
@@ -472,19 +623,35 @@ def atomic_output_dir(
         raise OutputWriteError(
             f"out: cannot write into {parent} ({e.strerror}); choose a writable output directory"
         ) from None
+    swapped = False
     try:
         yield tmp
-        check_output(out, overwrite, inputs)  # nothing appeared at out meanwhile
+        check_output(out, overwrite, inputs, _first=False)  # nothing appeared at out meanwhile
         write_json_atomic(
             tmp / OUTPUT_MARKER,
             # "id" is new at every write: an output made again is a new artifact
             # (solar_ray.identity.artifact_id), even when its bytes are the same
-            {"format": OUTPUT_MARKER_FORMAT, "written_by": f"solar-ray {_version()}",
-             "id": uuid.uuid4().hex},  # fmt: skip
+            {
+                "format": OUTPUT_MARKER_FORMAT,
+                "written_by": f"solar-ray {_version()}",
+                "id": uuid.uuid4().hex,
+                "files": list(_entries(tmp)),  # what overwrite may remove later
+            },
         )
-        _publish(tmp, out, prefix)
+        try:
+            swapped = _publish(tmp, out, prefix)
+        except OSError as e:
+            if e.errno not in (errno.EPERM, errno.EACCES, errno.EROFS, errno.EBUSY):
+                raise
+            raise OutputWriteError(
+                f"out: cannot replace {out} ({e.strerror}); choose another output directory"
+            ) from None
+        if swapped:
+            _retire(tmp, out, prefix)
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # tmp is ours (the new output) unless the swap put the previous output there
+        if not swapped or isinstance(e, UnsafeOutputError):
+            shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in _NO_SPACE:
             raise OutputWriteError(
                 f"no space left on the device while writing {out} ({e.strerror}); the partial "
@@ -530,8 +697,6 @@ def recorded_sha256(path: str | Path) -> str:
     is not read again. A file that changed while it was read is not recorded. A cache that
     cannot be written is skipped.
     """
-    from solar_ray.models import cache_dir
-
     real = os.path.realpath(path)
     record = cache_dir() / "sha256" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
     before = _file_state(os.stat(real))

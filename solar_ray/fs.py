@@ -6,6 +6,8 @@ path or a ``file://`` URI names, None for remote storage. Data files open throug
 (:func:`fsspec_filesystem`: ``hf://``, ``http(s)://``, compression), Parquet shards, run
 markers and what Ray reads through pyarrow (:func:`arrow_filesystem`); each falls back on
 the other for schemes it lacks, so both open every location either can.
+:func:`output_path` is the local directory an ``out`` names (``file://`` mapped, a
+``s3:bucket`` look-alike refused); :func:`cache_dir` is solar-ray's cache.
 """
 
 from __future__ import annotations
@@ -18,12 +20,16 @@ from typing import Any
 from solar_ray.errors import UserError
 
 __all__ = [
+    "CACHE_MODEL_AREAS",
+    "CACHE_STAGE_AREAS",
     "StorageError",
     "arrow_filesystem",
+    "cache_dir",
     "files_under",
     "fsspec_filesystem",
     "is_uri",
     "local_path",
+    "output_path",
     "parquet_files",
     "qualify",
 ]
@@ -31,6 +37,14 @@ __all__ = [
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 #: schemes pyarrow opens natively, used when fsspec lacks the package for them
 _ARROW_SCHEMES = ("s3", "s3a", "gs", "gcs", "hdfs", "viewfs")
+#: ``s3:bucket/x``, ``gs:/b``, ``file:/x``: a URI with fewer than two slashes, which a plain
+#: path would take for a relative ``s3:`` folder
+_URI_LOOKALIKE = re.compile(r"^(s3|s3a|gs|gcs|hf|https?|file):(?!//)", re.IGNORECASE)
+#: the folders of the cache solar-ray writes outputs into itself: the converted models
+#: aliases resolve to (each made once, never replaced through an ``out``) ...
+CACHE_MODEL_AREAS = ("converted", "gguf")
+#: ... and the local staging of stages publishing to object storage, remote runs' mirrors
+CACHE_STAGE_AREAS = ("staging", "runs")
 
 
 class StorageError(UserError):
@@ -49,7 +63,53 @@ def local_path(path: str | os.PathLike[str]) -> str | None:
         if not text.lower().startswith("file://"):
             return None
         text = text[len("file://") :]
-    return str(Path(text).expanduser().absolute())
+    return str(expand_user(text).absolute())
+
+
+def output_path(out: str | os.PathLike[str], field: str = "out") -> Path:
+    """The absolute local directory ``out`` names: a plain path or a ``file://`` URI.
+
+    ``s3:bucket/x``-like text (a scheme with fewer than two slashes) and URIs of other
+    schemes are a one-line :class:`StorageError` naming ``field`` and the form meant.
+    """
+    text = os.fspath(out)
+    bad = _URI_LOOKALIKE.match(text)
+    if bad:
+        scheme = bad.group(1).lower()
+        rest = text[bad.end() :].lstrip("/")
+        meant = f"file:///{rest}" if scheme == "file" else f"{scheme}://{rest}"
+        raise StorageError(f"{field}: {text!r} is not a valid location; did you mean {meant!r}?")
+    if text.lower().startswith("file://") and not text[7:].startswith("/"):
+        raise StorageError(f"{field}: {text!r} names a host; a local path is file:///path")
+    if text.lower().startswith("file://"):
+        text = "/" + text[7:].lstrip("/")
+    local = local_path(text)
+    if local is None:
+        raise StorageError(f"{field}: {text!r} is not a local path; give a path or file:///path")
+    return Path(local)
+
+
+def expand_user(path: str | os.PathLike[str]) -> Path:
+    """``path`` with a leading ``~`` or ``~user`` expanded.
+
+    A ``~user`` naming no user is a :class:`~solar_ray.errors.UserError` (pathlib raises
+    RuntimeError; ``os.path.expanduser`` leaves a literal ``~user`` directory name).
+    """
+    text = os.fspath(path)
+    expanded = os.path.expanduser(text)
+    if expanded.startswith("~"):
+        user = re.split(r"[/\\]", text, maxsplit=1)[0]
+        raise UserError(
+            f"{text}: {user!r} names no home directory on this machine (no such user, or no "
+            "HOME); write the path in full"
+        )
+    return Path(expanded)
+
+
+def cache_dir() -> Path:
+    """solar-ray's cache (converted models, staging): ``$SOLAR_RAY_CACHE`` or ~/.cache."""
+    root = os.environ.get("SOLAR_RAY_CACHE") or Path.home() / ".cache" / "solar-ray"
+    return Path(root)
 
 
 def qualify(path: str, like: str) -> str:

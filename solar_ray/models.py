@@ -37,6 +37,7 @@ from typing import Any
 
 from solar_ray.checkpoint import atomic_output_dir, local_inputs, sha256_file, write_json_atomic
 from solar_ray.errors import UserError, require
+from solar_ray.fs import cache_dir, expand_user
 
 __all__ = [
     "ARCHITECTURES",
@@ -46,9 +47,7 @@ __all__ = [
     "ModelSourceError",
     "UnsupportedArchitectureError",
     "arch_for_config",
-    "cache_dir",
     "check_tensor_shapes",
-    "expand_user",
     "expected_shapes",
     "find_embedded_gguf",
     "read_config",
@@ -131,23 +130,6 @@ TOKENIZER_VOCAB_FILES = (
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def expand_user(path: str | os.PathLike[str]) -> Path:
-    """``path`` with a leading ``~`` or ``~user`` expanded.
-
-    A ``~user`` naming no user is a :class:`~solar_ray.errors.UserError` (pathlib raises
-    RuntimeError; ``os.path.expanduser`` leaves a literal ``~user`` directory name).
-    """
-    text = os.fspath(path)
-    expanded = os.path.expanduser(text)
-    if expanded.startswith("~"):
-        user = re.split(r"[/\\]", text, maxsplit=1)[0]
-        raise UserError(
-            f"{text}: {user!r} names no home directory on this machine (no such user, or no "
-            "HOME); write the path in full"
-        )
-    return Path(expanded)
-
-
 def arch_for_config(config: dict) -> ArchSpec:
     """The :class:`ArchSpec` of a ``config.json`` mapping; unknown types list the known ones."""
     model_type = config.get("model_type")
@@ -158,12 +140,6 @@ def arch_for_config(config: dict) -> ArchSpec:
             f"(architectures={config.get('architectures')}); supported: {supported}"
         )
     return ARCHITECTURES[model_type]
-
-
-def cache_dir() -> Path:
-    """Where converted models (GGUF, pickle) are kept: ``$SOLAR_RAY_CACHE`` or ~/.cache."""
-    root = os.environ.get("SOLAR_RAY_CACHE") or Path.home() / ".cache" / "solar-ray"
-    return Path(root)
 
 
 def find_embedded_gguf(alias: str = "smollm2-135m") -> Path:
@@ -486,7 +462,8 @@ def init_random_model(
     For tiny test recipes (the "picollama" of mergekit's tests): the config fields are the
     transformers config's (``hidden_size``, ``num_hidden_layers``, ...); ``vocab_size`` and
     the special token ids come from the tokenizer, which is saved beside the weights.
-    Written atomically; returns ``out``.
+    Written atomically, with ``source.json`` (``{"random": the arguments}``: what a model
+    stage is done from); returns ``out``.
     """
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
@@ -506,4 +483,6 @@ def init_random_model(
     with atomic_output_dir(out, overwrite=True, inputs=local_inputs(tokenizer)) as tmp:
         model.save_pretrained(tmp)
         tok.save_pretrained(tmp)
+        random = {"model_type": model_type, "tokenizer": tokenizer, "seed": seed, **config}
+        write_json_atomic(tmp / "source.json", {"random": random})
     return Path(out)

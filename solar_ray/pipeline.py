@@ -471,7 +471,6 @@ def _run_model_stage(plan: StagePlan) -> None:
     cfg = validate(ModelStage, plan.data, "recipe", prefix=f"stages.{plan.name}")
     if cfg.random is not None:
         init_random_model(plan.out, **cfg.random)
-        write_json_atomic(plan.out / "source.json", {"random": cfg.random})
         return
     assert cfg.source is not None
     src = resolve_model(cfg.source)

@@ -40,7 +40,7 @@ from typing import Any, TypeVar
 
 from solar_ray.checkpoint import OUTPUT_MARKER, OUTPUT_MARKER_FORMAT, write_json_atomic
 from solar_ray.errors import UserError, user_os_error
-from solar_ray.fs import StorageError, arrow_filesystem, files_under, is_uri
+from solar_ray.fs import StorageError, arrow_filesystem, cache_dir, files_under, is_uri
 from solar_ray.identity import output_marker
 
 __all__ = [
@@ -206,8 +206,6 @@ def run_to_out(run: Callable[[C], R], cfg: C) -> R:
     check_location(out)
     if not is_remote(out):
         return run(cfg)
-    from solar_ray.models import cache_dir
-
     uri = out.rstrip("/")
     check_owned(uri)  # before the work, not after it
     name = uri.rsplit("/", 1)[-1]
@@ -280,8 +278,6 @@ def _download(uri: str, dest: Path, names: Collection[str] | None) -> Path:
 
 def materialize(uri: str) -> Path:
     """A local copy of the finished output at ``uri`` in this node's cache (downloaded once)."""
-    from solar_ray.models import cache_dir
-
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "output"
     return download(uri, cache_dir() / "objects" / _digest(uri) / name)
 
@@ -299,8 +295,6 @@ def local_copy(path: str, uri: str | None) -> str:
 
 def mirror_dir(uri: str) -> Path:
     """This node's local mirror of the run directory at ``uri``."""
-    from solar_ray.models import cache_dir
-
     name = uri.rstrip("/").rsplit("/", 1)[-1] or "run"
     return cache_dir() / "runs" / f"{name}-{_digest(uri)}"
 

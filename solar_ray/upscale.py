@@ -62,11 +62,11 @@ from solar_ray.checkpoint import (
 )
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
+from solar_ray.fs import expand_user
 from solar_ray.models import (
     ArchSpec,
     ModelSourceError,
     arch_for_config,
-    expand_user,
     read_config,
 )
 from solar_ray.progress import Progress

@@ -10,10 +10,12 @@ import pytest
 from solar_ray.fs import (
     StorageError,
     arrow_filesystem,
+    cache_dir,
     files_under,
     fsspec_filesystem,
     is_uri,
     local_path,
+    output_path,
     parquet_files,
     qualify,
 )
@@ -52,3 +54,22 @@ def test_one_listing_with_each_callers_filter(tmp_path: Path) -> None:
     assert files_under(fs, root) == [f"{root}/{n}" for n in every]  # what an upload copies
     assert parquet_files(fs, root) == [f"{root}/a.parquet", f"{root}/b/1.parquet"]
     assert files_under(fs, f"{root}/missing") == parquet_files(fs, f"{root}/missing") == []
+
+
+def test_output_paths_and_the_cache(tmp_path: Path, monkeypatch) -> None:
+    assert output_path(f"file://{tmp_path}/x") == output_path(str(tmp_path / "x")) == tmp_path / "x"
+    assert output_path("file:////abs//x") == Path("/abs/x")
+    monkeypatch.chdir(tmp_path)
+    assert output_path("rel") == tmp_path / "rel"
+    for given, meant in (("S3:bucket/x", "s3://bucket/x"), ("gcs:/b", "gcs://b"), ("https:h/a", "https://h/a"),
+                         ("file:/x", "file:///x")):  # fmt: skip
+        with pytest.raises(StorageError, match=f"out: '{given}' is not a valid location; did you mean '{meant}'"):
+            output_path(given)
+    with pytest.raises(StorageError, match="'file://host/x' names a host"):
+        output_path("file://host/x")
+    with pytest.raises(StorageError, match="'s3://b/x' is not a local path"):
+        output_path("s3://b/x")
+    monkeypatch.setenv("SOLAR_RAY_CACHE", str(tmp_path / "c"))
+    assert cache_dir() == tmp_path / "c"
+    monkeypatch.delenv("SOLAR_RAY_CACHE")
+    assert cache_dir() == Path.home() / ".cache" / "solar-ray"

@@ -115,37 +115,34 @@ def test_a_data_mix_is_never_written_over_or_into_its_sources(tmp_path):
 
 
 @pytest.mark.parametrize(
-    "marker",
-    ["marker", "solar.json", "data manifest", "corpus manifest", "source.json", "run stage",
-     "report"],
-)  # fmt: skip
-def test_every_kind_of_solar_ray_output_is_recognised(tmp_path, marker):
+    "look_alike",
+    ["solar.json", "data manifest", "corpus manifest", "source.json", "run folder", "report"],
+)
+def test_only_the_marker_makes_a_directory_solar_rays(capsys, tmp_path, src, look_alike):
+    """A manifest's shape (or a place in a run directory) is no licence to overwrite."""
     run = tmp_path / "run"
-    d = run / "stage" if marker in ("run stage", "report") else tmp_path / "out"
-    if marker == "report":
-        d = run / "report"
+    d = {"run folder": run / "stage", "report": run / "report"}.get(look_alike, tmp_path / "out")
     d.mkdir(parents=True)
-    (d / "file").write_text("x")
-    assert not is_solar_output(d)
+    (d / "thesis.tex").write_text("years of work")
     files = {
-        "marker": (checkpoint.OUTPUT_MARKER, {"format": "solar-ray-output/1"}),
         "solar.json": ("solar.json", {"format": "solar-ray/1", "stage": "eval"}),
         "data manifest": ("manifest.json", {"format": "solar-ray-data/1"}),
         "corpus manifest": ("manifest.json", {"corpus": "python-docs"}),
         "source.json": ("source.json", {"source": "smollm2-135m"}),
     }
-    if marker in files:
-        name, body = files[marker]
+    if look_alike in files:
+        name, body = files[look_alike]
         (d / name).write_text(json.dumps(body))
-    else:  # a stage (or the report) of a run directory: the run's recipe.json lists it
+    else:  # a folder of a run directory whose recipe.json names it, but no stage wrote it
         (run / ".pipeline").mkdir()
         (run / "recipe.json").write_text(json.dumps({"name": "r", "stages": {"stage": {}}}))
-    assert is_solar_output(d)
-    # look-alikes are not enough
-    (tmp_path / "fake").mkdir()
-    (tmp_path / "fake" / "solar.json").write_text(json.dumps({"format": "something-else"}))
-    (tmp_path / "fake" / "manifest.json").write_text("[not a mapping]")
-    assert not is_solar_output(tmp_path / "fake")
+    assert_refused(capsys, upscale(src, d, "--overwrite"), rf"out: {d} is not a solar-ray output",
+                   [tmp_path])  # fmt: skip
+    assert not is_solar_output(d)
+    # what solar-ray wrote carries the marker, and is replaced
+    assert cli_main(upscale(src, tmp_path / "made")) == 0
+    assert is_solar_output(tmp_path / "made")
+    assert cli_main(upscale(src, tmp_path / "made", "--overwrite")) == 0
 
 
 def test_run_never_writes_into_a_directory_of_someone_else(capsys, tmp_path, src):

