@@ -37,6 +37,8 @@ __all__ = [
 _URI = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 #: schemes pyarrow opens natively, used when fsspec lacks the package for them
 _ARROW_SCHEMES = ("s3", "s3a", "gs", "gcs", "hdfs", "viewfs")
+#: seconds a GCS request may retry before it fails
+STORAGE_RETRY_ENV = "SOLAR_RAY_STORAGE_RETRY_S"
 #: ``s3:bucket/x``, ``gs:/b``, ``file:/x``: a URI with fewer than two slashes, which a plain
 #: path would take for a relative ``s3:`` folder
 _URI_LOOKALIKE = re.compile(r"^(s3|s3a|gs|gcs|hf|https?|file):(?!//)", re.IGNORECASE)
@@ -157,6 +159,10 @@ def arrow_filesystem(url: str) -> tuple[Any, str]:
     local = local_path(url)
     if local is not None:
         return pafs.LocalFileSystem(), local
+    if url.split("://", 1)[0] in ("gs", "gcs") and "?" not in url:
+        # GCS retries a failing request for 15 minutes by default: a missing credential
+        # would hang a command that long
+        url += f"?retry_limit_seconds={float(os.environ.get(STORAGE_RETRY_ENV) or 60):g}"
     try:
         return pafs.FileSystem.from_uri(url.replace("s3a://", "s3://", 1))
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as e:

@@ -17,10 +17,10 @@ mirror on the driver's node (:func:`mirror_dir`) that its stages write into.
 The transfers are pyarrow's filesystems (they honour ``AWS_ENDPOINT_URL`` and the usual
 credential chains; Ray Train reads and writes its checkpoints through the same ones). What
 is written here is only the order of the files and the ownership rule, which no library
-gives. Every operation is bounded in time: GCS retries for ``SOLAR_RAY_STORAGE_RETRY_S``
-seconds (default 60; its own default is 15 minutes), S3 keeps the AWS SDK's short timeouts,
-and a failure is one :class:`StorageError` line. The transfers run in a helper thread, so
-SIGTERM and SIGINT stop a command at once even while a request hangs.
+gives. Every operation is bounded in time (GCS retries for ``SOLAR_RAY_STORAGE_RETRY_S``
+seconds, default 60, see :func:`solar_ray.fs.arrow_filesystem`; S3 keeps the AWS SDK's
+short timeouts), and a failure is one :class:`StorageError` line. The transfers run in a
+helper thread, so SIGTERM and SIGINT stop a command at once even while a request hangs.
 """
 
 from __future__ import annotations
@@ -70,8 +70,6 @@ R = TypeVar("R")
 SCHEMES = ("s3", "gs")
 #: written first by an upload in progress, removed when the output marker is in place
 UPLOAD_MARKER = ".solar-ray-upload"
-#: seconds one object-store operation may retry (GCS's own default is 15 minutes)
-RETRY_ENV = "SOLAR_RAY_STORAGE_RETRY_S"
 
 
 def is_remote(path: str | os.PathLike[str] | None) -> bool:
@@ -100,7 +98,7 @@ def list_files(uri: str) -> list[str]:
     """The objects under ``uri``, as paths relative to it (none when there are none)."""
 
     def run() -> list[str]:
-        fs, root = _filesystem(uri)
+        fs, root = arrow_filesystem(uri)
         return [p[len(root.rstrip("/")) + 1 :] for p in files_under(fs, root)]
 
     return _interruptible(run, uri)
@@ -116,7 +114,7 @@ def read_json(uri: str) -> dict[str, Any] | None:
 
 
 def _read_json(uri: str) -> dict[str, Any] | None:
-    fs, path = _filesystem(uri)
+    fs, path = arrow_filesystem(uri)
     try:
         with fs.open_input_stream(path) as f:
             data = json.loads(f.read().decode("utf-8"))
@@ -139,7 +137,7 @@ def upload_file(local: str | os.PathLike[str], uri: str) -> None:
     import pyarrow.fs as pafs
 
     def run() -> None:
-        fs, path = _filesystem(uri)
+        fs, path = arrow_filesystem(uri)
         pafs.copy_files(os.fspath(local), path, source_filesystem=pafs.LocalFileSystem(),
                         destination_filesystem=fs)  # fmt: skip
 
@@ -164,7 +162,7 @@ def _publish(local: str | os.PathLike[str], uri: str, **marker_fields: Any) -> d
     if not marker.get("id"):  # every uploaded output has a write id (what copies are keyed by)
         marker["id"] = uuid.uuid4().hex
     check_owned(uri)
-    fs, root = _filesystem(uri)
+    fs, root = arrow_filesystem(uri)
     existing = files_under(fs, root)
     # from here on the prefix is not a finished output until the new marker is written
     _write(fs, f"{root}/{UPLOAD_MARKER}", {"id": marker.get("id")})
@@ -250,7 +248,7 @@ def _download(uri: str, dest: Path, names: Collection[str] | None) -> Path:
     with _locked(dest.parent / f".{dest.name}.lock"):
         if _same_artifact(dest, marker):
             return dest  # another process on this node downloaded it meanwhile
-        fs, root = _filesystem(uri)
+        fs, root = arrow_filesystem(uri)
         tmp = dest.parent / f".{dest.name}.download-{uuid.uuid4().hex[:8]}"
         try:
             for path in files_under(fs, root):
@@ -300,14 +298,6 @@ def mirror_dir(uri: str) -> Path:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _filesystem(uri: str) -> tuple[Any, str]:
-    """:func:`~solar_ray.fs.arrow_filesystem`, with GCS's retries bounded in time."""
-    if _scheme(uri) == "gs" and "?" not in uri:
-        limit_s = float(os.environ.get(RETRY_ENV) or 60)
-        return arrow_filesystem(f"{uri}?retry_limit_seconds={limit_s:g}")
-    return arrow_filesystem(uri)
 
 
 def _interruptible(run: Callable[[], R], uri: str) -> R:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -14,7 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from solar_ray.checkpoint import read_manifest
 from solar_ray.config import ConfigError, load_config
-from solar_ray.merge import MergeConfig, MergeError, run_merge, slerp_coefficients
+from solar_ray.merge import TOKENIZER_FILES, MergeConfig, MergeError, run_merge, slerp_coefficients
 from solar_ray.train.testing import model_weights
 
 
@@ -209,6 +210,35 @@ def test_different_tokenizers_are_refused_naming_the_token(tmp_path, model_a, sm
     tok.save_pretrained(other)
     with pytest.raises(MergeError, match=r"token id \d+ is '<absent>' in .* but '<planted-token>'"):
         _merge(tmp_path, models=[str(model_a), str(other)])
+
+
+def test_different_special_tokens_are_refused_naming_them(tmp_path, model_a, smollm2_tokenizer):
+    """The same vocabulary with another end-of-sequence token is another tokenizer."""
+    other = tmp_path / "other_eos"
+    shutil.copytree(model_a, other)
+    tok = type(smollm2_tokenizer).from_pretrained(model_a, eos_token="<|endoftext|>")
+    tok.save_pretrained(other)
+    eos = type(smollm2_tokenizer).from_pretrained(model_a).eos_token
+    assert eos != "<|endoftext|>"
+    with pytest.raises(MergeError) as info:
+        _merge(tmp_path, models=[str(model_a), str(other)])
+    assert str(info.value) == f"tokenizers differ: eos_token is {eos!r} in {model_a} but '<|endoftext|>' in {other}"
+
+
+def test_identical_tokenizer_files_are_not_loaded_and_unloadable_ones_are_named(tmp_path, model_a, model_b):
+    """Byte-identical tokenizer files agree without loading them; files that differ are
+    loaded, and one that cannot be is named."""
+    a, b = tmp_path / "a", tmp_path / "b"
+    for src, dst in ((model_a, a), (model_b, b)):
+        shutil.copytree(src, dst)
+        for f in TOKENIZER_FILES:
+            (dst / f).unlink(missing_ok=True)
+        (dst / "tokenizer.json").write_text("{}")
+    out = _merge(tmp_path / "same", models=[str(a), str(b)])
+    assert (out / "tokenizer.json").read_text() == "{}"
+    (b / "tokenizer.json").write_text('{"version": "1.0"}')
+    with pytest.raises(MergeError, match=rf"^{re.escape(str(a))}: cannot load the tokenizer \("):
+        _merge(tmp_path / "differ", models=[str(a), str(b)])
 
 
 def test_cli_refusal_exits_2_with_the_mismatch(tmp_path, model_a, smollm2_tokenizer, capsys):

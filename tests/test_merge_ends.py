@@ -4,6 +4,7 @@ inf included), native SLERP against mergekit's, and mergekit runs without a toke
 from __future__ import annotations
 
 import logging
+import math
 import shutil
 from pathlib import Path
 
@@ -157,3 +158,79 @@ def test_mergekit_method_without_tokenizer_logs_one_note_and_no_traceback(tmp_pa
     notes = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert any("no tokenizer files" in n and str(a) in n for n in notes), notes
     assert "Traceback" not in capsys.readouterr().err
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert f"- `{b}`\n- `{c}`\n\nBase model: `{a}` (merge computed by mergekit).\n" in card
+
+
+# --------------------------------------------------------------------------- coefficients by hand
+
+
+def test_slerp_coefficients_at_hand_worked_angles():
+    """Orthogonal vectors (theta = pi/2) at t = 1/3: (sin(pi/3), sin(pi/6)); theta = pi/3 at
+    t = 1/2: both 1/sqrt(3). At and past the 0.9995 threshold, non-finite: linear."""
+    from solar_ray.merge import slerp_coefficients
+
+    ca, cb = slerp_coefficients(1 / 3, 0.0)
+    assert math.isclose(ca, math.sqrt(3) / 2, rel_tol=1e-12) and math.isclose(cb, 0.5, rel_tol=1e-12)
+    ca, cb = slerp_coefficients(0.5, 0.5)
+    assert math.isclose(ca, 1 / math.sqrt(3), rel_tol=1e-12) and math.isclose(cb, 1 / math.sqrt(3), rel_tol=1e-12)
+    ca, cb = slerp_coefficients(0.5, -0.5)  # theta = 2 pi / 3: sin(pi/3) / sin(2 pi/3) = 1
+    assert math.isclose(ca, 1.0, rel_tol=1e-12) and math.isclose(cb, 1.0, rel_tol=1e-12)
+    # just below the threshold the spherical formula runs and differs from linear
+    theta = math.acos(0.9994)
+    ca, _ = slerp_coefficients(0.3, 0.9994)
+    assert math.isclose(ca, math.sin(0.7 * theta) / math.sin(theta), rel_tol=1e-12) and ca != 0.7
+    theta = math.acos(0.9995)
+    assert math.isclose(slerp_coefficients(0.3, 0.9995)[0], math.sin(0.7 * theta) / math.sin(theta), rel_tol=1e-12)
+    for dot in (0.99951, -0.99951, 1.0, -1.0, float("inf"), float("-inf"), float("nan")):
+        assert slerp_coefficients(0.3, dot) == (0.7, 0.3), dot
+
+
+def test_linear_coefficients_by_hand():
+    from solar_ray.merge import linear_coefficients
+
+    assert linear_coefficients(None, 4, True) == [0.25] * 4
+    assert linear_coefficients(None, 2, False) == [1.0, 1.0]
+    assert linear_coefficients([1.0, 3.0], 2, True) == [0.25, 0.75]
+    assert linear_coefficients([1.0, 3.0], 2, False) == [1.0, 3.0]
+
+
+# --------------------------------------------------------------------------- a zero tensor, the card
+
+
+def test_slerp_with_a_zero_tensor_interpolates_linearly(tmp_path, clean, capsys):
+    """A zero vector has no direction: ``0.7 * 0 + 0.3 b``, exactly ``0.3 b`` in float32."""
+    a, b = clean
+    zero = tmp_path / "zero"
+    shutil.copytree(a, zero)
+    (f,) = zero.glob("*.safetensors")
+    state = load_file(f)
+    state[PLANTED] = torch.zeros_like(state[PLANTED])
+    save_file(state, f, metadata={"format": "pt"})
+    merged = _cli_merge(tmp_path, capsys, "--models", str(zero), str(b), "--method", "slerp", "--t", "0.3")
+    wb = model_weights(b)
+    assert torch.equal(merged[PLANTED], torch.zeros_like(wb[PLANTED]).add_(wb[PLANTED], alpha=0.3))
+
+
+def test_card_manifest_and_message_say_what_was_merged(tmp_path, clean, capsys):
+    import json
+
+    a, b = clean
+    out = tmp_path / "out"
+    capsys.readouterr()
+    assert main(["merge", "--models", str(a), str(b), "--weights", "3", "1", "--out", str(out)]) == 0
+    num_tensors = len(model_weights(a))
+    assert capsys.readouterr().out.strip() == f"merged 2 models (linear, {num_tensors} tensors) -> {out}"
+    card = (out / "README.md").read_text()
+    assert f"# Merge of 2 models (linear)\n\nMade by `solar-ray merge` with method `linear` from:\n\n- `{a}` (weight 0.75)\n- `{b}` (weight 0.25)\n" in card
+    manifest = json.loads((out / "solar.json").read_text())
+    assert manifest["weights"] == [0.75, 0.25] and manifest["t"] is None
+    assert manifest["num_tensors"] == num_tensors and manifest["base_model"] is None
+    assert [(p["source"], p["role"]) for p in manifest["parents"]] == [(str(a), "model"), (str(b), "model")]
+
+    out = tmp_path / "slerp"
+    assert main(["merge", "--models", str(a), str(b), "--method", "slerp", "--t", "0.25", "--out", str(out)]) == 0
+    card = (out / "README.md").read_text()
+    assert f"- `{a}` (t = 0)\n- `{b}` (t = 1)\n\nSLERP factor t = 0.25." in card
+    manifest = json.loads((out / "solar.json").read_text())
+    assert manifest["t"] == 0.25 and manifest["weights"] is None and manifest["method"] == "slerp"

@@ -114,3 +114,104 @@ def test_config_file_with_an_unknown_key_is_refused_naming_it(tmp_path, capsys, 
     cfg.write_text(text)
     err = _refused(tmp_path, capsys, "--config", str(cfg))
     assert f"{key}: unknown field" in err
+
+
+# --------------------------------------------------------------------------- the config
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"models": ["a", "b"], "method": "slerp", "weights": [1, 1]}, "weights: slerp takes t, not weights"),
+        ({"models": ["a", "b"], "weights": [1.0, 2.0, 3.0]}, "weights: expected one weight per model (2), got 3"),
+        ({"models": ["a", "b"], "base_model": "c"}, "base_model: method 'linear' does not use a base model"),
+        ({"models": ["a", "b"], "method": "slerp", "base_model": "c"},
+         "base_model: method 'slerp' does not use a base model"),
+        ({"models": ["a", "b"], "density": 0.5}, "density: method 'linear' does not use density"),
+        ({"models": ["a", "b"], "method": "model_stock", "base_model": "c", "density": 0.5},
+         "density: method 'model_stock' does not use density"),
+        ({"models": [], "method": "ties", "base_model": "c"}, "models: at least two models are needed, got 0"),
+        ({"models": ["a"], "method": "slerp"}, "models: at least two models are needed, got 1"),
+        ({"models": ["a", "b"], "method": "dare_linear"}, "base_model is required for method 'dare_linear'"),
+    ],
+)  # fmt: skip
+def test_config_refusal_is_one_sentence(data, problem):
+    from solar_ray.config import ConfigError, load_config
+    from solar_ray.merge import MergeConfig
+
+    with pytest.raises(ConfigError) as info:
+        load_config(MergeConfig, data=data)
+    assert str(info.value).splitlines()[-1].strip() == problem
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"models": ["a"], "method": "ties", "base_model": "c"},  # one model against its base
+        {"models": ["a", "b"], "weights": [1.0, -1.0], "normalize": False},  # a difference
+        {"models": ["a", "b"], "method": "dare_ties", "base_model": "c", "density": 0.5},
+        {"models": ["a", "b"], "method": "ties", "base_model": "c", "density": 1.0},
+    ],
+)
+def test_config_accepted(data):
+    from solar_ray.config import load_config
+    from solar_ray.merge import MergeConfig
+
+    cfg = load_config(MergeConfig, data=data)
+    assert cfg.models == data["models"]
+
+
+# --------------------------------------------------------------------------- models that differ
+
+
+def _with(src: Path, out: Path, config: dict | None = None, tensors: dict | None = None, drop: str = "") -> Path:
+    """A copy of ``src`` with ``config`` fields changed, ``tensors`` added and ``drop`` removed."""
+    import json
+    import shutil
+
+    from safetensors.torch import save_file
+
+    shutil.copytree(src, out)
+    if config:
+        (out / "config.json").write_text(json.dumps({**json.loads((out / "config.json").read_text()), **config}))
+    if tensors or drop:
+        state = model_weights(out)
+        state.pop(drop, None)
+        save_file({**state, **(tensors or {})}, out / "model.safetensors", metadata={"format": "pt"})
+    return out
+
+
+def test_inputs_that_differ_are_refused_naming_the_difference(tmp_path, tiny, capsys):
+    extra = _with(tiny, tmp_path / "extra", tensors={"model.extra": torch.zeros(2)})
+    err = _refused(tmp_path, capsys, "--models", str(tiny), str(extra))
+    assert f"tensor names differ: 'model.extra' is in {extra} but not in {tiny}" in err
+    err = _refused(tmp_path, capsys, "--models", str(extra), str(tiny))
+    assert f"tensor names differ: 'model.extra' is in {extra} but not in {tiny}" in err
+
+    gelu = _with(tiny, tmp_path / "gelu", config={"hidden_act": "gelu"})
+    err = _refused(tmp_path, capsys, "--models", str(tiny), str(gelu))
+    assert f"config.json differs: hidden_act is 'silu' in {tiny} but 'gelu' in {gelu}" in err
+
+    ints = _with(tiny, tmp_path / "ints", tensors={"model.extra": torch.zeros(2, dtype=torch.int64)})
+    err = _refused(tmp_path, capsys, "--models", str(extra), str(ints))
+    assert f"tensor dtypes differ: 'model.extra' is F32 in {extra} but I64 in {ints}" in err
+
+    toks = _with(tiny, tmp_path / "toks")
+    (toks / "tokenizer.json").write_text("{}")
+    err = _refused(tmp_path, capsys, "--models", str(tiny), str(toks))
+    assert f"tokenizers differ: {toks} has tokenizer files but {tiny} has none" in err
+    err = _refused(tmp_path, capsys, "--models", str(toks), str(tiny))
+    assert f"tokenizers differ: {toks} has tokenizer files but {tiny} has none" in err
+
+
+def test_integer_tensors_are_kept_when_equal_and_refused_when_not(tmp_path, tiny, capsys):
+    steps = torch.tensor([3, -1, 7], dtype=torch.int64)
+    a = _with(tiny, tmp_path / "a", tensors={"model.steps": steps})
+    b = _with(tiny, tmp_path / "b", tensors={"model.steps": steps.clone()})
+    c = _with(tiny, tmp_path / "c", tensors={"model.steps": torch.tensor([3, -1, 8])})
+    out = tmp_path / "merged"
+    assert main(["merge", "--models", str(a), str(b), "--weights", "0.3", "0.7", "--out", str(out)]) == 0
+    merged = model_weights(out)
+    assert merged["model.steps"].dtype == torch.int64 and torch.equal(merged["model.steps"], steps)
+    err = _refused(tmp_path, capsys, "--models", str(a), str(b), str(c))
+    assert "tensor 'model.steps' (I64) differs between models and is not a float tensor" in err

@@ -209,7 +209,8 @@ def test_stage_commands_read_and_write_s3(s3, tmp_path):
     recipe = tmp_path / "mini.yaml"
     recipe.write_text(RECIPE)
     run = f"s3://{BUCKET}/runs/cmd"
-    assert _cli("run", str(recipe), "--out", run).returncode == 0
+    r = _cli("run", str(recipe), "--out", run)
+    assert r.returncode == 0, r.stderr[-3000:]
     up = f"s3://{BUCKET}/models/up2"
     r = _cli("upscale", "--source", f"{run}/base", "--m", "2", "--out", up)
     assert r.returncode == 0, r.stderr[-3000:]

@@ -4,6 +4,7 @@ and bad names are one-line errors. The real libraries, offline, in-process runs.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -262,9 +263,108 @@ def test_a_restarted_run_continues_the_same_wandb_run(tmp_path, offline_trackers
     again.scalars(2, {"loss": 2.0})
     again.close()
     sessions = sorted(offline_trackers["wandb"].rglob("offline-run-*"))
-    assert len(sessions) == 2 and all(p.name.endswith("-abc123") for p in sessions)
+    # two sessions started within one second: W&B numbers the second folder (``-abc123-1``)
+    assert len(sessions) == 2 and all(re.search(r"-abc123(-\d+)?$", p.name) for p in sessions)
     steps = []
     for session in sessions:
         _, points = wandb_history(session, "loss")
         steps += points
     assert sorted(steps) == [[1, 3.0], [2, 2.0]]
+
+
+# --------------------------------------------------------------------------- fast: no training
+
+
+def test_backend_names_normalise():
+    from solar_ray.tracking import normalize_backends
+
+    assert normalize_backends(None) == [] and normalize_backends([]) == []
+    assert normalize_backends("none") == [] and normalize_backends(["off"]) == []
+    assert normalize_backends("mlflow") == ["mlflow"]
+    # a list keeps its order, each name once
+    assert normalize_backends(("wandb", "tensorboard", "wandb")) == ["wandb", "tensorboard"]
+    with pytest.raises(ValueError) as err:
+        normalize_backends(["mlflow", "none"])  # 'none' is not a backend beside others
+    assert str(err.value) == "unknown backend 'none' (one of ['tensorboard', 'wandb', 'mlflow'], or none)"
+
+
+def test_run_ids_are_stable_and_tell_runs_apart():
+    from solar_ray.tracking import TrackedRun
+
+    one = TrackedRun.stable_id("s3://b/runs", "demo-cpt", "cfg")
+    assert one == TrackedRun.stable_id("s3://b/runs", "demo-cpt", "cfg")
+    assert len(one) == 16 and int(one, 16) >= 0  # 8 bytes of hex: a W&B/MLflow-safe id
+    assert one != TrackedRun.stable_id("s3://b/runs", "demo-cpt", "cfg2")
+    # the parts are kept apart: moving a character between two parts is another run
+    assert TrackedRun.stable_id("ab", "c") != TrackedRun.stable_id("a", "bc")
+    assert TrackedRun.stable_id("a", "b") != TrackedRun.stable_id("b", "a")
+
+
+def test_only_finite_numbers_are_logged_and_a_failing_backend_is_skipped(caplog):
+    from solar_ray.tracking import log_scalars
+
+    class Down:
+        def log(self, step, metrics):
+            raise ConnectionError("server gone")
+
+    class Keep:
+        def __init__(self):
+            self.logged = []
+
+        def log(self, step, metrics):
+            self.logged.append((step, metrics))
+
+    first, last = Keep(), Keep()
+    metrics = {"loss": 2, "lr": 1e-4, "nan": float("nan"), "inf": float("-inf"), "done": True,
+               "name": "x", "none": None, "items": [1.0]}  # fmt: skip
+    with caplog.at_level("WARNING", logger="solar_ray.tracking"):
+        log_scalars([first, Down(), last], 7, metrics)
+    assert first.logged == last.logged == [(7, {"loss": 2.0, "lr": 1e-4})]
+    assert isinstance(first.logged[0][1]["loss"], float)
+    assert "could not log metrics to Down: server gone" in caplog.text
+    log_scalars([first], 8, {"nan": float("nan"), "ok": False})  # nothing to log: no call
+    assert len(first.logged) == 1
+
+
+def test_mlflow_run_records_the_config_once(tmp_path, offline_trackers):
+    """The config goes in as a JSON artifact and as flat params (nested values only in the
+    artifact, long values cut at 500 characters), tagged with the stable id."""
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    from solar_ray.tracking import TrackedRun, open_tracker
+
+    config = {"lr": 0.1, "steps": 3, "note": "x" * 600, "data": {"mix": "a"}, "layers": [1, 2]}
+    run = TrackedRun(project="proj", name="proj-sft", run_id="id1", config=config)
+    tracker = open_tracker("mlflow", run, tmp_path)
+    tracker.log(5, {"loss": 1.5})
+    tracker.close()
+    client = MlflowClient(offline_trackers["mlflow"].as_uri())
+    (found,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
+    assert found.info.run_name == "proj-sft" and found.data.tags["solar_ray.run_id"] == "id1"
+    assert found.data.params == {"lr": "0.1", "steps": "3", "note": "x" * 500}
+    assert [(m.step, m.value) for m in client.get_metric_history(found.info.run_id, "loss")] == [(5, 1.5)]
+    path = client.download_artifacts(found.info.run_id, "solar_config.json", str(tmp_path))
+    assert json.loads(Path(path).read_text()) == config
+    assert found.info.status == "FINISHED"
+    # reopened (a restarted worker): the same run, running again, its params untouched
+    again = open_tracker("mlflow", run, tmp_path)
+    (same,) = client.search_runs([client.get_experiment_by_name("proj").experiment_id])
+    assert same.info.run_id == found.info.run_id and same.info.status == "RUNNING"
+    again.close()
+
+
+def test_tune_callbacks_carry_the_project(monkeypatch):
+    from solar_ray.tracking import tune_callbacks
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///tmp/nowhere-mlruns")
+    (mlflow_cb,) = tune_callbacks(["mlflow"], "sweep-x")
+    assert mlflow_cb.tracking_uri == "file:///tmp/nowhere-mlruns"
+    assert mlflow_cb.tags == {"solar_ray.sweep": "sweep-x"} and mlflow_cb.should_save_artifact is False
+    (wandb_cb,) = tune_callbacks(["wandb"], "sweep-x")
+    assert wandb_cb.project == "sweep-x" and wandb_cb.log_config is True
+    assert tune_callbacks(["tensorboard"], "sweep-x") == []
+    monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
+    with pytest.raises(MissingDependencyError, match=r"tracking: mlflow needs the package mlflow"):
+        tune_callbacks(["mlflow"], "sweep-x")

@@ -16,8 +16,22 @@ from conftest import save_tiny_model
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
 from solar_ray.cli import main as cli_main
+from solar_ray.errors import UserError
+from solar_ray.models import ARCHITECTURES
 from solar_ray.train.testing import model_weights
-from solar_ray.upscale import MAX_LAYERS, UpscaleConfig, plan_from_mergekit, plan_layers
+from solar_ray.upscale import (
+    MAX_LAYERS,
+    LayerSlot,
+    UpscaleConfig,
+    UpscaleError,
+    check_source_plan,
+    plan_explicit,
+    plan_from_mergekit,
+    plan_layers,
+    plan_llama_pro,
+    plan_stack,
+    replan_config,
+)
 
 SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
@@ -230,6 +244,13 @@ def test_solar_pruning_plan_warns_and_matches_its_config(caplog, tmp_path, src):
     for suffix in ("self_attn.q_proj.weight", "mlp.down_proj.weight", "input_layernorm.weight"):
         assert torch.equal(out[f"model.layers.0.{suffix}"], base[f"model.layers.0.{suffix}"])
         assert torch.equal(out[f"model.layers.1.{suffix}"], base[f"model.layers.3.{suffix}"])
+    manifest = json.loads((tmp_path / "o" / "solar.json").read_text())
+    assert {k: manifest[k] for k in ("method", "m", "plan", "identity_layers", "num_layers_in", "num_layers_out")} == {
+        "method": "solar", "m": 3, "plan": [0, 3], "identity_layers": [], "num_layers_in": 4, "num_layers_out": 2}
+    assert manifest["parents"][0]["source"] == str(src)
+    assert (f"# src depth-upscaled (solar, 4 -> 2 layers)\n\nMade by `solar-ray upscale` from `{src}` with "
+            "method `solar`, m=3.\n\nSource layer of each output layer: [0, 3]\n") in (tmp_path / "o" / "README.md").read_text()
+    assert not (tmp_path / "o" / "model.safetensors.index.json").exists()  # one shard, no index
     caplog.clear()
     assert cli_main(["upscale", "--source", str(src), "--out", str(tmp_path / "g"), "--m", "2"]) == 0
     assert "prunes" not in caplog.text  # m = n/2 keeps n layers: no word of pruning
@@ -260,3 +281,191 @@ def test_explicit_pruning_plan_replans_per_layer_fields(tmp_path):
         for k in [k for k in base if k.startswith(f"model.layers.{i}.")]:
             got_t = model.state_dict()[k.replace(f"layers.{i}.", f"layers.{j}.")]
             assert torch.equal(got_t, base[k]), k
+
+
+# --------------------------------------------------------------------------- plans at their edges
+
+
+def test_llama_pro_every_layer_and_last_layer_only():
+    """k=1 doubles every layer; k=n adds one identity copy of the last layer; outside 1..n
+    is refused naming the range."""
+    assert plan_llama_pro(3, 1) == [LayerSlot(0), LayerSlot(0, True), LayerSlot(1), LayerSlot(1, True),
+                                    LayerSlot(2), LayerSlot(2, True)]  # fmt: skip
+    assert plan_llama_pro(3, 3) == [LayerSlot(0), LayerSlot(1), LayerSlot(2), LayerSlot(2, True)]
+    assert plan_llama_pro(32) == plan_llama_pro(32, 4)  # the paper's 32 -> 40 by default
+    for k in (0, 4):
+        with pytest.raises(UpscaleError, match=rf"^expand_every must be in 1\.\.3, got {k}$"):
+            plan_llama_pro(3, k)
+
+
+def test_stack_of_one_copy_is_the_base_and_zero_copies_are_refused():
+    assert plan_stack(3, 1) == [LayerSlot(0), LayerSlot(1), LayerSlot(2)]
+    assert [s.source for s in plan_stack(3)] == [0, 1, 2, 0, 1, 2]  # two copies by default
+    with pytest.raises(UpscaleError, match=r"^repeat must be >= 1, got 0$"):
+        plan_stack(3, 0)
+
+
+def test_explicit_plan_refusals_name_the_range():
+    with pytest.raises(UpscaleError, match=r"^layers: the explicit plan is empty$"):
+        plan_explicit(4, [])
+    with pytest.raises(UpscaleError, match=r"^layers: indices \[4, -1\] are outside the base model's 0\.\.3$"):
+        plan_explicit(4, [0, 4, 3, -1])
+
+
+def test_planned_layer_count_of_each_method_at_the_limit():
+    """The limit applies to the plan each method would build: n + n // k, g n, 2 (n - m),
+    counted by hand at the limit and one base layer past it."""
+    cases = [  # (config, n with a plan of exactly 1024 layers, the count for n + 1)
+        (UpscaleConfig(source="m", method="llama-pro", expand_every=3), 768, 1025),  # 768 + 256
+        (UpscaleConfig(source="m", method="stack", repeat=4), 256, 1028),
+        (UpscaleConfig(source="m", m=3), 515, 1026),  # 2 * (515 - 3)
+    ]
+    for cfg, n, past in cases:
+        assert len(plan_layers(cfg, n)) == MAX_LAYERS
+        with pytest.raises(UpscaleError, match=rf"^{cfg.method}: the plan has {past} layers \(from the base model's {n + 1}\)"):
+            plan_layers(cfg, n + 1)
+    every_4th = UpscaleConfig(source="m", method="llama-pro", expand_every=4)
+    assert len(plan_layers(every_4th, 819)) == 1023  # 819 + 204
+    with pytest.raises(UpscaleError, match=r"^llama-pro: the plan has 1025 layers "):  # 820 + 205
+        plan_layers(every_4th, 820)
+
+
+def _spec(**extra) -> dict:
+    return {"slices": [{"sources": [{"model": "m", "layer_range": [0, 2]}]}], **extra}
+
+
+def _one(**source) -> dict:
+    """One slice whose source has ``source``'s keys (``None``: the key left out)."""
+    src = {k: v for k, v in {"model": "m", "layer_range": [0, 2], **source}.items() if v is not None}
+    return {"slices": [{"sources": [src]}]}
+
+
+@pytest.mark.parametrize(
+    ("spec", "message"),
+    [
+        (_spec(merge_method="slerp"), "merge_method: only 'passthrough' is a layer plan, got 'slerp'"),
+        ({"slices": "abc"}, "slices: expected a non-empty list of {sources: [...]}"),
+        ({"slices": []}, "slices: expected a non-empty list of {sources: [...]}"),
+        ({}, "slices: expected a non-empty list of {sources: [...]}"),
+        (_spec(models=[]), "mergekit's ['models'] not supported by solar-ray upscale (a passthrough of one "
+                           "model's layers, copied unchanged); accepted here: merge_method, slices, "
+                           "base_model, tokenizer_source, dtype, out_dtype"),
+        (_spec(slice="x"), "unknown keys ['slice']; accepted here: merge_method, slices, base_model, "
+                           "tokenizer_source, dtype, out_dtype"),
+        ({"slices": [{"sources": [], "x": 1}]}, "slices.0: unknown keys ['x']; accepted here: sources"),
+        ({"slices": ["x"]}, "slices.0.sources: passthrough takes exactly one source"),
+        ({"slices": [{"sources": "a"}]}, "slices.0.sources: passthrough takes exactly one source"),
+        ({"slices": [{"sources": [5]}]},
+         "slices.0.sources.0: expected a mapping {model: ..., layer_range: [start, end]}, got int"),
+        (_one(layer_range=[2, 2]), "slices.0.sources.0.layer_range: empty range [2, 2]"),
+        (_one(model=None), "slices.0.sources.0.model: expected a model source (a string)"),
+        (_one(model="  "), "slices.0.sources.0.model: expected a model source (a string)"),
+        (_spec(base_model="x"), "base_model: 'x' must be the slices' model 'm'"),
+        (_spec(tokenizer_source="x"),
+         "tokenizer_source: 'x' must be the slices' model 'm' or 'base' (the tokenizer is copied from it)"),
+    ],
+)
+def test_mergekit_refusals_are_whole_sentences(spec, message):
+    with pytest.raises(UpscaleError) as info:
+        plan_from_mergekit(spec)
+    assert str(info.value) == message
+
+
+def test_mergekit_out_dtype_is_said_ignored(caplog):
+    assert plan_from_mergekit(_spec(out_dtype="bfloat16")) == ("m", [0, 1])
+    assert "out_dtype: 'bfloat16' ignored" in caplog.text
+
+
+def test_mergekit_slice_far_into_the_stack_is_its_length():
+    """Layers 1000..1023: 24 layers, however high their indices."""
+    assert plan_from_mergekit(_one(layer_range=[1000, 1024])) == ("m", list(range(1000, 1024)))
+
+
+def test_source_plan_checked_before_running_when_the_config_is_local(tmp_path):
+    """``check_source_plan`` (``--dry-run``) refuses a plan the local source cannot take; a
+    source not on disk yet is left to the run."""
+    d = tmp_path / "src"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 4}))
+    check_source_plan(UpscaleConfig(source=str(d), m=3))
+    with pytest.raises(UpscaleError, match=r"^m=4 must be smaller than the base model's 4 layers$"):
+        check_source_plan(UpscaleConfig(source=str(d), m=4))
+    (d / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    with pytest.raises(UserError, match=r"config\.json: the field 'num_hidden_layers' is missing"):
+        check_source_plan(UpscaleConfig(source=str(d), m=1))
+    check_source_plan(UpscaleConfig(source=str(tmp_path / "not-made-yet"), m=4))
+
+
+# --------------------------------------------------------------------------- config.json re-planned
+
+
+def _qwen2(n: int, threshold: int, types: bool = True) -> dict:
+    """A Qwen2 config.json whose layers from ``threshold`` on slide (as ``max_window_layers``)."""
+    config = {"model_type": "qwen2", "num_hidden_layers": n, "max_window_layers": threshold, "rope_theta": 1e6}
+    if types:
+        config["layer_types"] = ["full_attention"] * threshold + ["sliding_attention"] * (n - threshold)
+    return config
+
+
+def _slots(*sources: int) -> list[LayerSlot]:
+    return [LayerSlot(i) for i in sources]
+
+
+def test_replanned_config_follows_the_plan_by_hand():
+    qwen2 = ARCHITECTURES["qwen2"]
+    base = _qwen2(4, 2)
+    before = json.loads(json.dumps(base))
+    # solar m=1: sources 0 1 2 | 1 2 3 -> F F S F S S: not "all below, then all at/above"
+    got = replan_config(base, qwen2, _slots(0, 1, 2, 1, 2, 3))
+    assert got == {"model_type": "qwen2", "num_hidden_layers": 6, "max_window_layers": 6, "rope_theta": 1e6,
+                   "layer_types": ["full_attention", "full_attention", "sliding_attention",
+                                   "full_attention", "sliding_attention", "sliding_attention"]}  # fmt: skip
+    assert base == before  # the source's config is left as it was
+    # monotone plans keep the threshold where the planned layers cross it
+    assert replan_config(base, qwen2, _slots(0, 0, 1, 2, 3))["max_window_layers"] == 3
+    assert replan_config(base, qwen2, _slots(2, 3))["max_window_layers"] == 0
+    assert replan_config(base, qwen2, _slots(0, 1, 1))["max_window_layers"] == 3  # none slides
+    assert replan_config({**base, "max_window_layers": None}, qwen2, _slots(1, 0))["max_window_layers"] is None
+
+
+def test_replanned_config_refuses_what_it_cannot_express():
+    qwen2 = ARCHITECTURES["qwen2"]
+    with pytest.raises(UpscaleError) as info:
+        replan_config(_qwen2(4, 2, types=False), qwen2, _slots(0, 2, 1))
+    assert str(info.value) == ("config.json: max_window_layers=2 cannot express this plan's layer order; "
+                               "add an explicit layer_types list to the source config")  # fmt: skip
+    for bad in (["full_attention"] * 3, "full_attention"):
+        with pytest.raises(UpscaleError) as info:
+            replan_config({**_qwen2(4, 2), "layer_types": bad}, qwen2, _slots(0, 1))
+        assert str(info.value) == f"config.json: layer_types should list one value per layer (4), got {bad!r}"
+    # without the field there is nothing to re-plan
+    got = replan_config({"model_type": "mistral", "num_hidden_layers": 2}, ARCHITECTURES["mistral"], _slots(1, 1, 0))
+    assert got == {"model_type": "mistral", "num_hidden_layers": 3}
+
+
+def test_output_directory_is_required(capsys, tmp_path, src):
+    capsys.readouterr()
+    assert cli_main(["upscale", "--source", str(src), "--m", "1"]) == 2
+    assert capsys.readouterr().err.strip() == "solar-ray upscale: error: out: an output directory is required"
+
+
+def test_tensors_of_layers_beyond_the_config_are_refused(capsys, tmp_path, src):
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
+    out = tmp_path / "out"
+    _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
+           r"error: source has tensors for layer 3 but num_hidden_layers=3$")
+
+
+def test_unknown_per_layer_lists_are_kept_with_a_warning(caplog):
+    """A list with one entry per layer that the architecture does not name is kept as is,
+    and said; a re-planned field, a list of another length or a 1-layer base are not."""
+    mistral = ARCHITECTURES["mistral"]
+    config = {"model_type": "mistral", "num_hidden_layers": 3, "layer_types": ["full_attention"] * 3,
+              "per_layer_scale": [1, 2, 3], "pair": [1, 2]}  # fmt: skip
+    assert replan_config(config, mistral, _slots(2, 1))["per_layer_scale"] == [1, 2, 3]
+    warned = [r.getMessage() for r in caplog.records]
+    assert warned == ["config.json: per_layer_scale has 3 entries (one per layer?) and was kept as is"]
+    caplog.clear()
+    replan_config({"model_type": "mistral", "num_hidden_layers": 1, "scale": [1]}, mistral, _slots(0, 0))
+    assert not caplog.records

@@ -202,6 +202,9 @@ def test_zero_runs_and_holes_are_bitwise(tmp_path, monkeypatch):
     res = run_upscale(UpscaleConfig(source=str(src), out=str(tmp_path / "o"), method="llama-pro",
                                     expand_every=2, hash_inputs=False))
     assert res.plan == [0, 1, 1, 2, 3, 3]
+    manifest = json.loads((res.out / "solar.json").read_text())
+    assert manifest["identity_layers"] == [2, 5] and manifest["m"] is None and manifest["method"] == "llama-pro"
+    assert f"from `{src}` with method `llama-pro`.\n" in (res.out / "README.md").read_text()
     out, base = model_weights(res.out), model_weights(src)
     for j, i in enumerate(res.plan):
         for k in [k for k in base if k.startswith(f"model.layers.{i}.")]:
@@ -209,3 +212,95 @@ def test_zero_runs_and_holes_are_bitwise(tmp_path, monkeypatch):
             identity = j in (2, 5) and (".o_proj." in k or ".down_proj." in k)
             assert torch.equal(got, torch.zeros_like(got) if identity else base[k]), (j, k)
     assert all(torch.equal(out[k], base[k]) for k in base if not k.startswith("model.layers."))
+
+
+# --------------------------------------------------------------------------- the index file
+
+
+def _indexed(tmp_path: Path, index: str) -> Path:
+    """A model directory with one shard (tensors ``a`` and ``b``) and the given index text."""
+    from safetensors.torch import save_file
+
+    d = tmp_path / "m"
+    d.mkdir()
+    save_file({"a": torch.zeros(2), "b": torch.ones(3)}, d / "model.safetensors")
+    (d / "model.safetensors.index.json").write_text(index)
+    return d
+
+
+@pytest.mark.parametrize(
+    ("index", "message"),
+    [
+        ('{"weight_map": ', "not valid JSON (Expecting value: line 1 column 16 (char 15))"),
+        ("[1]", "no 'weight_map' mapping of tensor names to shard files"),
+        ('{"weight_map": {}}', "no 'weight_map' mapping of tensor names to shard files"),
+        ('{"weight_map": ["model.safetensors"]}', "no 'weight_map' mapping of tensor names to shard files"),
+        ('{"weight_map": {"a": "model.safetensors", "zz": "model.safetensors"}}',
+         "tensor 'zz' is in the index but not in model.safetensors (1 missing)"),
+    ],
+)  # fmt: skip
+def test_bad_index_is_named(tmp_path, index, message):
+    d = _indexed(tmp_path, index)
+    with pytest.raises(upscale.SafetensorsError) as info:
+        upscale.read_model_tensors(d)
+    where = d if "missing" in message else d / "model.safetensors.index.json"
+    assert str(info.value) == f"{where}: {message}"
+
+
+@pytest.mark.parametrize("shard", ["", ".", "..", "../model.safetensors", "sub/model.safetensors",
+                                   "sub\\model.safetensors", "model.safetensors\0", 7])  # fmt: skip
+def test_index_never_points_out_of_the_directory(tmp_path, shard):
+    d = _indexed(tmp_path, json.dumps({"weight_map": {"a": "model.safetensors", "b": shard}}))
+    with pytest.raises(upscale.SafetensorsError) as info:
+        upscale.read_model_tensors(d)
+    assert str(info.value) == (
+        f"{d / 'model.safetensors.index.json'}: tensor 'b' maps to {shard!r}, which is not a file "
+        "name in the model directory (reads never leave it)"
+    )
+
+
+def test_shard_named_by_the_index_but_absent_is_named(tmp_path):
+    d = _indexed(tmp_path, json.dumps({"weight_map": {"a": "model.safetensors", "b": "model-2.safetensors"}}))
+    with pytest.raises(upscale.SafetensorsError) as info:
+        upscale.read_model_tensors(d)
+    assert str(info.value) == f"{d / 'model-2.safetensors'}: listed in model.safetensors.index.json but missing"
+
+
+def test_index_decides_which_shard_holds_a_tensor(tmp_path):
+    """A tensor in two shards is read from the one the index names."""
+    from safetensors.torch import save_file
+
+    d = _indexed(tmp_path, json.dumps({"weight_map": {"a": "model-2.safetensors", "b": "model.safetensors"}}))
+    save_file({"a": torch.full((2,), 5.0)}, d / "model-2.safetensors")
+    refs = upscale.read_model_tensors(d)
+    assert sorted(refs) == ["a", "b"]
+    with open(refs["a"].file, "rb") as f:
+        f.seek(refs["a"].offset)
+        assert f.read(refs["a"].nbytes) == struct.pack("<2f", 5.0, 5.0)
+
+
+# --------------------------------------------------------------------------- shards
+
+
+def test_shards_fill_to_the_cap_one_source_file_each():
+    """Shards hold up to the cap (a tensor bigger than it stands alone); tensors of two
+    source files never share one; zeros join the shard of the tensor before them."""
+    mib = 1 << 20
+
+    def t(name: str, nbytes: int, file: str | None) -> upscale.OutTensor:
+        src = None if file is None else upscale.TensorRef(name, "F32", [nbytes // 4], Path(file), 8, nbytes)
+        return upscale.OutTensor(name, "F32", [nbytes // 4], nbytes, src)
+
+    def layout(tensors: list[upscale.OutTensor], cap: int) -> list[tuple[str, list[str]]]:
+        return [(s.name, [x.name for x in s.tensors]) for s in upscale.shard_tensors(tensors, cap)]
+
+    assert layout([t("a", mib, "x"), t("b", mib, "x")], 2 * mib) == [("model.safetensors", ["a", "b"])]
+    assert layout([t("a", mib, "x"), t("b", mib, "x"), t("c", 1, "x"), t("big", 3 * mib, "x")], 2 * mib) == [
+        ("model-00001-of-00003.safetensors", ["a", "b"]),
+        ("model-00002-of-00003.safetensors", ["c"]),
+        ("model-00003-of-00003.safetensors", ["big"]),
+    ]
+    assert layout([t("a", 8, "x"), t("b", 8, "y"), t("z", 8, None), t("c", 8, "x")], mib) == [
+        ("model-00001-of-00002.safetensors", ["a", "c"]),
+        ("model-00002-of-00002.safetensors", ["b", "z"]),
+    ]
