@@ -71,6 +71,13 @@ def assert_refused(capsys, argv: list[str], expect: str, keep: list[Path]) -> st
     return lines[0]
 
 
+def assert_refused_before_output(capsys, argv: list[str], out: Path, expect: str) -> str:
+    """:func:`assert_refused`, and nothing was made at ``out``."""
+    line = assert_refused(capsys, argv, expect, keep=[])
+    assert not os.path.lexists(out), f"{out} was made"
+    return line
+
+
 def siblings(out: Path) -> list[str]:
     """Hidden temporary siblings of ``out`` (``.NAME.tmp-*``, ``.NAME.old-*``)."""
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))

@@ -13,6 +13,7 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny_model
+from safety_helpers import SMALL, assert_refused_before_output
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
 from solar_ray.cli import main as cli_main
@@ -33,23 +34,12 @@ from solar_ray.upscale import (
     replan_config,
 )
 
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
-
 
 @pytest.fixture
 def src(tmp_path) -> Path:
     return save_tiny_model(LlamaConfig(num_hidden_layers=4, **SMALL), tmp_path / "src", seed=2)
 
 
-def _fails(capsys, argv: list[str], out: Path, expect: str) -> str:
-    capsys.readouterr()
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert re.search(expect, err), err
-    assert not out.exists()
-    return err
 
 
 # --------------------------------------------------------------------------- unreadable sources
@@ -77,7 +67,7 @@ def test_unreadable_gguf_is_one_line(capsys, tmp_path, monkeypatch, kind, expect
     monkeypatch.setenv("SOLAR_RAY_CACHE", str(tmp_path / "cache"))
     f = _gguf(tmp_path, kind)
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--source", str(f), "--out", str(out), "--m", "1"], out,
+    assert_refused_before_output(capsys, ["upscale", "--source", str(f), "--out", str(out), "--m", "1"], out,
            rf"error: {re.escape(str(f))}: {expect}")
     assert not list((tmp_path / "cache").glob("gguf/*/config.json"))  # nothing half-converted
 
@@ -92,7 +82,7 @@ def test_unreadable_pickle_never_advises_unsafe_loading(capsys, tmp_path, monkey
     else:
         torch.save([torch.zeros(2)], f)  # loads weights-only, but is no state dict
     out = tmp_path / "out"
-    err = _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1", "--allow-pickle"],
+    err = assert_refused_before_output(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1", "--allow-pickle"],
                  out, rf"error: {re.escape(str(f))}: (cannot be read as a checkpoint|not a state dict)")
     assert "weights_only" not in err
 
@@ -101,7 +91,7 @@ def test_unreadable_pickle_never_advises_unsafe_loading(capsys, tmp_path, monkey
 def test_unknown_home_directory_is_one_line(capsys, tmp_path, monkeypatch, src, field):
     monkeypatch.chdir(tmp_path)
     paths = {"source": str(src), "out": str(tmp_path / "out"), field: "~nosuchuser_solar/x"}
-    _fails(capsys, ["upscale", "--source", paths["source"], "--out", paths["out"], "--m", "1"],
+    assert_refused_before_output(capsys, ["upscale", "--source", paths["source"], "--out", paths["out"], "--m", "1"],
            tmp_path / "out", rf"{field}: ~nosuchuser_solar/x: '~nosuchuser_solar' names no home directory")
     assert not (tmp_path / "~nosuchuser_solar").exists()  # no literal directory made
 
@@ -134,7 +124,7 @@ def _mergekit(tmp_path: Path, model: Path, **extra) -> Path:
 def test_mergekit_keys_not_honoured_are_refused(capsys, tmp_path, src, extra, expect):
     mk = _mergekit(tmp_path, src, **extra)
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--config", str(mk), "--out", str(out)], out, rf"error: {re.escape(str(mk))}: {expect}")
+    assert_refused_before_output(capsys, ["upscale", "--config", str(mk), "--out", str(out)], out, rf"error: {re.escape(str(mk))}: {expect}")
 
 
 def test_mergekit_nested_unknown_keys_are_refused(capsys, tmp_path, src):
@@ -142,7 +132,7 @@ def test_mergekit_nested_unknown_keys_are_refused(capsys, tmp_path, src):
     spec["slices"][1]["sources"][0]["layer_rnage"] = spec["slices"][1]["sources"][0].pop("layer_range")
     (tmp_path / "mk.yaml").write_text(yaml.safe_dump(spec))
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--config", str(tmp_path / "mk.yaml"), "--out", str(out)], out,
+    assert_refused_before_output(capsys, ["upscale", "--config", str(tmp_path / "mk.yaml"), "--out", str(out)], out,
            r"slices\.1\.sources\.0: unknown keys \['layer_rnage'\]")
 
 
@@ -160,7 +150,7 @@ def test_mergekit_keys_honoured_or_said_ignored(caplog, tmp_path, src):
 
 def test_layers_only_go_with_explicit(capsys, tmp_path, src):
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1", "--layers", "0", "1"],
+    assert_refused_before_output(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1", "--layers", "0", "1"],
            out, r"layers: a layer list goes only with method 'explicit', not 'solar'")
 
 
@@ -171,14 +161,14 @@ def test_layers_only_go_with_explicit(capsys, tmp_path, src):
 def test_booleans_are_not_layer_numbers(capsys, tmp_path, src, text):
     (tmp_path / "up.yaml").write_text(f"source: {src}\n{text}")
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--config", str(tmp_path / "up.yaml"), "--out", str(out)], out,
+    assert_refused_before_output(capsys, ["upscale", "--config", str(tmp_path / "up.yaml"), "--out", str(out)], out,
            r"expected integers, got a boolean")
 
 
 def test_boolean_in_a_mergekit_layer_range_is_refused(capsys, tmp_path, src):
     (tmp_path / "mk.yaml").write_text(f"slices:\n- sources:\n  - {{model: {src}, layer_range: [0, true]}}\n")
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--config", str(tmp_path / "mk.yaml"), "--out", str(out)], out,
+    assert_refused_before_output(capsys, ["upscale", "--config", str(tmp_path / "mk.yaml"), "--out", str(out)], out,
            r"slices\.0\.sources\.0\.layer_range: expected \[start, end\]")
 
 
@@ -212,20 +202,20 @@ def test_slices_over_the_limit_together_are_refused(capsys, tmp_path, src, copie
     """Each slice is small; together (through YAML aliases) they pass 1024 layers."""
     (tmp_path / "mk.yaml").write_text(_aliased_slices(src, copies, extra))
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--config", str(tmp_path / "mk.yaml"), "--out", str(out)], out,
+    assert_refused_before_output(capsys, ["upscale", "--config", str(tmp_path / "mk.yaml"), "--out", str(out)], out,
            rf"slices\.{at}\.sources\.0\.layer_range: the plan grows past 1024 layers")
 
 
 def test_stack_one_past_the_limit_is_refused(capsys, tmp_path, src):
     out = tmp_path / "out"
     for repeat, expect in (("257", "1028 layers"), ("1025", r"repeat.*1024")):
-        _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--method", "stack",
+        assert_refused_before_output(capsys, ["upscale", "--source", str(src), "--out", str(out), "--method", "stack",
                         "--repeat", repeat], out, expect)
 
 
 def test_explicit_list_one_past_the_limit_is_refused(capsys, tmp_path, src):
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--method", "explicit",
+    assert_refused_before_output(capsys, ["upscale", "--source", str(src), "--out", str(out), "--method", "explicit",
                     "--layers", *["0"] * 1025], out, r"layers.*1024")
 
 
@@ -453,7 +443,7 @@ def test_tensors_of_layers_beyond_the_config_are_refused(capsys, tmp_path, src):
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "num_hidden_layers": 3}))
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
+    assert_refused_before_output(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
            r"error: source has tensors for layer 3 but num_hidden_layers=3$")
 
 

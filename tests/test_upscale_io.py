@@ -14,15 +14,12 @@ import pytest
 import torch
 from conftest import save_tiny_model
 from safetensors import safe_open
+from safety_helpers import SMALL, assert_refused_before_output
 from transformers import LlamaConfig
 
 import solar_ray.upscale as upscale
-from solar_ray.cli import main as cli_main
 from solar_ray.train.testing import model_weights
 from solar_ray.upscale import UpscaleConfig, run_upscale
-
-SMALL = dict(vocab_size=96, hidden_size=32, intermediate_size=64, num_attention_heads=4,
-             num_key_value_heads=2, max_position_embeddings=64)  # fmt: skip
 
 
 @pytest.fixture
@@ -30,14 +27,6 @@ def src(tmp_path) -> Path:
     return save_tiny_model(LlamaConfig(num_hidden_layers=4, **SMALL), tmp_path / "src", seed=3)
 
 
-def _fails(capsys, argv: list[str], out: Path, expect: str) -> str:
-    capsys.readouterr()
-    assert cli_main(argv) == 2
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1, err
-    assert re.search(expect, err), err
-    assert not out.exists()
-    return err
 
 
 def _split(path: Path) -> tuple[dict, bytes]:
@@ -81,7 +70,7 @@ def test_invalid_safetensors_refused_like_safetensors(capsys, tmp_path, src, cor
     _join(f, header, data)
     _rejected_by_safetensors(f)
     out = tmp_path / "out"
-    _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
+    assert_refused_before_output(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
            rf"^solar-ray upscale: error: {re.escape(str(f))}: .*({expect})")
 
 
@@ -91,7 +80,7 @@ def test_invalid_safetensors_refused_by_merge_too(capsys, tmp_path, src):
     f = other / "model.safetensors"
     _join(f, *_overlap(*_split(f))[:2])
     out = tmp_path / "merged"
-    _fails(capsys, ["merge", "--models", str(src), str(other), "--out", str(out)], out, "overlaps")
+    assert_refused_before_output(capsys, ["merge", "--models", str(src), str(other), "--out", str(out)], out, "overlaps")
 
 
 @pytest.mark.parametrize("size", [0, 5, 12])
@@ -99,7 +88,7 @@ def test_short_file_message_names_it_once(capsys, tmp_path, src, size):
     f = src / "model.safetensors"
     f.write_bytes(f.read_bytes()[:size])
     out = tmp_path / "out"
-    err = _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
+    err = assert_refused_before_output(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
                  r"truncated|corrupt safetensors header \(length")
     assert err.count(str(f)) == 1, err
     assert err.count("safetensors") == 2 if size == 12 else err.count("truncated") == 1
@@ -113,7 +102,7 @@ def test_non_regular_weights_file_is_named(capsys, tmp_path, src, kind):
     {"directory": f.mkdir, "fifo": lambda: os.mkfifo(f),
      "dangling link": lambda: f.symlink_to(src / "gone.safetensors.part")}[kind]()  # fmt: skip
     out = tmp_path / "out"
-    err = _fails(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
+    err = assert_refused_before_output(capsys, ["upscale", "--source", str(src), "--out", str(out), "--m", "1"], out,
                  rf"{re.escape(str(f))}: not a regular file")
     assert "index" not in err
 
