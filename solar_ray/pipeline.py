@@ -60,7 +60,14 @@ from pydantic import Field, model_validator
 from solar_ray import identity, remote
 from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
 from solar_ray.cluster import init_ray
-from solar_ray.config import ConfigError, StageConfig, apply_overrides, load_yaml, validate
+from solar_ray.config import (
+    ConfigError,
+    StageConfig,
+    apply_overrides,
+    check_flags_agree,
+    load_yaml,
+    validate,
+)
 from solar_ray.errors import UserError, user_os_error
 from solar_ray.hub import MODEL_KINDS, PushToHub, push_model
 from solar_ray.stages import KINDS as STAGE_KINDS
@@ -670,8 +677,6 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
     parser.add_argument("--dry-run", action="store_true", help="print the plan, run nothing")
 
     def run(args: argparse.Namespace) -> int:
-        from solar_ray.config import check_flags_agree
-
         recipe_path = getattr(args, "recipe", None) or args.config or _demo_recipe()
         check_flags_agree({"out": args.out} if args.out else {}, args.overrides)
         recipe = load_recipe(recipe_path, args.overrides)

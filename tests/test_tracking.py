@@ -230,16 +230,19 @@ def test_a_failing_backend_is_a_warning_and_training_goes_on(tmp_path, offline_t
     assert mlflow_history(uri, "demo", "demo-cpt", "loss") == [[1, 3.0], [3, 1.0]]
 
 
+def _two_sessions(tmp_path, backend: str) -> None:
+    """The same run (id ``abc123``) opened twice: loss 3.0 at step 1, then 2.0 at step 2."""
+    for step, loss in ((1, 3.0), (2, 2.0)):
+        writer = _writer(tmp_path, backend)
+        writer.scalars(step, {"loss": loss})
+        writer.close()
+
+
 def test_a_restarted_run_continues_the_same_mlflow_run(tmp_path, offline_trackers):
     """A replaced worker (the same run id) logs into the run it left, not a new one."""
     from mlflow.tracking import MlflowClient
 
-    first = _writer(tmp_path, "mlflow")
-    first.scalars(1, {"loss": 3.0})
-    first.close()
-    again = _writer(tmp_path, "mlflow")
-    again.scalars(2, {"loss": 2.0})
-    again.close()
+    _two_sessions(tmp_path, "mlflow")
     other = _writer(tmp_path, "mlflow", run_id="another")  # another run: its own MLflow run
     other.scalars(1, {"loss": 9.0})
     other.close()
@@ -256,12 +259,7 @@ def test_a_restarted_run_continues_the_same_mlflow_run(tmp_path, offline_tracker
 def test_a_restarted_run_continues_the_same_wandb_run(tmp_path, offline_trackers):
     """Both offline W&B sessions carry the run's stable id (``wandb sync`` then appends the
     second to the first): the id, not a fresh one, and each session's steps."""
-    first = _writer(tmp_path, "wandb")
-    first.scalars(1, {"loss": 3.0})
-    first.close()
-    again = _writer(tmp_path, "wandb")
-    again.scalars(2, {"loss": 2.0})
-    again.close()
+    _two_sessions(tmp_path, "wandb")
     sessions = sorted(offline_trackers["wandb"].rglob("offline-run-*"))
     # two sessions started within one second: W&B numbers the second folder (``-abc123-1``)
     assert len(sessions) == 2 and all(re.search(r"-abc123(-\d+)?$", p.name) for p in sessions)

@@ -22,7 +22,14 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from solar_ray.config import apply_overrides, load_yaml, validate
+from solar_ray.config import (
+    ConfigError,
+    apply_overrides,
+    check_flags_agree,
+    load_yaml,
+    parse_override,
+    validate,
+)
 from solar_ray.tune.config import SweepConfig, TrialSpec, plan_trials
 
 if TYPE_CHECKING:
@@ -82,8 +89,6 @@ def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Nam
     )
 
     def run(args: argparse.Namespace) -> int:
-        from solar_ray.config import ConfigError, check_flags_agree, parse_override
-
         path = args.recipe or args.config
         if not path:
             raise ConfigError("give a sweep recipe: solar-ray sweep RECIPE.yaml")
