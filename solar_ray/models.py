@@ -50,6 +50,8 @@ __all__ = [
     "check_tensor_shapes",
     "expected_shapes",
     "find_embedded_gguf",
+    "gguf_layout",
+    "gguf_source",
     "read_config",
     "resolve_model",
 ]
@@ -206,8 +208,7 @@ def _convert_pickle_dir(src: Path, allow_pickle: bool) -> Path:
     return out
 
 
-def _gguf_to_hf(gguf_path: Path) -> Path:
-    """Dequantize a GGUF model into a cached HF safetensors directory (once per file hash)."""
+def _check_gguf_magic(gguf_path: Path) -> None:
     try:
         with open(gguf_path, "rb") as f:
             magic = f.read(4)
@@ -218,6 +219,52 @@ def _gguf_to_hf(gguf_path: Path) -> Path:
             f"{gguf_path}: not a GGUF file (it does not start with the bytes 'GGUF'; "
             f"{gguf_path.stat().st_size} bytes)"
         )
+
+
+def _gguf_failure(gguf_path: Path, e: Exception) -> ModelSourceError:
+    first = str(e).splitlines()[0][:200] if str(e) else ""
+    return ModelSourceError(
+        f"{gguf_path}: cannot be read as a GGUF model ({type(e).__name__}: {first}); "
+        "the file is truncated, corrupt or of an architecture transformers cannot load"
+    )
+
+
+def gguf_layout(gguf_path: Path) -> tuple[dict, dict[str, list[int]]]:
+    """The ``config.json`` mapping and parameter shapes that :func:`resolve_model` writes
+    for a GGUF file, from its header and a meta-device model: no weight is read and nothing
+    is written (``sweep --dry-run`` plans budgets with it instead of dequantizing)."""
+    _check_gguf_magic(gguf_path)
+    require("gguf", f"the GGUF model source {gguf_path.name}")
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers.modeling_gguf_pytorch_utils import load_gguf_checkpoint
+
+    try:
+        config = AutoConfig.for_model(
+            **load_gguf_checkpoint(str(gguf_path), return_tensors=False)["config"]
+        )
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config)
+    except Exception as e:
+        raise _gguf_failure(gguf_path, e) from None
+    # named_parameters lists a tied weight once, under the name save_pretrained keeps
+    shapes = {name: list(p.shape) for name, p in model.named_parameters()}
+    return {**config.to_dict(), "architectures": [type(model).__name__]}, shapes
+
+
+def gguf_source(source: str | os.PathLike) -> Path | None:
+    """The local GGUF file a model source names (a ``.gguf`` path or an embedded alias),
+    or None for every other kind of source."""
+    src = str(source)
+    if src in EMBEDDED_ALIASES:
+        return find_embedded_gguf(src)
+    p = expand_user(src)
+    return p.absolute() if p.suffix == ".gguf" and p.is_file() else None
+
+
+def _gguf_to_hf(gguf_path: Path) -> Path:
+    """Dequantize a GGUF model into a cached HF safetensors directory (once per file hash)."""
+    _check_gguf_magic(gguf_path)
     digest = sha256_file(gguf_path)[:16]
     out = cache_dir() / "gguf" / f"{gguf_path.stem}-{digest}"
     if (out / "config.json").is_file() and _has_safetensors(out):
@@ -233,11 +280,7 @@ def _gguf_to_hf(gguf_path: Path) -> Path:
         )
         tokenizer = AutoTokenizer.from_pretrained(str(gguf_path.parent), gguf_file=gguf_path.name)
     except Exception as e:  # a truncated or corrupt file fails anywhere inside the reader
-        first = str(e).splitlines()[0][:200] if str(e) else ""
-        raise ModelSourceError(
-            f"{gguf_path}: cannot be read as a GGUF model ({type(e).__name__}: {first}); "
-            "the file is truncated, corrupt or of an architecture transformers cannot load"
-        ) from None
+        raise _gguf_failure(gguf_path, e) from None
     # Loaded from GGUF, the weights are already dequantized; transformers still marks the
     # model as quantized and refuses to save it. Drop the marker: the tensors are plain.
     model.hf_quantizer = None

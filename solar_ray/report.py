@@ -4,7 +4,7 @@
 the model the run started from, else the kind of stage that made it), its per-task
 ``scores`` with their ``stderr`` and ``num_items``, their ``average`` and its held-out
 perplexity ``ppl`` (with its 95% range over windows). ``results.md`` and ``index.html``
-show each eval stage's table as :func:`solar_ray.evaluate.results_table` writes it: every
+show each eval stage's table as :func:`solar_ray.compare.results_table` writes it: every
 score with its standard error and item count, and the paired differences between
 consecutive models with those within noise marked. The plots are the layer plan of each
 upscale stage (which source layer each output layer came from), the training curves of
@@ -82,7 +82,7 @@ def collect_results(run_dir: Path, plans: Sequence[Any]) -> list[dict]:
 
 def markdown_report(plans: Sequence[Any]) -> str:
     """Each eval stage's table (scores ± SE, item counts, differences within noise marked)."""
-    from solar_ray.evaluate import results_table
+    from solar_ray.compare import results_table
 
     parts = [f"## {stage}\n\n{results_table(data)}" for stage, data in _eval_results(plans)]
     return "\n".join(parts) if parts else "(no evaluation results)\n"

@@ -11,9 +11,10 @@ from pathlib import Path
 
 import pytest
 
+from solar_ray.compare import compare_models, results_table
 from solar_ray.contamination import ngram_overlap
 from solar_ray.data.decontam import EvalIndex
-from solar_ray.evaluate import _average, compare_models, results_table
+from solar_ray.evaluate import H6_TASKS, _average
 from solar_ray.stats import mean_se, paired_mean_difference
 
 # --------------------------------------------------------------------------- averages
@@ -160,3 +161,64 @@ def test_layout_carves_the_fewshot_pool_out_of_the_scored_items(tmp_path, monkey
     readme = (repo / "README.md").read_text()
     assert "- split: train\n    path: ARC-Challenge/train.parquet" in readme
     assert "- split: test\n    path: ARC-Challenge/test.parquet" in readme
+
+
+# --------------------------------------------------------------------------- tables
+
+
+def _pair_results(items_a: list[float], items_b: list[float], ppl_a=None, ppl_b=None) -> dict:
+    def model(name, items, windows):
+        n = len(items)
+        p = sum(items) / n
+        return {"name": name, "scores": {"t": p}, "stderr": {"t": math.sqrt(p * (1 - p) / (n - 1))},
+                "num_items": {"t": n}, "items": {"t": items}, "average": p, "ppl": None,
+                "ppl_windows": windows}  # fmt: skip
+
+    return {"suite": "custom", "limit": None, "tasks": [{"name": "t", "display": "T", "metric": "acc,none", "num_fewshot": 0}],
+            "item_ids": {"t": [f"t/{i}" for i in range(len(items_a))]},
+            "models": [model("a", items_a, ppl_a), model("b", items_b, ppl_b)]}  # fmt: skip
+
+
+def test_paired_differences_and_noise_marks():
+    # 100 items, b is right on 10 more of them, disagreeing nowhere else
+    a = [1.0] * 40 + [0.0] * 60
+    b = [1.0] * 50 + [0.0] * 50
+    d = compare_models(_pair_results(a, b), "b", "a")["t"]
+    assert d.value == pytest.approx(0.10)
+    # by hand: the differences are 10 ones and 90 zeros; sd = sqrt(0.1*0.9*100/99)
+    assert d.se == pytest.approx(math.sqrt(0.1 * 0.9 * 100 / 99) / 10)
+    assert not d.within_noise()  # 0.10 > 2 * 0.0302
+    # unpaired, the same two scores could not be told apart (2 SE ~ 0.14)
+    unpaired = math.sqrt(0.4 * 0.6 / 99 + 0.5 * 0.5 / 99)
+    assert 0.10 < 2 * unpaired
+    # disagreeing on 20 items both ways: same scores' gap, now within noise
+    c = [1.0] * 30 + [0.0] * 10 + [1.0] * 20 + [0.0] * 40
+    assert sum(c) == 50
+    assert compare_models(_pair_results(a, c), "b", "a")["t"].within_noise()
+    table = results_table(_pair_results(a, b))
+    assert "| b − a | **+10.00 ± 3.02** | **+10.00 ± 3.02** |" in table
+    assert "| b − a | ~ " in results_table(_pair_results(a, c))
+    # perplexity windows, paired: b's loss is lower by exactly 0.1 nats per token everywhere
+    wa = [[2.0 * n, n] for n in (10, 12, 9, 15)]
+    wb = [[1.9 * n, n] for n in (10, 12, 9, 15)]
+    nll = compare_models(_pair_results(a, b, wa, wb), "b", "a")["nll"]
+    assert nll.value == pytest.approx(-0.1) and nll.se == pytest.approx(0.0, abs=1e-12)
+
+
+def test_results_table_layout():
+    results = {
+        "suite": "h6",
+        "limit": None,
+        "tasks": [{"name": s.name, "display": s.display, "metric": s.metric, "num_fewshot": s.num_fewshot} for s in H6_TASKS],
+        "models": [
+            {"name": "SOLAR", "scores": {s.name: 0.5 for s in H6_TASKS}, "stderr": {s.name: 0.01 for s in H6_TASKS},
+             "num_items": {s.name: 2500 for s in H6_TASKS}, "average": 0.5, "average_stderr": 0.01 / math.sqrt(6),
+             "ppl": 3.21},
+            {"name": "base", "scores": {}, "stderr": {}, "num_items": {}, "average": None, "ppl": None},
+        ],
+    }  # fmt: skip
+    lines = results_table(results).splitlines()
+    assert lines[0] == "| Model | Avg | ARC | HellaSwag | MMLU | TruthfulQA | Winogrande | GSM8K | PPL |"
+    assert lines[2] == "| SOLAR | 50.00 ± 0.41 | " + " | ".join(["50.00 ± 1.00"] * 6) + " | 3.21 |"
+    assert lines[3].startswith("| base | – |")
+    assert lines[4] == "| n |  | " + " | ".join(["2500"] * 6) + " | – |"

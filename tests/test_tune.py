@@ -389,6 +389,28 @@ def test_sweep_jobs_validate(job, tmp_path, capsys):
         assert cfg.base == "smollm2-135m" and cfg.search.m_values() == [3, 5, 7, 9, 11]
 
 
+def test_sweep_dry_run_budgets_from_the_gguf_header_match_the_converted_model(
+    smollm2_dir, tmp_path, monkeypatch
+):
+    """A dry run over the embedded GGUF plans the same budgets as over its dequantized
+    directory, and writes nothing into an empty model cache (it used to dequantize: 50 s
+    and 517 MB)."""
+    from solar_ray.tune.sweep import _dry_run_budgets, plan_budgets
+
+    cfg = load_sweep(REPO / "jobs" / "sweep-m.yaml")
+    trials = plan_trials(cfg)
+    out = tmp_path / "sweep"
+    ctx = {"train_kind": cfg.train_kind, "train": cfg.train_fields(), "out": str(out),
+           "storage_path": str(out / "ray_train"), "experiment": experiment_name(cfg)}  # fmt: skip
+    converted = plan_budgets(cfg, trials, smollm2_dir, ctx)
+    cache = tmp_path / "empty-cache"
+    cache.mkdir()
+    monkeypatch.setenv("SOLAR_RAY_CACHE", str(cache))
+    assert _dry_run_budgets(cfg, trials, out) == converted
+    assert len({b.flops for b in converted.values()}) == len(trials)  # m changes the FLOPs
+    assert list(cache.iterdir()) == [] and not out.exists()
+
+
 # --------------------------------------------------------------------------- tiny sweeps
 
 

@@ -327,14 +327,18 @@ def _budget_text(b: TrialBudget) -> str:
 
 def _dry_run_budgets(cfg: SweepConfig, trials: list[TrialSpec], out: Path) -> dict[str, TrialBudget]:
     """The trials' budgets when the base model is on this machine already (a local
-    directory or .gguf file, or the embedded alias); a dry run never downloads a model."""
-    from solar_ray.models import EMBEDDED_ALIASES, resolve_model
+    directory or .gguf file, or the embedded alias); a dry run never downloads a model, and
+    reads a GGUF file's header instead of dequantizing it into the cache."""
+    from solar_ray.models import gguf_source, resolve_model
 
-    if cfg.base not in EMBEDDED_ALIASES and not Path(cfg.base).exists():
-        return {}
+    base = gguf_source(cfg.base)
+    if base is None:
+        if not Path(cfg.base).exists():
+            return {}
+        base = resolve_model(cfg.base)
     ctx = {"train_kind": cfg.train_kind, "train": cfg.train_fields(), "out": str(out),
            "storage_path": str(out / "ray_train"), "experiment": experiment_name(cfg)}  # fmt: skip
-    return plan_budgets(cfg, trials, resolve_model(cfg.base), ctx)
+    return plan_budgets(cfg, trials, base, ctx)
 
 
 def _with_budget(spec: TrialSpec, budget: TrialBudget) -> TrialSpec:

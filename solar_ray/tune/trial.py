@@ -93,13 +93,16 @@ def model_stats(
     its upscale with ``upscale`` (method and parameter) as planned, without writing it.
 
     Parameters are counted from the safetensors headers (nothing is loaded; an upscale's
-    from the tensors the DUS writer would write, :func:`solar_ray.upscale.plan_tensors`);
+    from the tensors the DUS writer would write, :func:`solar_ray.upscale.plan_tensors`),
+    or, for a ``.gguf`` file, from the model its header describes
+    (:func:`solar_ray.models.gguf_layout`: nothing dequantized);
     FLOPs per token follow :func:`solar_ray.train.metrics.flops_per_token` (``6N`` +
     attention), the estimate the training stages report MFU with.
     """
-    from solar_ray.models import arch_for_config, read_config
+    from solar_ray.models import arch_for_config, gguf_layout, read_config
     from solar_ray.train.metrics import flops_per_token
     from solar_ray.upscale import (
+        TensorRef,
         UpscaleConfig,
         plan_layers,
         plan_tensors,
@@ -107,8 +110,16 @@ def model_stats(
         replan_config,
     )
 
-    config = read_config(model_dir)
-    refs = read_model_tensors(Path(model_dir))
+    model_dir = Path(model_dir)
+    if model_dir.suffix == ".gguf":
+        config, layout = gguf_layout(model_dir)
+        refs = {
+            name: TensorRef(name, "F32", shape, model_dir, 0, 4 * math.prod(shape))
+            for name, shape in layout.items()
+        }
+    else:
+        config = read_config(model_dir)
+        refs = read_model_tensors(model_dir)
     shapes = [ref.shape for ref in refs.values()]
     if upscale:
         spec = arch_for_config(config)
