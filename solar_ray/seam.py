@@ -264,8 +264,7 @@ def heldout_rows(
     document (as the data stage packs).
     """
     if data is not None and (Path(data).is_dir() or is_uri(data)):
-        from solar_ray.data.contract import open_mix
-        from solar_ray.train.pretrain import ids_and_positions
+        from solar_ray.data.contract import ids_and_positions, open_mix
 
         mix = open_mix(data, "pretrain", "data")
         table = mix.read(["input_ids", "position_ids"]).slice(0, num_sequences)
@@ -326,8 +325,7 @@ def seam_scores(
     (or the rows its ``val_fraction`` holds out of ``data``); other stages, whose held-out
     rows are not plain text, use the offline python-docs held-out documents.
     """
-    from solar_ray.data.contract import held_out_rows, open_mix
-    from solar_ray.train.pretrain import ids_and_positions
+    from solar_ray.data.contract import held_out_rows, ids_and_positions, open_mix
 
     model, tokenizer = _load(model_dir)
     seq_len = int(train.get("seq_len") or 128)

@@ -1,11 +1,10 @@
 """The stage registry: every kind of stage, its config class, its function, its workers.
 
 One table, read by the recipe runner (:mod:`solar_ray.pipeline`), the stage commands
-(``solar-ray pretrain|sft|dpo``), the training workers (which validate their config with
-the stage's class) and Tune trials (which train with a stage's worker loop). Each entry is
-built by a small function that imports its stage only when asked for, so reading the
-registry imports neither torch nor TRL, and a reader or a type checker can follow a
-recipe's ``kind`` straight into the code that runs it.
+(``solar-ray pretrain|sft|dpo``) and Tune trials (which train with a stage's worker loop).
+Each entry is built by a small function that imports its stage only when asked for, so
+reading the registry imports neither torch nor TRL, and a reader or a type checker can
+follow a recipe's ``kind`` straight into the code that runs it.
 
 A training stage (``pretrain``, ``sft``, ``dpo``) also names its per-worker loop and its
 ``prepare`` function: the input checks and the driver-side values its workers need
@@ -22,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from solar_ray.config import StageConfig
-    from solar_ray.train.common import StageInputs
+    from solar_ray.train.launch import StageInputs
 
 __all__ = ["KINDS", "TRAINING_KINDS", "Stage", "UnknownStageError", "stage"]
 

@@ -107,3 +107,25 @@ def test_deny_patterns():
     assert deny_match("cot.3", ["flan"]) is None
     assert deny_match("", ["*"]) is None and deny_match(None, ["*"]) is None
     assert deny_match("flan.1", []) is None
+
+
+def test_offline_names_the_offline_suite_and_each_of_its_tasks(monkeypatch):
+    from solar_ray.evalsets import benchmarks
+
+    monkeypatch.setattr(benchmarks, "item_texts", lambda name: [(f"{name}/0", f"{name} one two")])
+    suite = sorted(f"offline:{n}" for n, b in benchmarks.BENCHMARKS.items() if b.h6)
+    assert len(suite) >= 2 and sorted(build_eval_index(["offline"], 3).sets) == suite
+    index = build_eval_index(["offline:arc_easy"], 3)
+    assert index.match(["so arc_easy one two"]) == "offline:arc_easy"
+
+
+def test_owners_in_text_order_and_sets_without_any_ngram():
+    # one n-gram in many texts: find() names its owners in the set's order (a stable sort;
+    # numpy's default sort reorders equal keys once there are more than 16 of them)
+    texts = [(f"t{i}", f"shared words here w{i} x{i}") for i in range(60)]
+    index = EvalIndex.build({"s": texts, "short": [("a", "two words")]}, 3, owners=True)
+    owners = [tid for name, tid, gram in index.find("the shared words here") if gram == "shared words here"]
+    assert owners == [f"t{i}" for i in range(60)]
+    # a set whose texts are all shorter than n has no n-gram and finds nothing
+    assert len(index.sets["short"]) == 0 and index.num_texts["short"] == 0
+    assert [hit for hit in index.find("two words two words") if hit[0] == "short"] == []

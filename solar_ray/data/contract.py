@@ -8,9 +8,9 @@ Parquet shards: ``data`` (the normalized rows, the only split of training text),
 with the columns of :data:`LAYOUT`. Shard names carry the position of their first row in
 the split (:func:`shard_name`), so the shards in name order hold the rows in mix order,
 whatever number of Ray workers wrote them. Training reads the prepared split
-(:func:`open_mix`); its held-out split of ``val_fraction`` is chosen per row by a hash of
-the row's content (:func:`held_out_rows`), so a worker reading files and a Ray Data filter
-agree on it without coordination. Locations are local paths or URIs (:mod:`solar_ray.fs`).
+(:func:`open_mix`; packed rows as arrays: :func:`ids_and_positions`); its held-out split of
+``val_fraction`` is chosen per row by a hash of the row's content (:func:`held_out_rows`),
+so a worker reading files and a Ray Data filter agree on it without coordination. Locations are local paths or URIs (:mod:`solar_ray.fs`).
 """
 
 from __future__ import annotations
@@ -42,9 +42,11 @@ __all__ = [
     "MixInfo",
     "held_out_mask",
     "held_out_rows",
+    "ids_and_positions",
     "is_finished",
     "load_table",
     "open_mix",
+    "positions_for",
     "read_files",
     "read_manifest",
     "shard_files",
@@ -195,6 +197,27 @@ def load_table(path: str | os.PathLike, split: str = "data") -> pa.Table:
     if not files:
         raise DataError(f"{path}/{split} holds no shards")
     return read_files(files, str(path))
+
+
+def _to_matrix(column: Any, seq_len: int) -> np.ndarray:
+    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
+    flat = arr.values.to_numpy(zero_copy_only=False)
+    if len(flat) != len(arr) * seq_len:
+        raise DataError(f"seq_len: packed rows are not all {seq_len} tokens long")
+    return flat.reshape(len(arr), seq_len).astype(np.int64, copy=False)
+
+
+def positions_for(input_ids: np.ndarray) -> np.ndarray:
+    """Position ids of packed rows written without them: 0..seq_len-1 in every row."""
+    return np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy()
+
+
+def ids_and_positions(table: Any, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """A packed table's ``input_ids`` and ``position_ids`` (0..seq_len-1 when it has none)."""
+    ids = _to_matrix(table.column("input_ids"), seq_len)
+    if "position_ids" in table.column_names:
+        return ids, _to_matrix(table.column("position_ids"), seq_len)
+    return ids, positions_for(ids)
 
 
 @dataclass(frozen=True)

@@ -28,7 +28,7 @@ import os
 import shutil
 import threading
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,18 +44,17 @@ from solar_ray.checkpoint import (
     write_model_card,
 )
 from solar_ray.config import ConfigError
-from solar_ray.data.contract import MixInfo, open_mix
+from solar_ray.data.contract import open_mix
 from solar_ray.errors import UserError, require
 from solar_ray.fs import arrow_filesystem, is_uri
 from solar_ray.models import resolve_model
 from solar_ray.remote import read_json
 from solar_ray.tracking import check_backends
 from solar_ray.train.config import TrainConfig
-from solar_ray.train.launch import WorkerSpec, launch_ray, worker_spec
+from solar_ray.train.launch import StageInputs, WorkerSpec, launch_ray, worker_spec
 from solar_ray.train.session import FINAL_MARKER, LocalSession
 
 __all__ = [
-    "StageInputs",
     "TrainResult",
     "finished_result",
     "run_stage",
@@ -80,27 +79,6 @@ class TrainResult:
     skipped: bool = False
     #: the final Ray Train checkpoint (local path or URI) the export came from
     checkpoint: str | None = None
-
-
-@dataclass
-class StageInputs:
-    """The validated inputs of a stage run."""
-
-    model_dir: Path
-    model_config: dict[str, Any]
-    vocab_size: int
-    data: MixInfo
-    val: MixInfo | None = None
-    ref_model_dir: Path | None = None
-    extra_parents: list[dict[str, Any]] = field(default_factory=list)
-
-    def signature(self) -> str:
-        """A cheap identity of the inputs: the models' directory signatures and the mixes'
-        fingerprints (:mod:`solar_ray.identity`)."""
-        return identity.key(
-            [identity.dir_signature(d) for d in (self.model_dir, self.ref_model_dir) if d is not None],
-            [mix.fingerprint for mix in (self.data, self.val) if mix is not None],
-        )
 
 
 # --------------------------------------------------------------------------- validation

@@ -29,7 +29,6 @@ from solar_ray.data.contract import DataError
 from solar_ray.fs import arrow_filesystem, parquet_files
 from solar_ray.remote import is_remote, local_copy, read_json
 from solar_ray.train.common import (
-    StageInputs,
     TrainResult,
     finished_result,
     run_stage,
@@ -37,6 +36,7 @@ from solar_ray.train.common import (
     validate_model,
 )
 from solar_ray.train.config import DPOConfig
+from solar_ray.train.launch import StageInputs
 from solar_ray.train.worker import WorkerEnv, run_worker
 
 __all__ = [

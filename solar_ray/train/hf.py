@@ -34,7 +34,7 @@ from transformers.trainer_callback import PrinterCallback
 from solar_ray.data.contract import held_out_rows, read_files
 from solar_ray.train.config import TrainConfig
 from solar_ray.train.ds_config import build_deepspeed_config
-from solar_ray.train.metrics import Throughput
+from solar_ray.train.metrics import Throughput, eval_metrics, row_nll
 from solar_ray.train.session import (
     LocalSession,
     hold_after_checkpoint,
@@ -232,7 +232,7 @@ class HeldOutRowsMixin:
     """Evaluation that keeps every held-out row's NLL and token count, for the error bar.
 
     ``prediction_step`` computes the causal-LM loss per row from the model's logits
-    (:func:`solar_ray.train.pretrain.row_nll`, transformers' own loss kept per row) and
+    (:func:`solar_ray.train.metrics.row_nll`, transformers' own loss kept per row) and
     gathers the rows of all workers; ``evaluation_loop`` then reports ``eval_loss`` as their
     token-weighted mean with ``eval_loss_se`` and ``eval_n`` over rows, and the rows
     themselves (``eval_row_nll``, ``eval_row_tokens``) for paired comparisons. Evaluation
@@ -249,8 +249,6 @@ class HeldOutRowsMixin:
             return super().prediction_step(model, inputs, prediction_loss_only, ignore_keys)  # type: ignore[misc]
         import torch
 
-        from solar_ray.train.pretrain import row_nll
-
         inputs = self._prepare_inputs(inputs)  # type: ignore[attr-defined]
         forward = {k: v for k, v in inputs.items() if k != "labels"}
         with torch.no_grad(), self.compute_loss_context_manager():  # type: ignore[attr-defined]
@@ -265,8 +263,6 @@ class HeldOutRowsMixin:
         ignore_keys: list[str] | None = None, metric_key_prefix: str = "eval",
     ) -> Any:  # fmt: skip
         import torch
-
-        from solar_ray.train.pretrain import eval_metrics
 
         self._held_out_rows = []
         try:

@@ -1,4 +1,4 @@
-"""The one place a training run is launched: worker spec, resources, the ``TorchTrainer``.
+"""The one place a training run is launched: inputs, worker spec, resources, the ``TorchTrainer``.
 
 Every Ray Train run of solar-ray starts here, whoever asks for it: a training stage
 (:func:`solar_ray.train.common.run_stage`, behind ``solar-ray pretrain|sft|dpo``, the
@@ -20,27 +20,47 @@ import logging
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
+from solar_ray import identity
 from solar_ray.cluster import init_ray
+from solar_ray.data.contract import MixInfo
 from solar_ray.fs import qualify
 from solar_ray.remote import is_remote
 from solar_ray.train.config import TrainConfig
 from solar_ray.train.session import FINAL_MARKER
 
-if TYPE_CHECKING:
-    from solar_ray.train.common import StageInputs
-
-__all__ = ["WorkerSpec", "checkpoint_uri", "launch_ray", "worker_resources", "worker_spec"]
+__all__ = ["StageInputs", "WorkerSpec", "checkpoint_uri", "launch_ray", "worker_resources", "worker_spec"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class StageInputs:
+    """The validated inputs of a stage run (what its workers are launched on)."""
+
+    model_dir: Path
+    model_config: dict[str, Any]
+    vocab_size: int
+    data: MixInfo
+    val: MixInfo | None = None
+    ref_model_dir: Path | None = None
+    extra_parents: list[dict[str, Any]] = field(default_factory=list)
+
+    def signature(self) -> str:
+        """A cheap identity of the inputs: the models' directory signatures and the mixes'
+        fingerprints (:mod:`solar_ray.identity`)."""
+        return identity.key(
+            [identity.dir_signature(d) for d in (self.model_dir, self.ref_model_dir) if d is not None],
+            [mix.fingerprint for mix in (self.data, self.val) if mix is not None],
+        )
 
 
 @dataclass(frozen=True)
 class WorkerSpec:
     """What every training worker is told about its run (picklable, typed)."""
 
-    stage: str  #: the training kind (``pretrain``, ``sft``, ``dpo``)
+    config_class: type[TrainConfig]  #: the stage's config class: workers validate ``cfg`` with it
     cfg: dict[str, Any]  #: the stage config, resolved (``TrainConfig.to_dict()``)
     model_dir: str  #: the model, resolved on the driver's node
     data_files: list[str]
@@ -72,7 +92,7 @@ def worker_spec(cfg: TrainConfig, inputs: StageInputs, **stage_values: Any) -> W
     """The spec of ``cfg``'s workers; ``stage_values`` are the stage-specific fields."""
     storage = cfg.resolved_storage_path
     return WorkerSpec(
-        stage=cfg.stage,
+        config_class=type(cfg),
         cfg=cfg.to_dict(),
         model_dir=str(inputs.model_dir),
         model_uri=cfg.model if is_remote(cfg.model) else None,

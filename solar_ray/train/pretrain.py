@@ -33,22 +33,24 @@ from typing import Any
 import numpy as np
 
 from solar_ray.config import ConfigError
-from solar_ray.data.contract import DataError, held_out_rows, read_files
-from solar_ray.train.common import (
-    StageInputs,
-    TrainResult,
-    run_stage,
-    validate_common,
+from solar_ray.data.contract import (
+    DataError,
+    held_out_rows,
+    ids_and_positions,
+    positions_for,
+    read_files,
 )
+from solar_ray.train.common import TrainResult, run_stage, validate_common
 from solar_ray.train.config import PretrainConfig, accumulation_steps
 from solar_ray.train.ds_config import build_deepspeed_config, zero_stage_of
+from solar_ray.train.launch import StageInputs
+from solar_ray.train.metrics import eval_metrics, row_nll
 from solar_ray.train.reshard import needs_universal
 from solar_ray.train.session import STATE_FILE, read_run_state, write_run_state
 from solar_ray.train.worker import WorkerEnv, finish_run, run_worker
 
 __all__ = [
     "PackedBatches",
-    "ids_and_positions",
     "pretrain_worker",
     "run_pretrain",
     "validate_pretrain",
@@ -64,26 +66,6 @@ log = logging.getLogger(__name__)
 def _read_packed(files: list[str], storage_hint: str) -> Any:
     table = read_files(files, storage_hint)
     return table.select([c for c in ("input_ids", "position_ids") if c in table.column_names])
-
-
-def _to_matrix(column: Any, seq_len: int) -> np.ndarray:
-    arr = column.combine_chunks() if hasattr(column, "combine_chunks") else column
-    flat = arr.values.to_numpy(zero_copy_only=False)
-    if len(flat) != len(arr) * seq_len:
-        raise DataError(f"seq_len: packed rows are not all {seq_len} tokens long")
-    return flat.reshape(len(arr), seq_len).astype(np.int64, copy=False)
-
-
-def _positions_for(input_ids: np.ndarray) -> np.ndarray:
-    return np.broadcast_to(np.arange(input_ids.shape[1]), input_ids.shape).copy()
-
-
-def ids_and_positions(table: Any, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
-    """A packed table's ``input_ids`` and ``position_ids`` (0..seq_len-1 when it has none)."""
-    ids = _to_matrix(table.column("input_ids"), seq_len)
-    if "position_ids" in table.column_names:
-        return ids, _to_matrix(table.column("position_ids"), seq_len)
-    return ids, _positions_for(ids)
 
 
 class PackedBatches:
@@ -180,7 +162,7 @@ def _stream_batches(
             pos = (
                 np.stack(batch["position_ids"]).astype(np.int64)
                 if "position_ids" in batch
-                else _positions_for(ids)
+                else positions_for(ids)
             )
             yield ids, pos, np.ones(len(ids))
         if produced == 0:
@@ -188,49 +170,6 @@ def _stream_batches(
 
 
 # --------------------------------------------------------------------------- worker
-
-
-def row_nll(logits: Any, labels: Any) -> tuple[Any, Any]:
-    """Per-row summed next-token NLL and scored-token count (labels -100 are not scored).
-
-    The same loss as transformers' causal-LM loss (logits upcast to float32, labels shifted
-    by one), kept per row so that held-out scores carry their error (:mod:`solar_ray.stats`).
-    As transformers does, the labels are shifted (padded with -100 at the end), not the
-    logits: slicing the (batch, seq, vocab) logits would copy them (200 MB per micro-batch
-    of 8 x 128 tokens at SmolLM2's vocabulary) in the forward and again in the backward.
-    """
-    import torch
-
-    logits = logits.float()  # a no-op in fp32
-    target = torch.nn.functional.pad(labels[:, 1:], (0, 1), value=-100)
-    nll = torch.nn.functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100,
-        reduction="none",
-    ).view(target.shape)  # fmt: skip
-    scored = target != -100
-    return (nll * scored).double().sum(-1), scored.double().sum(-1)
-
-
-def eval_metrics(nll: Any, tokens: Any) -> dict[str, Any]:
-    """Held-out metrics from per-row NLL sums and token counts (every row once).
-
-    ``eval_loss`` is the token-weighted mean, ``eval_loss_se`` its standard error over the
-    ``eval_n`` rows; ``eval_row_nll`` / ``eval_row_tokens`` keep the rows, in row order, for
-    paired comparisons between models scored on them.
-    """
-    from solar_ray.stats import ratio_estimate
-
-    nll = [float(x) for x in nll]
-    tokens = [float(x) for x in tokens]
-    est = ratio_estimate(nll, tokens)
-    return {
-        "eval_loss": est.value,
-        "eval_ppl": math.exp(min(est.value, 50.0)),
-        "eval_loss_se": est.se,
-        "eval_n": est.n,
-        "eval_row_nll": nll,
-        "eval_row_tokens": tokens,
-    }
 
 
 def _evaluate(

@@ -15,8 +15,9 @@ from typing import Any
 
 from solar_ray.config import ConfigError
 from solar_ray.data.contract import DataError
-from solar_ray.train.common import StageInputs, TrainResult, run_stage, validate_common
+from solar_ray.train.common import TrainResult, run_stage, validate_common
 from solar_ray.train.config import SFTConfig
+from solar_ray.train.launch import StageInputs
 from solar_ray.train.worker import WorkerEnv, run_worker
 
 __all__ = ["run_sft", "sft_worker", "validate_sft"]

@@ -3,8 +3,8 @@
 A worker loop receives ``{"spec": WorkerSpec}`` (``TorchTrainer``'s ``train_loop_config``,
 made by :func:`solar_ray.train.launch.worker_spec`): the stage config, the resolved model
 and data paths, the run's storage and the stage's own values. :func:`setup_worker`
-validates the config with the stage's class (from :mod:`solar_ray.stages`), joins (or,
-without Ray, creates) the process group and returns a :class:`WorkerEnv`.
+validates the config with the stage's class (named in the spec), joins (or, without Ray,
+creates) the process group and returns a :class:`WorkerEnv`.
 """
 
 from __future__ import annotations
@@ -109,10 +109,8 @@ def _quiet_libraries() -> None:
 
 def setup_worker(config: dict[str, Any]) -> WorkerEnv:
     """Typed worker state from ``{"spec": WorkerSpec}``; joins or creates the process group."""
-    from solar_ray.stages import stage
-
     spec: WorkerSpec = config["spec"]
-    cfg = stage(spec.stage).config.model_validate(spec.cfg)
+    cfg = spec.config_class.model_validate(spec.cfg)
     if not cfg.use_gpu:
         # DeepSpeed picks its accelerator at import: CPU workers on a GPU node stay on CPU
         os.environ.setdefault("DS_ACCELERATOR", "cpu")

@@ -55,7 +55,7 @@ log = logging.getLogger(__name__)
 #: where each trial keeps its own small files under the sweep directory
 TRIALS_DIR = "trials"
 
-#: the per-row held-out losses a held-out report carries (solar_ray.train.pretrain.eval_metrics)
+#: the per-row held-out losses a held-out report carries (solar_ray.train.metrics.eval_metrics)
 ROW_KEYS = ("eval_row_nll", "eval_row_tokens")
 
 
