@@ -437,10 +437,16 @@ def _text_files(path: Path) -> tuple[list[Path], str | None]:
     ``.jsonl`` and ``.txt`` file in it but those of hidden directories and of the splits of a
     mix that hold no training text of their own.
     """
-    from solar_ray.data.contract import SPLITS, TEXT_SPLIT, is_finished, read_manifest, shard_files
+    from solar_ray.data.contract import (
+        SPLITS,
+        TEXT_SPLIT,
+        is_finished,
+        read_mix_manifest,
+        shard_files,
+    )
 
     if path.is_dir() and is_finished(path) and (path / TEXT_SPLIT).is_dir():
-        return [Path(f) for f in shard_files(path, TEXT_SPLIT)], read_manifest(path).get("kind")
+        return [Path(f) for f in shard_files(path, TEXT_SPLIT)], read_mix_manifest(path).get("kind")
     if not path.is_dir():
         return [path], None
     skip = set(SPLITS) - {TEXT_SPLIT}

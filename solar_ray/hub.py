@@ -32,10 +32,8 @@ from pydantic import Field
 from solar_ray.config import ConfigError, StageConfig
 from solar_ray.errors import UserError
 
-__all__ = ["MODEL_KINDS", "PushToHub", "push_model", "refuse_tokens"]
+__all__ = ["PushToHub", "push_model", "refuse_tokens"]
 
-#: the stage kinds whose output is a model that can be pushed
-MODEL_KINDS = frozenset({"upscale", "pretrain", "sft", "dpo", "merge"})
 #: keys that would hold a secret: never in a recipe
 TOKEN_KEYS = frozenset({"token", "hf_token", "hub_token", "api_token", "access_token"})
 #: environment variable names that hold a secret (WANDB_API_KEY, AWS_SECRET_ACCESS_KEY, ...)

@@ -58,8 +58,8 @@ from typing import Any
 from pydantic import Field, model_validator
 
 from solar_ray import identity, remote
-from solar_ray.checkpoint import RUN_MARKERS, read_manifest, write_json_atomic
-from solar_ray.cluster import init_ray
+from solar_ray.checkpoint import RUN_MARKERS, write_json_atomic
+from solar_ray.cluster import init_ray, storage_path
 from solar_ray.config import (
     ConfigError,
     StageConfig,
@@ -69,9 +69,8 @@ from solar_ray.config import (
     validate,
 )
 from solar_ray.errors import UserError, user_os_error
-from solar_ray.hub import MODEL_KINDS, PushToHub, push_model
-from solar_ray.stages import KINDS as STAGE_KINDS
-from solar_ray.stages import TRAINING_KINDS, stage
+from solar_ray.hub import PushToHub, push_model
+from solar_ray.stages import KINDS, MODEL_KINDS, RAY_KINDS, TRAINING_KINDS, stage
 from solar_ray.tracking import Backends
 
 __all__ = [
@@ -110,7 +109,6 @@ class Recipe(StageConfig):
         default=None, description="Ray address; default: RAY_ADDRESS, else a local instance"
     )
     runtime_env: dict[str, Any] = Field(default_factory=dict)
-    max_parallel_stages: int = Field(default=1, ge=1)
     report: bool = True
     tracking: Backends | None = Field(
         default=None,
@@ -128,109 +126,28 @@ class Recipe(StageConfig):
         return data
 
 
-# --------------------------------------------------------------------------- stage kinds
+# --------------------------------------------------------------------------- runner fields
 
 
-@dataclass(frozen=True)
-class StageKind:
-    """How the runner fills, runs and recognises the output of one kind of stage.
-
-    The stage's config class and function come from the registry
-    (:func:`solar_ray.stages.stage`); this adds what only the runner needs.
-    """
-
-    name: str
-    #: fill the runner-owned fields (out dir, Ray storage) into the stage's config data:
-    #: ``inject(data, out, stage name, run location (a path or URI), key)``
-    inject: Callable[[dict[str, Any], Path, str, str, str], dict[str, Any]]
-    #: is ``out`` a finished output of this kind
-    done: Callable[[Path], bool]
-    #: the paths inside ``out`` the stage will write (what ``@stage/sub`` may name), from
-    #: its validated config; None: not known in advance (any sub-path is accepted)
-    products: Callable[[Any], set[str]] | None = None
-    #: run on the validated config at planning time (also by --dry-run) for checks that
-    #: need files already on disk (stages without ``@`` inputs only)
-    precheck: Callable[[Any], None] | None = None
-
-
-def _inject_out(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
-    # the runner owns RUN_DIR/<stage>: a stage it decided to rerun replaces its old output
-    return {**data, "out": str(out), "overwrite": True}
-
-
-def _inject_train(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
-    # Ray Train state is per stage *and* key: an interrupted run of the same config resumes
-    # from its checkpoints; a changed config never resumes from the old one's.
-    from solar_ray.cluster import storage_path
-
-    return {
-        # on clusters, checkpoints go to the bucket that SOLAR_RAY_STORAGE_PATH names
-        "storage_path": storage_path(root.rstrip("/").rsplit("/", 1)[-1], "ray")
-        or remote.join(root, ".ray"),
-        "name": f"{stage}-{key[:12]}",
-        **data,
-        "out": str(out),
-        "overwrite": True,
-    }
-
-
-def _inject_eval(data: dict, out: Path, stage: str, root: str, key: str) -> dict:
-    # models: ["@base", ...] is shorthand for [{name: base, path: RUN_DIR/base}, ...]
+def _runner_fields(kind: str, data: dict, out: Path, name: str, root: str, key: str) -> dict:
+    """The stage's config data with the fields the runner owns: ``out`` (a stage it
+    decided to rerun replaces its old output) and a training stage's Ray Train storage."""
+    if kind in TRAINING_KINDS:
+        # Ray Train state is per stage *and* key: an interrupted run of the same config
+        # resumes from its checkpoints; a changed config never resumes from the old one's.
+        data = {
+            # on clusters, checkpoints go to the bucket that SOLAR_RAY_STORAGE_PATH names
+            "storage_path": storage_path(root.rstrip("/").rsplit("/", 1)[-1], "ray")
+            or remote.join(root, ".ray"),
+            "name": f"{name}-{key[:12]}",
+            **data,
+        }
     data = {**data, "out": str(out), "overwrite": True}
-    if isinstance(data.get("models"), list):
+    if stage(kind).models_by_path and isinstance(data.get("models"), list):
         data["models"] = [
             {"name": Path(m).name, "path": m} if isinstance(m, str) else m for m in data["models"]
         ]
     return data
-
-
-def _model_done(out: Path) -> bool:
-    return read_manifest(out) is not None
-
-
-def _data_done(out: Path) -> bool:
-    from solar_ray.data.contract import is_finished
-
-    outputs = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
-    return bool(outputs) and all(is_finished(p) for p in outputs)
-
-
-def _file_done(name: str) -> Callable[[Path], bool]:
-    return lambda out: (out / name).is_file()
-
-
-def _data_products(cfg: Any) -> set[str]:
-    from solar_ray.data.config import SYNTH_MATH_DIR
-
-    return {m.name for m in cfg.mixes} | ({SYNTH_MATH_DIR} if cfg.synth_math is not None else set())
-
-
-def _corpus_products(cfg: Any) -> set[str]:
-    return {f"{c}/{f}" for c in cfg.corpora for f in ("train.jsonl", "heldout.jsonl", "manifest.json")}
-
-
-def _upscale_precheck(cfg: Any) -> None:
-    from solar_ray.upscale import check_source_plan
-
-    check_source_plan(cfg)
-
-
-KINDS: dict[str, StageKind] = {
-    k.name: k
-    for k in (
-        StageKind("model", _inject_out, lambda out: (out / "source.json").is_file()),
-        StageKind("corpus", _inject_out, _data_done, products=_corpus_products),
-        StageKind("upscale", _inject_out, _model_done, precheck=_upscale_precheck),
-        StageKind("data", _inject_out, _data_done, products=_data_products),
-        StageKind("pretrain", _inject_train, _model_done),
-        StageKind("sft", _inject_train, _model_done),
-        StageKind("dpo", _inject_train, _model_done),
-        StageKind("merge", _inject_out, _model_done),
-        StageKind("eval", _inject_eval, _file_done("results.json")),
-        StageKind("contamination", _inject_eval, _file_done("contamination.json")),
-    )
-}
-assert set(KINDS) == set(STAGE_KINDS), "every registered stage kind has its runner entry"
 
 
 # --------------------------------------------------------------------------- planning
@@ -261,13 +178,14 @@ def _check_sub_paths(plans: list[StagePlan], configs: dict[str, Any]) -> None:
     for p in plans:
         for target, sub in sorted(_ref_uses({k: v for k, v in p.raw.items() if k != "kind"})):
             kind = by_name[target].kind
-            if not sub or kind.products is None or configs.get(target) is None:
+            products = stage(kind).products
+            if not sub or products is None or configs.get(target) is None:
                 continue
-            made = kind.products(configs[target])
+            made = products(configs[target])
             if not any(m == sub or m.startswith(sub + "/") or sub.startswith(m + "/") for m in made):
                 raise ConfigError(
                     f"stages.{p.name}: '@{target}/{sub}' is not written by stage {target!r} "
-                    f"({kind.name}), which writes {', '.join(sorted(made)) or 'nothing'}"
+                    f"({kind}), which writes {', '.join(sorted(made)) or 'nothing'}"
                 )
 
 
@@ -290,7 +208,7 @@ class StagePlan:
     """One stage, resolved: its kind, dependencies, output dir and config data."""
 
     name: str
-    kind: StageKind
+    kind: str
     deps: list[str]
     out: Path
     data: dict[str, Any]  # the stage's config data with references substituted
@@ -308,10 +226,10 @@ class StagePlan:
 
     def config(self, key: str = "0" * 64) -> StageConfig | None:
         """The validated stage config with the runner's fields (None for ``model`` stages)."""
-        cls = stage(self.kind.name).config
+        cls = stage(self.kind).config
         if cls is None:
             return None
-        data = {**self.defaults, **self.kind.inject(self.data, self.out, self.name, self.uri or str(self.run_dir), key)}
+        data = {**self.defaults, **_runner_fields(self.kind, self.data, self.out, self.name, self.uri or str(self.run_dir), key)}
         return validate(cls, data, "recipe", prefix=f"stages.{self.name}")
 
 
@@ -389,22 +307,23 @@ def plan_recipe(
     configs: dict[str, Any] = {}
     for name in _toposort(deps):
         raw = recipe.stages[name]
-        kind = KINDS[raw["kind"]]
+        kind = raw["kind"]
         out = run_dir / name
         fields = {k: v for k, v in raw.items() if k not in ("kind", "push_to_hub")}
-        reads_from = uri if uri and kind.name in TRAINING_KINDS else run_dir
+        reads_from = uri if uri and kind in TRAINING_KINDS else run_dir
         data = _substitute(fields, reads_from)
         key_data = _substitute(fields, uri or run_dir)
         plan = StagePlan(name, kind, deps[name], out, data, run_dir, raw, uri=uri, key_data=key_data,
                          defaults=_defaults(recipe, name), push=_push_target(raw, name))  # fmt: skip
         if validate_configs:
-            if kind.name == "model":
+            if kind == "model":
                 validate(ModelStage, data, "recipe", prefix=f"stages.{name}")
             configs[name] = plan.config()
             # only on inputs outside the run: an earlier stage's output may be stale
-            if kind.precheck and not plan.deps:
+            precheck = stage(kind).precheck
+            if precheck and not plan.deps:
                 try:
-                    kind.precheck(configs[name])
+                    precheck(configs[name])
                 except UserError as e:
                     raise ConfigError(f"stages.{name}: {e}") from None
         plans.append(plan)
@@ -424,7 +343,7 @@ def _stage_key(plan: StagePlan) -> str:
     marker records).
     """
     inputs = {d: _artifact(plan, d) for d in plan.deps}
-    return identity.key(plan.kind.name, plan.key_data, inputs, length=64)
+    return identity.key(plan.kind, plan.key_data, inputs, length=64)
 
 
 def _artifact(plan: StagePlan, name: str) -> str | None:
@@ -438,7 +357,7 @@ def _is_done(plan: StagePlan, key: str) -> bool:
     if plan.uri:  # the uploaded marker is written last: it is there only when all is
         marker = remote.read_marker(remote.join(plan.uri, plan.name)) or {}
         return marker.get("input_key") == key
-    return identity.recorded_key(plan.out) == key and plan.kind.done(plan.out)
+    return identity.recorded_key(plan.out) == key and stage(plan.kind).finished(plan.out)
 
 
 def _fetch_inputs(plan: StagePlan) -> None:
@@ -447,7 +366,7 @@ def _fetch_inputs(plan: StagePlan) -> None:
     Training stages read theirs from object storage themselves; a copy already in the
     mirror is kept when it is the same artifact.
     """
-    if plan.uri and plan.kind.name not in TRAINING_KINDS:
+    if plan.uri and plan.kind not in TRAINING_KINDS:
         for d in plan.deps:
             remote.download(remote.join(plan.uri, d), plan.run_dir / d)
 
@@ -490,7 +409,7 @@ def _run_model_stage(plan: StagePlan) -> None:
 
 def run_stage(plan: StagePlan, key: str) -> Any:
     """Run one planned stage into its output directory; return the stage's result."""
-    run = stage(plan.kind.name).run
+    run = stage(plan.kind).run
     if run is None:
         return _run_model_stage(plan)
     return run(plan.config(key))
@@ -590,7 +509,7 @@ def run_recipe(
         for i, p in enumerate(plans, 1):
             status = "done (skip)" if _is_done(p, _stage_key(p)) else "run"
             deps = ", ".join(p.deps) or "-"
-            echo(f"{i:>2}. {p.name:<16} {p.kind.name:<13} after: {deps:<28} {status}")
+            echo(f"{i:>2}. {p.name:<16} {p.kind:<13} after: {deps:<28} {status}")
         return RunResult(run_dir, [], [], uri=uri)
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -598,7 +517,7 @@ def run_recipe(
     write_json_atomic(run_dir / "recipe.json", recipe.to_dict())
     if uri:  # what makes the prefix a run directory (object stores have no empty folders)
         remote.upload_file(run_dir / "recipe.json", remote.join(uri, MARKERS, "recipe.json"))
-    if any(p.kind.name in ("data", "pretrain", "sft", "dpo") for p in plans):
+    if any(p.kind in RAY_KINDS for p in plans):
         init_ray(recipe.ray_address, recipe.runtime_env)
     ran, skipped = [], []
     for i, p in enumerate(plans, 1):
@@ -606,10 +525,10 @@ def run_recipe(
         key = _stage_key(p)
         if _is_done(p, key):
             skipped.append(p.name)
-            echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): done, skipped")
+            echo(f"[{i}/{len(plans)}] {p.name} ({p.kind}): done, skipped")
             _push_if_asked(p, run_dir, echo)
             continue
-        echo(f"[{i}/{len(plans)}] {p.name} ({p.kind.name}): running -> {p.out}")
+        echo(f"[{i}/{len(plans)}] {p.name} ({p.kind}): running -> {p.out}")
         # a stale log line must not survive a failed rerun
         (run_dir / MARKERS / f"{p.name}.json").unlink(missing_ok=True)
         t0 = time.perf_counter()
@@ -629,7 +548,7 @@ def run_recipe(
             remote.publish(p.out, remote.join(uri, p.name), artifact=identity.artifact_id(p.out))
         marker = {
             "stage": p.name,
-            "kind": p.kind.name,
+            "kind": p.kind,
             "out": str(p.out),
             "key": key,
             "artifact": identity.artifact_id(p.out),
@@ -644,7 +563,7 @@ def run_recipe(
         echo(f"[{i}/{len(plans)}] {p.name}: finished in {marker['seconds']} s")
         _push_if_asked(p, run_dir, echo)
     report = None
-    if recipe.report and any(p.kind.name == "eval" for p in plans):
+    if recipe.report and any(p.kind == "eval" for p in plans):
         from solar_ray.report import write_report
 
         if uri:  # the report reads the stages' manifests and results: only those come

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from solar_ray.checkpoint import atomic_output_dir, read_manifest, write_json_atomic
+from solar_ray.stages import TRAINING_KINDS
 
 __all__ = ["collect_results", "markdown_report", "write_report"]
 
@@ -47,14 +48,14 @@ def _eval_results(plans: Sequence[Any]) -> list[tuple[str, dict[str, Any]]]:
     out = []
     for p in plans:
         path = p.out / "results.json"
-        if p.kind.name == "eval" and path.is_file():
+        if p.kind == "eval" and path.is_file():
             out.append((p.name, json.loads(path.read_text())))
     return out
 
 
 def collect_results(run_dir: Path, plans: Sequence[Any]) -> list[dict]:
     """Every evaluated model of the run, from each eval stage's ``results.json``."""
-    kinds = {p.name: p.kind.name for p in plans}
+    kinds = {p.name: p.kind for p in plans}
     rows: list[dict] = []
     for stage, data in _eval_results(plans):
         displays = {t["name"]: t.get("display", t["name"]) for t in data.get("tasks", [])}
@@ -142,7 +143,7 @@ def _plots(run_dir: Path, plans: Sequence[Any], rows: list[dict], out: Path) -> 
 
     made: list[str] = []
     for p in plans:
-        if p.kind.name != "upscale":
+        if p.kind != "upscale":
             continue
         manifest = read_manifest(p.out)
         if not manifest or not manifest.get("plan"):
@@ -166,7 +167,7 @@ def _plots(run_dir: Path, plans: Sequence[Any], rows: list[dict], out: Path) -> 
         plt.close(fig)
         made.append(name)
 
-    curves = {p.name: _training_history(p.out) for p in plans if p.kind.name in ("pretrain", "sft", "dpo")}
+    curves = {p.name: _training_history(p.out) for p in plans if p.kind in TRAINING_KINDS}
     curves = {k: v for k, v in curves.items() if v}
     if curves:
         fig, axes = plt.subplots(1, len(curves), figsize=(4.2 * len(curves), 3.2), squeeze=False)
@@ -236,7 +237,7 @@ def write_report(run_dir: Path, plans: Sequence[Any]) -> Path:
         (tmp / "results.md").write_text(table)
         images = _plots(run_dir, plans, rows, tmp)
         stages = "".join(
-            f"<tr><td>{html.escape(p.name)}</td><td>{p.kind.name}</td>"
+            f"<tr><td>{html.escape(p.name)}</td><td>{p.kind}</td>"
             f"<td>{html.escape(', '.join(p.deps) or '-')}</td>"
             f"<td><code>{html.escape(str(p.out))}</code></td></tr>"
             for p in plans

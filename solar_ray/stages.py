@@ -9,7 +9,8 @@ follow a recipe's ``kind`` straight into the code that runs it.
 A training stage (``pretrain``, ``sft``, ``dpo``) also names its per-worker loop and its
 ``prepare`` function: the input checks and the driver-side values its workers need
 (:class:`solar_ray.train.launch.WorkerSpec` fields), what Tune trials run before they
-launch the same loop.
+launch the same loop. The recipe runner reads what it needs from the same entry: when an
+output is finished, the paths it writes, the checks ``--dry-run`` can make.
 """
 
 from __future__ import annotations
@@ -17,13 +18,39 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from solar_ray.checkpoint import read_manifest
 
 if TYPE_CHECKING:
     from solar_ray.config import StageConfig
     from solar_ray.train.launch import StageInputs
 
-__all__ = ["KINDS", "TRAINING_KINDS", "Stage", "UnknownStageError", "stage"]
+__all__ = [
+    "KINDS",
+    "MODEL_KINDS",
+    "RAY_KINDS",
+    "TRAINING_KINDS",
+    "Stage",
+    "UnknownStageError",
+    "stage",
+]
+
+
+def _has_manifest(out: Path) -> bool:
+    return read_manifest(out) is not None
+
+
+def _has_file(name: str) -> Callable[[Path], bool]:
+    return lambda out: (out / name).is_file()
+
+
+def _mixes_finished(out: Path) -> bool:
+    from solar_ray.data.contract import is_finished  # pyarrow only when a data output is checked
+
+    outputs = [p for p in out.iterdir() if p.is_dir()] if out.is_dir() else []
+    return bool(outputs) and all(is_finished(p) for p in outputs)
 
 
 @dataclass(frozen=True)
@@ -39,6 +66,16 @@ class Stage:
     worker: Callable[[dict], None] | None = None
     #: training stages: ``prepare(cfg) -> (inputs, WorkerSpec fields)`` without launching
     prepare: Callable[[Any], tuple[StageInputs, dict[str, Any]]] | None = None
+    #: is ``out`` a finished output of this kind (default: a model with its ``solar.json``)
+    finished: Callable[[Path], bool] = _has_manifest
+    #: the paths inside ``out`` the stage will write (what ``@stage/sub`` may name), from
+    #: its validated config; None: not known in advance (any sub-path is accepted)
+    products: Callable[[Any], set[str]] | None = None
+    #: run on the validated config at planning time (also by --dry-run) for checks that
+    #: need files already on disk
+    precheck: Callable[[Any], None] | None = None
+    #: ``models: [path, ...]`` in a recipe is shorthand for ``[{name: <its last part>, path}]``
+    models_by_path: bool = False
 
 
 class UnknownStageError(KeyError):
@@ -46,26 +83,33 @@ class UnknownStageError(KeyError):
 
 
 def _model() -> Stage:
-    return Stage("model", None, None)
+    # the runner links or builds the model itself and records where it came from
+    return Stage("model", None, None, finished=_has_file("source.json"))
 
 
 def _corpus() -> Stage:
     from solar_ray.corpora import CorpusConfig, run_corpus
 
-    return Stage("corpus", CorpusConfig, run_corpus)
+    def products(cfg: CorpusConfig) -> set[str]:
+        return {f"{c}/{f}" for c in cfg.corpora for f in ("train.jsonl", "heldout.jsonl", "manifest.json")}
+
+    return Stage("corpus", CorpusConfig, run_corpus, finished=_mixes_finished, products=products)
 
 
 def _upscale() -> Stage:
-    from solar_ray.upscale import UpscaleConfig, run_upscale
+    from solar_ray.upscale import UpscaleConfig, check_source_plan, run_upscale
 
-    return Stage("upscale", UpscaleConfig, run_upscale)
+    return Stage("upscale", UpscaleConfig, run_upscale, precheck=check_source_plan)
 
 
 def _data() -> Stage:
     from solar_ray.data import run_data
-    from solar_ray.data.config import DataConfig
+    from solar_ray.data.config import SYNTH_MATH_DIR, DataConfig
 
-    return Stage("data", DataConfig, run_data)
+    def products(cfg: DataConfig) -> set[str]:
+        return {m.name for m in cfg.mixes} | ({SYNTH_MATH_DIR} if cfg.synth_math is not None else set())
+
+    return Stage("data", DataConfig, run_data, finished=_mixes_finished, products=products)
 
 
 def _pretrain() -> Stage:
@@ -100,13 +144,16 @@ def _merge() -> Stage:
 def _eval() -> Stage:
     from solar_ray.evaluate import EvalConfig, run_eval
 
-    return Stage("eval", EvalConfig, run_eval)
+    return Stage("eval", EvalConfig, run_eval, finished=_has_file("results.json"), models_by_path=True)
 
 
 def _contamination() -> Stage:
     from solar_ray.contamination import ContaminationConfig, run_contamination
 
-    return Stage("contamination", ContaminationConfig, run_contamination)
+    return Stage(
+        "contamination", ContaminationConfig, run_contamination,
+        finished=_has_file("contamination.json"), models_by_path=True,
+    )  # fmt: skip
 
 
 _BUILDERS: dict[str, Callable[[], Stage]] = {
@@ -126,6 +173,10 @@ _BUILDERS: dict[str, Callable[[], Stage]] = {
 KINDS: tuple[str, ...] = tuple(_BUILDERS)
 #: the kinds that train on Ray Train workers
 TRAINING_KINDS: tuple[str, ...] = ("pretrain", "sft", "dpo")
+#: the kinds whose output is a model (one a recipe may ``push_to_hub``)
+MODEL_KINDS: tuple[str, ...] = ("upscale", *TRAINING_KINDS, "merge")
+#: the kinds that run on Ray (a recipe with one starts Ray once, before its first stage)
+RAY_KINDS: tuple[str, ...] = ("data", *TRAINING_KINDS)
 
 
 @functools.cache

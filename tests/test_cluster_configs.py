@@ -403,12 +403,12 @@ def test_rayjob_recipe_plans_for_the_clusters_gpus() -> None:
     argv = _manifests()["RayJob"]["spec"]["entrypoint"].split()
     recipe = load_recipe(REPO / argv[2])
     plans = plan_recipe(recipe, Path(argv[argv.index("--out") + 1]))
-    training = [p for p in plans if p.kind.name in TRAINING_KINDS]
+    training = [p for p in plans if p.kind in TRAINING_KINDS]
     assert training, f"{argv[2]} trains nothing"
     for plan in training:
         assert plan.config().use_gpu, f"{argv[2]}: stage {plan.name} trains on CPU"
     # continued pretraining rides the spot groups elastically: it survives a reclaimed node
-    pretrain = [p.config() for p in training if p.kind.name == "pretrain"]
+    pretrain = [p.config() for p in training if p.kind == "pretrain"]
     assert pretrain and all(c.elastic and c.min_workers < c.max_workers for c in pretrain)
 
 

@@ -21,7 +21,8 @@ from hypothesis import strategies as st
 
 from solar_ray.config import parse_yaml
 from solar_ray.errors import UserError
-from solar_ray.pipeline import KINDS, load_recipe, plan_recipe
+from solar_ray.pipeline import load_recipe, plan_recipe
+from solar_ray.stages import KINDS
 from solar_ray.upscale import read_model_tensors, read_safetensors_header
 
 FUZZ = settings(

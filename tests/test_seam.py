@@ -434,3 +434,114 @@ def test_score_plans_bad_inputs_are_one_line(tmp_path, tiny_llama_dir, capsys):
     rc = main(["score-plans", "--source", str(bare), "--data", str(_held_out_jsonl(tmp_path))])
     err = _errors(capsys)
     assert rc == 2 and len(err) == 1 and "has no tokenizer" in err[0], err
+
+
+def test_sweep_seam_scores_use_the_trials_own_held_out_rows(tmp_path, tiny_llama_dir, smollm2_tokenizer):
+    """The sweep's seam task scores the rows the trials hold out (``val_fraction`` of the
+    mix, or ``val_data``), else the offline held-out documents in rows of 128 tokens."""
+    from dataclasses import asdict
+
+    from solar_ray.data.contract import held_out_rows, ids_and_positions, open_mix
+    from solar_ray.seam import _load, heldout_rows, score_model, seam_scores
+    from solar_ray.train.testing import offline_prose, write_pretrain_mix
+
+    mix = write_pretrain_mix(tmp_path / "mix", smollm2_tokenizer, offline_prose(12), seq_len=32)
+    table = open_mix(str(mix), "pretrain", "data").read(["input_ids", "position_ids"])
+    held = table.filter(held_out_rows(table, 0.25))
+    assert 3 <= held.num_rows < table.num_rows
+    model, tokenizer = _load(tiny_llama_dir)
+
+    def want(ids_pos):
+        return [asdict(s) for s in score_model(model, *ids_pos, [1])]
+
+    got = seam_scores(str(tiny_llama_dir), [1], {"seq_len": 32, "data": str(mix), "val_fraction": 0.25}, "pretrain", 3)
+    assert (got["num_sequences"], got["tokens_per_sequence"]) == (3, 32)
+    assert got["scores"] == want(ids_and_positions(held.slice(0, 3), 32))
+    assert got["scores"] != want(ids_and_positions(table.slice(0, 3), 32))  # not the training rows
+    got = seam_scores(str(tiny_llama_dir), [1], {"seq_len": 32, "data": "unused", "val_data": str(mix)}, "pretrain", 2)
+    assert got["scores"] == want(ids_and_positions(table.slice(0, 2), 32)) and got["num_sequences"] == 2
+    got = seam_scores(str(tiny_llama_dir), [1], {}, "sft", 2)
+    assert (got["num_sequences"], got["tokens_per_sequence"]) == (2, 128)
+    assert got["scores"] == want(heldout_rows(None, tokenizer, 2, 128)) and "offline" in got["held_out"]
+    assert got["source"] == str(tiny_llama_dir)
+
+
+
+class _WordTokenizer:
+    """One id per word (its length + 10); a BOS (1) only when special tokens are asked for."""
+
+    eos_token_id = 2
+
+    def __call__(self, text, add_special_tokens=True):
+        ids = [len(w) + 10 for w in text.split()]
+        return {"input_ids": ([1] if add_special_tokens else []) + ids}
+
+
+def test_heldout_rows_from_text_files_a_prepared_mix_and_the_offline_documents(tmp_path, smollm2_tokenizer):
+    import json
+
+    from solar_ray.corpora import python_docs_documents
+    from solar_ray.seam import SeamError, heldout_rows
+    from solar_ray.train.testing import offline_prose, write_pretrain_mix
+
+    tok = _WordTokenizer()
+    docs = tmp_path / "held.jsonl"
+    docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["a bb ccc", "dddd e"]))
+    # by hand: documents joined with EOS only, positions restarting per document, cut into
+    # rows of 3: [a bb ccc EOS dddd e EOS] -> 7 tokens, 2 full rows (the last token dropped)
+    ids, pos = heldout_rows(str(docs), tok, 5, 3)
+    assert ids.tolist() == [[11, 12, 13], [2, 14, 11]] and pos.tolist() == [[0, 1, 2], [3, 0, 1]]
+    text = tmp_path / "held.txt"  # a text file is one document
+    text.write_text("a bb ccc\ndddd e")
+    ids, pos = heldout_rows(str(text), tok, 5, 3)
+    assert ids.tolist() == [[11, 12, 13], [14, 11, 2]] and pos.tolist() == [[0, 1, 2], [3, 4, 5]]
+    # a prepared mix: its first rows as they are packed (their own width, not seq_len)
+    mix = write_pretrain_mix(tmp_path / "mix", smollm2_tokenizer, offline_prose(8), seq_len=32)
+    from solar_ray.data.contract import open_mix
+
+    table = open_mix(str(mix), "pretrain", "data").read(["input_ids", "position_ids"])
+    ids, pos = heldout_rows(str(mix), tok, 3, 999)
+    assert ids.tolist() == table.column("input_ids").to_pylist()[:3]
+    assert pos.tolist() == table.column("position_ids").to_pylist()[:3]
+    # no data: the corpus stage's held-out python-docs documents, first one first
+    first = next(t for _, t in python_docs_documents("heldout")).split()
+    assert len(first) >= 8
+    ids, _ = heldout_rows(None, tok, 2, 4)
+    assert ids.tolist() == [[len(w) + 10 for w in first[:4]], [len(w) + 10 for w in first[4:8]]]
+    with pytest.raises(SeamError, match=r"^data: \S*nope\.txt is neither a prepared mix nor a text file$"):
+        heldout_rows(str(tmp_path / "nope.txt"), tok, 2, 4)
+
+
+def test_score_table_ranks_each_predictor_from_one():
+    from solar_ray.seam import PlanScore, format_scores
+
+    scores = [
+        PlanScore(2, 12, 0.30, 0.01, 0.10, 0.02, 7, (5, 6), (0, 1)),
+        PlanScore(1, 14, 0.20, 0.01, 0.40, 0.02, 7, (6,), (0,)),
+        PlanScore(3, 10, 0.25, 0.01, 0.05, 0.02, 7, (4, 5, 6), (0, 1, 2)),
+    ]
+    assert format_scores(scores).splitlines() == [
+        "| m | layers | seam angular distance (± SE, n=7) | rank | block influence removed (± SE) | rank |",
+        "|---|---|---|---|---|---|",
+        "| 2 | 12 | 0.3000 ± 0.0100 | 3 | 0.1000 ± 0.0200 | 2 |",
+        "| 1 | 14 | 0.2000 ± 0.0100 | 1 | 0.4000 ± 0.0200 | 3 |",
+        "| 3 | 10 | 0.2500 ± 0.0100 | 2 | 0.0500 ± 0.0200 | 1 |",
+    ]
+    assert format_scores([]).splitlines()[0].startswith("| m | layers | seam angular distance (± SE, n=0)")
+
+
+def test_scores_out_refuses_unreadable_files_and_places_nothing_can_be_written(tmp_path):
+    from solar_ray.checkpoint import OutputWriteError, UnsafeOutputError
+    from solar_ray.seam import check_scores_out
+
+    garbage = tmp_path / "scores.json"
+    garbage.write_bytes(b"\xff not json")  # neither JSON nor UTF-8: not ours, kept
+    with pytest.raises(UnsafeOutputError, match=r"not a score-plans output.*--overwrite replaces only what solar-ray wrote"):
+        check_scores_out(str(garbage), True, [])
+    assert garbage.read_bytes() == b"\xff not json"
+    a_file = tmp_path / "a_file"
+    a_file.write_text("x")
+    for out, parent in [(a_file / "s.json", a_file), ("/proc/sys/s.json", "/proc/sys"),
+                        ("/proc/sys/new/dir/s.json", "/proc/sys")]:  # fmt: skip
+        with pytest.raises(OutputWriteError, match=rf"^out: cannot write under {parent}$"):
+            check_scores_out(str(out), False, [])

@@ -48,7 +48,7 @@ __all__ = [
     "open_mix",
     "positions_for",
     "read_files",
-    "read_manifest",
+    "read_mix_manifest",
     "shard_files",
     "shard_name",
     "write_mix",
@@ -150,7 +150,7 @@ def _is_dir(fs: Any, path: str) -> bool:
     return fs.get_file_info(path).type == pafs.FileType.Directory
 
 
-def read_manifest(path: str | os.PathLike, field: str | None = None) -> dict[str, Any]:
+def read_mix_manifest(path: str | os.PathLike, field: str | None = None) -> dict[str, Any]:
     """The ``manifest.json`` of a mix (local path or URI); DataError naming ``field`` if none."""
     where = f"{field}: " if field else ""
     p = str(path).rstrip("/")
@@ -192,7 +192,7 @@ def read_files(files: list[str], where: str, columns: list[str] | None = None) -
 
 def load_table(path: str | os.PathLike, split: str = "data") -> pa.Table:
     """A whole split as one Arrow table, rows in mix order (no Ray; for small data and tests)."""
-    read_manifest(path)
+    read_mix_manifest(path)
     files = shard_files(path, split)
     if not files:
         raise DataError(f"{path}/{split} holds no shards")
@@ -255,7 +255,7 @@ def open_mix(
     ``field`` names the config field in error messages; ``part`` overrides the split read
     (e.g. ``data`` for an SFT mix's raw messages).
     """
-    manifest = read_manifest(path, field)
+    manifest = read_mix_manifest(path, field)
     kind = manifest.get("kind")
     if kind != expected_kind:
         raise DataError(

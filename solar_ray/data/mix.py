@@ -72,7 +72,7 @@ from solar_ray.data.contract import (
     LAYOUT,
     REJECT_SCHEMA,
     DataError,
-    read_manifest,
+    read_mix_manifest,
     shard_files,
     write_shard,
 )
@@ -800,7 +800,7 @@ def read_prepared(path: str | os.PathLike, split: str = "auto") -> Any:
     """
     import ray.data
 
-    manifest = read_manifest(path)
+    manifest = read_mix_manifest(path)
     if split == "auto":
         split = (manifest.get("prepare") or {}).get("split", "data")
     if split not in manifest.get("splits", {}) and split != "rejects":

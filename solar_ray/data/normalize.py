@@ -48,11 +48,11 @@ __all__ = [
     "REJECT_REASONS",
     "FilterOptions",
     "RowError",
-    "content_hash",
     "detect_format",
     "internal_schema",
     "normalize_file",
     "normalize_record",
+    "normalized_row_hash",
     "reject_table",
     "row_texts",
 ]
@@ -381,7 +381,7 @@ def row_texts(kind: str, row: dict) -> list[str]:
     return [row["system"], row["prompt"], row["chosen"], row["rejected"]]
 
 
-def content_hash(kind: str, row: dict) -> int:
+def normalized_row_hash(kind: str, row: dict) -> int:
     """64-bit hash of the whitespace-normalised content: equal for exact duplicates."""
     if kind == "sft":
         parts: Any = [[m["role"], _WS.sub(" ", m["content"]).strip()] for m in row["messages"]]
@@ -502,7 +502,7 @@ def normalize_file(
         else:
             for name in kind_cols:
                 cols[name].append(row[name])
-            cols["_hash"].append(content_hash(kind, row))
+            cols["_hash"].append(normalized_row_hash(kind, row))
             cols["_nchars"].append(nchars)
             cols["_reason"].append(None)
             cols["_detail"].append(None)

@@ -1,6 +1,6 @@
 """The driver side of every training stage: validate, skip or resume, launch, export.
 
-:func:`run_stage` is what ``run_pretrain`` / ``run_sft`` / ``run_dpo`` share:
+:func:`train_and_export` is what ``run_pretrain`` / ``run_sft`` / ``run_dpo`` share:
 
 1. the inputs were validated (:func:`validate_common` and the stage's own checks) before
    any worker starts, with errors naming the config field;
@@ -57,7 +57,7 @@ from solar_ray.train.session import FINAL_MARKER, LocalSession
 __all__ = [
     "TrainResult",
     "finished_result",
-    "run_stage",
+    "train_and_export",
     "validate_common",
     "validate_model",
 ]
@@ -290,7 +290,7 @@ def _lora_card_lines(cfg: TrainConfig) -> list[str]:
     ]
 
 
-def run_stage(
+def train_and_export(
     cfg: TrainConfig,
     worker_fn: Callable[[dict], None],
     inputs: StageInputs,

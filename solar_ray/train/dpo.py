@@ -31,7 +31,7 @@ from solar_ray.remote import is_remote, local_copy, read_json
 from solar_ray.train.common import (
     TrainResult,
     finished_result,
-    run_stage,
+    train_and_export,
     validate_common,
     validate_model,
 )
@@ -345,4 +345,4 @@ def run_dpo(cfg: DPOConfig) -> TrainResult:
              f"{'precomputed (Ray Data)' if cfg.precompute_ref_logps else 'live'}."]  # fmt: skip
     if cfg.peft is not None and cfg.ref_model is None and not cfg.precompute_ref_logps:
         lines[0] += " The reference is the LoRA policy with its adapters disabled."
-    return run_stage(cfg, dpo_worker, inputs, spec_values=spec_values, card_lines=lines)
+    return train_and_export(cfg, dpo_worker, inputs, spec_values=spec_values, card_lines=lines)

@@ -1,7 +1,7 @@
 """The one place a training run is launched: inputs, worker spec, resources, the ``TorchTrainer``.
 
 Every Ray Train run of solar-ray starts here, whoever asks for it: a training stage
-(:func:`solar_ray.train.common.run_stage`, behind ``solar-ray pretrain|sft|dpo``, the
+(:func:`solar_ray.train.common.train_and_export`, behind ``solar-ray pretrain|sft|dpo``, the
 pipeline and ``ray job submit``) and a Ray Tune trial (:func:`solar_ray.tune.trial.run_trial`).
 So the worker resources, the storage and run name, the failure and checkpoint policy and the
 worker's environment are decided once; a feature added to launching (elastic worker counts,

@@ -40,7 +40,7 @@ from solar_ray.data.contract import (
     positions_for,
     read_files,
 )
-from solar_ray.train.common import TrainResult, run_stage, validate_common
+from solar_ray.train.common import TrainResult, train_and_export, validate_common
 from solar_ray.train.config import PretrainConfig, accumulation_steps
 from solar_ray.train.ds_config import build_deepspeed_config, zero_stage_of
 from solar_ray.train.launch import StageInputs
@@ -596,7 +596,7 @@ def run_pretrain(cfg: PretrainConfig) -> TrainResult:
     spec_values: dict[str, Any] = {}
     if cfg.streaming:
         datasets, spec_values = _streaming_datasets(cfg, inputs)
-    return run_stage(cfg, pretrain_worker, inputs, spec_values=spec_values, datasets=datasets)
+    return train_and_export(cfg, pretrain_worker, inputs, spec_values=spec_values, datasets=datasets)
 
 
 def _streaming_datasets(cfg: PretrainConfig, inputs: StageInputs) -> tuple[dict, dict]:

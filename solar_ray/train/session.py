@@ -43,17 +43,12 @@ FINAL_MARKER = "final.json"
 #: written by rank 0 into every checkpoint: the run's state across restarts (steps, tokens,
 #: loss and held-out history, the steps it resumed from; a DeepSpeed run also its ``tag``)
 STATE_FILE = "solar_state.json"
-#: the pretrain loop's name for it before the two training loops shared one file
-_LEGACY_STATE_FILE = "state.json"
 
 
 def read_run_state(checkpoint_dir: Path) -> dict[str, Any] | None:
     """The run state saved in a checkpoint (None when it has none)."""
-    for name in (STATE_FILE, _LEGACY_STATE_FILE):
-        path = Path(checkpoint_dir) / name
-        if path.is_file():
-            return json.loads(path.read_text(encoding="utf-8"))
-    return None
+    path = Path(checkpoint_dir) / STATE_FILE
+    return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
 
 
 def write_run_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:

@@ -15,7 +15,7 @@ from typing import Any
 
 from solar_ray.config import ConfigError
 from solar_ray.data.contract import DataError
-from solar_ray.train.common import TrainResult, run_stage, validate_common
+from solar_ray.train.common import TrainResult, train_and_export, validate_common
 from solar_ray.train.config import SFTConfig
 from solar_ray.train.launch import StageInputs
 from solar_ray.train.worker import WorkerEnv, run_worker
@@ -149,4 +149,4 @@ def prepare_sft(cfg: SFTConfig) -> tuple[StageInputs, dict[str, Any]]:
 def run_sft(cfg: SFTConfig) -> TrainResult:
     """Supervised fine-tuning of ``cfg.model`` on the SFT mix ``cfg.data`` into ``cfg.out``."""
     inputs, spec_values = prepare_sft(cfg)
-    return run_stage(cfg, sft_worker, inputs, spec_values=spec_values)
+    return train_and_export(cfg, sft_worker, inputs, spec_values=spec_values)
