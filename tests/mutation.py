@@ -8,6 +8,7 @@ whole for every mutant, so each module gets a scratch copy of the repository und
 reason, in ``tests/mutation-equivalent.txt`` and leave the score's denominator.
 
     python tests/mutation.py [MODULE ...]   # default: every module in the table
+    python tests/mutation.py --survivors MODULE ...   # rerun the last run's survivors only
 
 Prints one row per module (killed / survived / equivalent / timeout / no tests, score,
 runtime) and the surviving mutants' names (``cd .mutation/<module> && mutmut show NAME``).
@@ -56,25 +57,7 @@ def _pyproject(module: str, tests: list[str]) -> str:
     return f"{base}\n[tool.mutmut]\n{body}\n"
 
 
-def run_module(module: str, tests: list[str]) -> dict:
-    """mutmut over one module in its scratch copy; the counts of its mutants by outcome."""
-    work = SCRATCH / Path(module).stem
-    shutil.rmtree(work, ignore_errors=True)
-    work.mkdir(parents=True)
-    for name in ("solar_ray", "tests"):
-        shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
-    (work / "pyproject.toml").write_text(_pyproject(module, tests))
-    # The tests' subprocesses (the CLI, Ray workers) import the mutated copy too. The
-    # directory exists before Python starts: a sys.path entry missing at start-up is
-    # cached as absent and the installed package would be imported instead.
-    (work / "mutants").mkdir()
-    env = {**os.environ, "PYTHONPATH": str(work / "mutants")}
-    env.setdefault("SOLAR_RAY_CACHE", str(REPO / ".cache" / "solar-ray"))
-    mutmut = str(Path(sys.executable).with_name("mutmut"))
-    started = time.monotonic()
-    subprocess.run([mutmut, "run"], cwd=work, env=env, stdout=subprocess.DEVNULL, check=False)
-    subprocess.run([mutmut, "export-cicd-stats"], cwd=work, env=env, capture_output=True, check=False)
-    seconds = time.monotonic() - started
+def _by_status(mutmut: str, work: Path, env: dict[str, str]) -> dict[str, list[str]]:
     listing = subprocess.run(
         [mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True
     ).stdout
@@ -83,6 +66,45 @@ def run_module(module: str, tests: list[str]) -> dict:
         name, _, status = line.strip().rpartition(": ")
         if name:
             by_status.setdefault(status, []).append(name)
+    return by_status
+
+
+def run_module(module: str, tests: list[str], survivors: bool = False) -> dict:
+    """mutmut over one module in its scratch copy; the counts of its mutants by outcome.
+
+    ``survivors``: keep the last run's results and rerun only its survivors (and mutants
+    no test reached) against the current ``tests/``; refused when the module's source
+    changed since that run (then the whole module runs again).
+    """
+    work = SCRATCH / Path(module).stem
+    env = {**os.environ, "PYTHONPATH": str(work / "mutants")}
+    env.setdefault("SOLAR_RAY_CACHE", str(REPO / ".cache" / "solar-ray"))
+    mutmut = str(Path(sys.executable).with_name("mutmut"))
+    started = time.monotonic()
+    if survivors:
+        copied = work / module
+        if not copied.is_file() or copied.read_bytes() != (REPO / module).read_bytes():
+            raise SystemExit(f"mutation: {module} changed since its last run (or none): run it whole")
+        shutil.rmtree(work / "tests")
+        shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
+        last = _by_status(mutmut, work, env)
+        again = sorted({*last.get("survived", []), *last.get("no tests", [])} - _equivalent())
+        if again:
+            subprocess.run([mutmut, "run", *again], cwd=work, env=env, stdout=subprocess.DEVNULL, check=False)
+    else:
+        shutil.rmtree(work, ignore_errors=True)
+        work.mkdir(parents=True)
+        for name in ("solar_ray", "tests"):
+            shutil.copytree(REPO / name, work / name, ignore=shutil.ignore_patterns("__pycache__"))
+        (work / "pyproject.toml").write_text(_pyproject(module, tests))
+        # The tests' subprocesses (the CLI, Ray workers) import the mutated copy too. The
+        # directory exists before Python starts: a sys.path entry missing at start-up is
+        # cached as absent and the installed package would be imported instead.
+        (work / "mutants").mkdir()
+        subprocess.run([mutmut, "run"], cwd=work, env=env, stdout=subprocess.DEVNULL, check=False)
+    subprocess.run([mutmut, "export-cicd-stats"], cwd=work, env=env, capture_output=True, check=False)
+    seconds = time.monotonic() - started
+    by_status = _by_status(mutmut, work, env)
     equivalent = _equivalent()
     survived = [n for n in by_status.get("survived", []) if n not in equivalent]
     killed = len(by_status.get("killed", []))
@@ -104,11 +126,13 @@ def run_module(module: str, tests: list[str]) -> dict:
 
 def main(argv: list[str]) -> int:
     table = _table()
+    survivors = "--survivors" in argv
+    argv = [a for a in argv if a != "--survivors"]
     unknown = [m for m in argv if m not in table]
     if unknown:
         print(f"mutation: not in [tool.solar-ray.mutation]: {', '.join(unknown)}", file=sys.stderr)
         return 2
-    rows = [run_module(m, table[m]) for m in (argv or table)]
+    rows = [run_module(m, table[m], survivors) for m in (argv or table)]
     print("| module | killed | survived | equivalent | timeout | no tests | score | runtime |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -222,3 +222,49 @@ def test_results_table_layout():
     assert lines[2] == "| SOLAR | 50.00 ± 0.41 | " + " | ".join(["50.00 ± 1.00"] * 6) + " | 3.21 |"
     assert lines[3].startswith("| base | – |")
     assert lines[4] == "| n |  | " + " | ".join(["2500"] * 6) + " | – |"
+
+
+def test_results_table_of_three_models_by_hand():
+    """Every cell of a three-model table worked out by hand: paired differences of each
+    model against the one before it and the last against the first, signs, ``~`` marks,
+    perplexity with and without its range, and the resolution note."""
+    ids = {"t": [f"t/{i}" for i in range(4)]}
+
+    def model(name, items, ppl=None, **extra):
+        score = sum(items) / len(items)
+        return {"name": name, "scores": {"t": score}, "stderr": {"t": 0.1}, "num_items": {"t": 4},
+                "items": {"t": items}, "average": score, "average_stderr": 0.1, "ppl": ppl, **extra}  # fmt: skip
+
+    results = {
+        "suite": "custom", "limit": None, "item_ids": ids,
+        "tasks": [{"name": "t", "display": "T", "metric": "acc,none", "num_fewshot": 0}],
+        "models": [model("a", [1, 1, 0, 0], 3.0, ppl_low=2.5, ppl_high=3.5),
+                   model("b", [1, 1, 1, 0]), model("c", [1, 1, 0, 0], 4.0)],
+    }  # fmt: skip
+    # paired over 4 items: b - a = [0, 0, 1, 0]: +0.25, sd 0.5, SE 0.25; c - b the negative;
+    # c - a all zero (no difference is within noise). 2 SE of the three: 0.5, 0.5, 0 -> 0.5
+    assert results_table(results) == (
+        "| Model | Avg | T | PPL |\n"
+        "|---|---:|---:|---:|\n"
+        "| a | 50.00 ± 10.00 | 50.00 ± 10.00 | 3.00 (2.50–3.50) |\n"
+        "| b | 75.00 ± 10.00 | 75.00 ± 10.00 | – |\n"
+        "| c | 50.00 ± 10.00 | 50.00 ± 10.00 | 4.00 |\n"
+        "| n |  | 4 | – |\n"
+        "\nDifferences (points; paired over the same items, ± one standard error; "
+        "`~` within noise: |diff| < 2 SE; **bold**: resolved):\n\n"
+        "| Difference | Avg | T | NLL/token |\n"
+        "|---|---:|---:|---:|\n"
+        "| b − a | ~ +25.00 ± 25.00 | ~ +25.00 ± 25.00 | – |\n"
+        "| c − b | ~ −25.00 ± 25.00 | ~ −25.00 ± 25.00 | – |\n"
+        "| c − a | ~ +0.00 ± 0.00 | ~ +0.00 ± 0.00 | – |\n"
+        "\nScores in %, ± one standard error. Suite `custom`; T: acc,none (0-shot). "
+        "PPL: held-out token-level perplexity (95% range over windows); NLL/token differences in nats. "
+        "Resolution: at these item counts a difference smaller than about T 50.00, Avg 50.00 "
+        "(2 SE of a paired difference, median over the comparisons) cannot be told from noise.\n"
+    )
+    # two models: one comparison, no ppl column when no model has one
+    two = {**results, "models": [{**m, "ppl": None} for m in results["models"][:2]]}
+    lines = results_table(two).splitlines()
+    assert lines[0] == "| Model | Avg | T |" and [ln for ln in lines if " − " in ln] == [
+        "| b − a | ~ +25.00 ± 25.00 | ~ +25.00 ± 25.00 |"
+    ]
