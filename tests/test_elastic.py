@@ -38,8 +38,7 @@ import pytest
 import yaml
 from cluster_harness import LocalRayCluster, NodeSpec, node_env
 
-from solar_ray.train.pretrain import ROW_LOG_ENV
-from solar_ray.train.session import HOLD_ENV
+from solar_ray.faults import HOLD_ENV, ROW_LOG_ENV
 from solar_ray.train.testing import pattern_documents, write_pretrain_mix
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,7 @@ import pytest
 from s3_server import objects, s3_server
 from tiny_recipe import ALL, KINDS, SMALLER, sft_mix_sweep
 
-from solar_ray.train.session import HOLD_ENV
+from solar_ray.faults import HOLD_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -44,7 +44,7 @@ def ray_module(hold_dir):
     inherit the hold-at-checkpoint hook's directory from this process's environment."""
     import ray
 
-    from solar_ray.train.session import HOLD_ENV
+    from solar_ray.faults import HOLD_ENV
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(HOLD_ENV, str(hold_dir))
@@ -123,7 +123,7 @@ def pretrain_zero3(ray_module, work):
 def _run_killing_a_worker(run, cfg, hold_dir: Path):
     """Run a stage in a thread; SIGKILL one Ray Train worker at its first checkpoint.
 
-    The workers are held right after reporting it (``solar_ray.train.session.HOLD_ENV``):
+    The workers are held right after reporting it (``solar_ray.faults.HOLD_ENV``):
     the kill lands once both wait there and Ray Train has registered the checkpoint, so
     the run resumes from exactly that checkpoint, however fast or slow the machine is.
     """
