@@ -17,10 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from solar_ray.config import ConfigError
-from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
-from solar_ray.train.testing import (
+from stage_io import (
     arithmetic_pairs,
     export_matches_probe,
     pattern_documents,
@@ -28,6 +25,9 @@ from solar_ray.train.testing import (
     write_pretrain_mix,
     write_sft_mix,
 )
+
+from solar_ray.config import ConfigError
+from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
 
 pytestmark = pytest.mark.slow
 

@@ -127,9 +127,9 @@ def write_mix(
 ) -> Path:
     """Write a small mix directly (no Ray): each split one shard in the layout, manifest last.
 
-    For tests, benchmarks and smoke runs (:mod:`solar_ray.train.testing`); ``solar-ray
-    data`` writes the real ones. ``splits`` maps ``data`` and the kind's prepared split to
-    tables with (at least) the layout's columns.
+    For tests and benchmarks (``tests/stage_io.py``); ``solar-ray data`` writes the real
+    ones. ``splits`` maps ``data`` and the kind's prepared split to tables with (at least)
+    the layout's columns.
     """
     from solar_ray.checkpoint import write_json_atomic
 

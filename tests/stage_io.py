@@ -1,8 +1,10 @@
-"""Small prepared mixes in the data contract's format, for tests, benchmarks and smoke runs.
+"""What the tests feed the stages and read back from them, without the data stage.
 
-``solar-ray data`` makes the real mixes; these writers make tiny ones directly with
-:func:`solar_ray.data.contract.write_mix` (the same layout and columns) from a tokenizer and a
-few synthetic or offline texts, so a training stage can be exercised without the data stage.
+Tiny prepared mixes in the data contract's format, written with
+:func:`solar_ray.data.contract.write_mix` (the same layout and columns ``solar-ray data``
+writes) from a tokenizer and a few synthetic or offline texts; every tensor of a model
+directory; whether an exported model computes the probe its training recorded. The bench
+scripts use the mix writers too (they put ``tests/`` on ``sys.path``).
 """
 
 from __future__ import annotations
