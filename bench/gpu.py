@@ -212,12 +212,11 @@ def write_mixes(work: Path, shape: dict[str, Any], tokenizer: Any) -> dict[str, 
     from stage_io import (
         arithmetic_pairs,
         offline_prose,
+        write_mix,
         write_preference_mix,
         write_pretrain_mix,
         write_sft_mix,
     )
-
-    from solar_ray.data.contract import write_mix
 
     seq_len = shape["seq_len"]
     rows_needed = shape["micro_batch"] * (shape["steps"] + 1)

@@ -1,12 +1,11 @@
 """What the tests feed the stages and read back from them, without the data stage.
 
 Tiny prepared mixes from a tokenizer and a few synthetic or offline texts, tokenized and
-packed with the data stage's own functions and written with
-:func:`solar_ray.data.contract.write_mix` (the layout and columns ``solar-ray data``
-writes); every tensor of a model directory (read with ``safetensors``, not the package's
-reader, so the upscale and merge tests check the package against another implementation);
-whether an exported model computes the probe its training recorded. The bench scripts use
-the mix writers too (they put ``tests/`` on ``sys.path``).
+packed with the data stage's own functions and written by :func:`write_mix` in the layout
+and columns ``solar-ray data`` writes; every tensor of a model directory (read with
+``safetensors``, not the package's reader, so the upscale and merge tests check the package
+against another implementation); whether an exported model computes the probe its training
+recorded. The bench scripts use the mix writers too (they put ``tests/`` on ``sys.path``).
 """
 
 from __future__ import annotations
@@ -19,7 +18,8 @@ from typing import Any
 
 import pyarrow as pa
 
-from solar_ray.data.contract import write_mix
+from solar_ray.checkpoint import write_json_atomic
+from solar_ray.data.contract import DATA_MANIFEST, LAYOUT, TEXT_SPLIT, shard_name, write_shard
 from solar_ray.data.pack import pack_documents
 from solar_ray.data.templates import template_prompt, tokenize_sft
 
@@ -32,6 +32,7 @@ __all__ = [
     "pattern_documents",
     "write_preference_mix",
     "write_pretrain_mix",
+    "write_mix",
     "write_sft_mix",
 ]
 
@@ -79,6 +80,18 @@ def arithmetic_pairs(
 
 
 _SOURCE = "testing"
+
+
+def write_mix(mix_dir: str | Path, kind: str, splits: dict[str, pa.Table], **manifest: Any) -> Path:
+    """Write a small mix directly (no Ray): each split one shard, cast to the contract's
+    layout (:data:`~solar_ray.data.contract.LAYOUT`); the manifest last. ``splits`` maps
+    ``data`` and the kind's prepared split to tables with (at least) the layout's columns."""
+    mix_dir, layout = Path(mix_dir), LAYOUT[kind]
+    for split, table in splits.items():
+        schema = {TEXT_SPLIT: layout.data, layout.prepared_split: layout.prepared}[split]
+        write_shard(table.select(schema.names).cast(schema), mix_dir / split, shard_name(0))
+    write_json_atomic(mix_dir / DATA_MANIFEST, {"kind": kind, "name": mix_dir.name, **manifest})
+    return mix_dir
 
 
 def write_pretrain_mix(
