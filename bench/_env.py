@@ -1,7 +1,8 @@
 """What the training benchmarks set before they import anything of the project.
 
 This checkout's ``solar_ray`` comes first, in the bench process, its children and Ray's
-workers (an editable install may point at another checkout); the model hub is offline and
+workers (an editable install may point at another checkout), and its ``tests/`` is on
+``sys.path`` for the mix writers of ``tests/stage_io.py``; the model hub is offline and
 the cache is the checkout's; one torch thread per process, so the figures are per core;
 Ray's private local instances run without token auth.
 """
@@ -14,7 +15,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 
-for _path in (REPO / "bench", REPO):
+for _path in (REPO / "tests", REPO / "bench", REPO):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))

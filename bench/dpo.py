@@ -220,9 +220,8 @@ def main() -> None:
         profile(args)
         return
 
+    from stage_io import arithmetic_pairs, write_preference_mix
     from transformers import AutoTokenizer
-
-    from solar_ray.train.testing import arithmetic_pairs, write_preference_mix
 
     work = REPO / "bench" / "_work" / "train-smollm2"
     data = work / f"dpo-{args.pairs}"

@@ -68,7 +68,7 @@ NEEDED = ("pydantic", "deepspeed", "hjson", "trl", "datasets")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SOLAR_RAY_CACHE", str(REPO / ".cache" / "solar-ray"))
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tests")]  # solar_ray; tests/stage_io.py
 
 #: the two sizes: the ~1.2B GPU model and the tiny CPU dry run
 SHAPES: dict[str, dict[str, Any]] = {
@@ -209,11 +209,10 @@ def build_dus_model(work: Path, shape: dict[str, Any], tokenizer: Any, on_gpu: b
 def write_mixes(work: Path, shape: dict[str, Any], tokenizer: Any) -> dict[str, str]:
     """Pretrain mixes (per-document positions, and plain 0..T-1 rows), SFT and DPO mixes."""
     import pyarrow as pa
-
-    from solar_ray.data.contract import write_mix
-    from solar_ray.train.testing import (
+    from stage_io import (
         arithmetic_pairs,
         offline_prose,
+        write_mix,
         write_preference_mix,
         write_pretrain_mix,
         write_sft_mix,

@@ -117,16 +117,16 @@ def use_shape(name: str) -> None:
 def prepare(work: Path) -> dict[str, str]:
     """Tiny model + reference model + one mix of each kind (made once per work dir)."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
-
-    from solar_ray.models import resolve_model
-    from solar_ray.train.testing import (
+    from stage_io import (
         arithmetic_pairs,
         pattern_documents,
         write_preference_mix,
         write_pretrain_mix,
         write_sft_mix,
     )
+    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
+
+    from solar_ray.models import resolve_model
 
     paths = {k: str(work / k) for k in ("model", "ref_model", "pretrain", "sft", "dpo")}
     if (work / "ready").is_file():

@@ -37,10 +37,9 @@ from pathlib import Path
 import pytest
 import yaml
 from cluster_harness import LocalRayCluster, NodeSpec, node_env
+from stage_io import pattern_documents, write_pretrain_mix
 
-from solar_ray.train.pretrain import ROW_LOG_ENV
-from solar_ray.train.session import HOLD_ENV
-from solar_ray.train.testing import pattern_documents, write_pretrain_mix
+from solar_ray.faults import HOLD_ENV, ROW_LOG_ENV
 
 pytestmark = pytest.mark.slow
 

@@ -12,11 +12,11 @@ import pytest
 import torch
 from conftest import save_tiny_model
 from safetensors.torch import load_file, save_file
+from stage_io import model_weights
 
 from solar_ray.checkpoint import read_manifest
 from solar_ray.config import ConfigError, load_config
 from solar_ray.merge import TOKENIZER_FILES, MergeConfig, MergeError, run_merge, slerp_coefficients
-from solar_ray.train.testing import model_weights
 
 
 def _assert_bitwise(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:

@@ -12,9 +12,9 @@ import pytest
 import torch
 from conftest import save_tiny_model
 from safetensors.torch import load_file, save_file
+from stage_io import model_weights
 
 from solar_ray.cli import main
-from solar_ray.train.testing import model_weights
 
 #: the tensor that gets the planted -0.0 / inf entries
 PLANTED = "model.layers.0.mlp.down_proj.weight"

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import save_tiny_model
+from stage_io import model_weights
 
 from solar_ray.cli import main
 from solar_ray.models import find_embedded_gguf
-from solar_ray.train.testing import model_weights
 
 
 @pytest.fixture(autouse=True)

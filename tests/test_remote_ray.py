@@ -21,7 +21,7 @@ import pytest
 from s3_server import objects, s3_server
 from tiny_recipe import ALL, KINDS, SMALLER, sft_mix_sweep
 
-from solar_ray.train.session import HOLD_ENV
+from solar_ray.faults import HOLD_ENV
 
 pytestmark = pytest.mark.slow
 
@@ -92,8 +92,8 @@ def _registered_checkpoints(s3: dict[str, str], stage: str) -> list:
 def test_a_sweep_into_s3_uploads_its_report(tmp_path, tiny_llama_dir, smollm2_tokenizer):
     """Two SFT mixes searched with ``--out s3://...``: the report lands in the bucket."""
     import ray
+    from stage_io import arithmetic_pairs, write_sft_mix
 
-    from solar_ray.train.testing import arithmetic_pairs, write_sft_mix
     from solar_ray.tune import run_sweep
     from solar_ray.tune.config import SweepConfig
 

@@ -441,9 +441,10 @@ def test_sweep_seam_scores_use_the_trials_own_held_out_rows(tmp_path, tiny_llama
     mix, or ``val_data``), else the offline held-out documents in rows of 128 tokens."""
     from dataclasses import asdict
 
+    from stage_io import offline_prose, write_pretrain_mix
+
     from solar_ray.data.contract import held_out_rows, ids_and_positions, open_mix
     from solar_ray.seam import _load, heldout_rows, score_model, seam_scores
-    from solar_ray.train.testing import offline_prose, write_pretrain_mix
 
     mix = write_pretrain_mix(tmp_path / "mix", smollm2_tokenizer, offline_prose(12), seq_len=32)
     table = open_mix(str(mix), "pretrain", "data").read(["input_ids", "position_ids"])
@@ -480,9 +481,10 @@ class _WordTokenizer:
 def test_heldout_rows_from_text_files_a_prepared_mix_and_the_offline_documents(tmp_path, smollm2_tokenizer):
     import json
 
+    from stage_io import offline_prose, write_pretrain_mix
+
     from solar_ray.corpora import python_docs_documents
     from solar_ray.seam import SeamError, heldout_rows
-    from solar_ray.train.testing import offline_prose, write_pretrain_mix
 
     tok = _WordTokenizer()
     docs = tmp_path / "held.jsonl"

@@ -9,16 +9,16 @@ import sys
 from pathlib import Path
 
 import pytest
-
-from solar_ray.config import ConfigError, load_config
-from solar_ray.errors import MissingDependencyError
-from solar_ray.train.config import PretrainConfig, SFTConfig
-from solar_ray.train.testing import (
+from stage_io import (
     arithmetic_pairs,
     pattern_documents,
     write_pretrain_mix,
     write_sft_mix,
 )
+
+from solar_ray.config import ConfigError, load_config
+from solar_ray.errors import MissingDependencyError
+from solar_ray.train.config import PretrainConfig, SFTConfig
 
 
 @pytest.fixture

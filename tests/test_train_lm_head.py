@@ -11,9 +11,9 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from stage_io import arithmetic_mixes, model_weights
 
 from solar_ray.train.config import DPOConfig, SFTConfig
-from solar_ray.train.testing import arithmetic_mixes, model_weights
 
 pytestmark = pytest.mark.slow
 

@@ -7,10 +7,10 @@ import json
 from pathlib import Path
 
 import pytest
+from stage_io import arithmetic_mixes, export_matches_probe, model_weights
 
 from solar_ray.config import ConfigError, load_config
 from solar_ray.train.config import DPOConfig, SFTConfig
-from solar_ray.train.testing import arithmetic_mixes, export_matches_probe, model_weights
 
 pytestmark = pytest.mark.slow
 

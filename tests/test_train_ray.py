@@ -17,10 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
-
-from solar_ray.config import ConfigError
-from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
-from solar_ray.train.testing import (
+from stage_io import (
     arithmetic_pairs,
     export_matches_probe,
     pattern_documents,
@@ -28,6 +25,9 @@ from solar_ray.train.testing import (
     write_pretrain_mix,
     write_sft_mix,
 )
+
+from solar_ray.config import ConfigError
+from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
 
 pytestmark = pytest.mark.slow
 
@@ -44,7 +44,7 @@ def ray_module(hold_dir):
     inherit the hold-at-checkpoint hook's directory from this process's environment."""
     import ray
 
-    from solar_ray.train.session import HOLD_ENV
+    from solar_ray.faults import HOLD_ENV
 
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv(HOLD_ENV, str(hold_dir))
@@ -123,7 +123,7 @@ def pretrain_zero3(ray_module, work):
 def _run_killing_a_worker(run, cfg, hold_dir: Path):
     """Run a stage in a thread; SIGKILL one Ray Train worker at its first checkpoint.
 
-    The workers are held right after reporting it (``solar_ray.train.session.HOLD_ENV``):
+    The workers are held right after reporting it (``solar_ray.faults.HOLD_ENV``):
     the kill lands once both wait there and Ray Train has registered the checkpoint, so
     the run resumes from exactly that checkpoint, however fast or slow the machine is.
     """

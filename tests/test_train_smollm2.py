@@ -12,9 +12,9 @@ from __future__ import annotations
 import json
 
 import pytest
+from stage_io import offline_prose, write_pretrain_mix
 
 from solar_ray.train.config import PretrainConfig
-from solar_ray.train.testing import offline_prose, write_pretrain_mix
 
 pytestmark = pytest.mark.slow
 

@@ -12,18 +12,18 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pytest
-
-from solar_ray.config import ConfigError, load_config
-from solar_ray.data.contract import DataError, held_out_mask
-from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
-from solar_ray.train.ds_config import build_deepspeed_config
-from solar_ray.train.testing import (
+from stage_io import (
     arithmetic_pairs,
     pattern_documents,
     write_preference_mix,
     write_pretrain_mix,
     write_sft_mix,
 )
+
+from solar_ray.config import ConfigError, load_config
+from solar_ray.data.contract import DataError, held_out_mask
+from solar_ray.train.config import DPOConfig, PretrainConfig, SFTConfig
+from solar_ray.train.ds_config import build_deepspeed_config
 
 REPO = Path(__file__).resolve().parents[1]
 

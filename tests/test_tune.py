@@ -417,7 +417,7 @@ def test_sweep_dry_run_budgets_from_the_gguf_header_match_the_converted_model(
 @pytest.fixture(scope="module")
 def tiny_mixes(tmp_path_factory, smollm2_tokenizer) -> dict[str, Path]:
     """Packed pretraining mixes (train / held-out) of CPython's reference-manual prose."""
-    from solar_ray.train.testing import offline_prose, write_pretrain_mix
+    from stage_io import offline_prose, write_pretrain_mix
 
     d = tmp_path_factory.mktemp("mixes")
     docs = offline_prose(40)
@@ -750,7 +750,8 @@ def test_sft_mix_sweep_scores_every_mix_on_one_yardstick_with_its_error(
     """Two SFT mixes, both scored on a held-out yardstick neither trains on: every score has
     n and SE, each mix is compared with the best (paired over the yardstick's rows), and
     best.yaml is the SFT run on the best mix. No base-model reference: nothing is upscaled."""
-    from solar_ray.train.testing import arithmetic_pairs, write_sft_mix
+    from stage_io import arithmetic_pairs, write_sft_mix
+
     from solar_ray.tune.sweep import run_sweep
 
     pairs = [(q, a) for q, a, _ in arithmetic_pairs(40, seed=3)]

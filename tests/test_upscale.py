@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from conftest import save_tiny_model
+from stage_io import model_weights
 from transformers import (
     AutoModelForCausalLM,
     Gemma2Config,
@@ -19,7 +20,6 @@ from transformers import (
 )
 
 from solar_ray.cli import main as cli_main
-from solar_ray.train.testing import model_weights
 from solar_ray.upscale import (
     LayerSlot,
     UpscaleConfig,

@@ -14,12 +14,12 @@ import torch
 import yaml
 from conftest import save_tiny_model
 from safety_helpers import SMALL, assert_refused_before_output
+from stage_io import model_weights
 from transformers import AutoConfig, LlamaConfig, Qwen2Config
 
 from solar_ray.cli import main as cli_main
 from solar_ray.errors import UserError
 from solar_ray.models import ARCHITECTURES
-from solar_ray.train.testing import model_weights
 from solar_ray.upscale import (
     MAX_LAYERS,
     LayerSlot,

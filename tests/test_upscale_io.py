@@ -15,10 +15,10 @@ import torch
 from conftest import save_tiny_model
 from safetensors import safe_open
 from safety_helpers import SMALL, assert_refused_before_output
+from stage_io import model_weights
 from transformers import LlamaConfig
 
 import solar_ray.upscale as upscale
-from solar_ray.train.testing import model_weights
 from solar_ray.upscale import UpscaleConfig, run_upscale
 
 

@@ -18,7 +18,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -51,7 +50,6 @@ __all__ = [
     "read_mix_manifest",
     "shard_files",
     "shard_name",
-    "write_mix",
     "write_shard",
 ]
 
@@ -120,25 +118,6 @@ def write_shard(table: pa.Table, directory: str | os.PathLike, name: str) -> str
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
     return str(path)
-
-
-def write_mix(
-    mix_dir: str | os.PathLike, kind: str, splits: Mapping[str, pa.Table], **manifest: Any
-) -> Path:
-    """Write a small mix directly (no Ray): each split one shard in the layout, manifest last.
-
-    For tests, benchmarks and smoke runs (:mod:`solar_ray.train.testing`); ``solar-ray
-    data`` writes the real ones. ``splits`` maps ``data`` and the kind's prepared split to
-    tables with (at least) the layout's columns.
-    """
-    from solar_ray.checkpoint import write_json_atomic
-
-    mix_dir, layout = Path(mix_dir), LAYOUT[kind]
-    for split, table in splits.items():
-        schema = {TEXT_SPLIT: layout.data, layout.prepared_split: layout.prepared}[split]
-        write_shard(table.select(schema.names).cast(schema), mix_dir / split, shard_name(0))
-    write_json_atomic(mix_dir / DATA_MANIFEST, {"kind": kind, "name": mix_dir.name, **manifest})
-    return mix_dir
 
 
 # --------------------------------------------------------------------------- reading

@@ -32,6 +32,7 @@ from typing import Any
 
 import numpy as np
 
+from solar_ray import faults
 from solar_ray.config import ConfigError
 from solar_ray.data.contract import (
     DataError,
@@ -360,35 +361,6 @@ def _resume(
     return state
 
 
-#: for tests: a directory. Each rank of a pretrain run (not streaming) appends the rows it
-#: trains on at every step to ``<dir>/rows-<rank>-<pid>.jsonl``, so that a test can count the
-#: packed sequences a run resized mid-way has seen
-ROW_LOG_ENV = "SOLAR_RAY_TEST_ROW_LOG"
-
-
-def _row_logger(env: WorkerEnv, packed: PackedBatches | None, start_step: int) -> Any:
-    """``log(step)`` writing ``step``'s rows under :data:`ROW_LOG_ENV` (None without it)."""
-    import json
-    import os
-
-    directory = os.environ.get(ROW_LOG_ENV)
-    if not directory or packed is None:
-        return None
-    path = Path(directory) / f"rows-{env.rank}-{os.getpid()}.jsonl"
-
-    def log_rows(step: int) -> None:
-        line = {"step": step, "start": start_step, "rank": env.rank, "world": env.world_size,
-                "t": time.time(), "rows": _trained(*packed.rows_of_step(step - 1))}  # fmt: skip
-        with path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(line) + "\n")
-
-    return log_rows
-
-
-def _trained(rows: np.ndarray, weights: np.ndarray) -> list[int]:
-    return rows[weights > 0].tolist()
-
-
 def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
     import torch
     import torch.distributed as dist
@@ -420,7 +392,8 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
             global_batch_size=cfg.effective_global_batch_size, seed=cfg.seed,
         )  # fmt: skip
         batches = packed.iterate(start_step=state["step"])
-    log_rows = _row_logger(env, packed, state["step"])
+    # a test hook (solar_ray.faults); a streaming run has no row numbers to log
+    log_rows = faults.row_logger(env.rank, env.world_size, state["step"]) if packed else None
     val_batches = _val_batches(env, val_ids, val_pos)
 
     params = engine.module.parameters()
@@ -469,7 +442,8 @@ def _pretrain(env: WorkerEnv, ckpt: Path | None) -> None:
         step = state["step"]
         state["tokens_seen"] += cfg.effective_global_batch_size * cfg.seq_len
         if log_rows is not None:
-            log_rows(step)
+            step_rows, step_weights = packed.rows_of_step(step - 1)
+            log_rows(step, step_rows[step_weights > 0].tolist())
         last = step == total_steps
         metrics: dict[str, Any] = {}
         if step % cfg.log_every == 0 or last:

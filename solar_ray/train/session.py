@@ -23,16 +23,16 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
+from solar_ray.faults import hold_after_checkpoint
+
 __all__ = [
     "FINAL_MARKER",
-    "HOLD_ENV",
     "STATE_FILE",
     "LocalSession",
     "RaySession",
     "ReportCoalescer",
     "WorkerSession",
     "current_session",
-    "hold_after_checkpoint",
     "init_local_process_group",
     "read_run_state",
     "write_run_state",
@@ -54,27 +54,6 @@ def read_run_state(checkpoint_dir: Path) -> dict[str, Any] | None:
 def write_run_state(checkpoint_dir: Path, state: dict[str, Any]) -> None:
     """Save the run state into a checkpoint being written (rank 0 only)."""
     (Path(checkpoint_dir) / STATE_FILE).write_text(json.dumps(state) + "\n", encoding="utf-8")
-
-
-#: for tests: a directory. While ``<dir>/hold`` exists, a Ray Train worker that has just
-#: reported a checkpoint writes ``<dir>/held-<rank>`` and waits (removing it when it goes on),
-#: so that a test can kill a worker or a node at a known step instead of racing the loop
-HOLD_ENV = "SOLAR_RAY_TEST_HOLD_AT_CHECKPOINT"
-
-
-def hold_after_checkpoint(rank: int) -> None:
-    """Wait while the test hook of :data:`HOLD_ENV` asks to (a no-op without it)."""
-    hold_dir = os.environ.get(HOLD_ENV)
-    if not hold_dir:
-        return
-    hold = Path(hold_dir) / "hold"
-    if not hold.exists():
-        return
-    held = Path(hold_dir) / f"held-{rank}"
-    held.touch()
-    while hold.exists():
-        time.sleep(0.05)
-    held.unlink(missing_ok=True)  # gone: this worker went on
 
 
 class WorkerSession(Protocol):

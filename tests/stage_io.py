@@ -1,20 +1,27 @@
-"""Small prepared mixes in the data contract's format, for tests, benchmarks and smoke runs.
+"""What the tests feed the stages and read back from them, without the data stage.
 
-``solar-ray data`` makes the real mixes; these writers make tiny ones directly with
-:func:`solar_ray.data.contract.write_mix` (the same layout and columns) from a tokenizer and a
-few synthetic or offline texts, so a training stage can be exercised without the data stage.
+Tiny prepared mixes from a tokenizer and a few synthetic or offline texts, tokenized and
+packed with the data stage's own functions and written by :func:`write_mix` in the layout
+and columns ``solar-ray data`` writes; every tensor of a model directory (read with
+``safetensors``, not the package's reader, so the upscale and merge tests check the package
+against another implementation); whether an exported model computes the probe its training
+recorded. The bench scripts use the mix writers too (they put ``tests/`` on ``sys.path``).
 """
 
 from __future__ import annotations
 
 import random
+import sys
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
 
-from solar_ray.data.contract import write_mix
+from solar_ray.checkpoint import write_json_atomic
+from solar_ray.data.contract import DATA_MANIFEST, LAYOUT, TEXT_SPLIT, shard_name, write_shard
+from solar_ray.data.pack import pack_documents
+from solar_ray.data.templates import template_prompt, tokenize_sft
 
 __all__ = [
     "arithmetic_mixes",
@@ -25,6 +32,7 @@ __all__ = [
     "pattern_documents",
     "write_preference_mix",
     "write_pretrain_mix",
+    "write_mix",
     "write_sft_mix",
 ]
 
@@ -74,62 +82,51 @@ def arithmetic_pairs(
 _SOURCE = "testing"
 
 
+def write_mix(mix_dir: str | Path, kind: str, splits: dict[str, pa.Table], **manifest: Any) -> Path:
+    """Write a small mix directly (no Ray): each split one shard, cast to the contract's
+    layout (:data:`~solar_ray.data.contract.LAYOUT`); the manifest last. ``splits`` maps
+    ``data`` and the kind's prepared split to tables with (at least) the layout's columns."""
+    mix_dir, layout = Path(mix_dir), LAYOUT[kind]
+    for split, table in splits.items():
+        schema = {TEXT_SPLIT: layout.data, layout.prepared_split: layout.prepared}[split]
+        write_shard(table.select(schema.names).cast(schema), mix_dir / split, shard_name(0))
+    write_json_atomic(mix_dir / DATA_MANIFEST, {"kind": kind, "name": mix_dir.name, **manifest})
+    return mix_dir
+
+
 def write_pretrain_mix(
     mix_dir: str | Path, tokenizer: Any, documents: Iterable[str], seq_len: int
 ) -> Path:
-    """Tokenize, add EOS after each document and pack into rows of exactly ``seq_len``.
-
-    ``position_ids`` restart at 0 at each document start; the tail that does not fill a
-    row is dropped.
-    """
+    """Tokenize and pack as the data stage does (:func:`~solar_ray.data.pack.pack_documents`:
+    EOS after each document, ``position_ids`` restarting at each document and row start);
+    the tail that does not fill a row is dropped."""
     docs = list(documents)
-    eos = tokenizer.eos_token_id
-    ids: list[int] = []
-    pos: list[int] = []
-    for doc in docs:
-        toks = tokenizer(doc, add_special_tokens=False)["input_ids"] + [eos]
-        ids.extend(toks)
-        pos.extend(range(len(toks)))
-    num_rows = len(ids) // seq_len
-    if num_rows == 0:
-        raise ValueError(f"{len(ids)} tokens do not fill one row of {seq_len}")
-    rows_ids = [ids[i * seq_len : (i + 1) * seq_len] for i in range(num_rows)]
-    rows_pos = [pos[i * seq_len : (i + 1) * seq_len] for i in range(num_rows)]
+    tokens = [tokenizer(doc, add_special_tokens=False)["input_ids"] for doc in docs]
+    packed = pack_documents(tokens, tokenizer.eos_token_id, seq_len, pad_last=False)
+    if packed.num_blocks == 0:
+        num_tokens = sum(len(t) + 1 for t in tokens)
+        raise ValueError(f"{num_tokens} tokens do not fill one row of {seq_len}")
     splits = {
         "data": pa.table({"text": docs, "source": [_SOURCE] * len(docs)}),
-        "packed": pa.table({"input_ids": rows_ids, "position_ids": rows_pos}),
-    }
-    return write_mix(mix_dir, "pretrain", splits, seq_len=seq_len, num_rows=num_rows,
-                     num_tokens=num_rows * seq_len)  # fmt: skip
+        "packed": pa.table({"input_ids": packed.input_ids.tolist(),
+                            "position_ids": packed.position_ids.tolist()}),
+    }  # fmt: skip
+    return write_mix(mix_dir, "pretrain", splits, seq_len=seq_len, num_rows=packed.num_blocks,
+                     num_tokens=packed.num_blocks * seq_len)  # fmt: skip
 
 
 def write_sft_mix(mix_dir: str | Path, tokenizer: Any, pairs: Sequence[tuple[str, str]]) -> Path:
-    """Single-turn conversations: ``messages``, and ``tokenized`` ids / assistant masks / labels.
-
-    The assistant mask covers the tokens after the templated prompt (the generation prompt
-    included in the prompt), i.e. the answer and its end-of-turn tokens.
-    """
-    messages, input_ids, masks, labels = [], [], [], []
-    for question, answer in pairs:
-        conv = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
-        prompt = tokenizer.apply_chat_template(conv[:1], tokenize=False, add_generation_prompt=True)
-        full = tokenizer.apply_chat_template(conv, tokenize=False)
-        if not full.startswith(prompt):
-            raise ValueError("the chat template does not render the prompt as a prefix")
-        p_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        a_ids = tokenizer(full[len(prompt) :], add_special_tokens=False)["input_ids"]
-        ids = p_ids + a_ids
-        mask = [0] * len(p_ids) + [1] * len(a_ids)
-        messages.append(conv)
-        input_ids.append(ids)
-        masks.append(mask)
-        labels.append([t if m else -100 for t, m in zip(ids, mask, strict=True)])
-    source = [_SOURCE] * len(pairs)
+    """Single-turn conversations: ``messages``, and ``tokenized`` ids / assistant masks /
+    labels as the data stage writes them (:func:`~solar_ray.data.templates.tokenize_sft`)."""
+    messages = [
+        [{"role": "user", "content": q}, {"role": "assistant", "content": a}] for q, a in pairs
+    ]
+    tokenized = [
+        {**tokenize_sft(conv, tokenizer, seq_len=sys.maxsize), "source": _SOURCE} for conv in messages
+    ]
     splits = {
-        "data": pa.table({"messages": messages, "source": source}),
-        "tokenized": pa.table(
-            {"input_ids": input_ids, "assistant_masks": masks, "labels": labels, "source": source}
-        ),
+        "data": pa.table({"messages": messages, "source": [_SOURCE] * len(pairs)}),
+        "tokenized": pa.Table.from_pylist(tokenized),
     }
     return write_mix(mix_dir, "sft", splits, num_rows=len(pairs))
 
@@ -137,25 +134,17 @@ def write_sft_mix(mix_dir: str | Path, tokenizer: Any, pairs: Sequence[tuple[str
 def write_preference_mix(
     mix_dir: str | Path, tokenizer: Any, triples: Sequence[tuple[str, str, str]]
 ) -> Path:
-    """``prompt`` (chat-templated with the generation prompt), ``chosen``, ``rejected``.
-
-    Like ``solar-ray data``, ``data/`` keeps the question untemplated and ``tokenized/``
-    holds the templated prompts training reads.
-    """
+    """``prompt``, ``chosen``, ``rejected``; like ``solar-ray data``, ``data/`` keeps the
+    question untemplated and ``tokenized/`` holds the templated prompts training reads
+    (:func:`~solar_ray.data.templates.template_prompt`)."""
+    questions = [q for q, _, _ in triples]
     chosen, rejected = [c for _, c, _ in triples], [r for _, _, r in triples]
-    prompts = [
-        tokenizer.apply_chat_template(
-            [{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True
-        )
-        for q, _, _ in triples
-    ]
     source = [_SOURCE] * len(triples)
     splits = {
-        "data": pa.table({"prompt": [q for q, _, _ in triples], "chosen": chosen,
-                          "rejected": rejected, "system": [""] * len(triples), "source": source}),
-        "tokenized": pa.table(
-            {"prompt": prompts, "chosen": chosen, "rejected": rejected, "source": source}
-        ),
+        "data": pa.table({"prompt": questions, "chosen": chosen, "rejected": rejected,
+                          "system": [""] * len(triples), "source": source}),
+        "tokenized": pa.table({"prompt": [template_prompt(q, tokenizer) for q in questions],
+                               "chosen": chosen, "rejected": rejected, "source": source}),
     }  # fmt: skip
     return write_mix(mix_dir, "preference", splits, num_rows=len(triples))
 
@@ -189,15 +178,13 @@ def export_matches_probe(out: str | Path, atol: float = 1e-4) -> list[str]:
     The output must load with ``AutoModelForCausalLM`` and compute, on the probe text,
     the next-token statistics the trained model computed (``solar.json``'s ``export_probe``).
     """
-    import json
-
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from solar_ray.checkpoint import read_manifest
     from solar_ray.train.export import probe_model
 
-    out = Path(out)
-    expected = json.loads((out / "solar.json").read_text(encoding="utf-8"))["export_probe"]
+    expected = read_manifest(out)["export_probe"]
     model = AutoModelForCausalLM.from_pretrained(out)
     got = probe_model(model, AutoTokenizer.from_pretrained(out))
     wrong = [k for k in ("input_ids", "argmax") if got[k] != expected[k]]
