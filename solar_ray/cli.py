@@ -1,24 +1,25 @@
 """``solar-ray <command>``: one subcommand per stage, each a thin shell over one function.
 
-Subcommands live in the modules that implement them and are imported only when invoked
-(``solar-ray --help`` does not import torch). A module named in :data:`COMMANDS` exposes
+A stage's command is built from the registry (:func:`stage_command`): ``--config FILE``,
+repeatable ``--set dotted.key=value`` overrides, a flag per config field, the stage's own
+flags; it runs the stage and prints its summary. The other commands live in the modules
+named in :data:`COMMANDS`, imported only when invoked (``solar-ray --help`` does not import
+torch); each exposes
 
     def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[Namespace], int]
 
-which adds the command's arguments to ``parser`` and returns the function to run. Every
-command gets ``--config FILE`` and repeatable ``--set dotted.key=value`` overrides from
-:func:`solar_ray.config.add_config_args`; each config field is a flag of its own
-(:func:`solar_ray.config.add_field_flags`). A :class:`~solar_ray.errors.UserError` (bad config, model file,
-data) is printed on one line and exits 2, and so is an OS error on a path (no space, no
-permission, a name too long); ``-v`` adds the traceback, and a usage error is one line too.
-SIGTERM and SIGINT, from the moment :func:`main` starts (before the command's module is
-imported), stop the command the way an exception does (a partial output is removed) and
-exit 128 + signal with one line.
+which adds the command's arguments to ``parser`` and returns the function to run. A
+:class:`~solar_ray.errors.UserError` (bad config, model file, data) is printed on one line
+and exits 2, and so is an OS error on a path (no space, no permission, a name too long);
+``-v`` adds the traceback, and a usage error is one line too. SIGTERM and SIGINT, from the
+moment :func:`main` starts (before the command's module is imported), stop the command the
+way an exception does (a partial output is removed) and exit 128 + signal with one line.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import importlib
 import logging
 import signal
@@ -29,17 +30,17 @@ from collections.abc import Callable, Sequence
 
 from solar_ray.errors import UserError, user_os_error
 
-#: command -> (module implementing it, one-line help)
-COMMANDS: dict[str, tuple[str, str]] = {
-    "upscale": ("solar_ray.upscale_cli", "depth up-scale a model (SOLAR DUS, LLaMA-Pro, stack)"),
-    "data": ("solar_ray.data.cli", "build data mixes (pretrain, SFT, preference) with Ray Data"),
-    "pretrain": ("solar_ray.train.cli", "continued pretraining on Ray Train + DeepSpeed"),
-    "sft": ("solar_ray.train.cli", "supervised fine-tuning (TRL SFTTrainer) on Ray Train"),
-    "dpo": ("solar_ray.train.cli", "direct preference optimisation (TRL DPOTrainer) on Ray Train"),
-    "merge": ("solar_ray.merge", "merge models (linear, slerp, ties, dare_ties)"),
-    "eval": ("solar_ray.evaluate", "evaluate models (H6 preset, offline suite, perplexity)"),
+#: command -> (module implementing it, or None for a stage of the registry; one-line help)
+COMMANDS: dict[str, tuple[str | None, str]] = {
+    "upscale": (None, "depth up-scale a model (SOLAR DUS, LLaMA-Pro, stack)"),
+    "data": (None, "build data mixes (pretrain, SFT, preference) with Ray Data"),
+    "pretrain": (None, "continued pretraining on Ray Train + DeepSpeed"),
+    "sft": (None, "supervised fine-tuning (TRL SFTTrainer) on Ray Train"),
+    "dpo": (None, "direct preference optimisation (TRL DPOTrainer) on Ray Train"),
+    "merge": (None, "merge models (linear, slerp, ties, dare_ties)"),
+    "eval": (None, "evaluate models (H6 preset, offline suite, perplexity)"),
     "benchmarks": ("solar_ray.evalsets.benchmarks", "fetch or list the offline benchmark data"),
-    "contamination": ("solar_ray.contamination", "Min-K%% Prob and n-gram contamination checks"),
+    "contamination": (None, "Min-K%% Prob and n-gram contamination checks"),
     "run": ("solar_ray.pipeline", "run a recipe: the whole stage graph into a run directory"),
     "sweep": ("solar_ray.tune", "Ray Tune sweep over m and data-mix choices"),
     "score-plans": ("solar_ray.seam", "score every m of a model without training (seam predictors)"),
@@ -152,14 +153,17 @@ def _main(argv: list[str], command: str | None, verbose: bool) -> ExitCode:
     # help strings are %-formatted by argparse, descriptions are not
     parser = _Parser(prog=f"solar-ray {command}", description=help_.replace("%%", "%"))
     parser.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
-    try:
-        module = importlib.import_module(module_name)
-    except ModuleNotFoundError as e:
-        if e.name == module_name:
-            print(f"solar-ray {command}: not available in this version", file=sys.stderr)
-            return 2
-        raise
-    runner: Callable[[argparse.Namespace], ExitCode] = module.cli(command, parser)
+    if module_name is None:
+        runner = stage_command(command, parser)
+    else:
+        try:
+            module = importlib.import_module(module_name)
+        except ModuleNotFoundError as e:
+            if e.name == module_name:
+                print(f"solar-ray {command}: not available in this version", file=sys.stderr)
+                return 2
+            raise
+        runner = module.cli(command, parser)
     args = parser.parse_args(argv[:idx] + argv[idx + 1 :])
     try:
         return int(runner(args) or 0)
@@ -178,6 +182,42 @@ def _main(argv: list[str], command: str | None, verbose: bool) -> ExitCode:
             traceback.print_exc()
         print(f"solar-ray {command}: error: {line}", file=sys.stderr)
         return 2
+
+
+def stage_command(kind: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], ExitCode]:
+    """Add ``solar-ray <kind>``'s arguments to ``parser``: ``--config``, ``--set``, a flag per
+    field of the stage's config class, the stage's own flags; return the runner."""
+    from solar_ray.config import add_config_args, add_field_flags
+    from solar_ray.stages import stage
+
+    entry = stage(kind)
+    assert entry.config is not None
+    add_config_args(parser, entry.config_required)
+    add_field_flags(parser, entry.config, entry.flags)
+    return lambda args: run_stage_command(kind, args)
+
+
+def run_stage_command(kind: str, args: argparse.Namespace) -> ExitCode:
+    """Load the stage's config from ``args``, run the stage, print its summary."""
+    from solar_ray.config import flag_values, load_config
+    from solar_ray.remote import run_to_out
+    from solar_ray.stages import stage
+
+    entry = stage(kind)
+    assert entry.config is not None and entry.run is not None and entry.summary is not None
+    path, flags = args.config, flag_values(args, entry.config)
+    if entry.command_input:
+        path, flags = entry.command_input(path, flags)
+    cfg = load_config(entry.config, path, args.overrides, data=flags)
+    # the stage's own flags that are not fields are the run's keywords (data's --only)
+    own = {n: getattr(args, n) for n in entry.flags if n not in entry.config.model_fields}
+    run = functools.partial(entry.run, **own)
+    if own.get("dry_run"):  # checks and prints the plan: nothing is made, nothing published
+        run(cfg)
+        return 0
+    if summary := entry.summary(cfg, run_to_out(run, cfg)):
+        print(summary)
+    return 0
 
 
 if __name__ == "__main__":

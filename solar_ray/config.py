@@ -349,36 +349,40 @@ def _flag_kind(annotation: Any) -> tuple[str, Any] | None:
 
 
 def add_field_flags(
-    parser: argparse.ArgumentParser, cls: type[BaseModel], *, skip: Iterable[str] = ()
-) -> list[str]:
+    parser: argparse.ArgumentParser,
+    cls: type[BaseModel],
+    own: Mapping[str, Mapping[str, Any]] | None = None,
+) -> None:
     """One ``--field-name`` flag per top-level field of ``cls`` that a flag can carry.
 
     Built from the pydantic model, so a new config field is a new flag with no extra
     code (as mergekit builds its options from its model): ``bool`` fields get
     ``--x/--no-x``, numbers and strings a typed value, string ``Literal``s their choices,
     lists of scalars several values. Fields of other types (mappings, nested configs) are
-    set with ``--set`` or the YAML. The field's description is the help. Returns the field
-    names that got a flag (:func:`flag_values` reads them back).
+    set with ``--set`` or the YAML. The field's description is the help. ``own`` maps a
+    name to ``add_argument`` keywords: a field's replace its flag, other names are flags
+    of their own, after the fields' (:func:`flag_values` reads the fields' back).
     """
-    skip = set(skip)
-    names = []
+    own = own or {}
+    flags: dict[str, Mapping[str, Any]] = {}  # name -> add_argument keywords
     for name, field in cls.model_fields.items():
         kind = _flag_kind(field.annotation)
-        if name in skip or kind is None:
-            continue
-        flag = "--" + name.replace("_", "-")
-        help_ = field.description.replace("%", "%%") if field.description else None
-        what, arg = kind
-        if what == "bool":
-            parser.add_argument(flag, dest=name, action=argparse.BooleanOptionalAction, default=None, help=help_)
-        elif what == "choices":
-            parser.add_argument(flag, dest=name, choices=arg, default=None, help=help_)
-        elif what == "list":
-            parser.add_argument(flag, dest=name, type=arg, nargs="+", default=None, help=help_)
-        else:
-            parser.add_argument(flag, dest=name, type=arg, default=None, help=help_)
-        names.append(name)
-    return names
+        if name in own:
+            flags[name] = own[name]
+        elif kind is not None:
+            what, arg = kind
+            flags[name] = {
+                "default": None,
+                "help": field.description.replace("%", "%%") if field.description else None,
+                **{
+                    "bool": {"action": argparse.BooleanOptionalAction},
+                    "choices": {"choices": arg},
+                    "list": {"type": arg, "nargs": "+"},
+                    "scalar": {"type": arg},
+                }[what],
+            }
+    for name, kwargs in {**flags, **own}.items():  # own names that are not fields come last
+        parser.add_argument("--" + name.replace("_", "-"), dest=name, **kwargs)
 
 
 def flag_values(args: argparse.Namespace, cls: type[BaseModel]) -> dict[str, Any]:

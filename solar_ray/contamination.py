@@ -27,11 +27,10 @@ answer), ``offline:<task>`` (any offline benchmark), or a file or directory of t
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import statistics
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -363,29 +362,3 @@ def report_table(report: dict[str, Any]) -> str:
             f"{mk.get('num_outliers', '–')} | {ngram} |"
         )
     return "\n".join(lines) + "\n"
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``solar-ray contamination``: one flag per :class:`ContaminationConfig` field."""
-    from solar_ray.config import add_config_args, add_field_flags
-
-    add_config_args(parser)
-    add_field_flags(parser, ContaminationConfig)
-    return _run_cli
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    from solar_ray.config import flag_values, load_config
-
-    flags = flag_values(args, ContaminationConfig)
-    cfg = load_config(ContaminationConfig, args.config, args.overrides, data=flags)
-    from solar_ray.remote import run_to_out
-
-    report = run_to_out(run_contamination, cfg)
-    print(report_table(report), end="")
-    if cfg.out:
-        print(f"report -> {Path(cfg.out) / 'contamination.json'}")
-    return 0

@@ -58,7 +58,6 @@ Scores are fractions in [0, 1]; the markdown table shows them as percentages lik
 
 from __future__ import annotations
 
-import argparse
 import logging
 import math
 import os
@@ -98,7 +97,6 @@ __all__ = [
     "TaskSpec",
     "TaskEntry",
     "check_model_source",
-    "cli",
     "iter_rows",
     "iter_texts",
     "load_texts",
@@ -976,13 +974,17 @@ def _ppl_seq_len(cfg: EvalConfig, model: Any) -> int:
 
 
 def run_eval(
-    cfg: EvalConfig, on_model: Callable[[dict[str, Any]], None] | None = None
+    cfg: EvalConfig, on_model: Callable[[dict[str, Any]], None] | None = None, dry_run: bool = False
 ) -> dict[str, Any]:
     """Evaluate every model of ``cfg``; return the results dict (and write it to ``cfg.out``).
 
-    ``on_model(result)`` is called after each model (progress reporting).
+    ``on_model(result)`` is called after each model (progress reporting). ``dry_run``: check
+    the models, tasks, texts and output, print the plan, evaluate nothing (returns ``{}``).
     """
     specs = plan_tasks(cfg)
+    if dry_run:
+        _print_plan(cfg, specs)
+        return {}
     ppl_sources = cfg.ppl_data if isinstance(cfg.ppl_data, str) else None
     inputs = local_inputs(*(m.path for m in cfg.models), ppl_sources)
     if cfg.out:  # refused before any work, not after an hour of evaluation
@@ -1026,6 +1028,32 @@ def run_eval(
     if cfg.out:
         write_results(results, cfg.out, overwrite=cfg.overwrite, inputs=inputs)
     return results
+
+
+def _print_plan(cfg: EvalConfig, specs: list[TaskSpec]) -> None:
+    """``--dry-run``: check the models, tasks, texts and output; print what would run."""
+    print(f"suite {cfg.suite if isinstance(cfg.suite, str) else 'custom'}: {len(specs)} tasks")
+    for s in specs:
+        shots_ = "default" if s.num_fewshot is None else f"{s.num_fewshot}-shot"
+        where = "offline" if s.offline else "hub"
+        print(f"  {s.name:16s} {shots_:>9s}  {s.metric or 'auto'}  ({s.display}, {where})")
+    hub = [s.name for s in specs if not s.offline]
+    if hub:
+        tm = _task_manager(specs)
+        missing = [n for n in hub if n not in tm.all_tasks]
+        if missing:
+            raise EvalError(f"suite: lm-eval has no task named {missing}")
+    for m in cfg.models:
+        checked = check_model_source(m.path)
+        print(f"  model {m.name}: {m.path}" + ("" if checked else " (hub or remote: not fetched)"))
+    if cfg.ppl_data is not None:
+        load_texts(cfg.ppl_data, 1)  # exists and holds text
+        print(f"  perplexity on {cfg.ppl_data!r} (windows of {cfg.ppl_seq_len} tokens)")
+    if cfg.out:
+        ppl_sources = cfg.ppl_data if isinstance(cfg.ppl_data, str) else None
+        check_output(cfg.out, cfg.overwrite, local_inputs(*(m.path for m in cfg.models), ppl_sources))
+    if cfg.limit:
+        print(f"  the first {cfg.limit} items of each task")
 
 
 def write_results(
@@ -1072,74 +1100,3 @@ def _version(package: str) -> str | None:
     except metadata.PackageNotFoundError:
         return None
 
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``solar-ray eval``: one flag per :class:`EvalConfig` field; return the runner.
-
-    ``--models``, ``--suite`` and ``--num-fewshot`` take the command line's shorthands.
-    """
-    from solar_ray.config import add_config_args, add_field_flags
-
-    add_config_args(parser)
-    parser.add_argument("--models", nargs="+", metavar="[NAME=]PATH", help="models to evaluate")
-    parser.add_argument("--suite", help="offline | h6 | none | comma-separated lm-eval task names")
-    parser.add_argument("--num-fewshot", action="append", metavar="TASK=N", help="shot override")
-    add_field_flags(parser, EvalConfig, skip=("models", "suite", "num_fewshot"))
-    parser.add_argument(
-        "--dry-run", action="store_true",
-        help="check the models, tasks, texts and output; print the plan; evaluate nothing",
-    )  # fmt: skip
-    return _run_cli
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    from solar_ray.config import flag_values, load_config
-
-    suite: Any = args.suite
-    if suite and suite not in ("offline", "h6", "none"):
-        suite = [s.strip() for s in suite.split(",") if s.strip()]
-    shots = None
-    if args.num_fewshot:
-        shots = {}
-        for item in args.num_fewshot:
-            task, sep, n = item.partition("=")
-            if not sep or not n.strip().isdigit():
-                raise EvalError(f"--num-fewshot {item!r}: expected TASK=N")
-            shots[task] = int(n)
-    flags = {**flag_values(args, EvalConfig), "suite": suite, "num_fewshot": shots}
-    cfg = load_config(EvalConfig, args.config, args.overrides, data=flags)
-    specs = plan_tasks(cfg)
-    if args.dry_run:
-        print(f"suite {cfg.suite if isinstance(cfg.suite, str) else 'custom'}: {len(specs)} tasks")
-        for s in specs:
-            shots_ = "default" if s.num_fewshot is None else f"{s.num_fewshot}-shot"
-            where = "offline" if s.offline else "hub"
-            print(f"  {s.name:16s} {shots_:>9s}  {s.metric or 'auto'}  ({s.display}, {where})")
-        hub = [s.name for s in specs if not s.offline]
-        if hub:
-            tm = _task_manager(specs)
-            missing = [n for n in hub if n not in tm.all_tasks]
-            if missing:
-                raise EvalError(f"suite: lm-eval has no task named {missing}")
-        for m in cfg.models:
-            checked = check_model_source(m.path)
-            print(f"  model {m.name}: {m.path}" + ("" if checked else " (hub or remote: not fetched)"))
-        if cfg.ppl_data is not None:
-            load_texts(cfg.ppl_data, 1)  # exists and holds text
-            print(f"  perplexity on {cfg.ppl_data!r} (windows of {cfg.ppl_seq_len} tokens)")
-        if cfg.out:
-            ppl_sources = cfg.ppl_data if isinstance(cfg.ppl_data, str) else None
-            check_output(cfg.out, cfg.overwrite, local_inputs(*(m.path for m in cfg.models), ppl_sources))
-        if cfg.limit:
-            print(f"  the first {cfg.limit} items of each task")
-        return 0
-    from solar_ray.remote import run_to_out
-
-    results = run_to_out(run_eval, cfg)
-    print(results_table(results), end="")
-    if cfg.out:
-        print(f"results -> {Path(cfg.out) / 'results.json'}")
-    return 0

@@ -29,7 +29,6 @@ The output is the one model format (:mod:`solar_ray.checkpoint`), written atomic
 
 from __future__ import annotations
 
-import argparse
 import concurrent.futures
 import filecmp
 import logging
@@ -75,7 +74,6 @@ __all__ = [
     "MergeError",
     "MergeResult",
     "check_compatible",
-    "cli",
     "linear_coefficients",
     "run_merge",
     "slerp_coefficients",
@@ -728,27 +726,3 @@ def _card_lines(cfg: MergeConfig, weights: Sequence[float] | None) -> list[str]:
     if cfg.base_model:
         lines += ["", f"Base model: `{cfg.base_model}` (merge computed by mergekit)."]
     return lines
-
-
-# --------------------------------------------------------------------------- CLI
-
-
-def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
-    """``solar-ray merge``: one flag per :class:`MergeConfig` field; return the runner."""
-    from solar_ray.config import add_config_args, add_field_flags
-
-    add_config_args(parser)
-    add_field_flags(parser, MergeConfig)
-    return _run_cli
-
-
-def _run_cli(args: argparse.Namespace) -> int:
-    from solar_ray.config import flag_values, load_config
-
-    flags = flag_values(args, MergeConfig)
-    cfg = load_config(MergeConfig, args.config, args.overrides, data=flags)
-    from solar_ray.remote import run_to_out
-
-    result = run_to_out(run_merge, cfg)
-    print(f"merged {len(cfg.models)} models ({cfg.method}, {result.num_tensors} tensors) -> {result.out}")
-    return 0

@@ -1,7 +1,8 @@
 """The stage registry: every kind of stage, its config class, its function, its workers.
 
 One table, read by the recipe runner (:mod:`solar_ray.pipeline`), the stage commands
-(``solar-ray pretrain|sft|dpo``) and Tune trials (which train with a stage's worker loop).
+(``solar-ray upscale``, ``data``, ...: :func:`solar_ray.cli.stage_command`) and Tune trials
+(which train with a stage's worker loop).
 Each entry is built by a small function that imports its stage only when asked for, so
 reading the registry imports neither torch nor TRL, and a reader or a type checker can
 follow a recipe's ``kind`` straight into the code that runs it.
@@ -17,7 +18,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -76,6 +77,17 @@ class Stage:
     precheck: Callable[[Any], None] | None = None
     #: ``models: [path, ...]`` in a recipe is shorthand for ``[{name: <its last part>, path}]``
     models_by_path: bool = False
+    #: ``solar-ray <kind>`` prints ``summary(cfg, result)`` after the stage ran
+    summary: Callable[[Any, Any], str] | None = None
+    #: the command's flags not made from a field as usual, as ``add_argument`` keywords by
+    #: name: a field's replace its flag; another name is passed to ``run`` as a keyword
+    #: (``dry_run``: checks, prints the plan and makes nothing, so no summary)
+    flags: dict[str, dict[str, Any]] = field(default_factory=dict)
+    #: ``(config file, flag values) -> (config file, flag values)``: what the command line
+    #: means, where that is not the config's own fields (shorthands, a foreign file format)
+    command_input: Callable[[str | None, dict[str, Any]], tuple[str | None, dict[str, Any]]] | None = None
+    #: the command needs ``--config`` (data: its mixes are written in a file)
+    config_required: bool = False
 
 
 class UnknownStageError(KeyError):
@@ -99,7 +111,28 @@ def _corpus() -> Stage:
 def _upscale() -> Stage:
     from solar_ray.upscale import UpscaleConfig, check_source_plan, run_upscale
 
-    return Stage("upscale", UpscaleConfig, run_upscale, precheck=check_source_plan)
+    def summary(cfg: UpscaleConfig, r: Any) -> str:
+        return f"upscaled {cfg.source} ({cfg.method}): {r.num_layers_in} -> {r.num_layers_out} layers -> {r.out}"
+
+    return Stage(
+        "upscale", UpscaleConfig, run_upscale, precheck=check_source_plan, summary=summary,
+        command_input=_mergekit_input,
+    )  # fmt: skip
+
+
+def _mergekit_input(path: str | None, flags: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``--config`` may be a mergekit passthrough YAML (with ``slices``): an explicit plan."""
+    from solar_ray.config import load_yaml
+    from solar_ray.upscale import UpscaleError, plan_from_mergekit
+
+    spec = load_yaml(path) if path else {}
+    if "slices" not in spec:
+        return path, flags
+    try:
+        model, layers = plan_from_mergekit(spec)
+    except UpscaleError as e:
+        raise UpscaleError(f"{path}: {e}") from None
+    return None, {"source": model, "method": "explicit", "layers": layers} | flags
 
 
 def _data() -> Stage:
@@ -109,21 +142,41 @@ def _data() -> Stage:
     def products(cfg: DataConfig) -> set[str]:
         return {m.name for m in cfg.mixes} | ({SYNTH_MATH_DIR} if cfg.synth_math is not None else set())
 
-    return Stage("data", DataConfig, run_data, finished=_mixes_finished, products=products)
+    return Stage(
+        "data", DataConfig, run_data, finished=_mixes_finished, products=products,
+        summary=_data_summary, flags={"only": {"nargs": "+", "metavar": "MIX", "help": "build only these mixes"}},
+        config_required=True,
+    )  # fmt: skip
+
+
+def _data_summary(cfg: Any, result: Any) -> str:
+    lines = []
+    if (sm := result.synth_math) is not None:
+        state = "reused" if sm.reused else "built"
+        lines.append(f"synth_math ({state}): {sm.num_seeds} seeds -> {sm.num_kept} kept, dropped {sm.dropped}")
+    for name, mix in result.mixes.items():
+        m, prep = mix.manifest, mix.manifest.get("prepare") or {}
+        extra = ""
+        if prep.get("split") == "packed":
+            extra = f", {prep['num_rows']} packed blocks ({prep['packing_efficiency']:.2%} non-padding)"
+        elif prep:
+            extra = f", {prep['num_rows']} tokenized rows"
+        lines.append(f"{name} ({m['kind']}): {mix.num_rows} rows, {m['rejects']['total']} rejects{extra} -> {mix.out}")
+    return "\n".join(lines)
 
 
 def _pretrain() -> Stage:
     from solar_ray.train.config import PretrainConfig
     from solar_ray.train.pretrain import prepare_pretrain, pretrain_worker, run_pretrain
 
-    return Stage("pretrain", PretrainConfig, run_pretrain, pretrain_worker, prepare_pretrain)
+    return Stage("pretrain", PretrainConfig, run_pretrain, pretrain_worker, prepare_pretrain, summary=_trained)
 
 
 def _sft() -> Stage:
     from solar_ray.train.config import SFTConfig
     from solar_ray.train.sft import prepare_sft, run_sft, sft_worker
 
-    return Stage("sft", SFTConfig, run_sft, sft_worker, prepare_sft)
+    return Stage("sft", SFTConfig, run_sft, sft_worker, prepare_sft, summary=_trained)
 
 
 def _dpo() -> Stage:
@@ -132,27 +185,80 @@ def _dpo() -> Stage:
 
     # DPO's workers need the reference log-probs its driver computes on Ray Data first,
     # so it has no standalone prepare (Tune trials train pretrain and sft stages)
-    return Stage("dpo", DPOConfig, run_dpo, dpo_worker)
+    return Stage("dpo", DPOConfig, run_dpo, dpo_worker, summary=_trained)
+
+
+def _trained(cfg: Any, result: Any) -> str:
+    m = result.metrics
+    shown = ", ".join(
+        f"{k}={m[k]:.4g}" if isinstance(m[k], float) else f"{k}={m[k]}"
+        for k in ("steps", "final_loss", "eval_loss", "eval_ppl")
+        if m.get(k) is not None
+    )
+    state = "already done, not retrained" if result.skipped else "trained"
+    return f"{cfg.stage}: {state} -> {result.out} ({shown})"
 
 
 def _merge() -> Stage:
     from solar_ray.merge import MergeConfig, run_merge
 
-    return Stage("merge", MergeConfig, run_merge)
+    def summary(cfg: MergeConfig, r: Any) -> str:
+        return f"merged {len(cfg.models)} models ({cfg.method}, {r.num_tensors} tensors) -> {r.out}"
+
+    return Stage("merge", MergeConfig, run_merge, summary=summary)
 
 
 def _eval() -> Stage:
+    from solar_ray.compare import results_table
     from solar_ray.evaluate import EvalConfig, run_eval
 
-    return Stage("eval", EvalConfig, run_eval, finished=_has_file("results.json"), models_by_path=True)
+    def summary(cfg: EvalConfig, results: Any) -> str:
+        where = f"\nresults -> {Path(cfg.out) / 'results.json'}" if cfg.out else ""
+        return results_table(results).removesuffix("\n") + where
+
+    flags = {
+        "models": {"nargs": "+", "metavar": "[NAME=]PATH", "help": "models to evaluate"},
+        "suite": {"help": "offline | h6 | none | comma-separated lm-eval task names"},
+        "num_fewshot": {"action": "append", "metavar": "TASK=N", "help": "shot override"},
+        "dry_run": {
+            "action": "store_true",
+            "help": "check the models, tasks, texts and output; print the plan; evaluate nothing",
+        },
+    }
+    return Stage(
+        "eval", EvalConfig, run_eval, finished=_has_file("results.json"), models_by_path=True,
+        summary=summary, flags=flags, command_input=_eval_input,
+    )  # fmt: skip
+
+
+def _eval_input(path: str | None, flags: dict[str, Any]) -> tuple[str | None, dict[str, Any]]:
+    """``--suite a,b`` names lm-eval tasks; each ``--num-fewshot TASK=N`` sets a task's shots."""
+    from solar_ray.evaluate import EvalError
+
+    suite = flags.get("suite")
+    if suite and suite not in ("offline", "h6", "none"):
+        flags["suite"] = [s.strip() for s in suite.split(",") if s.strip()]
+    if "num_fewshot" in flags:
+        shots = {}
+        for item in flags["num_fewshot"]:
+            task, sep, n = item.partition("=")
+            if not sep or not n.strip().isdigit():
+                raise EvalError(f"--num-fewshot {item!r}: expected TASK=N")
+            shots[task] = int(n)
+        flags["num_fewshot"] = shots
+    return path, flags
 
 
 def _contamination() -> Stage:
-    from solar_ray.contamination import ContaminationConfig, run_contamination
+    from solar_ray.contamination import ContaminationConfig, report_table, run_contamination
+
+    def summary(cfg: ContaminationConfig, report: Any) -> str:
+        where = f"\nreport -> {Path(cfg.out) / 'contamination.json'}" if cfg.out else ""
+        return report_table(report).removesuffix("\n") + where
 
     return Stage(
         "contamination", ContaminationConfig, run_contamination,
-        finished=_has_file("contamination.json"), models_by_path=True,
+        finished=_has_file("contamination.json"), models_by_path=True, summary=summary,
     )  # fmt: skip
 
 

@@ -107,11 +107,11 @@ def test_a_signal_during_start_up_stops_with_one_line(signum):
 def test_a_signal_wrapped_by_a_library_still_stops_with_one_line(monkeypatch, capsys, wrapper):
     """pydantic, building a validator when SIGTERM came, raised its SchemaError around our
     exception (a traceback); a library's ValueError became a config error (exit 2)."""
-    from solar_ray import upscale_cli
+    from solar_ray import cli
     from solar_ray.cli import main
     from solar_ray.config import ConfigError
 
-    def run(args):
+    def run(kind, args):
         try:
             os.kill(os.getpid(), signal.SIGTERM)
             time.sleep(10)
@@ -120,7 +120,7 @@ def test_a_signal_wrapped_by_a_library_still_stops_with_one_line(monkeypatch, ca
             raise error(f"Error building validator: {type(e).__name__}: {e}") from e
         pytest.fail("SIGTERM did not arrive")
 
-    monkeypatch.setattr(upscale_cli, "_run", run)
+    monkeypatch.setattr(cli, "run_stage_command", run)
     capsys.readouterr()
     assert main(["upscale"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == "solar-ray upscale: stopped by SIGTERM; partial outputs were removed\n"

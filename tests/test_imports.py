@@ -16,12 +16,6 @@ EVALUATION = (
     "solar_ray.seam",
     "solar_ray.contamination",
 )
-#: (module, import) edges into TOP that are allowed for now
-ALLOWED = {
-    # the per-stage command reads its config class and run function from the registry;
-    # the one-stage-command builder (issue 27) removes it
-    ("solar_ray.train.cli", "solar_ray.stages"),
-}
 
 
 def import_graph(package_dir: Path = PACKAGE) -> dict[str, set[str]]:
@@ -110,9 +104,8 @@ def test_training_data_and_evaluation_do_not_import_the_layers_above():
     lower = [
         m for m in GRAPH if _under(m, "solar_ray.train", "solar_ray.data") or _is_evaluation(m)
     ]
-    upward = sorted((m, t) for m in lower for t in GRAPH[m] & TOP if (m, t) not in ALLOWED)
+    upward = sorted((m, t) for m in lower for t in GRAPH[m] & TOP)
     assert not upward, "\n".join(f"{m} imports {t}" for m, t in upward)
-    assert ALLOWED <= {(m, t) for m in lower for t in GRAPH[m]}, "an allowed edge is gone: drop it"
 
 
 def test_evaluation_imports_nothing_from_training():

@@ -369,22 +369,22 @@ def test_sigterm_is_one_line_even_after_ray_replaced_the_handler(capsys, monkeyp
     """ray.init() installs sys.exit(SIGTERM) as the handler; still one line, exit 143."""
     import signal
 
-    import solar_ray.upscale_cli as upscale_cli
+    import solar_ray.cli as cli
 
-    def run(args):
+    def run(kind, args):
         signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(signum))  # as Ray does
         os.kill(os.getpid(), signal.SIGTERM)
         time.sleep(10)
         pytest.fail("SIGTERM did not stop the command")
 
     before = signal.getsignal(signal.SIGTERM)
-    monkeypatch.setattr(upscale_cli, "_run", run)
+    monkeypatch.setattr(cli, "run_stage_command", run)
     capsys.readouterr()
     assert cli_main(["upscale"]) == 128 + signal.SIGTERM
     assert capsys.readouterr().err == "solar-ray upscale: stopped by SIGTERM; partial outputs were removed\n"
     assert signal.getsignal(signal.SIGTERM) is before  # the caller's handlers come back
     # an ordinary sys.exit is not taken for a signal
-    monkeypatch.setattr(upscale_cli, "_run", lambda args: sys.exit(15))
+    monkeypatch.setattr(cli, "run_stage_command", lambda kind, args: sys.exit(15))
     with pytest.raises(SystemExit):
         cli_main(["upscale"])
 

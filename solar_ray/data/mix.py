@@ -48,6 +48,7 @@ from solar_ray.checkpoint import (
     sha256_file,
     write_json_atomic,
 )
+from solar_ray.cluster import init_ray
 from solar_ray.data import prepare as prep
 from solar_ray.data._ray import (
     collect,
@@ -818,7 +819,7 @@ def run_data(cfg: DataConfig, only: list[str] | None = None) -> DataResult:
     """Build everything a :class:`DataConfig` describes: the synthetic math, then each mix.
 
     ``only`` restricts to the named mixes. The synthetic math set is regenerated only when
-    its config changed (its manifest records the config hash).
+    its config changed (its manifest records the config hash). Starts or joins Ray first.
     """
     from solar_ray.data.synth_math import run_synth_math
 
@@ -827,6 +828,7 @@ def run_data(cfg: DataConfig, only: list[str] | None = None) -> DataResult:
     for n in only or []:
         if n not in names:
             raise UserError(f"--only {n!r}: no such mix (have {', '.join(names) or 'none'})")
+    init_ray()  # joins the cluster RAY_ADDRESS names, else starts a local instance
     result = DataResult(out=out)
     synth_dir = out / SYNTH_MATH_DIR
     needs_synth = cfg.synth_math is not None and (
