@@ -15,7 +15,7 @@ from solar_ray.compare import compare_models, results_table
 from solar_ray.contamination import ngram_overlap
 from solar_ray.data.decontam import EvalIndex
 from solar_ray.evaluate import H6_TASKS, _average
-from solar_ray.stats import mean_se, paired_mean_difference
+from solar_ray.stats import mean_se, paired_mean_difference, ratio_estimate
 
 # --------------------------------------------------------------------------- averages
 
@@ -86,6 +86,33 @@ def test_items_pair_only_when_their_ids_match():
     results = _results(_model("a", A), _model("b", B), ids=IDS)
     del results["item_ids"]
     assert compare_models(results, "a", "b")["x"].se == pytest.approx(math.sqrt(0.25**2 + 1 / 12))
+
+
+def test_unpaired_differences_missing_tasks_and_perplexity_by_hand():
+    # no per-item results: the two SEs combined as independent, n from the first model
+    a, b = _model("a", A), _model("b", B)
+    for m in (a, b):
+        del m["items"]
+    diff = compare_models(_results(a, b, ids=IDS), "a", "b")
+    assert diff["x"].se == pytest.approx(math.sqrt(0.25**2 + 1 / 12)) and diff["x"].n == 4
+    # one side without a standard error: no SE, not a made-up one
+    b["stderr"]["x"] = None
+    assert math.isnan(compare_models(_results(a, b, ids=IDS), "a", "b")["x"].se)
+    # a task one model lacks is skipped (the next ones still compared) and no average
+    a["scores"].pop("x")
+    diff = compare_models(_results(a, b, ids=IDS), "a", "b")
+    assert set(diff) == {"y"} and diff["y"].value == pytest.approx(2 / 5 - 3 / 5)
+    # perplexity windows ([nll sum, tokens]) of different tokenizations: each model's loss
+    # per token with its own ratio SE, the difference's SE their hypotenuse, n the fewer windows
+    wa, wb = [[20.0, 10], [30.0, 10]], [[9.0, 6], [9.0, 6], [18.0, 6]]
+    a, b = {**_model("a", A), "ppl_windows": wa}, {**_model("b", B), "ppl_windows": wb}
+    nll = compare_models(_results(a, b, ids=IDS), "a", "b")["nll"]
+    ea, eb = ratio_estimate([20.0, 30.0], [10, 10]), ratio_estimate([9.0, 9.0, 18.0], [6, 6, 6])
+    assert (ea.value, eb.value) == (pytest.approx(2.5), pytest.approx(2.0))
+    assert nll.value == pytest.approx(0.5) and nll.n == 2
+    assert nll.se == pytest.approx(math.hypot(ea.se, eb.se)) and nll.se > 0
+    # only one model scored windows: no nll difference
+    assert "nll" not in compare_models(_results(a, _model("b", B), ids=IDS), "a", "b")
 
 
 # --------------------------------------------------------------------------- n-grams
