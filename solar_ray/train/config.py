@@ -3,7 +3,8 @@
 All three share :class:`TrainConfig` (model and data, the Ray Train run's storage, workers,
 DeepSpeed, batch and schedule, checkpointing, export); a recipe is in docs/train.md.
 Field-level mistakes fail when the config is loaded; those that need the model or the data
-fail in :func:`solar_ray.train.common.validate_inputs` before any worker starts.
+fail in the stage's ``validate_*`` (:func:`solar_ray.train.common.validate_common`) before
+any worker starts.
 """
 
 from __future__ import annotations

@@ -121,7 +121,8 @@ class SuccessiveHalving(FIFOScheduler):
     from it. A score at a rung is interpolated between the reports either side of it
     (``time_attr``). ``trials`` names every searched trial (a rung is complete when each one
     still in the race reported; one that fails for good leaves it); ``reference`` trials are
-    neither compared nor stopped. Why not ASHA: docs/sweep.md, "Scheduling".
+    neither compared nor stopped. Why not ASHA: docs/sweep.md, "Scheduling and the
+    comparison".
     """
 
     def __init__(

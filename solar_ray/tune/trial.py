@@ -2,9 +2,9 @@
 
 :func:`run_trial` is the Tune trainable: it takes its upscale from the cache, launches the
 training stage's per-worker loop through :func:`solar_ray.train.launch.launch_ray`, and
-:class:`SweepReportCallback` forwards rank 0's held-out reports to Tune as they happen. The
-Train run is named after the experiment and trial, so a restarted trial resumes from its
-latest checkpoint. See docs/sweep.md, "What a trial does".
+:class:`~solar_ray.tune.hooks.SweepReportCallback` forwards rank 0's held-out reports to
+Tune as they happen. The Train run is named after the experiment and trial, so a restarted
+trial resumes from its latest checkpoint. See docs/sweep.md, "What a trial does".
 """
 
 from __future__ import annotations
