@@ -1,33 +1,12 @@
 """The one on-disk model format, atomic writes and the ``solar.json`` lineage manifest.
 
-Every model solar-ray writes is a Hugging Face directory (safetensors shards + index,
-``config.json``, tokenizer files, ``generation_config.json``, a ``README.md`` model card)
-plus ``solar.json``: the stage that made it, its parents with content hashes, the resolved
-config, metrics and library versions. It loads with ``AutoModelForCausalLM.from_pretrained``
-unchanged.
-
-Every output directory (models, evaluation results, contamination reports, data mixes,
-reports) goes through :func:`atomic_output_dir`, which keeps a user's files safe:
-
-* **What may be replaced.** ``out`` is refused when it is, contains or lies inside one of
-  the stage's inputs (real paths, symlinks resolved), the working directory or solar-ray's
-  cache; ``overwrite`` replaces only a directory solar-ray wrote, all of it: the
-  ``.solar-ray-output`` marker every output gets lists the entries its write made, and a
-  file it does not list (one a user added) makes the overwrite a one-line
-  :class:`UnsafeOutputError`. A file added while the new output is written is caught
-  after the swap: the old output is swapped back and the write refused.
-* **Atomic publication.** The output is written into a hidden temporary sibling
-  ``.NAME.tmp-<token>`` (names longer than the file system allows are hash-shortened),
-  whose directory is ``flock``-ed for the whole write. It appears at ``out`` with one
-  ``renameat2(RENAME_EXCHANGE)`` (Linux), so ``out`` is always the old complete output or
-  the new one. Where the exchange is not supported, the fallback moves the old output to
-  ``.NAME.old-<token>`` first; a crash between the two renames leaves that complete old
-  copy, which the next run at the same ``out`` puts back (or drops, once ``out`` exists).
-* **Stale siblings.** A temporary sibling whose lock nobody holds belongs to a dead writer
-  (kill -9, power loss); the next run at the same ``out`` removes it.
-
-The manifest is written last inside the temporary directory, so a directory without
-``solar.json`` is never a finished stage.
+Every output directory goes through :func:`atomic_output_dir`: written into a ``flock``-ed
+hidden sibling ``.NAME.tmp-<token>`` and swapped in with one ``renameat2(RENAME_EXCHANGE)``
+(fallback: the old output moved to ``.NAME.old-<token>`` first, which the next run puts
+back or drops), replacing only what a ``.solar-ray-output`` marker says solar-ray wrote
+(else :class:`UnsafeOutputError`). ``solar.json`` is written last, so a directory without
+it is never a finished stage. The format and the rules: README.md, "One model format" and
+"Your files are safe".
 """
 
 from __future__ import annotations

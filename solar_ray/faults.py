@@ -1,17 +1,11 @@
 """Fault-injection points for the tests: environment variables a run reads, no-ops unset.
 
-Only tests set them (``tests/test_train_ray.py``, ``tests/test_elastic.py``,
-``tests/test_remote_ray.py``), so that they can kill a worker or a node at a known step, or
-count the rows a run trained on, instead of racing the training loop.
-
-:data:`HOLD_ENV` (``SOLAR_RAY_TEST_HOLD_AT_CHECKPOINT``): a directory. While ``<dir>/hold``
-exists, a worker that has just reported a checkpoint writes ``<dir>/held-<rank>`` and waits
-(removing it when it goes on). Called by :class:`solar_ray.train.session.RaySession` and the
-Hugging Face stages' save callback (:mod:`solar_ray.train.hf`).
-
-:data:`ROW_LOG_ENV` (``SOLAR_RAY_TEST_ROW_LOG``): a directory. Each rank of a pretrain run
-(not streaming) appends the rows it trains on at every step to
-``<dir>/rows-<rank>-<pid>.jsonl``. Called by :mod:`solar_ray.train.pretrain`'s loop.
+Only tests set them, to stop a worker or a node at a known step, or to count the rows a
+run trained on, instead of racing the training loop. :data:`HOLD_ENV`: a directory; while
+``<dir>/hold`` exists, a worker that has just reported a checkpoint writes
+``<dir>/held-<rank>`` and waits (removing it when it goes on). :data:`ROW_LOG_ENV`: a
+directory; each rank of a (non-streaming) pretrain run appends the rows of every step to
+``<dir>/rows-<rank>-<pid>.jsonl``.
 """
 
 from __future__ import annotations

@@ -1,22 +1,9 @@
 """Publishing a finished model to the Hugging Face Hub: ``push_to_hub:`` and ``solar-ray push``.
 
-A recipe's model stage (``upscale``, ``pretrain``, ``sft``, ``dpo``, ``merge``) may say::
-
-    push_to_hub: {repo_id: me/solar-mini-sft, private: true}
-
-and the runner uploads its output once it is finished; ``solar-ray push MODEL_DIR REPO_ID``
-does the same for any finished output. What goes up is the one model format as it is:
-weights, config, tokenizer, the model card (``README.md``) and ``solar.json`` (lineage).
-
-The token comes only from the environment (``HF_TOKEN``) or the hub's own login
-(``hf auth login``), which :class:`huggingface_hub.HfApi` reads itself; a recipe that holds
-a token is refused (:func:`refuse_tokens`), so a secret never lands in a run directory's
-``recipe.json`` or a lineage manifest. The same holds for other services' secrets: an
-environment variable (``runtime_env.env_vars``) whose name says it is one (``*TOKEN*``,
-``*SECRET*``, ``*PASSWORD*``, ``*API_KEY*``, ``*ACCESS_KEY*``, ``*CREDENTIAL*``), and any
-value shaped like a known key (``hf_...``, ``AKIA...``, ``sk-...``), are refused: export them
-in the shell that runs ``solar-ray`` or ``ray job submit`` (``--runtime-env-json``), never
-in a recipe.
+:func:`push_model` uploads a finished output as it is (weights, config, tokenizer, model
+card, ``solar.json``); the token comes only from ``HF_TOKEN`` or ``hf auth login``.
+:func:`refuse_tokens` refuses a recipe holding a secret (:data:`TOKEN_KEYS`,
+:data:`SECRET_ENV`, :data:`SECRET_VALUE`). See docs/pipeline.md, "Publishing".
 """
 
 from __future__ import annotations

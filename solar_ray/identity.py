@@ -1,27 +1,12 @@
 """Artifact identity: "is this output done, and made from these inputs?", one rule set.
 
-Everything in solar-ray that skips work already done asks here: the recipe runner (is a
-stage's output this run's?), the training stages (may this run in storage be resumed?),
-the synthetic-math and data caches, the DPO reference log-probs, the upscale cache and the
-trials of a sweep. Three kinds of identity, each computed one way:
-
-``config_key(data, ignore)``
-    What a config computes: sha256 of its canonical JSON, leaving out the operational
-    fields that change how a run is operated but not what it makes (``out``,
-    ``overwrite``, worker counts, ...; each caller names its own).
-``dir_signature(path)``
-    A cheap identity of a directory of inputs: the names, sizes and modification times of
-    its weights, configs, tokenizer and data files (no file is read).
-``content_hash(path)``
-    The sha256 of a model's weights and config (what lineage manifests record).
-
-``key(*parts)`` combines any of them (and plain values) into one key.
-
-A finished artifact is identified by its manifests (:func:`artifact_id`), and records the
-key of the inputs it was made from inside itself (:func:`record`, in the
-``.solar-ray-output`` marker every output carries), so a runner asks the artifact
-(:func:`recorded_key`) instead of keeping markers beside it — which is what keeps working
-when the artifact moves, or lives in object storage.
+Everything that skips work already done asks here. :func:`config_key` hashes what a config
+computes (leaving out the caller's operational fields), :func:`dir_signature` is a cheap
+identity of a directory of inputs (names, sizes, mtimes), :func:`content_hash` the sha256 of
+a model's weights and config, and :func:`key` combines them. A finished artifact is named
+by its manifests (:func:`artifact_id`) and records its input key inside itself
+(:func:`record`, :func:`recorded_key`), which keeps working when it moves or lives in
+object storage.
 """
 
 from __future__ import annotations

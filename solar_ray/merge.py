@@ -1,30 +1,11 @@
 """Model merging: weighted linear averages and SLERP, streamed tensor by tensor.
 
-The paper's final models are merges of fine-tuned variants (weighted averages 0.5/0.5,
-0.4/0.6, 0.6/0.4, and SLERP). Both methods are elementwise once a tensor's global
-statistics are known, so :func:`run_merge` never holds a model in memory: it reads the
-safetensors headers (:func:`solar_ray.upscale.read_model_tensors`), then for each tensor
-reads fixed-size element ranges from every input shard with ``pread``, combines them in
-float32 (float64 when an input is float64) and appends the result to the output shard.
-Peak memory is about ``(num_models + 2) * chunk_mb`` whatever the model size.
-
-``linear``
-    ``sum_i w_i * x_i`` (weights divided by their sum when ``normalize``). Terms with a zero
-    weight are skipped, so weights ``(1, 0)`` reproduce the first model bit for bit.
-``slerp``
-    Spherical interpolation of two models per tensor (Shoemake 1985; the mergekit
-    formulation): the tensors are treated as flat vectors, ``theta`` is the angle between
-    them, ``x = sin((1-t) theta)/sin(theta) a + sin(t theta)/sin(theta) b``, with a linear
-    fallback when they are (anti)collinear. ``t=0`` gives ``a`` and ``t=1`` gives ``b``
-    exactly.
-``ties``, ``dare_ties``, ``dare_linear``, ``task_arithmetic``, ``model_stock``
-    Delegated to mergekit's Python API (``mergekit.merge.run_merge``) on a generated
-    configuration; the output is then completed into the project's model format.
-
-Inputs must agree on tensor names, shapes, the structural ``config.json`` fields and the
-tokenizer; the first disagreement is reported as a :class:`MergeError` (exit 2 in the CLI).
-The output is the one model format (:mod:`solar_ray.checkpoint`), written atomically, with
-``solar.json`` recording ``stage: merge``, the parents' fingerprints, method and weights.
+:func:`run_merge` never holds a model: it reads the safetensors headers, ``pread``-s
+fixed-size element ranges of each tensor from every input, combines them in float32 (float64
+for a float64 input) and appends to the output shard, so peak memory is about
+``(num_models + 2) * chunk_mb``. ``ties``, ``dare_*``, ``task_arithmetic`` and
+``model_stock`` are delegated to mergekit. Inputs that disagree raise :class:`MergeError`.
+Methods, what is refused and the output: docs/merge-eval.md.
 """
 
 from __future__ import annotations

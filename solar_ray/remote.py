@@ -1,26 +1,11 @@
 """Outputs and run directories on object storage (``s3://``, ``gs://``).
 
-A stage never writes into object storage directly. It writes its output locally (the
-atomic writer of :mod:`solar_ray.checkpoint`), and :func:`publish` uploads it with the
-output marker (``.solar-ray-output``) last: a reader that finds the marker finds every
-file, and a prefix without it is never taken for a finished output (:func:`read_marker`,
-:func:`materialize`). An upload first writes ``.solar-ray-upload``; with the marker, that
-is how a later upload knows a prefix is solar-ray's to replace (an interrupted upload is
-replaced, a prefix of anything else is refused with one line, never deleted).
-
-Inputs read back from object storage are downloaded once per node into
-``$SOLAR_RAY_CACHE/objects/`` (:func:`materialize`), keyed by the artifact's identity:
-a copy whose marker carries the remote marker's write id is reused; an artifact made again
-(a new id) is downloaded again. A recipe's run directory on object storage has a local
-mirror on the driver's node (:func:`mirror_dir`) that its stages write into.
-
-The transfers are pyarrow's filesystems (they honour ``AWS_ENDPOINT_URL`` and the usual
-credential chains; Ray Train reads and writes its checkpoints through the same ones). What
-is written here is only the order of the files and the ownership rule, which no library
-gives. Every operation is bounded in time (GCS retries for ``SOLAR_RAY_STORAGE_RETRY_S``
-seconds, default 60, see :func:`solar_ray.fs.arrow_filesystem`; S3 keeps the AWS SDK's
-short timeouts), and a failure is one :class:`StorageError` line. The transfers run in a
-helper thread, so SIGTERM and SIGINT stop a command at once even while a request hangs.
+A stage writes locally; :func:`publish` uploads the output with its marker last, so a
+prefix without the marker is never a finished output (:func:`read_marker`), and refuses to
+replace a prefix that is not solar-ray's. :func:`materialize` downloads an input once per
+node into the cache, keyed by its write id; :func:`mirror_dir` is a remote run directory's
+local mirror. Transfers are pyarrow's, bounded in time, and fail with one
+:class:`StorageError` line. The rules: docs/pipeline.md, "A run directory on object storage".
 """
 
 from __future__ import annotations

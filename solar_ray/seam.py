@@ -1,35 +1,10 @@
 """Zero-training predictors of SOLAR's layer-removal count ``m``, from the base model alone.
 
-DUS of an ``n``-layer model with ``m`` keeps layers ``0..n-m-1`` (copy A) and ``m..n-1``
-(copy B) and joins them: the *seam* feeds the output of layer ``n-m-1`` into layer ``m``,
-which was trained on the output of layer ``m-1``. One forward pass of the base model over
-held-out text, with ``output_hidden_states=True``, scores every ``m`` at once. With
-``h[i]`` the hidden state entering layer ``i`` (``h[0]`` the embeddings, ``h[n]`` the raw
-output of the last layer, before the final norm):
-
-``seam_angular`` (after Gromov et al. 2024, arXiv 2403.17887)
-    the angular distance across the seam, ``arccos(cos(h[m], h[n-m])) / pi`` per token:
-    how far the representation layer ``m`` receives in the upscaled model is from the one it
-    was trained on. 0 means the seam is invisible; it grows as more layers are repeated.
-    Gromov et al. score the last token of each sequence; here every token is scored (more
-    samples from the same text), except each document's first token, whose hidden state is
-    dominated by the attention-sink activations and says little about the text.
-``seam_bi`` (after ShortGPT, Men et al. 2024, arXiv 2403.03853)
-    the block influence of the layers DUS removes. ShortGPT's ``BI_i = 1 - E[cos(h[i],
-    h[i+1])]`` is how much layer ``i`` changes its input. DUS removes the last ``m`` layers
-    of copy A (``n-m..n-1``) and the first ``m`` of copy B (``0..m-1``); ``seam_bi`` is the sum
-    of ``BI_i`` over both removed sets (a layer in both sets, when ``m > n/2``, counts twice:
-    it is missing from both copies). 0 means nothing the model uses is removed; it grows
-    with ``m``.
-
-Lower is better for both. Each is averaged over the scored tokens of a sequence, then over
-sequences; the error is the standard error across sequences (a sequence is the sampling
-unit, its tokens are not independent). ``m`` with ``2(n-m) > n`` grows the model; ``m = n/2``
-gives the base model back and larger ``m`` prunes.
-
-``solar-ray score-plans --source smollm2-135m`` prints the table (seconds on a CPU);
-``--out`` writes it as JSON carrying ``"format": "solar-ray-scores/1"``, the mark that lets
-``--overwrite`` replace it (and nothing else).
+One forward pass of the base model over held-out text scores every ``m``: ``seam_angular``
+(the angular distance across the seam, after Gromov et al. 2024) and ``seam_bi`` (the block
+influence of the layers DUS removes, after ShortGPT). Lower is better for both; the error
+is the SE across sequences. ``solar-ray score-plans`` prints the table; ``--out`` writes it
+as JSON marked :data:`SCORES_FORMAT`. Definitions: docs/sweep.md, "Zero-training predictors".
 """
 
 from __future__ import annotations

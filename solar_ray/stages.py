@@ -1,17 +1,10 @@
 """The stage registry: every kind of stage, its config class, its function, its workers.
 
-One table, read by the recipe runner (:mod:`solar_ray.pipeline`), the stage commands
-(``solar-ray upscale``, ``data``, ...: :func:`solar_ray.cli.stage_command`) and Tune trials
-(which train with a stage's worker loop).
-Each entry is built by a small function that imports its stage only when asked for, so
-reading the registry imports neither torch nor TRL, and a reader or a type checker can
-follow a recipe's ``kind`` straight into the code that runs it.
-
-A training stage (``pretrain``, ``sft``, ``dpo``) also names its per-worker loop and its
-``prepare`` function: the input checks and the driver-side values its workers need
-(:class:`solar_ray.train.launch.WorkerSpec` fields), what Tune trials run before they
-launch the same loop. The recipe runner reads what it needs from the same entry: when an
-output is finished, the paths it writes, the checks ``--dry-run`` can make.
+One table, read by the recipe runner, the stage commands (:func:`solar_ray.cli.stage_command`)
+and Tune trials. Each entry is built by a small function that imports its stage only when
+asked for, so reading the registry imports neither torch nor TRL. A training stage also
+names its per-worker loop and its ``prepare`` function (the input checks and the
+:class:`solar_ray.train.launch.WorkerSpec` values its workers need).
 """
 
 from __future__ import annotations

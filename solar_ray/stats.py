@@ -1,25 +1,10 @@
 """Numbers with their error: item means, held-out losses over sequences, paired differences, ranks.
 
-A benchmark score is a mean over items (:func:`mean_se`; lm-eval's ``acc_stderr``); two
-models scored on the same items are compared by the mean of per-item differences
-(:func:`paired_mean_difference`), whose SE is far smaller than the two SEs combined when
-the models agree on most items.
-
-A held-out loss is a mean over the tokens of ``n`` held-out sequences (rows). Tokens of one
-sequence are not independent, so the unit of sampling is the sequence: with per-row sums of
-negative log-likelihood ``nll_i`` over ``c_i`` scored tokens, the loss is the ratio
-``R = sum(nll) / sum(c)`` (the token-weighted mean the training stages always reported) and
-its standard error is the delta-method (ratio-estimator) one over rows::
-
-    SE(R) = sqrt( sum_i (nll_i - R c_i)^2 / (n (n - 1)) ) / mean(c)
-
-which is ``std(row means) / sqrt(n)`` when every row scores the same number of tokens (packed
-pretraining rows). Two models scored on the same rows are compared *paired*: the difference
-of their per-row sums has the same form, and its SE is far smaller than the two SEs combined
-because most of the spread between rows is shared.
-
-:func:`spearman` is scipy's rank correlation with an exact permutation p-value for the few
-trials a sweep has.
+Benchmark scores are item means (:func:`mean_se`), compared paired on shared items
+(:func:`paired_mean_difference`). Held-out losses are token-weighted ratios over rows with a
+ratio-estimator SE, the row being the sampling unit (:func:`ratio_estimate`,
+:func:`paired_difference`). :func:`spearman` adds an exact permutation p-value for few
+trials. The formulas: docs/merge-eval.md, "Numbers with their error".
 """
 
 from __future__ import annotations

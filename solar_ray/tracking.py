@@ -1,19 +1,10 @@
 """Experiment tracking backends: TensorBoard (default), Weights & Biases, MLflow.
 
-A training stage's ``tracking:`` names its backends (a name or a list; ``none``: no
-logging but the run's own history). Rank 0 of every stage logs the same metrics through
-them (:class:`solar_ray.train.metrics.MetricsWriter`): loss, lr, grad norm, tokens/s,
-MFU on GPU and the held-out loss. A run is named after its recipe and stage, carries the
-resolved config, and a restarted run (a replaced worker, a re-run) logs into the same W&B
-or MLflow run (its id is derived from the run's storage, name and config).
-
-The backends read their usual environment: ``WANDB_MODE`` (``offline``), ``WANDB_DIR``,
-``WANDB_API_KEY`` or ``wandb login``; ``MLFLOW_TRACKING_URI`` (a server, or a local
-``file:`` store, which MLflow 3 opens with ``MLFLOW_ALLOW_FILE_STORE=true``),
-``MLFLOW_TRACKING_TOKEN``. A backend that cannot be opened fails the run at its first
-report; one that fails later is logged as a warning and training goes on. W&B and MLflow are optional: ``pip install 'solar-ray[wandb]'``
-or ``'solar-ray[mlflow]'``. Sweeps attach Ray Tune's own logger callbacks
-(:func:`tune_callbacks`), one tracked run per trial.
+A stage's ``tracking:`` names its backends; rank 0 logs through them
+(:class:`solar_ray.train.metrics.MetricsWriter`), one run per recipe stage carrying the
+resolved config, and a restarted run logs into the same W&B or MLflow run. Sweeps attach
+Ray Tune's logger callbacks (:func:`tune_callbacks`). Environment variables and failure
+handling: docs/train.md, "Metrics".
 """
 
 from __future__ import annotations

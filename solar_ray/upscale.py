@@ -1,34 +1,12 @@
 """Depth up-scaling: layer plans and a streaming safetensors writer.
 
-Layer plans are pure functions from the base model's layer count ``n`` to a list of
-:class:`LayerSlot` (one per output layer: which source layer it copies, and whether it is
-an identity block). The writer never loads the model: it reads the safetensors headers,
-plans every output tensor, and copies byte ranges from the source shards into the output
-shards with ``os.copy_file_range`` (kernel-side, no user-space buffer; a reflink on
-filesystems that share extents), up to :data:`COPY_THREADS` shards at once. Each output
-shard draws on one source file, and its tensors are laid out at their source's offsets
-within a page (:func:`aligned_layout`), where the kernel's copy is cheapest. Zero
-tensors (the ``llama-pro`` identity blocks) are written directly. Peak memory is the
-headers plus one small buffer, whatever the model size, and nothing in this module
-imports torch. Before writing, every output tensor's shape is checked against what the
-re-planned ``config.json`` implies (:func:`solar_ray.models.check_tensor_shapes`), so a
-finished output always loads with ``from_pretrained``.
-
-Plans:
-
-``solar``
-    SOLAR 10.7B (Kim et al. 2023): copy A keeps layers ``0..n-m-1``, copy B keeps
-    ``m..n-1``, concatenated: ``s = 2(n-m)`` layers. ``m > n/2`` keeps fewer layers than
-    the base (pruning): it runs, with a warning (the tune and the tests use small models so).
-``llama-pro``
-    LLaMA-Pro block expansion: after every ``k``-th layer insert a copy of it whose
-    residual writers (``o_proj``, ``down_proj``) are zero, so each new block is the identity
-    and the expanded model computes exactly the base model's function.
-``stack``
-    G_stack: the whole stack repeated ``g`` times.
-``explicit``
-    A list of source layer indices (any order or length, pruning included), or a mergekit
-    passthrough YAML (``slices`` with ``layer_range``; other keys: :data:`MERGEKIT_KEYS`).
+Layer plans (``solar``, ``llama-pro``, ``stack``, ``explicit``, a mergekit passthrough YAML
+with :data:`MERGEKIT_KEYS`) are pure functions from the layer count to :class:`LayerSlot`
+lists. The writer never loads the model and nothing here imports torch: it reads the
+safetensors headers, checks every planned shape against the re-planned ``config.json``
+(:func:`solar_ray.models.check_tensor_shapes`) and copies byte ranges with
+``os.copy_file_range``, :data:`COPY_THREADS` shards at once, page-aligned as in the source
+(:func:`aligned_layout`). The plans and the writer: README.md, "Concepts" and "CLI".
 """
 
 from __future__ import annotations

@@ -1,25 +1,7 @@
 """Typed configuration of the data stage: mixes, sources, filters, preparation, synthetic math.
 
-The YAML (``solar-ray data --config FILE``) is one :class:`DataConfig`::
-
-    out: runs/data
-    num_workers: null            # Ray Data tasks per operator (null: as the cluster allows)
-    synth_math:                  # optional: Synth. Math-Instruct / -Alignment, built once
-      seeds: {generate: 200, seed: 0}
-      rephraser: {model: smollm2-135m, max_new_tokens: 256}
-    mixes:
-      - name: sft_v4
-        kind: sft                # pretrain | sft | preference
-        seed: 0
-        dedup: true
-        decontaminate: {eval_sets: [evals/gsm8k_test.jsonl], ngram: 13, deny_tasks: [flan]}
-        sources:
-          - {path: data/alpaca_gpt4.json, format: alpaca, max_samples: 52000}
-          - {path: "data/openorca/*.parquet", format: openorca, weight: 0.5}
-          - {synth_math: instruct, weight: 0.5}
-        prepare: {tokenizer: smollm2-135m, seq_len: 2048}
-
-Every field is documented on its class below and in ``docs/data.md``.
+The YAML (``solar-ray data --config FILE``) is one :class:`DataConfig`; every field is
+documented on its class below, and the YAML with every field in docs/data.md.
 """
 
 from __future__ import annotations

@@ -1,18 +1,11 @@
 """Decontamination: long word n-gram overlap with evaluation sets, and task deny lists.
 
-A training row is *contaminated* when it shares one word n-gram (default 13 words, as in
-GPT-3's decontamination) with any text of a configured evaluation set. Words are the
-lower-cased ``\\w+`` runs of the text, so punctuation, case and spacing do not hide a copy.
-Each word is hashed once (blake2b, 64 bits) and an n-gram's hash is a polynomial of its
-words' hashes computed with numpy, so a row costs one vectorised pass. N-grams never span
-two fields (a question and its answer are separate texts). A text shorter than ``n`` words
-has no n-gram, so it is neither indexed nor checked: the one short-text rule, here only.
-
-The eval index is built on the driver (:func:`build_eval_index`), shipped to the Ray
-workers once through the object store, and queried with :meth:`EvalIndex.match`. The
-contamination report (:func:`solar_ray.contamination.ngram_overlap`) builds the same index
-over its evaluation items with their ids kept and asks :meth:`EvalIndex.find` which items a
-training text shares an n-gram with, so the report and the filter agree by construction.
+A training row is contaminated when it shares a word n-gram (lower-cased ``\\w+`` words,
+default 13) with an evaluation text; a text shorter than ``n`` words has no n-gram (the one
+short-text rule, here only). Words are hashed once (blake2b, 64 bits) and n-gram hashes
+computed with numpy. :func:`build_eval_index` builds the index on the driver; the
+contamination report queries the same index (:meth:`EvalIndex.find`), so report and filter
+agree by construction. See docs/data.md, "Mixing".
 """
 
 from __future__ import annotations

@@ -1,26 +1,9 @@
 """Mixes: read, normalize, filter, deduplicate, sample and order rows with Ray Data.
 
-A mix is built in passes over Ray Data, with the driver planning between them on compact
-columns only (positions, hashes, reasons: ~20 bytes a row):
-
-1. **read** (one task per file): :func:`~solar_ray.data.normalize.normalize_file` reads,
-   normalizes and applies the per-row filters (``max_chars``, ``deny_tasks``, the n-gram
-   eval index); bad rows become reject rows, never errors.
-2. **plan** (driver): counts per source after every step; exact-duplicate removal keeps the
-   first occurrence in config order (smallest position); quotas from ``max_samples`` and
-   weights; which rows (and how many copies) each quota takes, by ranking
-   :func:`~solar_ray.data.keys.mix64` of the row position with the seed; and the global
-   order of the mix, by the same hash of (position, copy). All of it depends on the config
-   and the data only, never on how Ray split the work.
-3. **select** (Ray): every task keeps its selected rows with their global rank, writing its
-   quarantined rows to ``rejects/``; a sort on the rank with known boundaries puts the mix
-   in order.
-4. **write** ``data/`` shards, then the optional preparation
-   (:mod:`solar_ray.data.prepare`), then ``manifest.json``, last, all inside a temporary
-   sibling directory renamed into place.
-
-:func:`build_mix` writes a mix; :func:`build_mix_dataset` returns it as a Ray Dataset (for
-in-process use and ``get_dataset_shard`` in Ray Train); :func:`run_data` builds a whole
+A mix is built in four passes (read, plan on the driver, select, write) whose result
+depends on the config and the data only, never on how Ray split the work; see
+docs/data.md ("Mixing", "Scale notes"). :func:`build_mix` writes a mix;
+:func:`build_mix_dataset` returns it as a Ray Dataset; :func:`run_data` builds a whole
 :class:`~solar_ray.data.config.DataConfig`; :func:`read_prepared` streams a written split.
 """
 

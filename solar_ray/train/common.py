@@ -1,22 +1,10 @@
 """The driver side of every training stage: validate, skip or resume, launch, export.
 
-:func:`train_and_export` is what ``run_pretrain`` / ``run_sft`` / ``run_dpo`` share:
-
-1. the inputs were validated (:func:`validate_common` and the stage's own checks) before
-   any worker starts, with errors naming the config field;
-2. an ``out`` directory whose ``solar.json`` records this stage, config and inputs is
-   returned as is (a re-run never starts over); another non-empty ``out`` is refused
-   unless ``overwrite``;
-3. the run's storage (``storage_path``/``name``) remembers which config started it; a
-   re-run continues from its latest checkpoint (Ray Train restores it), a different config
-   under the same name is refused;
-4. :func:`solar_ray.train.launch.launch_ray` (the one launcher, shared with Tune trials)
-   runs the per-worker loop on Ray Train; a replaced worker resumes from the latest
-   checkpoint. With ``local: true`` the loop runs in this process instead (world size 1,
-   no Ray);
-5. the final checkpoint's ``export/`` (a consolidated HF model) becomes ``out``
-   atomically, with a model card and ``solar.json`` lineage: parent model and data with
-   content hashes, the resolved config, the final metrics and the run's storage.
+:func:`train_and_export` is what ``run_pretrain`` / ``run_sft`` / ``run_dpo`` share: return a
+finished ``out`` as is, refuse another config under the same run name, run the worker loop
+through :func:`solar_ray.train.launch.launch_ray` (or in this process with ``local: true``),
+and publish the final checkpoint's export as ``out`` with ``solar.json`` lineage. The steps:
+docs/train.md, "What happens".
 """
 
 from __future__ import annotations

@@ -1,23 +1,10 @@
 """Typed configs of the three training stages: ``pretrain``, ``sft`` and ``dpo``.
 
-All three share :class:`TrainConfig`: the model and data, where the Ray Train run keeps its
-state (``storage_path`` + ``name``), how many workers with what resources, the DeepSpeed
-settings, the batch and schedule, checkpointing and export. A recipe looks like::
-
-    model: runs/demo/upscale          # any model source (dir, hub id, .gguf, smollm2-135m)
-    data: runs/demo/data/pretrain     # a prepared mix directory or URI (s3://, gs://)
-    out: runs/demo/pretrain           # the final HF model directory
-    num_workers: 2
-    zero_stage: 3
-    steps: 200
-    micro_batch_size: 4
-    global_batch_size: 16             # 16 / (4 x 2 workers) = 2 gradient-accumulation steps
-    seq_len: 1024
-    lr: 5.0e-5
-
-Field-level mistakes fail when the config is loaded; mistakes that need the model or the
-data (vocabulary vs tokenizer, ``seq_len`` beyond ``max_position_embeddings``, a mix of the
-wrong kind) fail in :func:`solar_ray.train.common.validate_inputs` before any worker starts.
+All three share :class:`TrainConfig` (model and data, the Ray Train run's storage, workers,
+DeepSpeed, batch and schedule, checkpointing, export); a recipe is in docs/train.md.
+Field-level mistakes fail when the config is loaded; those that need the model or the data
+fail in the stage's ``validate_*`` (:func:`solar_ray.train.common.validate_common`) before
+any worker starts.
 """
 
 from __future__ import annotations
@@ -77,7 +64,7 @@ def accumulation_steps(global_batch_size: int, micro_batch_size: int, world_size
 
 
 class TrainConfig(StageConfig):
-    """Fields shared by every training stage (see the module docstring for a recipe)."""
+    """Fields shared by every training stage (a recipe: docs/train.md)."""
 
     #: the stage name (``pretrain``, ``sft``, ``dpo``): solar.json's ``stage``, the run name
     stage: ClassVar[str] = "train"

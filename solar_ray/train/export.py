@@ -1,18 +1,10 @@
 """Consolidated Hugging Face export of a model trained under DeepSpeed (any ZeRO stage).
 
-Under ZeRO-3 every rank holds a slice of each parameter. :func:`export_hf_model` walks the
-model one module at a time: all ranks gather that module's own parameters
-(``deepspeed.zero.GatheredParameters``), rank 0 copies them to CPU in the export dtype and
-the gathered full tensors are released before the next module. Rank 0 appends the copies to
-the current safetensors shard and writes it out when it reaches ``max_shard_bytes``, so no
-rank ever holds a full copy of the model: the other ranks hold one module at a time, rank 0
-one module plus one shard. Under ZeRO-0/1/2 the parameters are already whole on every rank
-and rank 0 copies them the same way.
-
-Tied weights (``lm_head`` sharing the embedding) are written once, like ``save_pretrained``.
-The directory gets ``config.json`` (with the export dtype), ``generation_config.json``, the
-tokenizer and, with several shards, ``model.safetensors.index.json``: it loads with
-``AutoModelForCausalLM.from_pretrained`` unchanged.
+:func:`export_hf_model` gathers the model one module at a time
+(``deepspeed.zero.GatheredParameters``); rank 0 copies each to CPU in the export dtype and
+streams safetensors shards of ``max_shard_bytes``, so no rank holds a full copy. Tied
+weights are written once, like ``save_pretrained``; the result loads with
+``AutoModelForCausalLM.from_pretrained``.
 """
 
 from __future__ import annotations

@@ -1,17 +1,10 @@
 """Hugging Face Trainer plumbing shared by the TRL stages (SFT, DPO) inside Ray Train workers.
 
-:func:`train_with_hf` runs a TRL trainer the Ray Train way: ``RayTrainReportCallback``
-reports each checkpoint the Trainer saves (DeepSpeed's sharded state, every rank its own
-part, merged by Ray Train in storage) and ``prepare_trainer`` lets it read Ray Data
-iterables. A worker that starts from a reported checkpoint passes it to
-``trainer.train(resume_from_checkpoint=...)``, which restores DeepSpeed's state, the
-scheduler, the RNGs and the position in the data. :class:`MetricsCallback` reports loss,
-learning rate, grad norm and tokens/s every ``log_every`` steps to Ray Train and
-TensorBoard. At the end the model is exported (see :mod:`solar_ray.train.export`) into the
-final checkpoint.
-
-Without Ray (``local: true``) the same function saves the Trainer's checkpoints under the
-run directory and resumes from the newest one there.
+:func:`train_with_hf` runs a TRL trainer the Ray Train way (``RayTrainReportCallback``,
+``prepare_trainer``), resumes it with ``resume_from_checkpoint`` (DeepSpeed state,
+scheduler, RNGs, data position) and exports the model into the final checkpoint;
+:class:`MetricsCallback` logs through the stage's writer. Without Ray (``local: true``) the
+Trainer's checkpoints live under the run directory and the newest is resumed.
 """
 
 from __future__ import annotations
@@ -120,20 +113,12 @@ def hf_training_kwargs(cfg: TrainConfig, output_dir: str, has_eval: bool) -> dic
 def add_full_logits_head(model: Any, outputs: tuple[str, ...]) -> None:
     """Give ``model`` TRL's fused-LM-head interface computed from its full logits.
 
-    TRL 1.16's SFT and DPO trainers patch the policy (and a live reference) with
-    ``trl.trainer.utils.add_fused_lm_head`` unconditionally and call them with
-    ``fused_lm_head=True``; that kernel projects the hidden states through the LM head in
-    tiles and recomputes the projection in the backward pass, so the ``(batch, seq, vocab)``
-    logits are never held (and off Triton devices it projects every position, scored or
-    not). TRL has no switch for it. Re-patched with this function (after the trainer is
-    built: ``lm_head: full``), the same call runs the model's own forward with
-    ``logits_to_keep`` set to the positions that carry a label, keeps their logits for the
-    backward pass and derives the same :class:`FusedCausalLMOutput` fields from them: one
-    LM-head projection per step instead of two, and none for prompt or padding positions
-    (an SFT answer is often a fraction of its row), for the memory of the scored logits.
-    The token loss is ``cross_entropy`` (log-softmax and its gradient in one kernel).
-    ``outputs`` names the per-token fields the trainer reads (as for TRL's kernel); the
-    others stay None.
+    TRL 1.16 always patches the policy (and a live reference) with ``add_fused_lm_head``, whose
+    kernel recomputes the LM-head projection in the backward pass. Re-patched with this
+    function after the trainer is built (``lm_head: full``), the same call runs the model's
+    forward with ``logits_to_keep`` at the labelled positions, keeps those logits for the
+    backward pass and derives the same :class:`FusedCausalLMOutput` fields (only those named
+    in ``outputs``; the others stay None). Why and when: docs/train.md, "The LM head".
     """
     import types
 

@@ -1,17 +1,9 @@
 """LoRA / QLoRA for the TRL stages: the adapter config TRL gets, and the merged export.
 
-A stage with ``peft:`` hands :func:`peft_config` to TRL's ``peft_config`` (TRL wraps the
-policy with ``get_peft_model``; a DPO policy without ``ref_model`` is its own reference
-with the adapters disabled, so no second copy is loaded). ``load_in_4bit`` adds
-:func:`quantization_config` (NF4, GPU only).
-
-At the end :func:`export_merged` writes the one model format: every worker takes part in
-gathering the adapter weights (the only trained ones; under ZeRO-3 they are partitioned),
-rank 0 loads the untouched base model from its directory on CPU in the export dtype, puts
-the adapters on it, merges them (``merge_and_unload``) and exports. Only the adapted
-modules' weights differ from the base; every other tensor is the base's, bit for bit (a
-4-bit base is merged into the original full-precision weights). Rank 0 holds the base
-model once more on CPU while it merges.
+:func:`peft_config` (and :func:`quantization_config` for ``load_in_4bit``, NF4, GPU only) go
+to TRL; :func:`export_merged` gathers the adapters from every worker, merges them into a
+fresh CPU copy of the base on rank 0 and writes the one model format. See docs/train.md,
+"LoRA and QLoRA".
 """
 
 from __future__ import annotations

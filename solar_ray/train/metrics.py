@@ -1,18 +1,9 @@
 """Training metrics: throughput, MFU, held-out loss per row, the logs in the tracking backends.
 
-Every stage reports the same names to Ray Train (``ray.train.report``) and logs them to
-its ``tracking`` backends (TensorBoard scalars by default; W&B, MLflow): ``loss``, ``lr``, ``grad_norm``, ``tokens_per_s`` (all workers),
-``tokens_per_s_per_worker``, ``mfu`` (GPU only) and, where there is a held-out split,
-``eval_loss`` / ``eval_ppl``.
-
-MFU follows the PaLM paper's estimate: training FLOPs per token are ``6·N`` (forward and
-backward through ``N`` non-embedding parameters) plus ``12·L·H·Q·T`` for attention (``L``
-layers, ``H`` heads of size ``Q``, sequence length ``T``); MFU is FLOPs per second over the
-devices' dense bf16 peak. There is no meaningful peak for a CPU, so it is not reported there.
-
-TensorBoard files go to ``<run dir>/tensorboard`` when storage is local; with s3:// or gs://
-storage they are written locally and copied next to the run's checkpoints at every
-checkpoint and at the end.
+Every stage reports the same names to Ray Train and its ``tracking`` backends
+(:class:`MetricsWriter`). MFU is the PaLM estimate (:func:`flops_per_token`: ``6·N`` plus
+``12·L·H·Q·T`` for attention) over the devices' dense bf16 peak, so not on a CPU. Names and
+where the logs go: docs/train.md, "Metrics".
 """
 
 from __future__ import annotations

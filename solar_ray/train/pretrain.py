@@ -1,23 +1,10 @@
 """Continued pretraining: causal-LM loss on packed blocks, on DeepSpeed, in Ray Train workers.
 
-:func:`run_pretrain` is the stage (validate, launch, export, lineage);
-:func:`pretrain_worker` is the per-worker loop, a plain function that also runs without Ray
-(world size 1). The loop drives a DeepSpeed engine directly: AdamW, linear warmup then a
-cosine decay to ``min_lr_ratio * lr``, gradient accumulation and clipping by DeepSpeed, a
-held-out loss / perplexity before training, every ``eval_every`` steps and at the end, and a
-DeepSpeed checkpoint every ``checkpoint_every`` steps (and at each step of ``checkpoint_at``)
-reported to Ray Train, and one more when a node of the run is being drained (a spot
-VM's reclaim notice, ``ray.train.get_preemption_info``). A restarted worker (a replaced
-one, or a re-run of the same job) loads the latest checkpoint and continues the same data
-order from the next step, also on another number of workers (an elastic run,
-``num_workers: [min, max]``): the global batch and the learning-rate schedule stay as
-configured, the gradient accumulation follows the worker count, the DeepSpeed state is
-resharded through DeepSpeed's universal checkpoint (:mod:`solar_ray.train.reshard`) and the
-data position is a function of the step alone (:class:`PackedBatches`).
-
-Data are packed rows of exactly ``seq_len`` tokens with per-document ``position_ids``
-(passed to the model, so attention does not cross document boundaries). Each worker reads
-the shards (``streaming: false``) or its Ray Data shard (``streaming: true``).
+:func:`run_pretrain` is the stage (validate, launch, export, lineage); :func:`pretrain_worker`
+is the per-worker loop, a plain function that also runs without Ray (world size 1). The loop
+drives a DeepSpeed engine directly and resumes from the latest checkpoint at the exact data
+position, also on another worker count (:class:`PackedBatches`,
+:mod:`solar_ray.train.reshard`). What a run does: docs/train.md.
 """
 
 from __future__ import annotations
@@ -72,20 +59,12 @@ def _read_packed(files: list[str], storage_hint: str) -> Any:
 class PackedBatches:
     """This rank's micro-batches of packed rows, the same global batches at any world size.
 
-    The rows form one stream: epoch after epoch, each a seeded permutation of the training
-    rows (nothing dropped at an epoch's end). Optimizer step ``s`` consumes the stream's
-    positions ``[s * G, (s + 1) * G)`` (``G`` the global batch), dealt round-robin: rank
-    ``r`` of ``world_size`` takes the step's offsets ``r, r + world_size, ...`` in
-    ``grad_accum_steps`` micro-batches of ``micro_batch_size`` rows. Which rows a step
-    trains on therefore depends only on the step and the global batch, not on how many
-    workers share it: a run resumed on fewer or more workers (an elastic resize) continues
-    at the exact row, with no row skipped or seen twice. ``iterate(start_step)`` resumes
-    after ``start_step`` steps.
-
-    When ``micro_batch_size x world_size`` does not divide ``G`` (an elastic run on a count
-    that does not), the last micro-batches hold slots past the step's ``G`` rows: they are
-    filled with one of the step's rows and carry weight 0, so the step still trains on
-    exactly its ``G`` rows (the loop weights each row's loss).
+    The rows form one stream, epoch after epoch a seeded permutation (nothing dropped). Step
+    ``s`` consumes positions ``[s * G, (s + 1) * G)``, dealt round-robin: rank ``r`` of
+    ``world_size`` takes offsets ``r, r + world_size, ...`` in ``grad_accum_steps``
+    micro-batches, so a resize resumes at the exact row. Slots past ``G`` (a worker count that
+    does not divide it) repeat one of the step's rows with weight 0. ``iterate(start_step)``
+    resumes after ``start_step`` steps.
     """
 
     def __init__(

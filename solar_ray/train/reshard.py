@@ -1,23 +1,11 @@
 """Resuming a DeepSpeed checkpoint at another data-parallel world size (an elastic resize).
 
-ZeRO-1/2/3 save each rank's partition of the optimizer state (and under ZeRO-3 of the
-weights); DeepSpeed refuses to load partitions saved by 2 ranks into 1 (its partitions are
-flat slices of padded buffers whose boundaries follow the world size). Its answer is the
-*universal checkpoint*: ``deepspeed.checkpoint.ds_to_universal`` rewrites the partitions as
-one file per parameter (fp32 weights, Adam's ``exp_avg``/``exp_avg_sq`` and step), which an
-engine built with ``checkpoint.load_universal`` slices again for its own world size. The
-learning-rate scheduler and the client state come with the model-states file. This module
-only calls that converter (DeepSpeed's own code; nothing is resharded by hand) and decides
-when it is needed:
-
-- ZeRO-0 keeps the whole optimizer state in every rank's model-states file: it loads at any
-  world size as is;
-- ZeRO-1/2/3 saved at another world size: converted, on every node that resumes (each
-  worker converts its own local copy of the checkpoint into a temporary directory; a node
-  may hold no other worker's files).
-
-Measured in ``tests/test_elastic.py``: a run saved by 2 workers and resumed by 1 continues
-the 2-worker run's parameters to ~1e-8 (float summation order only).
+DeepSpeed's ZeRO-1/2/3 partitions follow the world size and load only at the one they were
+saved at; its *universal checkpoint* (``deepspeed.checkpoint.ds_to_universal``) rewrites
+them as one file per parameter that an engine with ``checkpoint.load_universal`` slices
+again. This module only decides when that converter is needed (ZeRO-1/2/3 saved at another
+world size; ZeRO-0 loads as is) and runs it on each worker's local copy. See
+docs/train.md, "Elastic pretraining".
 """
 
 from __future__ import annotations

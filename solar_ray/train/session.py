@@ -112,19 +112,12 @@ def _max_over_ranks(value: float) -> float:
 class ReportCoalescer:
     """Decides which metric reports reach Ray Train, so that reporting never stalls training.
 
-    ``ray.train.report`` puts the report in a one-slot queue that Ray Train V2's controller
-    empties once per poll interval (2 s): a worker reporting more often than that blocks in
-    ``report`` until the next poll. Measured before this class: DPO on 2 workers logging
-    every step (0.9 s of compute) ran at 2.0 s per step, live reference or precomputed alike.
-
-    A report of metrics only is held back (merged into the next, later keys winning) while
-    less than ``min_interval_s`` passed since the last report that went out; a report with a
-    checkpoint or with held-out metrics (``eval_*``, which a sweep's scheduler compares at
-    their step) always goes out, with what was held back. Nothing is lost: the run's last
-    report (its final checkpoint) carries whatever is still held. TensorBoard and the loop's
-    own histories still see every logging step. ``report`` is a collective in Ray Train V2
-    (every rank must call it as often as the others), so the elapsed time is agreed on by
-    ``agree`` (the maximum over the ranks) and every rank decides alike.
+    Ray Train V2 takes reports from a one-slot queue emptied once per poll (2 s), so a metrics-
+    only report less than ``min_interval_s`` after the last one is held back and merged into
+    the next (later keys winning). A report with a checkpoint or held-out metrics (``eval_*``)
+    always goes out with what was held, so the run's final report loses nothing. ``report`` is
+    a collective: the elapsed time is agreed over the ranks (``agree``) and every rank decides
+    alike. See docs/train.md, "Metrics".
     """
 
     def __init__(

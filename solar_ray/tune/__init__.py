@@ -1,17 +1,9 @@
 """Ray Tune sweeps over the layer-removal count ``m`` (and method) and the data-mix choices.
 
-``solar-ray sweep RECIPE.yaml [--out DIR] [--set key=value ...] [--scheduler asha|sha|grid]``
-runs every choice of the recipe's search space as a Tune trial that upscales (cached),
-trains on the shared prepared data with a Ray Train ``TorchTrainer`` and reports held-out
-loss to Tune; successive halving (synchronous, or ASHA) stops weak trials early. See
-``docs/sweep.md`` and :mod:`solar_ray.tune.sweep`.
-
-Python::
-
-    from solar_ray.tune import load_sweep, run_sweep
-
-    result = run_sweep(load_sweep("jobs/sweep-m.yaml", ["search.m=[5,7]"]), "runs/sw")
-    result.best["m"], result.files["best_yaml"]
+``solar-ray sweep RECIPE.yaml`` runs every choice as a Tune trial that upscales, trains and
+reports held-out loss; successive halving stops weak trials early. From Python:
+``run_sweep(load_sweep("jobs/sweep-m.yaml", ["search.m=[5,7]"]), "runs/sw")``. See
+docs/sweep.md and :mod:`solar_ray.tune.sweep`.
 """
 
 from __future__ import annotations

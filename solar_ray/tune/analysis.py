@@ -1,27 +1,9 @@
 """What a sweep's curves say: loss at equal tokens and FLOPs, gain over the base model, tokens
 to recover, and how well the zero-training seam predictors rank the trials.
 
-Every trial's held-out curve has a point per held-out report: its tokens, FLOPs and the
-held-out rows' summed NLL (the same rows for every trial). A value between two reports is
-interpolated **linearly in tokens (or FLOPs), row by row**: the reports come every
-``eval_every`` steps, close enough that the curve is nearly straight between two of them;
-linear interpolation is exact at the measured points, never extrapolates, keeps the rows
-paired (so a difference between two trials has a paired error), and its mean is the
-interpolated mean. On a convex (flattening) loss curve it overestimates the loss between
-two points by at most the curve's bend over one report interval.
-
-- *equal tokens* / *equal FLOPs*: the largest amount every trial that trained its whole
-  budget reached (with a FLOPs budget that is the budget up to one step; with a token
-  budget the base model, the smallest, has the fewest FLOPs);
-- *gain over base*: the base model's loss minus the trial's at the same FLOPs (or tokens),
-  paired over the held-out rows; positive means the upscaled model is ahead, negative
-  means DUS does not pay at this budget; a gain within 2 SE is marked as noise. A trial
-  stopped early is compared at the last FLOPs it reached;
-- *tokens to recover*: the tokens a trial needed for its held-out loss to come back down to
-  the base model's loss *before training* (the first crossing, interpolated); "not within
-  budget" when it never did;
-- the predictors' Spearman rank correlation with the loss at the largest FLOPs *every*
-  searched trial reached (under early stopping the first rung), over the searched ``m``.
+Between two held-out reports a curve is interpolated linearly, row by row, so comparisons
+stay paired over the held-out rows. What each comparison means: docs/sweep.md, "How to
+read an m sweep".
 """
 
 from __future__ import annotations

@@ -1,17 +1,9 @@
 """A sweep's budget in tokens or FLOPs, turned into each trial's steps and rung steps.
 
-``budget: {tokens: N}`` gives every trial ``floor(N / tokens_per_step)`` steps;
-``budget: {flops: X}`` gives it ``floor(X / (flops_per_token * tokens_per_step))``, with
-``tokens_per_step = global batch x seq_len`` and ``flops_per_token`` the training stages'
-estimate for the trial's model (:func:`solar_ray.tune.trial.model_stats`, computed for an
-upscale from the plan alone, before anything is written). Whole steps that fit: a trial never
-trains past the budget, and falls short of it by less than one step.
-
-Early stopping compares trials at amounts of the budget (``SweepConfig.rungs``). A trial
-checkpoints (for successive halving to pause it) and is compared at the first held-out
-report at or past each rung, its step rounded up to a multiple of ``eval_every``; the
-scheduler then interpolates its score at the rung itself
-(:class:`~solar_ray.tune.hooks.SuccessiveHalving`).
+Each trial gets the whole steps that fit the budget (``tokens_per_step`` = global batch x
+``seq_len``; FLOPs per token from :func:`solar_ray.tune.trial.model_stats`, computed for an
+upscale from its plan). Rungs are amounts of the budget, checkpointed at the first held-out
+report at or past each. See docs/sweep.md, "Scheduling and the comparison".
 """
 
 from __future__ import annotations

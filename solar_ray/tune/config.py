@@ -1,33 +1,10 @@
 """The sweep recipe: what to search, how each trial trains, how trials are stopped.
 
-A sweep recipe (``solar-ray sweep RECIPE.yaml``) is one :class:`SweepConfig`::
-
-    name: sweep-m
-    base: smollm2-135m                 # the model every trial upscales (or "@stage")
-    stages:                            # run once before the trials, as `solar-ray run` does
-      corpus: {kind: corpus, corpora: [python-docs]}
-      data: {kind: data, mixes: [...]}
-    search:
-      method: solar                    # or a list: [solar, llama-pro]
-      m: [3, 5, 7, 9, 11]              # or a range: {start: 4, stop: 12} (stop included)
-    train:                             # the training stage every trial runs
-      kind: pretrain
-      data: "@data/cpt"
-      val_data: "@data/heldout"
-      steps: 40
-      eval_every: 5
-    scheduler: {kind: asha, grace_period_steps: 5, reduction_factor: 3}
-
-Instead of ``train.steps``, a ``budget`` gives every trial the same training tokens or the
-same estimated training FLOPs (``budget: {flops: 2.0e13}``); each trial's steps follow from
-its model's size (a deeper upscale gets fewer steps) and the rungs of early stopping are
-fractions of the budget (``scheduler.grace_period_fraction``). The base model trained with
-the same data and budget is the reference every searched trial is compared with; it always
-runs when the trials upscale.
-
-A search over SFT mixes names prepared mixes instead of ``m`` (``search.mixes``); every
-choice of the search space becomes one trial with a deterministic name (``solar-m07``,
-``mix-v3``, ``base``). :func:`plan_trials` expands the space; nothing here needs Ray.
+A sweep recipe (``solar-ray sweep RECIPE.yaml``) is one :class:`SweepConfig`: the base
+model, the ``stages`` run once before the trials, the ``search`` space (``m`` and method,
+or mixes), the ``train`` stage every trial runs, an optional equal ``budget`` in tokens or
+FLOPs, and the ``scheduler``. :func:`plan_trials` expands the space into trials with
+deterministic names; nothing here needs Ray. The recipe: docs/sweep.md, "A sweep recipe".
 """
 
 from __future__ import annotations
@@ -294,7 +271,7 @@ class BestRecipeConfig(StageConfig):
 
 
 class SweepConfig(StageConfig):
-    """A sweep recipe; see the module docstring."""
+    """A sweep recipe; see docs/sweep.md, "A sweep recipe"."""
 
     @model_validator(mode="before")
     @classmethod

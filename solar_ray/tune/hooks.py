@@ -114,32 +114,15 @@ def score_at(
 class SuccessiveHalving(FIFOScheduler):
     """Synchronous successive halving over training steps; the reference trials exempt.
 
-    Every searched trial trains to the first rung (``milestones[0]`` steps; a sweep's
-    :meth:`~solar_ray.tune.config.SweepConfig.rungs`) and waits there, paused, until all of
-    them have arrived; then the best ``max(1, n // reduction_factor)`` go on to the next
-    rung and the others are stopped, and so on to the last. Unlike ASHA, whose first trial at a rung always goes on (it has nothing to
-    be compared with), every cut is made over the whole rung, which is what a sweep of a
-    few expensive trials needs: with 5 trials and ``reduction_factor`` 2, ASHA spent 64% of
-    the grid's steps on jobs/sweep-m.yaml (bench/results/sweep.md), most of it on the
-    trials that happened to start first.
-
-    Pausing frees the trial's resources (its driver and Train run exit) so that the
-    waiting trials never hold the slots the others need. A trial is paused only on a
-    result whose report carried a training checkpoint (``result["checkpointed"]``; the
-    sweep checkpoints at every rung), and a promoted trial's driver is started again: its
-    Train run has the same name and continues from that checkpoint. A trial whose result
-    at a rung has no checkpoint goes on training until one that has (or is stopped when the
-    rung's cut goes against it).
-
-    A trial's score at a rung is its score *at* the rung: linearly interpolated between its
-    last report before the rung and the first at or past it. With rungs in steps the trials
-    report exactly there; with a budget in tokens or FLOPs (``time_attr``) each trial's
-    reports fall at its own multiples of its step size, and comparing the first reports past
-    the rung would favour the trials that overshoot it most.
-
-    ``trials`` names every searched trial (``config["trial"]``), so a rung is complete only
-    when each trial still in the race has reported there; a trial that fails for good
-    leaves the race. ``reference`` names trials that are neither compared nor stopped.
+    Every searched trial trains to a rung (``milestones``) and waits there, paused, until all
+    have arrived; then the best ``max(1, n // reduction_factor)`` go on and the rest stop. A
+    trial is paused only on a result that carried a checkpoint (``result["checkpointed"]``;
+    without one it trains on to the next that has), and a promoted trial's driver restarts
+    from it. A score at a rung is interpolated between the reports either side of it
+    (``time_attr``). ``trials`` names every searched trial (a rung is complete when each one
+    still in the race reported; one that fails for good leaves it); ``reference`` trials are
+    neither compared nor stopped. Why not ASHA: docs/sweep.md, "Scheduling and the
+    comparison".
     """
 
     def __init__(

@@ -1,21 +1,8 @@
 """The sweep report: results.csv / results.md, plots, best.yaml and best.json.
 
-One row per trial: its choice (m and method, or mix), its budget in steps, tokens and
-estimated training FLOPs, whether the scheduler stopped it early, its held-out loss with the
-standard error over the held-out rows, and the comparisons of :mod:`solar_ray.tune.analysis`:
-the loss at equal tokens and at equal FLOPs, the gain over the base model trained with the
-same data and budget (positive: the upscaled model is ahead; within 2 SE: noise), the
-tokens it took to get back to the base model's loss before training, and the zero-training
-seam predictors of its ``m`` with their rank correlation with the outcome.
-
-Plots: ``learning_curves.png`` (held-out loss against tokens and against FLOPs, every trial
-and the base, shaded +-1 SE), ``metric_vs_choice.png`` (the loss per choice at equal tokens
-and equal FLOPs, error bars 1 SE, the base as a band) and, for an m sweep, ``seam.png``
-(each predictor against the outcome).
-
-``best.yaml`` is the best choice written as a ``solar-ray run`` recipe for the full run:
-the sweep's own ``stages`` (corpus, data), the upscale with the best ``m``, the training
-stage (``best.steps`` steps) and any ``best.then`` stages after it.
+One row per trial with its budget, held-out loss ± SE and the comparisons of
+:mod:`solar_ray.tune.analysis`; the plots; and ``best.yaml``, the best choice as a
+``solar-ray run`` recipe. Each file: docs/sweep.md, "Outputs".
 """
 
 from __future__ import annotations

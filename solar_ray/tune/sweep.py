@@ -1,22 +1,9 @@
 """``solar-ray sweep``: run a sweep recipe as one Ray Tune experiment and report it.
 
-:func:`run_sweep` does, in order:
-
-1. plan the trials (:func:`~solar_ray.tune.config.plan_trials`) and check, before anything
-   runs, that the training config validates and that ``best.yaml`` will be a valid recipe;
-2. run the recipe's ``stages`` once into ``OUT/prepare`` with the pipeline runner (skipped
-   when done), and resolve ``"@stage"`` references and the base model;
-3. run the trials as a ``Tuner`` over a grid of the choices, with successive halving
-   (synchronous, or ASHA; over training steps) or without early stopping
-   (``scheduler.kind: grid``). The experiment lives in
-   ``OUT/tune/<name>-<scheduler>-<hash of the recipe>``; when it exists it is restored with
-   ``Tuner.restore``, so an interrupted sweep continues: finished trials are kept, the
-   others restart and their training runs resume from their latest checkpoints;
-4. write the report (:mod:`solar_ray.tune.report`): ``results.csv``, ``results.md``, the
-   plots, ``best.yaml`` and ``best.json``.
-
-``max_concurrent_trials`` defaults to the number of trials whose training workers fit in
-the cluster's resources at the start (at least 1); a trial's driver itself holds no CPU.
+:func:`run_sweep` plans the trials and checks the recipe before anything runs, runs the
+recipe's ``stages`` once into ``OUT/prepare``, runs the trials as a ``Tuner`` (restored
+with ``Tuner.restore`` when the experiment exists, so an interrupted sweep continues), and
+writes the report (:mod:`solar_ray.tune.report`). Outputs and resuming: docs/sweep.md.
 """
 
 from __future__ import annotations

@@ -1,19 +1,10 @@
 """One sweep trial: a Ray Tune driver function that upscales, trains and reports.
 
-Ray Train V2 runs under Tune as a *driver function*: :func:`run_trial` is the Tune trainable.
-It takes its upscale from the cache (one upscale per (source, method, m), shared by every
-trial and every sweep that uses the cache), builds the trial's training config from the
-sweep's shared one, and launches the training stage's own per-worker loop
-(:func:`solar_ray.train.pretrain.pretrain_worker`) through the one launcher every training
-run uses (:func:`solar_ray.train.launch.launch_ray`). The trainer's
-:class:`SweepReportCallback` forwards every held-out report of rank 0 to Tune while the
-workers train, so the scheduler can stop (or pause) a trial at a rung; when training ends
-the driver reports the final metrics (read from the run's final checkpoint) with the
-checkpoint path.
-
-Each trial's Ray Train run is named after the experiment and the trial, in
-``OUT/ray_train``: a trial that is restarted (a resumed sweep, a retried failure) continues
-from its latest training checkpoint instead of starting over.
+:func:`run_trial` is the Tune trainable: it takes its upscale from the cache, launches the
+training stage's per-worker loop through :func:`solar_ray.train.launch.launch_ray`, and
+:class:`~solar_ray.tune.hooks.SweepReportCallback` forwards rank 0's held-out reports to
+Tune as they happen. The Train run is named after the experiment and trial, so a restarted
+trial resumes from its latest checkpoint. See docs/sweep.md, "What a trial does".
 """
 
 from __future__ import annotations
