@@ -389,33 +389,25 @@ def row_text(row: dict[str, Any]) -> str | None:
     if isinstance(row.get("text"), str):
         return row["text"]
     for key in ("messages", "conversations"):
-        msgs = row.get(key)
-        if isinstance(msgs, list) and msgs:
-            parts = [
-                str(m.get("content", m.get("value", ""))) for m in msgs if isinstance(m, dict)
-            ]
-            return "\n".join(p for p in parts if p)
+        if isinstance(row.get(key), list) and row[key]:
+            return _as_text(row[key])
     for first, seconds in (
         ("prompt", ("chosen", "response", "completion", "answer")),
         ("question", ("answer", "response")),
         ("instruction", ("input", "output")),
     ):
         if isinstance(row.get(first), str):
-            parts = [row[first]] + [
-                _as_text(row[k]) for k in seconds if row.get(k) not in (None, "")
-            ]
+            parts = [row[first], *(_as_text(row[k]) for k in seconds if row.get(k) not in (None, ""))]
             return "\n".join(p for p in parts if p)
-    if isinstance(row.get("sentence"), str):
-        return row["sentence"]
-    return None
+    return row["sentence"] if isinstance(row.get("sentence"), str) else None
 
 
 def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # a message list (preference data in chat form)
-        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in value)
-    return str(value)
+    """A value, or a message list's contents (``content``; ShareGPT's ``value``) a line each."""
+    if not isinstance(value, list):
+        return str(value)
+    parts = (str(m.get("content", m.get("value", ""))) if isinstance(m, dict) else str(m) for m in value)
+    return "\n".join(p for p in parts if p)
 
 
 _READ_ERRORS = {"invalid_json": "not valid JSON", "undecodable_text": "not UTF-8 text",
