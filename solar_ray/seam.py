@@ -262,9 +262,8 @@ def heldout_rows(
     ``data`` is a prepared pretrain mix (its packed rows as they are) or a text file
     (:func:`solar_ray.evaluate.load_texts`: a document per row, per ``.txt`` paragraph);
     None takes the offline python-docs held-out documents (the documents the ``corpus``
-    stage holds out). Text is tokenized,
-    joined with EOS and cut into rows of ``seq_len`` tokens, positions restarting per
-    document (as the data stage packs).
+    stage holds out). Text is tokenized, joined with EOS and cut into rows of ``seq_len``
+    tokens, positions restarting per document (as the data stage packs).
     """
     if data is not None and (Path(data).is_dir() or is_uri(data)):
         from solar_ray.data.contract import ids_and_positions, open_mix
