@@ -341,103 +341,69 @@ def row_text(row: dict[str, Any]) -> str | None:
     if isinstance(row.get("text"), str):
         return row["text"]
     for key in ("messages", "conversations"):
-        msgs = row.get(key)
-        if isinstance(msgs, list) and msgs:
-            parts = [
-                str(m.get("content", m.get("value", ""))) for m in msgs if isinstance(m, dict)
-            ]
-            return "\n".join(p for p in parts if p)
+        if isinstance(row.get(key), list) and row[key]:
+            return _as_text(row[key])
     for first, seconds in (
         ("prompt", ("chosen", "response", "completion", "answer")),
         ("question", ("answer", "response")),
         ("instruction", ("input", "output")),
     ):
         if isinstance(row.get(first), str):
-            parts = [row[first]] + [
-                _as_text(row[k]) for k in seconds if row.get(k) not in (None, "")
-            ]
+            parts = [row[first], *(_as_text(row[k]) for k in seconds if row.get(k) not in (None, ""))]
             return "\n".join(p for p in parts if p)
-    if isinstance(row.get("sentence"), str):
-        return row["sentence"]
-    return None
+    return row["sentence"] if isinstance(row.get("sentence"), str) else None
 
 
 def _as_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    if isinstance(value, list):  # a message list (preference data in chat form)
-        return "\n".join(str(m.get("content", "")) if isinstance(m, dict) else str(m) for m in value)
-    return str(value)
+    """A value, or a message list's contents (``content``; ShareGPT's ``value``) a line each."""
+    if not isinstance(value, list):
+        return str(value)
+    parts = (str(m.get("content", m.get("value", ""))) if isinstance(m, dict) else str(m) for m in value)
+    return "\n".join(p for p in parts if p)
 
 
-_TEXT_SUFFIXES = (".txt", ".md", ".jsonl", ".json", ".parquet")
-#: columns :func:`row_text` reads
-_TEXT_COLUMNS = frozenset({"text", "messages", "conversations", "prompt", "chosen", "response",
-                           "completion", "question", "answer", "instruction", "input", "output",
-                           "sentence"})  # fmt: skip
 _READ_ERRORS = {"invalid_json": "not valid JSON", "undecodable_text": "not UTF-8 text",
                 "unreadable_file": "cannot be read", "malformed_csv_row": "a malformed CSV row"}  # fmt: skip
 
 
-def _text_files(path: Path) -> tuple[list[Path], str | None]:
-    """The files of a text source and, for a data mix, its kind.
-
-    A data mix (``solar-ray data``) is its ``data`` split; a directory, every ``.parquet``,
-    ``.jsonl`` and ``.txt`` file in it but those of hidden directories and of the splits of a
-    mix that hold no training text of their own.
-    """
-    from solar_ray.data.contract import (
-        SPLITS,
-        TEXT_SPLIT,
-        is_finished,
-        read_mix_manifest,
-        shard_files,
-    )
-
-    if path.is_dir() and is_finished(path) and (path / TEXT_SPLIT).is_dir():
-        return [Path(f) for f in shard_files(path, TEXT_SPLIT)], read_mix_manifest(path).get("kind")
-    if not path.is_dir():
-        return [path], None
-    skip = set(SPLITS) - {TEXT_SPLIT}
-    files = sorted(
-        p for p in path.rglob("*")
-        if p.is_file() and p.suffix in (".parquet", ".jsonl", ".txt")
-        and not any(part.startswith(".") or part in skip for part in p.relative_to(path).parts)
-    )  # fmt: skip
-    return files, None
-
-
 def iter_rows(source: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any], str | None]]:
-    """``(reference, row, mix kind or None)`` of every row of a text source.
+    """``(file:row, row, mix kind or None)`` of every row of a text source.
 
-    Read by the data package's readers (:func:`solar_ray.data.sources.iter_records`): a
-    ``.txt``/``.md`` file (a row ``{"text": paragraph}`` per blank-line-separated
-    paragraph); ``.jsonl``/``.json`` rows (a bare string is ``{"text": string}``);
-    ``.parquet``; a data-mix directory written by ``solar-ray data`` (its ``data`` split;
-    ``rejects``, ``packed`` and ``tokenized`` are not read) or its ``manifest.json``; or any
-    directory of such files. The reference is ``file:row``. A file that cannot be read or
-    parsed is an :class:`EvalError` naming it.
+    Read by the data package's readers (:mod:`solar_ray.data.sources`, ``TEXT_FILE_TYPES``:
+    a ``.txt``/``.md`` paragraph is a row ``{"text"}``, so is a bare JSON string): a file; a
+    directory of them (but those in hidden directories or in a mix's ``rejects``, ``packed``
+    or ``tokenized``); a data mix written by ``solar-ray data`` or its ``manifest.json`` (its
+    ``data`` split). A file that cannot be read or parsed is an :class:`EvalError` naming it.
     """
-    from solar_ray.data.contract import DATA_MANIFEST
-    from solar_ray.data.sources import iter_records
+    from solar_ray.data import contract, sources
 
-    path = Path(source).expanduser()
+    path = Path(source).expanduser().absolute()
     if not path.exists():
         raise EvalError(f"text data not found: {path}")
-    if path.name == DATA_MANIFEST and path.is_file():  # a mix's manifest: read the mix
+    if path.name == contract.DATA_MANIFEST and path.is_file():  # a mix's manifest: read the mix
         path = path.parent
-    files, kind = _text_files(path)
-    if not files:
-        raise EvalError(f"{path}: no .parquet, .jsonl or .txt files")
+    kind = None
+    if contract.is_finished(path) and (path / contract.TEXT_SPLIT).is_dir():
+        files = contract.shard_files(path, contract.TEXT_SPLIT)
+        kind = contract.read_mix_manifest(path).get("kind")
+    else:
+        try:
+            files = sources.expand_paths([str(path)], "text data", sources.TEXT_FILE_TYPES)
+        except sources.SourceError as e:
+            raise EvalError(str(e)) from None
+        skip = set(contract.SPLITS) - {contract.TEXT_SPLIT}
+        files = [f for f in files if not any(part.startswith(".") or part in skip
+                                             for part in Path(f).relative_to(path).parts)]  # fmt: skip
     for f in files:
-        if f.suffix not in _TEXT_SUFFIXES:
-            raise EvalError(f"{f}: unsupported text file type (use one of {_TEXT_SUFFIXES})")
-        file_type = "text" if f.suffix in (".txt", ".md") else "auto"
-        for i, rec in enumerate(iter_records(str(f), file_type, text_key="text")):
+        file_type = sources.detect_file_type(f, sources.TEXT_FILE_TYPES)
+        if file_type is None:
+            exts = ", ".join(e for types in sources.TEXT_FILE_TYPES.values() for e in types)
+            raise EvalError(f"{f}: unsupported text file type (use one of {exts})")
+        for i, rec in enumerate(sources.iter_records(f, file_type, text_key="text")):
             if rec.data is None:
-                where = f"{f}:{rec.index + 1}" if rec.index >= 0 else str(f)
+                where = f"{f}:{rec.index + 1}" if rec.index >= 0 else f
                 raise EvalError(f"{where}: {_READ_ERRORS.get(rec.reason, rec.reason)} ({rec.detail})")
-            if i == 0 and f.suffix == ".parquet" and not _TEXT_COLUMNS & rec.data.keys():
+            if i == 0 and file_type == "parquet" and row_text(rec.data) is None:
                 raise EvalError(
                     f"{f}: no text column (expected text, messages or prompt; has {sorted(rec.data)})"
                 )

@@ -109,12 +109,7 @@ def _runner_fields(kind: str, data: dict, out: Path, name: str, root: str, key: 
             "name": f"{name}-{key[:12]}",
             **data,
         }
-    data = {**data, "out": str(out), "overwrite": True}
-    if stage(kind).models_by_path and isinstance(data.get("models"), list):
-        data["models"] = [
-            {"name": Path(m).name, "path": m} if isinstance(m, str) else m for m in data["models"]
-        ]
-    return data
+    return {**data, "out": str(out), "overwrite": True}
 
 
 # --------------------------------------------------------------------------- planning

@@ -31,6 +31,7 @@ from solar_ray.checkpoint import (
 )
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
+from solar_ray.evaluate import load_model, load_texts
 from solar_ray.fs import is_uri
 
 __all__ = [
@@ -66,8 +67,9 @@ class ScorePlansConfig(StageConfig):
     )
     data: str | None = Field(
         default=None,
-        description="held-out text: a prepared pretrain mix (packed rows), a .jsonl with a "
-        "'text' field, or a .txt file (default: the offline python-docs held-out documents)",
+        description="held-out text: a prepared pretrain mix (packed rows) or a .jsonl, "
+        ".json, .parquet or .txt file (a document per row or paragraph; default: the "
+        "offline python-docs held-out documents)",
     )
     num_sequences: int = Field(default=16, ge=2, description="held-out sequences scored")
     seq_len: int = Field(default=128, ge=8, description="tokens per sequence (text input)")
@@ -232,11 +234,11 @@ def heldout_rows(
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(input_ids, position_ids)`` of ``num_sequences`` held-out rows.
 
-    ``data`` is a prepared pretrain mix (its packed rows as they are), a ``.jsonl`` file
-    of ``{"text"}`` documents or a ``.txt`` file; None takes the offline python-docs
-    held-out documents (the documents the ``corpus`` stage holds out). Text is tokenized,
-    joined with EOS and cut into rows of ``seq_len`` tokens, positions restarting per
-    document (as the data stage packs).
+    ``data`` is a prepared pretrain mix (its packed rows as they are) or a text file
+    (:func:`solar_ray.evaluate.load_texts`: a document per row, per ``.txt`` paragraph);
+    None takes the offline python-docs held-out documents (the documents the ``corpus``
+    stage holds out). Text is tokenized, joined with EOS and cut into rows of ``seq_len``
+    tokens, positions restarting per document (as the data stage packs).
     """
     if data is not None and (Path(data).is_dir() or is_uri(data)):
         from solar_ray.data.contract import ids_and_positions, open_mix
@@ -249,19 +251,10 @@ def heldout_rows(
         from solar_ray.corpora import python_docs_documents
 
         texts = [text for _, text in python_docs_documents("heldout")]
+    elif Path(data).is_file():
+        texts = load_texts(data)
     else:
-        path = Path(data)
-        if not path.is_file():
-            raise SeamError(f"data: {data} is neither a prepared mix nor a text file")
-        if path.suffix == ".jsonl":
-            from solar_ray.evaluate import load_texts
-
-            texts = load_texts(path)
-        else:
-            try:
-                texts = [path.read_text(encoding="utf-8")]
-            except UnicodeDecodeError:
-                raise SeamError(f"data: {data} is not UTF-8 text") from None
+        raise SeamError(f"data: {data} is neither a prepared mix nor a text file")
     ids: list[int] = []
     pos: list[int] = []
     eos = tokenizer.eos_token_id
@@ -282,15 +275,6 @@ def heldout_rows(
     )
 
 
-def _load(model_dir: str | Path) -> tuple[Any, Any]:
-    """(model, tokenizer): bf16 on a GPU when there is one, else fp32 on the CPU; a model
-    without a tokenizer or that transformers refuses is a one-line :class:`UserError`."""
-    from solar_ray.evaluate import load_model
-
-    model, tokenizer, _ = load_model(str(model_dir))
-    return model, tokenizer
-
-
 def seam_scores(
     model_dir: str, ms: list[int], train: dict[str, Any], train_kind: str, num_sequences: int
 ) -> dict[str, Any]:
@@ -302,7 +286,7 @@ def seam_scores(
     """
     from solar_ray.data.contract import held_out_rows, ids_and_positions, open_mix
 
-    model, tokenizer = _load(model_dir)
+    model, tokenizer, _ = load_model(model_dir)
     seq_len = int(train.get("seq_len") or 128)
     if train_kind == "pretrain" and (train.get("val_data") or train.get("val_fraction")):
         path = train.get("val_data") or train["data"]
@@ -374,7 +358,7 @@ def run_score_plans(cfg: ScorePlansConfig) -> list[PlanScore]:
     source = resolve_model(cfg.source)
     if out:  # an alias resolves into the model cache: that is an input too
         check_scores_out(cfg.out, cfg.overwrite, [*inputs, source])
-    model, tokenizer = _load(source)
+    model, tokenizer, _ = load_model(str(source))
     ids, pos = heldout_rows(cfg.data, tokenizer, cfg.num_sequences, cfg.seq_len)
     scores = score_model(model, ids, pos, cfg.m, cfg.batch_size)
     if out:

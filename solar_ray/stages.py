@@ -68,8 +68,6 @@ class Stage:
     #: run on the validated config at planning time (also by --dry-run) for checks that
     #: need files already on disk
     precheck: Callable[[Any], None] | None = None
-    #: ``models: [path, ...]`` in a recipe is shorthand for ``[{name: <its last part>, path}]``
-    models_by_path: bool = False
     #: ``solar-ray <kind>`` prints ``summary(cfg, result)`` after the stage ran
     summary: Callable[[Any, Any], str] | None = None
     #: the command's flags not made from a field as usual, as ``add_argument`` keywords by
@@ -219,8 +217,8 @@ def _eval() -> Stage:
         },
     }
     return Stage(
-        "eval", EvalConfig, run_eval, finished=_has_file("results.json"), models_by_path=True,
-        summary=summary, flags=flags, command_input=_eval_input,
+        "eval", EvalConfig, run_eval, finished=_has_file("results.json"), summary=summary,
+        flags=flags, command_input=_eval_input,
     )  # fmt: skip
 
 
@@ -251,7 +249,7 @@ def _contamination() -> Stage:
 
     return Stage(
         "contamination", ContaminationConfig, run_contamination,
-        finished=_has_file("contamination.json"), models_by_path=True, summary=summary,
+        finished=_has_file("contamination.json"), summary=summary,
     )  # fmt: skip
 
 

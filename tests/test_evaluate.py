@@ -4,6 +4,7 @@ leaderboard's; perplexity is the model's loss with its spread over windows."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import json
 import math
@@ -348,8 +349,11 @@ def test_iter_texts_reads_every_schema(tmp_path):
     pq.write_table(pa.table({"prompt": ["q?"], "chosen": ["good"], "rejected": ["bad"]}), plain / "c.parquet")
     pq.write_table(pa.table({"text": ["a rejected row"]}), plain / "rejects" / "a.parquet")
     (plain / "d.jsonl").write_text(json.dumps({"instruction": "Add", "input": "1 and 2", "output": "3"}) + "\n")
+    (plain / "e.txt").write_text("a text file")
+    (plain / ".partial").mkdir()  # hidden directories are not read
+    (plain / ".partial" / "f.jsonl").write_text(json.dumps({"text": "hidden"}) + "\n")
     texts = [t for _, t in iter_texts(plain)]
-    assert texts == ["plain text", "hi\nhello", "q?\ngood", "Add\n1 and 2\n3"]
+    assert texts == ["plain text", "hi\nhello", "q?\ngood", "Add\n1 and 2\n3", "a text file"]
     # a data mix: only its data split, found from the directory or the manifest
     mix = tmp_path / "mix"
     for split in ("data", "packed"):
@@ -373,6 +377,12 @@ def test_iter_texts_reads_every_schema(tmp_path):
                                                       (f"{tmp_path}/s.jsonl:2", "a row")]  # fmt: skip
     (tmp_path / "l.json").write_text(json.dumps(["x", {"sentence": "y"}]))
     assert [t for _, t in iter_texts(tmp_path / "l.json")] == ["x", "y"]
+    with gzip.open(tmp_path / "z.jsonl.gz", "wt") as f:
+        f.write(json.dumps({"text": "compressed"}) + "\n")
+    assert [t for _, t in iter_texts(tmp_path / "z.jsonl.gz")] == ["compressed"]
+    (tmp_path / "w.bin").write_text("?")
+    with pytest.raises(EvalError, match=r"w\.bin: unsupported text file type \(use one of .*\.txt"):
+        list(iter_texts(tmp_path / "w.bin"))
     (tmp_path / "bad.txt").write_bytes(b"fine\n\n\xff\xfe")
     with pytest.raises(EvalError, match=r"bad\.txt: not UTF-8 text \(file is not UTF-8 at byte 6\)"):
         list(iter_texts(tmp_path / "bad.txt"))

@@ -391,7 +391,7 @@ def test_score_plans_out_is_checked_before_any_work(tmp_path, tiny_llama_dir, ca
         assert rc == 2 and len(err) == 1 and "out: " in err[0], (out, rc, err)
         return err[0]
 
-    monkeypatch.setattr(seam, "_load", lambda *a: pytest.fail("loaded the model anyway"))
+    monkeypatch.setattr(seam, "load_model", lambda *a: pytest.fail("loaded the model anyway"))
     assert "lies inside the input" in refused(model / "config.json", "--overwrite")
     assert "lies inside the input" in refused(model / "scores.json")
     assert "exists" in refused(user_file)
@@ -444,13 +444,14 @@ def test_sweep_seam_scores_use_the_trials_own_held_out_rows(tmp_path, tiny_llama
     from stage_io import offline_prose, write_pretrain_mix
 
     from solar_ray.data.contract import held_out_rows, ids_and_positions, open_mix
-    from solar_ray.seam import _load, heldout_rows, score_model, seam_scores
+    from solar_ray.evaluate import load_model
+    from solar_ray.seam import heldout_rows, score_model, seam_scores
 
     mix = write_pretrain_mix(tmp_path / "mix", smollm2_tokenizer, offline_prose(12), seq_len=32)
     table = open_mix(str(mix), "pretrain", "data").read(["input_ids", "position_ids"])
     held = table.filter(held_out_rows(table, 0.25))
     assert 3 <= held.num_rows < table.num_rows
-    model, tokenizer = _load(tiny_llama_dir)
+    model, tokenizer, _ = load_model(str(tiny_llama_dir))
 
     def want(ids_pos):
         return [asdict(s) for s in score_model(model, *ids_pos, [1])]
@@ -493,10 +494,10 @@ def test_heldout_rows_from_text_files_a_prepared_mix_and_the_offline_documents(t
     # rows of 3: [a bb ccc EOS dddd e EOS] -> 7 tokens, 2 full rows (the last token dropped)
     ids, pos = heldout_rows(str(docs), tok, 5, 3)
     assert ids.tolist() == [[11, 12, 13], [2, 14, 11]] and pos.tolist() == [[0, 1, 2], [3, 0, 1]]
-    text = tmp_path / "held.txt"  # a text file is one document
-    text.write_text("a bb ccc\ndddd e")
-    ids, pos = heldout_rows(str(text), tok, 5, 3)
-    assert ids.tolist() == [[11, 12, 13], [14, 11, 2]] and pos.tolist() == [[0, 1, 2], [3, 4, 5]]
+    text = tmp_path / "held.txt"  # a text file: a document per blank-line-separated paragraph
+    text.write_text("a bb ccc\ndddd e\n\nff")
+    ids, pos = heldout_rows(str(text), tok, 5, 4)
+    assert ids.tolist() == [[11, 12, 13, 14], [11, 2, 12, 2]] and pos.tolist() == [[0, 1, 2, 3], [4, 5, 0, 1]]
     # a prepared mix: its first rows as they are packed (their own width, not seq_len)
     mix = write_pretrain_mix(tmp_path / "mix", smollm2_tokenizer, offline_prose(8), seq_len=32)
     from solar_ray.data.contract import open_mix

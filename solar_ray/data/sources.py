@@ -29,6 +29,7 @@ __all__ = [
     "FILE_TYPES",
     "Record",
     "SourceError",
+    "TEXT_FILE_TYPES",
     "detect_file_type",
     "expand_paths",
     "iter_records",
@@ -41,6 +42,8 @@ FILE_TYPES: dict[str, tuple[str, ...]] = {
     "parquet": (".parquet", ".pq"),
     "csv": (".csv",),
 }
+#: what evaluation reads: those and plain text (``text``, a record per paragraph)
+TEXT_FILE_TYPES: dict[str, tuple[str, ...]] = {**FILE_TYPES, "text": (".txt", ".md")}
 _COMPRESSION = (".gz", ".zst", ".bz2", ".xz")
 _GLOB_CHARS = "*?["
 RAW_PREVIEW_CHARS = 1000
@@ -71,19 +74,21 @@ def _strip_compression(name: str) -> str:
     return name
 
 
-def detect_file_type(path: str) -> str | None:
-    """``jsonl``/``json``/``parquet``/``csv`` from the extension, or None when unknown."""
+def detect_file_type(path: str, types: dict[str, tuple[str, ...]] = FILE_TYPES) -> str | None:
+    """The file type (a key of ``types``) from the extension, or None when unknown."""
     name = _strip_compression(path.rsplit("/", 1)[-1]).lower()
-    for file_type, exts in FILE_TYPES.items():
+    for file_type, exts in types.items():
         if name.endswith(exts):
             return file_type
     return None
 
 
-def expand_paths(patterns: list[str], field: str = "path") -> list[str]:
+def expand_paths(
+    patterns: list[str], field: str = "path", types: dict[str, tuple[str, ...]] = FILE_TYPES
+) -> list[str]:
     """Expand paths, globs and directories into a sorted list of files.
 
-    A directory contributes every file inside it (recursively) with a known extension. A
+    A directory contributes every file inside it (recursively) of one of ``types``. A
     pattern that matches nothing is a :class:`SourceError` naming ``field``.
     """
     out: list[str] = []
@@ -93,7 +98,7 @@ def expand_paths(patterns: list[str], field: str = "path") -> list[str]:
             if any(c in path for c in _GLOB_CHARS):
                 found = sorted(p for p in fs.glob(path) if fs.isfile(p))
             elif fs.isdir(path):
-                found = sorted(p for p in fs.find(path) if detect_file_type(p) is not None)
+                found = sorted(p for p in fs.find(path) if detect_file_type(p, types) is not None)
             elif fs.exists(path):
                 found = [path]
             else:
