@@ -16,6 +16,7 @@ runtime) and the surviving mutants' names (``cd .mutation/<module> && mutmut sho
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import shutil
@@ -57,6 +58,17 @@ def _pyproject(module: str, tests: list[str]) -> str:
     return f"{base}\n[tool.mutmut]\n{body}\n"
 
 
+def _code(path: Path) -> str:
+    """The module's code without docstrings (mutmut does not mutate them)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                body[0] = ast.Pass()
+    return ast.dump(tree)
+
+
 def _by_status(mutmut: str, work: Path, env: dict[str, str]) -> dict[str, list[str]]:
     listing = subprocess.run(
         [mutmut, "results", "--all", "true"], cwd=work, env=env, capture_output=True, text=True
@@ -73,8 +85,8 @@ def run_module(module: str, tests: list[str], survivors: bool = False) -> dict:
     """mutmut over one module in its scratch copy; the counts of its mutants by outcome.
 
     ``survivors``: keep the last run's results and rerun only its survivors (and mutants
-    no test reached) against the current ``tests/``; refused when the module's source
-    changed since that run (then the whole module runs again).
+    no test reached) against the current ``tests/``; refused when the module's code (its
+    docstrings aside) changed since that run (then the whole module runs again).
     """
     work = SCRATCH / Path(module).stem
     env = {**os.environ, "PYTHONPATH": str(work / "mutants")}
@@ -83,7 +95,7 @@ def run_module(module: str, tests: list[str], survivors: bool = False) -> dict:
     started = time.monotonic()
     if survivors:
         copied = work / module
-        if not copied.is_file() or copied.read_bytes() != (REPO / module).read_bytes():
+        if not copied.is_file() or _code(copied) != _code(REPO / module):
             raise SystemExit(f"mutation: {module} changed since its last run (or none): run it whole")
         shutil.rmtree(work / "tests")
         shutil.copytree(REPO / "tests", work / "tests", ignore=shutil.ignore_patterns("__pycache__"))
