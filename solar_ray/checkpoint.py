@@ -430,8 +430,8 @@ def _sibling_prefix(name: str, name_max: int) -> str:
 
 
 def _siblings(parent: Path, prefix: str) -> Iterator[tuple[str, Path]]:
-    """("tmp" | "old", path) of every temporary sibling of one output (any version's)."""
-    pat = re.compile(rf"^{re.escape(prefix)}\.(tmp|old)-([0-9a-f]{{8}}|[0-9a-f]{{{_TOKEN_HEX}}})$")
+    """("tmp" | "old", path) of every temporary sibling of one output."""
+    pat = re.compile(rf"^{re.escape(prefix)}\.(tmp|old)-[0-9a-f]{{{_TOKEN_HEX}}}$")
     try:
         entries = list(os.scandir(parent))
     except OSError:
