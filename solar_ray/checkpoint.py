@@ -20,9 +20,11 @@ reports) goes through :func:`atomic_output_dir`, which keeps a user's files safe
   ``.NAME.tmp-<token>`` (names longer than the file system allows are hash-shortened),
   whose directory is ``flock``-ed for the whole write. It appears at ``out`` with one
   ``renameat2(RENAME_EXCHANGE)`` (Linux), so ``out`` is always the old complete output or
-  the new one. Where the exchange is not supported, the fallback moves the old output to
-  ``.NAME.old-<token>`` first; a crash between the two renames leaves that complete old
-  copy, which the next run at the same ``out`` puts back (or drops, once ``out`` exists).
+  the new one. Where the file system refuses the exchange (a FUSE mount: bindfs 1.14.7 on
+  Linux 6.18 answers EINVAL; NFS's client refuses every rename flag; no renameat2 off
+  Linux), the fallback moves the old output to ``.NAME.old-<token>`` first; a crash between
+  the two renames leaves that complete old copy, which the next run at the same ``out``
+  puts back (or drops, once ``out`` exists).
 * **Stale siblings.** A temporary sibling whose lock nobody holds belongs to a dead writer
   (kill -9, power loss); the next run at the same ``out`` removes it.
 
@@ -553,7 +555,8 @@ def _publish(tmp: Path, out: Path, prefix: str) -> bool:
 
 
 def _swap(tmp: Path, out: Path, prefix: str) -> None:
-    """Exchange the directories ``tmp`` and ``out``: one ``renameat2``, else three renames.
+    """Exchange the directories ``tmp`` and ``out``: one ``renameat2``, else (a file system
+    without ``RENAME_EXCHANGE``, see the module doc) three renames.
 
     In the fallback the directory leaving ``out`` waits, complete, at ``.old-<token>``
     (locked, by this call or by this writer, so no cleaner takes it) until the other is in

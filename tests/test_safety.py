@@ -8,6 +8,8 @@ loaders is ``test_safety_fuzz.py``.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
@@ -412,6 +414,24 @@ def test_fallback_swap_and_a_failed_write_leave_the_old_output(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="boom"), atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "v").write_text("3")
         raise RuntimeError("boom")
+    assert (out / "v").read_text() == "2" and siblings(out) == []
+
+
+def test_a_file_system_without_the_exchange_publishes_through_the_fallback(tmp_path, monkeypatch):
+    """A FUSE mount (bindfs) answers renameat2's flags with EINVAL: the three renames run."""
+    calls: list[int] = []
+
+    def refused(olddirfd, old, newdirfd, new, flags):
+        calls.append(flags)
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(checkpoint, "_libc_renameat2", refused)
+    out = tmp_path / "out"
+    for v in "12":
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "v").write_text(v)
+    assert calls == [checkpoint._RENAME_NOREPLACE, checkpoint._RENAME_EXCHANGE]
     assert (out / "v").read_text() == "2" and siblings(out) == []
 
 
