@@ -10,7 +10,7 @@ is warm for every tool (the source was just written, and this sandbox cannot dro
 caches), so all read from memory.
 
 Input hashing (on by default) reuses the sha256 recorded for an unchanged source file
-(:func:`solar_ray.checkpoint.recorded_sha256`): ``solar`` runs with the record present
+(:func:`solar_ray.identity.recorded_sha256`): ``solar`` runs with the record present
 (every run after a file's first), ``solar_cold`` with the record removed before each run
 (a file never hashed before). The records live in ``bench/_work/dus-cache``.
 

@@ -1,12 +1,13 @@
 """The one on-disk model format, atomic writes and the ``solar.json`` lineage manifest.
 
 Every output directory goes through :func:`atomic_output_dir`: written into a ``flock``-ed
-hidden sibling ``.NAME.tmp-<token>`` and swapped in with one ``renameat2(RENAME_EXCHANGE)``
-(fallback: the old output moved to ``.NAME.old-<token>`` first, which the next run puts
-back or drops), replacing only what a ``.solar-ray-output`` marker says solar-ray wrote
-(else :class:`UnsafeOutputError`). ``solar.json`` is written last, so a directory without
-it is never a finished stage. The format and the rules: README.md, "One model format" and
-"Your files are safe".
+hidden sibling ``.NAME.tmp-<token>`` and swapped in with one ``renameat2(RENAME_EXCHANGE)``,
+replacing only what a ``.solar-ray-output`` marker says solar-ray wrote (else
+:class:`UnsafeOutputError`). Where the file system refuses the exchange (FUSE: bindfs
+1.14.7 on Linux 6.18 answers EINVAL; NFS refuses rename flags), the old output is moved to
+``.NAME.old-<token>`` first, which the next run puts back or drops. ``solar.json`` is
+written last, so a directory without it is never a finished stage. The format and the
+rules: README.md, "One model format" and "Your files are safe".
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ import shutil
 import sys
 import uuid
 from collections.abc import Callable, Iterable, Iterator, Mapping
+from importlib import metadata
 from pathlib import Path
 from typing import Any
 
@@ -52,12 +54,11 @@ __all__ = [
     "check_output",
     "format_bytes",
     "is_solar_output",
+    "library_version",
     "library_versions",
     "local_inputs",
-    "model_fingerprint",
+    "read_json_file",
     "read_manifest",
-    "recorded_sha256",
-    "sha256_file",
     "unaccounted_entry",
     "write_json_atomic",
     "write_manifest",
@@ -73,7 +74,6 @@ OUTPUT_MARKER = ".solar-ray-output"
 OUTPUT_MARKER_FORMAT = "solar-ray-output/1"
 #: the directory of stage markers that makes a directory a pipeline run directory
 RUN_MARKERS = ".pipeline"
-_HASH_CHUNK = 8 << 20
 _TOKEN_HEX = 12
 #: ``.tmp-`` / ``.old-`` plus the token: what a sibling name adds to its prefix
 _SUFFIX_LEN = 5 + _TOKEN_HEX
@@ -113,19 +113,20 @@ def write_json_atomic(path: str | Path, obj: Any) -> None:
 # --------------------------------------------------------------------------- ownership
 
 
-def _read_json(path: Path) -> Any:
-    """A local JSON file's value; None for any failure to read or parse it.
+def read_json_file(path: str | Path) -> dict[str, Any] | None:
+    """A local JSON object; None for any failure to read or parse it, or another value.
 
     Deliberately not :func:`solar_ray.remote.read_json`, which raises on a storage error:
-    the questions asked here are "did solar-ray write this directory?" and "is this output
-    finished?", and a file that cannot be read answers "no" to both, the side that neither
-    replaces the directory nor takes it as done.
+    the questions asked with it are "did solar-ray write this directory?" and "is this
+    output finished?", and a file that cannot be read answers "no" to both, the side that
+    neither replaces the directory nor takes it as done.
     """
     try:
         with open(path, encoding="utf-8") as f:
-            return json.load(f)
+            data = json.load(f)
     except (OSError, ValueError, RecursionError):
         return None
+    return data if isinstance(data, dict) else None
 
 
 def is_solar_output(path: str | Path) -> bool:
@@ -152,8 +153,7 @@ _JSON_TMP = re.compile(r"^(.*/)?\.([^/]+)\.tmp-[0-9a-f]{8}$")
 
 def _accounted(out: Path) -> Callable[[str], bool]:
     """Whether the write of ``out`` made an entry, by the list in its marker."""
-    marker = _read_json(out / OUTPUT_MARKER)
-    listed = marker.get("files") if isinstance(marker, dict) else None
+    listed = (read_json_file(out / OUTPUT_MARKER) or {}).get("files")
     known = {f for f in listed if isinstance(f, str)} if isinstance(listed, list) else set()
     known.add(OUTPUT_MARKER)
 
@@ -409,8 +409,8 @@ def _sibling_prefix(name: str, name_max: int) -> str:
 
 
 def _siblings(parent: Path, prefix: str) -> Iterator[tuple[str, Path]]:
-    """("tmp" | "old", path) of every temporary sibling of one output (any version's)."""
-    pat = re.compile(rf"^{re.escape(prefix)}\.(tmp|old)-([0-9a-f]{{8}}|[0-9a-f]{{{_TOKEN_HEX}}})$")
+    """("tmp" | "old", path) of every temporary sibling of one output."""
+    pat = re.compile(rf"^{re.escape(prefix)}\.(tmp|old)-[0-9a-f]{{{_TOKEN_HEX}}}$")
     try:
         entries = list(os.scandir(parent))
     except OSError:
@@ -533,7 +533,8 @@ def _publish(tmp: Path, out: Path, prefix: str) -> bool:
 
 
 def _swap(tmp: Path, out: Path, prefix: str) -> None:
-    """Exchange the directories ``tmp`` and ``out``: one ``renameat2``, else three renames.
+    """Exchange the directories ``tmp`` and ``out``: one ``renameat2``, else (a file system
+    without ``RENAME_EXCHANGE``, see the module doc) three renames.
 
     In the fallback the directory leaving ``out`` waits, complete, at ``.old-<token>``
     (locked, by this call or by this writer, so no cleaner takes it) until the other is in
@@ -612,7 +613,7 @@ def atomic_output_dir(
             # (solar_ray.identity.artifact_id), even when its bytes are the same
             {
                 "format": OUTPUT_MARKER_FORMAT,
-                "written_by": f"solar-ray {_version()}",
+                "written_by": f"solar-ray {library_version('solar-ray') or 'unknown'}",
                 "id": uuid.uuid4().hex,
                 "files": list(_entries(tmp)),  # what overwrite may remove later
             },
@@ -641,114 +642,28 @@ def atomic_output_dir(
         os.close(lock_fd)
 
 
-def _version() -> str:
-    from importlib import metadata
+# --------------------------------------------------------------------------- lineage
 
+
+@functools.cache
+def library_version(package: str) -> str | None:
+    """The installed version of ``package`` (None: not installed), looked up once a process
+    (each lookup scans the installed distributions)."""
     try:
-        return metadata.version("solar-ray")
+        return metadata.version(package)
     except metadata.PackageNotFoundError:
-        return "unknown"
+        return None
 
 
-# --------------------------------------------------------------------------- hashes, lineage
-
-
-def sha256_file(path: str | Path) -> str:
-    """Hex sha256 of a file, read in 8 MiB chunks (hashlib releases the GIL on them)."""
-    h = hashlib.sha256()
-    with open(path, "rb", buffering=0) as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
-def _file_state(st: os.stat_result) -> list[int]:
-    # ctime moves on every write and cannot be set back (unlike mtime), so a file rewritten
-    # in place with its size and mtime restored is still seen as changed
-    return [st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns]
-
-
-def recorded_sha256(path: str | Path) -> str:
-    """:func:`sha256_file`, reusing the hash recorded for an unchanged file.
-
-    The hash of each file hashed here is recorded in ``$SOLAR_RAY_CACHE/sha256/`` under its
-    real path with its device, inode, size, mtime and ctime; a file whose five still match
-    is not read again. A file that changed while it was read is not recorded. A cache that
-    cannot be written is skipped.
-    """
-    real = os.path.realpath(path)
-    record = cache_dir() / "sha256" / (hashlib.sha256(real.encode()).hexdigest()[:32] + ".json")
-    before = _file_state(os.stat(real))
-    try:
-        saved = json.loads(record.read_text())
-        if saved.get("path") == real and saved.get("state") == before:
-            return saved["sha256"]
-    except (OSError, ValueError, AttributeError):
-        pass
-    digest = sha256_file(real)
-    if _file_state(os.stat(real)) == before:
-        with contextlib.suppress(OSError):  # a cache: no fsync, a lost record costs a re-read
-            record.parent.mkdir(parents=True, exist_ok=True)
-            tmp = record.with_name(f".{record.name}.tmp-{uuid.uuid4().hex[:8]}")
-            tmp.write_text(json.dumps({"path": real, "state": before, "sha256": digest}))
-            os.replace(tmp, record)
-    return digest
-
-
-def _weight_and_config_files(model_dir: Path) -> list[Path]:
-    names = sorted(
-        p
-        for p in model_dir.iterdir()
-        if p.is_file() and (p.suffix == ".safetensors" or p.name == "config.json")
-    )
-    return names
-
-
-def model_fingerprint(model_dir: str | Path, file_hashes: Mapping[str, str] | None = None) -> dict:
-    """Content hash of a model directory: sha256 of every weight file and of config.json.
-
-    ``file_hashes`` supplies hashes already computed (e.g. by a writer that hashed while it
-    read). Returns ``{"path", "sha256", "files": {name: sha256}}`` where ``sha256`` is the
-    hash of the sorted ``name:hash`` lines, so it changes when any file changes.
-    """
-    model_dir = Path(model_dir)
-    files: dict[str, str] = {}
-    for p in _weight_and_config_files(model_dir):
-        files[p.name] = (file_hashes or {}).get(p.name) or recorded_sha256(p)
-    combined = hashlib.sha256(
-        "".join(f"{k}:{v}\n" for k, v in sorted(files.items())).encode()
-    ).hexdigest()
-    return {"path": str(model_dir), "sha256": combined, "files": files}
+#: the libraries that shape an artifact, whose versions a manifest records
+_LIBRARIES = (
+    "solar-ray", "torch", "transformers", "safetensors", "ray", "deepspeed", "trl", "datasets", "pyarrow"
+)
 
 
 def library_versions() -> dict[str, str]:
     """Versions of the libraries that shape an artifact, for the manifest."""
-    return dict(_library_versions())
-
-
-@functools.cache
-def _library_versions() -> dict[str, str]:
-    # once per process: each lookup scans the installed distributions (about 25 ms for
-    # the nine, which the upscale writer looks up while its copy runs)
-    from importlib import metadata
-
-    out = {}
-    for name in (
-        "solar-ray",
-        "torch",
-        "transformers",
-        "safetensors",
-        "ray",
-        "deepspeed",
-        "trl",
-        "datasets",
-        "pyarrow",
-    ):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            pass
-    return out
+    return {name: v for name in _LIBRARIES if (v := library_version(name))}
 
 
 def write_manifest(
@@ -762,9 +677,9 @@ def write_manifest(
 ) -> dict:
     """Write ``solar.json`` (last, atomically) and return it.
 
-    ``parents`` are fingerprints (:func:`model_fingerprint`) or other input descriptions
-    (a data manifest's path and hash); ``extra`` holds stage-specific fields such as the
-    upscale plan.
+    ``parents`` are fingerprints (:func:`solar_ray.identity.model_fingerprint`) or other
+    input descriptions (a data manifest's path and hash); ``extra`` holds stage-specific
+    fields such as the upscale plan.
     """
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -788,8 +703,8 @@ def read_manifest(model_dir: str | Path) -> dict | None:
     p = Path(model_dir) / MANIFEST_NAME
     if not p.is_file():
         return None
-    manifest = _read_json(p)
-    if not isinstance(manifest, dict):
+    manifest = read_json_file(p)
+    if manifest is None:
         log.warning("%s is not a JSON mapping; the directory is not taken as finished", p)
         return None
     return manifest

@@ -24,9 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from solar_ray.checkpoint import (
     atomic_output_dir,
     check_output,
+    library_version,
     library_versions,
     local_inputs,
-    model_fingerprint,
     read_manifest,
     write_json_atomic,
     write_manifest,
@@ -35,6 +35,7 @@ from solar_ray.compare import pm as _pm
 from solar_ray.compare import results_table
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
+from solar_ray.identity import content_hash
 from solar_ray.stats import Estimate, mean_se, ratio_estimate
 
 if TYPE_CHECKING:
@@ -864,7 +865,7 @@ def _evaluate_model(
         result["ppl_texts"] = ppl["num_texts"]
         result["ppl_windows"] = ppl["windows"]
     if cfg.hash_models:
-        result["fingerprint"] = model_fingerprint(local)["sha256"]
+        result["fingerprint"] = content_hash(local)
     result["eval_seconds"] = round(time.monotonic() - t0, 2)
     del model
     return result
@@ -924,7 +925,7 @@ def run_eval(
         "note": cfg.note,
         "benchmark_data": data_identity() if any(s.offline for s in specs) else None,
         "config": cfg.to_dict(),
-        "versions": {**library_versions(), "lm_eval": _version("lm_eval")},
+        "versions": {**library_versions(), "lm_eval": library_version("lm_eval")},
     }
     for entry in cfg.models:
         model_result = _evaluate_model(cfg, entry, specs, task_manager, ppl_texts)
@@ -1007,13 +1008,4 @@ def write_results(
             },
         )
     return Path(out)
-
-
-def _version(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 

@@ -10,8 +10,8 @@ Methods, what is refused and the output: docs/merge-eval.md.
 
 from __future__ import annotations
 
-import concurrent.futures
 import filecmp
+import functools
 import logging
 import math
 import os
@@ -27,14 +27,15 @@ from solar_ray.checkpoint import (
     atomic_output_dir,
     check_free_space,
     check_output,
+    library_version,
     local_inputs,
-    model_fingerprint,
     write_json_atomic,
     write_manifest,
     write_model_card,
 )
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
+from solar_ray.identity import in_background, model_fingerprint
 from solar_ray.models import check_tensor_shapes, read_config, resolve_model
 from solar_ray.progress import Progress
 from solar_ray.upscale import (
@@ -607,9 +608,8 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
     )
     check_free_space(cfg.out, _merged_nbytes(cfg, tensors) + (1 << 20), "the merged model")
 
-    pool = concurrent.futures.ThreadPoolExecutor(max_workers=1) if cfg.hash_inputs else None
-    hashes = [pool.submit(model_fingerprint, d) for d in check_dirs] if pool else []
-    try:
+    jobs = [functools.partial(model_fingerprint, d) for d in check_dirs] if cfg.hash_inputs else []
+    with in_background(jobs) as hashes:  # the inputs' content hashes, while the merge runs
         with atomic_output_dir(cfg.out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
             extra: dict[str, Any] = {}
             if cfg.method in NATIVE_METHODS:
@@ -639,7 +639,7 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
                         shutil.copyfile(lead / name, tmp / name)
                 if not _tokenizer_files(tmp):
                     log.warning("the base model %s has no tokenizer files: the merged model has none", lead)
-                extra["mergekit_version"] = _version("mergekit")
+                extra["mergekit_version"] = library_version("mergekit")
             weights = (
                 linear_coefficients(cfg.weights, len(cfg.models), cfg.linear_normalize)
                 if cfg.method == "linear"
@@ -648,7 +648,7 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
             write_model_card(tmp, f"Merge of {len(cfg.models)} models ({cfg.method})", _card_lines(cfg, weights))
             parents = []
             for i, d in enumerate(check_dirs):
-                fp = hashes[i].result() if pool else {"path": str(d)}
+                fp = hashes[i].result() if hashes else {"path": str(d)}
                 is_base = base_dir is not None and i == 0
                 fp["source"] = cfg.base_model if is_base else cfg.models[i - (1 if base_dir else 0)]
                 fp["role"] = "base" if is_base else "model"
@@ -665,9 +665,6 @@ def run_merge(cfg: MergeConfig, progress: Callable[[int, int], None] | None = No
                 num_tensors=len(tensors),
                 **extra,
             )
-    finally:
-        if pool:
-            pool.shutdown(wait=True, cancel_futures=True)
     log.info("merged %d models (%s) into %s", len(cfg.models), cfg.method, cfg.out)
     return MergeResult(Path(cfg.out).absolute(), cfg.method, len(tensors), manifest)
 
@@ -682,15 +679,6 @@ def _merged_nbytes(cfg: MergeConfig, tensors: dict[str, list[TensorRef]]) -> int
         else:
             total += refs[0].nbytes
     return total
-
-
-def _version(package: str) -> str | None:
-    from importlib import metadata
-
-    try:
-        return metadata.version(package)
-    except metadata.PackageNotFoundError:
-        return None
 
 
 def _card_lines(cfg: MergeConfig, weights: Sequence[float] | None) -> list[str]:

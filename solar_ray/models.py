@@ -22,9 +22,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from solar_ray.checkpoint import atomic_output_dir, local_inputs, sha256_file, write_json_atomic
+from solar_ray.checkpoint import atomic_output_dir, local_inputs, write_json_atomic
 from solar_ray.errors import UserError, require
 from solar_ray.fs import cache_dir, expand_user
+from solar_ray.identity import sha256_file
 
 __all__ = [
     "ARCHITECTURES",

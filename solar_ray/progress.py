@@ -3,8 +3,8 @@
 One helper for every stage that works for a while without saying anything: upscale and
 merge (bytes or tensors written), data (rows), training (steps, with an ETA; reported from
 the Ray Train driver). A bar is drawn only when stderr is a terminal; in a job log, a
-pipe or a file, a line such as ``merge: 120/291 tensors (41%), 12.0 tensors/s, ETA 14s``
-is logged at most every ``interval_s`` seconds and once at the end.
+pipe or a file, tqdm's line without the bar (``merge:  41% 120/291 [00:10<00:14,
+12.00tensors/s]``) is logged at most every ``interval_s`` seconds and once at the end.
 """
 
 from __future__ import annotations
@@ -16,31 +16,12 @@ from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
-__all__ = ["Progress", "format_eta"]
+__all__ = ["Progress"]
 
 log = logging.getLogger("solar_ray.progress")
 
 #: seconds between plain log lines when not in a terminal
 DEFAULT_INTERVAL_S = 30.0
-
-
-def format_eta(seconds: float) -> str:
-    """``75`` -> ``1m15s``; ``4000`` -> ``1h06m``."""
-    seconds = max(0, int(round(seconds)))
-    if seconds < 60:
-        return f"{seconds}s"
-    if seconds < 3600:
-        return f"{seconds // 60}m{seconds % 60:02d}s"
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-
-
-def _amount(value: float, unit: str) -> str:
-    if unit != "B":
-        return f"{value:,.0f}" if value >= 100 or value == int(value) else f"{value:.3g}"
-    for scale, suffix in ((1 << 30, "GiB"), (1 << 20, "MiB"), (1 << 10, "KiB")):
-        if value >= scale:
-            return f"{value / scale:.1f} {suffix}"
-    return f"{value:.0f} B"
 
 
 class Progress:
@@ -68,14 +49,12 @@ class Progress:
         self._initial = float(initial)
         self._bar: Any = None
         self._emit = emit or (lambda text: log.info("%s", text))
+        self._format = dict(unit=unit, unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000)
         terminal = sys.stderr.isatty() if terminal is None else terminal
         if terminal:
             from tqdm.auto import tqdm
 
-            self._bar = tqdm(
-                total=total, desc=what, unit=unit, initial=initial, dynamic_ncols=True,
-                unit_scale=unit == "B", unit_divisor=1024 if unit == "B" else 1000,
-            )  # fmt: skip
+            self._bar = tqdm(total=total, desc=what, initial=initial, dynamic_ncols=True, **self._format)
 
     def update(self, amount: float = 1) -> None:
         """Add ``amount`` done."""
@@ -94,20 +73,14 @@ class Progress:
             self._emit(self.line(now))
 
     def line(self, now: float | None = None) -> str:
-        """The plain-text status: done/total, percentage, rate and ETA."""
-        elapsed = max((time.monotonic() if now is None else now) - self._start, 1e-9)
-        rate = (self.done - self._initial) / elapsed
-        unit = "" if self.unit == "B" else f" {self.unit}"  # bytes carry their own unit
-        text = f"{self.what}: {_amount(self.done, self.unit)}"
-        if self.total:
-            text += f"/{_amount(self.total, self.unit)}{unit} ({100 * self.done / self.total:.0f}%)"
-        else:
-            text += unit
-        if rate > 0:
-            text += f", {_amount(rate, self.unit)}{unit}/s"
-            if self.total and self.done < self.total:
-                text += f", ETA {format_eta((self.total - self.done) / rate)}"
-        return text
+        """The plain-text status: tqdm's (done/total, percentage, elapsed, ETA, rate)."""
+        from tqdm import tqdm
+
+        elapsed = (time.monotonic() if now is None else now) - self._start
+        done = int(self.done) if self.done.is_integer() else self.done
+        return tqdm.format_meter(
+            done, self.total, elapsed, ncols=0, prefix=self.what, initial=self._initial, **self._format
+        )
 
     def close(self, failed: bool | None = None) -> None:
         """Finish the bar, or log the last line (not for work that failed: a failed

@@ -10,8 +10,6 @@ local mirror. Transfers are pyarrow's, bounded in time, and fail with one
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import json
 import logging
@@ -22,6 +20,8 @@ import uuid
 from collections.abc import Callable, Collection
 from pathlib import Path
 from typing import Any, TypeVar
+
+from filelock import FileLock
 
 from solar_ray.checkpoint import OUTPUT_MARKER, OUTPUT_MARKER_FORMAT, write_json_atomic
 from solar_ray.errors import UserError, user_os_error
@@ -230,7 +230,7 @@ def _download(uri: str, dest: Path, names: Collection[str] | None) -> Path:
     if _same_artifact(dest, marker):
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
-    with _locked(dest.parent / f".{dest.name}.lock"):
+    with FileLock(dest.parent / f".{dest.name}.lock"):
         if _same_artifact(dest, marker):
             return dest  # another process on this node downloaded it meanwhile
         fs, root = arrow_filesystem(uri)
@@ -339,13 +339,3 @@ def _local_files(root: Path) -> list[Path]:
 def _write(fs: Any, path: str, data: dict[str, Any]) -> None:
     with fs.open_output_stream(path) as f:
         f.write(json.dumps(data, indent=2, sort_keys=True).encode("utf-8"))
-
-
-@contextlib.contextmanager
-def _locked(path: Path):
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)

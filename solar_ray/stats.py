@@ -106,22 +106,21 @@ def interpolate_rows(
     """Per-row values at ``x``, linearly interpolated between the two points around it.
 
     ``points`` are ``(x, per-row values)`` sorted or not; None when ``x`` is outside them
-    (never extrapolated). Interpolating every row linearly keeps the rows paired, and the
-    mean of the interpolated rows is the interpolated mean.
+    (never extrapolated); an ``x`` a rounding error past a point is that point; at an
+    ``x`` that several points share, the last of them. Interpolating every row linearly
+    keeps the rows paired, and the mean of the interpolated rows is the interpolated mean.
     """
     pts = sorted(points, key=lambda p: p[0])
-    if not pts:
-        return None
+    xs = [p[0] for p in pts]
     tol = 1e-9 * max(1.0, abs(x))
-    if x < pts[0][0] - tol or x > pts[-1][0] + tol:
+    if not xs or not xs[0] - tol <= x <= xs[-1] + tol:
         return None
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if x0 - tol <= x <= x1 + tol:
-            if x1 == x0:
-                return np.asarray(y1, dtype=np.float64)
-            w = min(max((x - x0) / (x1 - x0), 0.0), 1.0)
-            return (1 - w) * np.asarray(y0, dtype=np.float64) + w * np.asarray(y1, dtype=np.float64)
-    return np.asarray(pts[-1][1], dtype=np.float64)
+    x = next((p for p in reversed(xs) if p < x <= p + tol), x)
+    # where x falls as a fractional index into the points: i, and w of the way to i + 1
+    at = float(np.interp(x, xs, np.arange(len(xs))))
+    i = int(at)
+    w, y0 = at - i, np.asarray(pts[i][1], dtype=np.float64)
+    return y0 if w == 0 else (1 - w) * y0 + w * np.asarray(pts[i + 1][1], dtype=np.float64)
 
 
 @dataclass(frozen=True)

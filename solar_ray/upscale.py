@@ -11,6 +11,7 @@ safetensors headers, checks every planned shape against the re-planned ``config.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -32,8 +33,6 @@ from solar_ray.checkpoint import (
     check_output,
     library_versions,
     local_inputs,
-    model_fingerprint,
-    recorded_sha256,
     write_json_atomic,
     write_manifest,
     write_model_card,
@@ -41,6 +40,7 @@ from solar_ray.checkpoint import (
 from solar_ray.config import StageConfig
 from solar_ray.errors import UserError
 from solar_ray.fs import expand_user
+from solar_ray.identity import in_background, model_fingerprint, recorded_sha256
 from solar_ray.models import (
     ArchSpec,
     ModelSourceError,
@@ -834,32 +834,6 @@ def _write_shard(
             os.close(sfd)
 
 
-class _BackgroundHasher:
-    """sha256 of the source files on a second thread, overlapping the copy (a file whose
-    hash is recorded and that has not changed since is not read again); then the
-    manifest's library versions, looked up while the copy runs."""
-
-    def __init__(self, files: list[Path]) -> None:
-        self.result: dict[str, str] = {}
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(files,), daemon=True)
-        self._thread.start()
-
-    def _run(self, files: list[Path]) -> None:
-        try:
-            for p in files:
-                self.result[p.name] = recorded_sha256(p)
-            library_versions()
-        except BaseException as e:  # reported by join()
-            self._error = e
-
-    def join(self) -> dict[str, str]:
-        self._thread.join()
-        if self._error:
-            raise self._error
-        return self.result
-
-
 # --------------------------------------------------------------------------- stage
 
 
@@ -918,9 +892,13 @@ def run_upscale(cfg: UpscaleConfig) -> UpscaleResult:
         f"the upscaled model ({len(plan)} layers)",
     )
 
-    source_files = sorted({r.file for r in refs.values()})
-    hasher = _BackgroundHasher(source_files + [src_dir / "config.json"]) if cfg.hash_inputs else None
-    with atomic_output_dir(cfg.out, overwrite=cfg.overwrite, inputs=inputs) as tmp:
+    # the source's hashes (and the manifest's library versions) while the copy runs
+    hashed = [*sorted({r.file for r in refs.values()}), src_dir / "config.json"] if cfg.hash_inputs else []
+    calls = [*(functools.partial(recorded_sha256, p) for p in hashed), library_versions]
+    with (
+        in_background(calls) as hashes,
+        atomic_output_dir(cfg.out, overwrite=cfg.overwrite, inputs=inputs) as tmp,
+    ):
         weight_map = write_shards(shards, tmp, fsync=cfg.durable)
         if len(shards) > 1:
             total = sum(t.nbytes for t in tensors)
@@ -944,7 +922,8 @@ def run_upscale(cfg: UpscaleConfig) -> UpscaleResult:
                 f"Source layer of each output layer: {plan_ids}",
             ],
         )
-        parent = model_fingerprint(src_dir, hasher.join()) if hasher else {"path": str(src_dir)}
+        file_hashes = {p.name: h.result() for p, h in zip(hashed, hashes, strict=False)}
+        parent = model_fingerprint(src_dir, file_hashes) if hashed else {"path": str(src_dir)}
         parent["source"] = cfg.source
         manifest = write_manifest(
             tmp,

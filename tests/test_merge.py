@@ -6,6 +6,7 @@ import json
 import math
 import re
 import shutil
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -369,6 +370,8 @@ def test_delegated_method_equals_mergekit_tensor_for_tensor(tmp_path, model_a, m
     manifest = read_manifest(out)
     assert manifest["stage"] == "merge" and manifest["method"] == method
     assert [p["role"] for p in manifest["parents"]] == ["base", "model", "model"]
+    assert manifest["mergekit_version"] == metadata.version("mergekit")
+    assert manifest["versions"]["torch"] == metadata.version("torch")
     assert (out / "tokenizer.json").is_file() and (out / "README.md").is_file()
     AutoModelForCausalLM.from_pretrained(out)
 

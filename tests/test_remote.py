@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 
 import pytest
+from conftest import waits_for_lock
 from s3_server import objects, s3_server
 
 from solar_ray import remote
@@ -81,6 +82,14 @@ def test_publish_puts_the_marker_last_and_download_round_trips(s3, tmp_path):
     remote.publish(_output(tmp_path / "out2", {"a.txt": b"new"}), uri)
     remote.download(uri, copy)
     assert (copy / "a.txt").read_bytes() == b"new" and not (copy / "sub").exists()
+
+
+def test_a_download_waits_for_one_of_the_same_copy_in_another_process(s3, tmp_path):
+    uri = f"s3://{BUCKET}/waits/out"
+    remote.publish(_output(tmp_path / "out", {"a.txt": b"a"}), uri)
+    copy = tmp_path / "copy"
+    assert waits_for_lock(tmp_path / ".copy.lock", lambda: remote.download(uri, copy)) == copy
+    assert (copy / "a.txt").read_bytes() == b"a"
 
 
 _KILLED_UPLOAD = """

@@ -8,18 +8,20 @@ loaders is ``test_safety_fuzz.py``.
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import json
 import os
 import re
 import shutil
 import struct
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import flock_held
 from safetensors import safe_open
 from safety_helpers import assert_refused, siblings, tiny_model
 
@@ -334,35 +336,23 @@ def test_mergekit_output_is_checked_before_it_is_published(tmp_path, src, monkey
 def test_stale_temporaries_of_dead_writers_are_removed_live_ones_kept(tmp_path, src):
     out = tmp_path / "out"
     dead = tmp_path / ".out.tmp-0123456789ab"
-    legacy = tmp_path / ".out.tmp-deadbeef"  # an older version's name
     live = tmp_path / ".out.tmp-aaaaaaaaaaaa"
-    for d in (dead, legacy, live):
+    for d in (dead, live):
         d.mkdir()
         (d / "model.safetensors").write_bytes(b"\0" * 1000)
     # a live writer: another process holds the lock of its temporary directory
-    holder = subprocess.Popen(
-        [sys.executable, "-c",
-         "import fcntl, os, sys, time; fd = os.open(sys.argv[1], os.O_RDONLY); "
-         "fcntl.flock(fd, fcntl.LOCK_EX); print('locked', flush=True); time.sleep(120)",
-         str(live)],
-        stdout=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with flock_held(live):
         assert cli_main(upscale(src, out)) == 0
-        assert siblings(out) == [live.name]  # the dead ones are gone, the live one kept
-    finally:
-        holder.kill()
-        holder.wait()
+        assert siblings(out) == [live.name]  # the dead one is gone, the live one kept
     assert cli_main(upscale(src, out, "--overwrite")) == 0
     assert siblings(out) == []
     # unrelated hidden entries that merely look similar are never touched
-    for name in (".out.tmp-notahexname", ".outer.tmp-0123456789ab", ".out.tmpfile"):
+    # (an 8-hex token is not a current writer's name)
+    look_alike = (".out.tmp-notahexname", ".outer.tmp-0123456789ab", ".out.tmpfile", ".out.tmp-deadbeef")
+    for name in look_alike:
         (tmp_path / name).mkdir()
     assert cli_main(upscale(src, out, "--overwrite")) == 0
-    assert {".out.tmp-notahexname", ".outer.tmp-0123456789ab", ".out.tmpfile"} <= {
-        p.name for p in tmp_path.iterdir()
-    }
+    assert set(look_alike) <= {p.name for p in tmp_path.iterdir()}
 
 
 def test_sigterm_is_one_line_even_after_ray_replaced_the_handler(capsys, monkeypatch):
@@ -424,6 +414,24 @@ def test_fallback_swap_and_a_failed_write_leave_the_old_output(tmp_path, monkeyp
     with pytest.raises(RuntimeError, match="boom"), atomic_output_dir(out, overwrite=True) as tmp:
         (tmp / "v").write_text("3")
         raise RuntimeError("boom")
+    assert (out / "v").read_text() == "2" and siblings(out) == []
+
+
+def test_a_file_system_without_the_exchange_publishes_through_the_fallback(tmp_path, monkeypatch):
+    """A FUSE mount (bindfs) answers renameat2's flags with EINVAL: the three renames run."""
+    calls: list[int] = []
+
+    def refused(olddirfd, old, newdirfd, new, flags):
+        calls.append(flags)
+        ctypes.set_errno(errno.EINVAL)
+        return -1
+
+    monkeypatch.setattr(checkpoint, "_libc_renameat2", refused)
+    out = tmp_path / "out"
+    for v in "12":
+        with atomic_output_dir(out, overwrite=True) as tmp:
+            (tmp / "v").write_text(v)
+    assert calls == [checkpoint._RENAME_NOREPLACE, checkpoint._RENAME_EXCHANGE]
     assert (out / "v").read_text() == "2" and siblings(out) == []
 
 

@@ -25,7 +25,8 @@ import pytest
 import yaml
 from safety_helpers import siblings, tiny_model, tree_state
 
-from solar_ray.checkpoint import OUTPUT_MARKER, model_fingerprint
+from solar_ray.checkpoint import OUTPUT_MARKER
+from solar_ray.identity import model_fingerprint
 from solar_ray.merge import MergeConfig, run_merge
 from solar_ray.models import check_tensor_shapes, read_config
 from solar_ray.upscale import UpscaleConfig, read_model_tensors, run_upscale

@@ -12,6 +12,7 @@ import json
 import os
 import shutil
 import subprocess
+from importlib import metadata
 from pathlib import Path
 
 import pytest
@@ -104,8 +105,10 @@ def test_the_marker_lists_what_the_write_made(tmp_path):
         (tmp / "b").mkdir()
         (tmp / "b" / "x").write_text("1")
         (tmp / "a").symlink_to("b/x")
-    marker = checkpoint._read_json(out / checkpoint.OUTPUT_MARKER)
+    marker = checkpoint.read_json_file(out / checkpoint.OUTPUT_MARKER)
     assert marker["files"] == ["a", "b", "b/x"]
+    assert marker["written_by"] == f"solar-ray {metadata.version('solar-ray')}"
+    assert checkpoint.library_version("solar-ray-no-such-package") is None
     (out / "b" / "y").write_text("mine")
     assert checkpoint.unaccounted_entry(out) == "b/y"
 

@@ -10,6 +10,7 @@ import pytest
 from stage_io import arithmetic_mixes, export_matches_probe, model_weights
 
 from solar_ray.config import ConfigError, load_config
+from solar_ray.identity import content_hash
 from solar_ray.train.config import DPOConfig, SFTConfig
 
 pytestmark = pytest.mark.slow
@@ -62,6 +63,11 @@ def test_sft_lora_trains_and_merges_into_the_base(mixes, tiny_llama_dir):
     assert adapter["r"] == 8 and sorted(adapter["target_modules"]) == sorted(ADAPTED)
     assert "LoRA adapters (r=8" in (result.out / "README.md").read_text()
     assert export_matches_probe(result.out) == []
+    # lineage: the base model's content hash, hashed while the run trained, then the data
+    parents = json.loads((result.out / "solar.json").read_text())["parents"]
+    assert [p["role"] for p in parents] == ["model", "data"]
+    assert parents[0]["kind"] == "model" and parents[0]["source"] == str(tiny_llama_dir)
+    assert parents[0]["sha256"] == content_hash(tiny_llama_dir)
 
 
 def test_dpo_lora_uses_the_adapter_free_policy_as_reference(mixes, tiny_llama_dir):

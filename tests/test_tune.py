@@ -227,12 +227,26 @@ def test_best_and_interpolation():
     # a stopped trial never beats one that trained the full budget; the reference never wins
     assert select_best(rows, "eval_loss", "min")["trial"] == "b"
     curve = [
-        {"step": 2, "flops": 10.0, "eval_loss": 4.0},
         {"step": 4, "flops": 20.0, "eval_loss": 2.0},
+        {"step": 2, "flops": 10.0, "eval_loss": 4.0},
+        {"step": 3, "flops": math.nan, "eval_loss": 9.0},  # no FLOPs: not on the FLOPs curve
     ]
-    assert value_at(curve, "step", 3, "eval_loss") == pytest.approx(3.0)
-    assert value_at(curve, "flops", 20.0, "eval_loss") == pytest.approx(2.0)
+    assert value_at(curve, "flops", 12.5, "eval_loss") == pytest.approx(3.5)
+    assert value_at(curve, "flops", 20.0, "eval_loss") == 2.0 and value_at(curve, "step", 3, "eval_loss") == 9.0
     assert value_at(curve, "step", 5, "eval_loss") is None
+    # a rounding error past the end is the end; before the start is never interpolated
+    assert value_at(curve, "step", 4 + 1e-12, "eval_loss") == 2.0
+    assert value_at(curve, "step", 2 - 1e-12, "eval_loss") is None
+
+
+def test_a_rung_score_is_interpolated_between_the_reports_around_it():
+    from solar_ray.tune.hooks import score_at
+
+    assert score_at(12.5, (10.0, 4.0), (20.0, 2.0)) == pytest.approx(3.5)
+    assert score_at(20.0, (10.0, 4.0), (20.0, 2.0)) == 2.0  # reported at the rung itself
+    assert score_at(15.0, None, (20.0, 2.0)) == 2.0  # no report before the rung
+    assert score_at(15.0, (10.0, math.nan), (20.0, 2.0)) == 2.0  # a diverged run stays the worst
+    assert score_at(15.0, (10.0, 4.0), (20.0, math.inf)) == math.inf
 
 
 def test_worker_reports_forwarded_to_tune():

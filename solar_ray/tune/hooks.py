@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterable
 from typing import Any
 
+import numpy as np
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.integration.ray_train import TuneReportCallback
@@ -108,7 +109,7 @@ def score_at(
     x0, y0 = before
     if not x0 < milestone < x1:
         return y1
-    return y0 + (y1 - y0) * (milestone - x0) / (x1 - x0)
+    return float(np.interp(milestone, (x0, x1), (y0, y1)))
 
 
 class SuccessiveHalving(FIFOScheduler):

@@ -17,6 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import yaml
 
 from solar_ray.checkpoint import write_json_atomic
@@ -90,17 +91,15 @@ def select_best(rows: Sequence[dict], metric: str, mode: str) -> dict | None:
 def value_at(curve: Sequence[dict], x_key: str, x: float, metric: str) -> float | None:
     """The metric of a learning curve at ``x`` (steps or FLOPs), linearly interpolated.
 
-    None when the curve does not reach ``x``.
+    None when the curve does not reach ``x`` (an ``x`` a rounding error past its end is
+    its end), or starts after it.
     """
     pts = sorted(
         (p[x_key], p[metric]) for p in curve if _finite(p.get(x_key)) and _finite(p.get(metric))
     )
     if not pts or x > pts[-1][0] + 1e-9 * max(1.0, abs(x)) or x < pts[0][0]:
         return None
-    for (x0, y0), (x1, y1) in zip(pts, pts[1:], strict=False):
-        if x0 <= x <= x1:
-            return y0 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return pts[-1][1]
+    return float(np.interp(x, [p[0] for p in pts], [p[1] for p in pts]))
 
 
 # --------------------------------------------------------------------------- tables
