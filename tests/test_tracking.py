@@ -188,6 +188,7 @@ def test_sweeps_attach_tunes_logger_callbacks():
     wandb_cb, mlflow_cb = tune_callbacks(["wandb", "mlflow"], "sweep-m")
     assert isinstance(wandb_cb, WandbLoggerCallback) and wandb_cb.project == "sweep-m"
     assert isinstance(mlflow_cb, MLflowLoggerCallback) and mlflow_cb.experiment_name == "sweep-m"
+    assert mlflow_cb.should_save_artifact is False  # trial checkpoints stay in storage, not in MLflow
     assert tune_callbacks([], "sweep-m") == []
     with pytest.raises(ValueError, match="tensorboard: Tune writes"):
         SweepConfig.model_validate({"name": "s", "base": "b", "search": {"m": [1]},
@@ -366,3 +367,54 @@ def test_tune_callbacks_carry_the_project(monkeypatch):
     monkeypatch.setitem(sys.modules, "mlflow", None)  # as if not installed
     with pytest.raises(MissingDependencyError, match=r"tracking: mlflow needs the package mlflow"):
         tune_callbacks(["mlflow"], "sweep-x")
+
+
+def test_a_wandb_run_is_named_and_kept_where_asked(tmp_path, offline_trackers, monkeypatch):
+    """The offline W&B run records the recipe's project, run name, stable id and config,
+    resumes by that id, and lives under the run's own directory (made with its parents)
+    when ``WANDB_DIR`` is not set."""
+    from wandb.proto import wandb_internal_pb2
+
+    from solar_ray.tracking import TrackedRun, open_tracker
+
+    monkeypatch.delenv("WANDB_DIR")
+    local = tmp_path / "run" / "not" / "there" / "yet"
+    run = TrackedRun(project="demo", name="demo-cpt", run_id="abc123", config={"lr": 0.1})
+    tracker = open_tracker("wandb", run, local)
+    tracker.log(1, {"loss": 3.0})
+    tracker.close()
+    (path,) = local.rglob("run-*.wandb")
+    records = [wandb_internal_pb2.Record.FromString(data) for data in _wandb_records(path)]
+    (first,) = [r.run for r in records if r.WhichOneof("record_type") == "run"][:1]
+    assert (first.project, first.display_name, first.run_id) == ("demo", "demo-cpt", "abc123")
+    assert first.resume  # resume="allow": a restarted worker continues this id
+    config, points = wandb_history(local, "loss")
+    assert points == [[1, 3.0]] and config["lr"] == 0.1
+
+
+def test_mlflow_metrics_carry_the_time_they_were_logged(tmp_path, offline_trackers):
+    import time
+
+    from mlflow.tracking import MlflowClient
+
+    writer = _writer(tmp_path, "mlflow")
+    before = int(time.time() * 1000)
+    writer.scalars(1, {"loss": 3.0})
+    after = int(time.time() * 1000)
+    writer.close()
+    client = MlflowClient(offline_trackers["mlflow"].as_uri())
+    (run,) = client.search_runs([client.get_experiment_by_name("demo").experiment_id])
+    (point,) = client.get_metric_history(run.info.run_id, "loss")
+    assert before - 1 <= point.timestamp <= after + 1
+
+
+@pytest.mark.parametrize("backend", ["wandb", "mlflow"])
+def test_a_worker_without_the_backend_package_names_it(tmp_path, monkeypatch, backend):
+    """A worker node that lacks the package the driver had: the tracker's own one line."""
+    from solar_ray.tracking import TrackedRun, open_tracker
+
+    monkeypatch.setitem(sys.modules, backend, None)  # as if not installed on this node
+    run = TrackedRun(project="demo", name="demo-cpt", run_id="abc123", config={})
+    message = rf"^tracking: {backend} needs the package {backend}, which is not installed: pip install 'solar-ray\[{backend}\]'$"
+    with pytest.raises(MissingDependencyError, match=message):
+        open_tracker(backend, run, tmp_path)
