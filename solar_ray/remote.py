@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import uuid
@@ -62,6 +63,10 @@ def is_remote(path: str | os.PathLike[str] | None) -> bool:
     return path is not None and is_uri(path) and _scheme(os.fspath(path)) in SCHEMES
 
 
+#: a bucket name as S3 and GCS allow them (letters, digits, dots, dashes, underscores)
+_BUCKET = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
 def check_location(path: str | os.PathLike[str], field: str = "out") -> None:
     """Refuse, in one line naming ``field``, an output location that is a URI of another scheme."""
     text = os.fspath(path)
@@ -70,7 +75,7 @@ def check_location(path: str | os.PathLike[str], field: str = "out") -> None:
             f"{field}: {text!r}: outputs go to a local or shared path, s3:// or gs:// "
             f"(not {_scheme(text)}://)"
         )
-    if is_remote(text) and not text.split("://", 1)[1].strip("/"):
+    if is_remote(text) and not _BUCKET.fullmatch(text.split("://", 1)[1].split("/", 1)[0]):
         raise StorageError(f"{field}: {text!r} names no bucket")
 
 
