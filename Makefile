@@ -33,7 +33,8 @@ test: setup
 demo: setup
 	$(BIN)/solar-ray demo
 
-# mutation testing of the core modules (not CI: upscale alone takes about 40 min); MODULES="solar_ray/stats.py" for some
+# mutation testing of the core modules (not CI: upscale alone takes about 40 min); MODULES="solar_ray/stats.py" for some,
+# MODULES="--survivors solar_ray/stats.py" to rerun only the last run's survivors
 mutation: setup
 	$(BIN)/python tests/mutation.py $(MODULES)
 
